@@ -1,0 +1,327 @@
+"""RetriBERT in Flax NNX.
+
+The module tree mirrors HF transformers' PyTorch one name for name (`bert_query.encoder.layer[i].attention.self.query`)
+so that `params.py` is a plain table and the two codes can be read side by side.
+
+Numerics: parameters are float32; `dtype` is the compute dtype of the matmuls (float32 or bfloat16). LayerNorm,
+softmax, the residual stream, the pooler's tanh and the projections' outputs stay in float32. GELU is the exact (erf)
+one when the config says "gelu". Masked attention logits are set to float32's most negative value, as HF's additive
+mask does, so padded keys get exactly zero weight.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from retribert_jax.config import RetriBertConfig
+
+Array = jax.Array
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def activation(name: str):
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+    }[name]
+
+
+def _linear(cfg: RetriBertConfig, din: int, dout: int, dtype, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+def _layer_norm(cfg: RetriBertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type (always 0) embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: RetriBertConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
+        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                                             rngs=rngs)
+        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
+
+    def __call__(self, input_ids: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        length = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)  # B L D
+        x = x + self.position_embeddings.embedding[:length][None]  # + 1 L D
+        # RetriBERT's tokenizer returns no token_type_ids: every token is type 0.
+        x = x + self.token_type_embeddings.embedding[0][None, None]  # + 1 1 D
+        return self.dropout(self.LayerNorm(x), rngs=rngs)
+
+
+class BertSelfAttention(nnx.Module):
+    """Multi-head scaled dot-product attention over the unmasked keys."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = _linear(cfg, d, d, dtype, rngs=rngs)
+        self.key = _linear(cfg, d, d, dtype, rngs=rngs)
+        self.value = _linear(cfg, d, d, dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, deterministic=True)
+        self.attention_impl = attention_impl
+
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        b, length, _ = x.shape
+        split = (b, length, self.num_heads, self.head_dim)
+        q = self.query(x).reshape(split)  # B L H Dh
+        k = self.key(x).reshape(split)
+        v = self.value(x).reshape(split)
+        dropout_on = not self.dropout.deterministic and self.dropout.rate > 0
+        if self.attention_impl == "cudnn" and not dropout_on:
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="cudnn")
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # B H L L
+            scores = scores / math.sqrt(self.head_dim)
+            scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+            probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # B L H Dh
+        return ctx.reshape(b, length, -1)  # B L D
+
+
+class BertSelfOutput(nnx.Module):
+    """Attention output projection, dropout, residual and LayerNorm."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, dtype, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
+
+    def __call__(self, h: Array, residual: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        return self.LayerNorm(self.dropout(self.dense(h), rngs=rngs) + residual)
+
+
+class BertAttention(nnx.Module):
+    """Self-attention followed by its output block."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(cfg, dtype, attention_impl, rngs=rngs)
+        self.output = BertSelfOutput(cfg, dtype, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        return self.output(self.self(x, mask, rngs=rngs), x, rngs=rngs)
+
+
+class BertIntermediate(nnx.Module):
+    """FFN up-projection and activation."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, dtype, rngs=rngs)
+        self.hidden_act = cfg.hidden_act  # a name, not a function, so that graphdefs of equal configs compare equal
+
+    def __call__(self, x: Array) -> Array:
+        return activation(self.hidden_act)(self.dense(x))
+
+
+class BertOutput(nnx.Module):
+    """FFN down-projection, dropout, residual and LayerNorm."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, dtype, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
+
+    def __call__(self, h: Array, residual: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        return self.LayerNorm(self.dropout(self.dense(h), rngs=rngs) + residual)
+
+
+class BertLayer(nnx.Module):
+    """One transformer block."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, dtype, attention_impl, rngs=rngs)
+        self.intermediate = BertIntermediate(cfg, dtype, rngs=rngs)
+        self.output = BertOutput(cfg, dtype, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        a = self.attention(x, mask, rngs=rngs)
+        return self.output(self.intermediate(a), a, rngs=rngs)
+
+
+class BertEncoder(nnx.Module):
+    """The stack of `num_hidden_layers` blocks."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        self.layer = nnx.List([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        for block in self.layer:
+            x = block(x, mask, rngs=rngs)
+        return x
+
+
+class BertPooler(nnx.Module):
+    """tanh(dense(h_CLS))."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, dtype, rngs=rngs)
+
+    def __call__(self, h: Array) -> Array:
+        return jnp.tanh(self.dense(h[:, 0]).astype(jnp.float32))  # B D
+
+
+class BertModel(nnx.Module):
+    """HF's BertModel (with pooler), as RetriBERT uses it."""
+
+    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+        self.encoder = BertEncoder(cfg, dtype, attention_impl, rngs=rngs)
+        self.pooler = BertPooler(cfg, dtype, rngs=rngs)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        """Returns the pooler output [B, D]."""
+        h = self.encoder(self.embeddings(input_ids, rngs=rngs), attention_mask.astype(bool), rngs=rngs)
+        return self.pooler(h)
+
+
+def _encode_chunk(bert: BertModel, rngs: nnx.Rngs | None, h: Array, mask: Array) -> Array:
+    return bert.pooler(bert.encoder(h, mask, rngs=rngs))
+
+
+class RetriBertModel(nnx.Module):
+    """RetriBERT: BERT encoder(s) whose pooler outputs are projected to `projection_dim` without bias.
+
+    Built in evaluation mode (dropout off), like a model HF's `from_pretrained` returns; `model.train()` turns
+    dropout on, and a training call then needs `rngs`.
+    """
+
+    def __init__(self, config: RetriBertConfig, *, dtype: Any = jnp.float32, attention_impl: str = "xla",
+                 rngs: nnx.Rngs):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        self.config = config
+        self.bert_query = BertModel(config, dtype, attention_impl, rngs=rngs)
+        self.bert_doc = None if config.share_encoders else BertModel(config, dtype, attention_impl, rngs=rngs)
+        self.project_query = _linear(config, config.hidden_size, config.projection_dim, dtype, use_bias=False,
+                                     rngs=rngs)
+        self.project_doc = _linear(config, config.hidden_size, config.projection_dim, dtype, use_bias=False,
+                                   rngs=rngs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> RetriBertModel:
+        """Loads an HF RetriBERT checkpoint directory (or hub id), or a directory this package wrote.
+
+        See `retribert_jax.checkpoint.load_model` for the arguments.
+        """
+        from retribert_jax.checkpoint import load_model
+
+        return load_model(path, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """Writes config.json and the Flax parameters; see `retribert_jax.checkpoint.save_model`."""
+        from retribert_jax.checkpoint import save_model
+
+        save_model(self, directory, **kwargs)
+
+    def embed_sentences_checkpointed(self, input_ids: Array, attention_mask: Array | None, sent_encoder: BertModel,
+                                     checkpoint_batch_size: int = -1, *, rngs: nnx.Rngs | None = None) -> Array:
+        """Pooler outputs [B, D]; with `checkpoint_batch_size` > 0 and B >= it, chunk-wise under remat as in HF."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, dtype=bool)
+        mask = attention_mask.astype(bool)
+        n = input_ids.shape[0]
+        if checkpoint_batch_size <= 0 or n < checkpoint_batch_size:
+            return sent_encoder(input_ids, mask, rngs=rngs)
+        # Embeddings once for the whole batch, then the encoder and pooler chunk by chunk, with activations
+        # recomputed in the backward pass instead of stored.
+        h = sent_encoder.embeddings(input_ids, rngs=rngs)  # B L D
+        chunk = nnx.remat(_encode_chunk)
+        pooled = [chunk(sent_encoder, rngs, h[s:s + checkpoint_batch_size], mask[s:s + checkpoint_batch_size])
+                  for s in range(0, n, checkpoint_batch_size)]
+        return jnp.concatenate(pooled, axis=0)
+
+    @property
+    def doc_encoder(self) -> BertModel:
+        return self.bert_query if self.bert_doc is None else self.bert_doc
+
+    def embed_questions(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
+                        *, rngs: nnx.Rngs | None = None) -> Array:
+        """Question embeddings.
+
+        Args:
+          input_ids: int [B, L] token ids.
+          attention_mask: [B, L], 1 for real tokens, 0 for padding; None means all ones.
+          checkpoint_batch_size: > 0 encodes in chunks of that size under gradient checkpointing.
+          rngs: dropout randomness; used only in training mode.
+
+        Returns:
+          float32 [B, projection_dim], not normalised.
+        """
+        reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.bert_query, checkpoint_batch_size,
+                                                 rngs=rngs)
+        return self.project_query(reps).astype(jnp.float32)
+
+    def embed_answers(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
+                      *, rngs: nnx.Rngs | None = None) -> Array:
+        """Answer (passage) embeddings through `bert_doc` when present; same arguments as `embed_questions`."""
+        reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.doc_encoder, checkpoint_batch_size,
+                                                 rngs=rngs)
+        return self.project_doc(reps).astype(jnp.float32)
+
+    def __call__(self, input_ids_query: Array, attention_mask_query: Array | None, input_ids_doc: Array,
+                 attention_mask_doc: Array | None, checkpoint_batch_size: int = -1, *,
+                 rngs: nnx.Rngs | None = None) -> Array:
+        """The bidirectional in-batch cross-entropy `(CE(Q A^T) + CE(A Q^T)) / 2`, a float32 scalar.
+
+        Args:
+          input_ids_query, attention_mask_query: [B, Lq] questions.
+          input_ids_doc, attention_mask_doc: [B, La] their answers, row i answering question i.
+          checkpoint_batch_size: as in `embed_questions`.
+          rngs: dropout randomness; used only in training mode.
+        """
+        q = self.embed_questions(input_ids_query, attention_mask_query, checkpoint_batch_size, rngs=rngs)
+        a = self.embed_answers(input_ids_doc, attention_mask_doc, checkpoint_batch_size, rngs=rngs)
+        return in_batch_loss(q, a)
+
+
+def in_batch_loss(q: Array, a: Array) -> Array:
+    """(CE(Q A^T, arange) + CE(A Q^T, arange)) / 2 over a batch of B matched pairs; q, a: [B, P]."""
+    if q.shape[0] != a.shape[0]:
+        raise ValueError(f"in-batch loss needs as many questions as answers, got {q.shape[0]} and {a.shape[0]}")
+    scores = q @ a.T  # B B
+    labels = jnp.arange(scores.shape[0])
+    loss_qa = optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean()
+    loss_aq = optax.softmax_cross_entropy_with_integer_labels(scores.T, labels).mean()
+    return (loss_qa + loss_aq) / 2
+
+
+def init_model(config: RetriBertConfig, seed: int = 0, **kwargs) -> RetriBertModel:
+    """A randomly initialised model (HF's initialisation: normal(initializer_range) weights, zero biases)."""
+    return RetriBertModel(config, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def abstract_model(config: RetriBertConfig, **kwargs) -> RetriBertModel:
+    """The model's structure with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: RetriBertModel(config, rngs=nnx.Rngs(0), **kwargs))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind"))
+def embed(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, kind: str) -> Array:
+    """Jitted, pure embedding of one batch: `kind` is "questions" or "answers"; returns float32 [B, P]."""
+    model = nnx.merge(graphdef, state)
+    if kind == "questions":
+        return model.embed_questions(input_ids, attention_mask)
+    if kind == "answers":
+        return model.embed_answers(input_ids, attention_mask)
+    raise ValueError(f"kind must be 'questions' or 'answers', got {kind!r}")

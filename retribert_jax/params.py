@@ -1,0 +1,163 @@
+"""The one table between HF/PyTorch RetriBERT parameter names and ours, used in both directions.
+
+Each rule pairs a PyTorch name template with a Flax path template and says how the tensor changes on the way:
+`nn.Linear.weight` is [out, in] and `nnx.Linear.kernel` is [in, out] (transpose); everything else is kept as it is.
+Expanding the rules over a config gives every parameter the model has, so conversion is strict both ways: a name
+outside the table, a parameter never filled, one filled twice, or a wrong shape is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from retribert_jax.config import RetriBertConfig
+
+FlaxPath = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One PyTorch name template <-> one Flax path template, and whether the tensor is transposed."""
+
+    torch: str
+    flax: str
+    transpose: bool = False
+
+
+_LAYER = "{enc}.encoder.layer.{i}"
+RULES: tuple[Rule, ...] = (
+    Rule("{enc}.embeddings.{emb}_embeddings.weight", "{enc}.embeddings.{emb}_embeddings.embedding"),
+    Rule("{enc}.embeddings.LayerNorm.weight", "{enc}.embeddings.LayerNorm.scale"),
+    Rule("{enc}.embeddings.LayerNorm.bias", "{enc}.embeddings.LayerNorm.bias"),
+    Rule(_LAYER + ".attention.self.{qkv}.weight", _LAYER + ".attention.self.{qkv}.kernel", transpose=True),
+    Rule(_LAYER + ".attention.self.{qkv}.bias", _LAYER + ".attention.self.{qkv}.bias"),
+    Rule(_LAYER + ".{block}.dense.weight", _LAYER + ".{block}.dense.kernel", transpose=True),
+    Rule(_LAYER + ".{block}.dense.bias", _LAYER + ".{block}.dense.bias"),
+    Rule(_LAYER + ".{norm}.LayerNorm.weight", _LAYER + ".{norm}.LayerNorm.scale"),
+    Rule(_LAYER + ".{norm}.LayerNorm.bias", _LAYER + ".{norm}.LayerNorm.bias"),
+    Rule("{enc}.pooler.dense.weight", "{enc}.pooler.dense.kernel", transpose=True),
+    Rule("{enc}.pooler.dense.bias", "{enc}.pooler.dense.bias"),
+    Rule("project_{side}.weight", "project_{side}.kernel", transpose=True),
+)
+
+# Buffers HF stores beside the parameters; they hold no learned values and are skipped on reading.
+SKIPPED_BUFFERS = re.compile(r"^(bert_query|bert_doc)\.embeddings\.(position_ids|token_type_ids)$")
+# Checkpoints from before transformers 2.x name LayerNorm parameters gamma/beta.
+_LEGACY = ((re.compile(r"\.LayerNorm\.gamma$"), ".LayerNorm.weight"), (re.compile(r"\.LayerNorm\.beta$"),
+                                                                       ".LayerNorm.bias"))
+
+
+def _placeholders(cfg: RetriBertConfig) -> dict[str, tuple[Any, ...]]:
+    return {
+        "enc": ("bert_query",) if cfg.share_encoders else ("bert_query", "bert_doc"),
+        "i": tuple(range(cfg.num_hidden_layers)),
+        "emb": ("word", "position", "token_type"),
+        "qkv": ("query", "key", "value"),
+        "block": ("attention.output", "intermediate", "output"),
+        "norm": ("attention.output", "output"),
+        "side": ("query", "doc"),
+    }
+
+
+def _to_path(dotted: str) -> FlaxPath:
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def path_str(path: FlaxPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    torch_key: str
+    flax_path: FlaxPath
+    transpose: bool
+
+
+def param_table(cfg: RetriBertConfig) -> list[Entry]:
+    """Every parameter of a RetriBertModel with this config, as (PyTorch name, Flax path, transpose)."""
+    values = _placeholders(cfg)
+    entries = []
+    for rule in RULES:
+        names = sorted(set(re.findall(r"{(\w+)}", rule.torch)))
+        for combo in itertools.product(*(values[n] for n in names)):
+            subst = dict(zip(names, combo, strict=True))
+            entries.append(Entry(rule.torch.format(**subst), _to_path(rule.flax.format(**subst)), rule.transpose))
+    return entries
+
+
+def canonical_torch_key(key: str) -> str:
+    for pattern, repl in _LEGACY:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def torch_to_flax(tensors: Mapping[str, Any], cfg: RetriBertConfig, expected: Mapping[FlaxPath, tuple[int, ...]],
+                  source: str = "checkpoint") -> dict[FlaxPath, np.ndarray]:
+    """Maps a PyTorch state dict (name -> array-like) onto Flax paths, strictly.
+
+    Args:
+      tensors: PyTorch names to arrays (numpy, or anything `np.asarray` takes); read lazily, one at a time.
+      cfg: the config the checkpoint claims.
+      expected: Flax path -> shape of the model built from `cfg` (from `abstract_model`).
+      source: what to call the checkpoint in error messages (its path).
+
+    Returns:
+      Flax path -> numpy array in the Flax layout, every parameter of the model exactly once.
+    """
+    by_torch = {e.torch_key: e for e in param_table(cfg)}
+    out: dict[FlaxPath, np.ndarray] = {}
+    origin: dict[FlaxPath, str] = {}
+    unknown = []
+    for key in tensors:
+        if SKIPPED_BUFFERS.match(key):
+            continue
+        entry = by_torch.get(canonical_torch_key(key))
+        if entry is None:
+            unknown.append(key)
+            continue
+        if entry.flax_path in out:
+            raise ValueError(f"{source}: parameter {entry.torch_key!r} is given twice, as {origin[entry.flax_path]!r}"
+                             f" and {key!r}")
+        want = tuple(expected[entry.flax_path])
+        want_torch = want[::-1] if entry.transpose else want
+        value = tensors[key]
+        shape = tuple(value.shape)
+        if shape != want_torch:
+            raise ValueError(f"{source}: key {key!r} has shape {shape}, expected {want_torch} from the config")
+        arr = np.asarray(value)
+        out[entry.flax_path] = arr.T if entry.transpose else arr
+        origin[entry.flax_path] = key
+    if unknown:
+        shown = ", ".join(repr(k) for k in sorted(unknown)[:5])
+        hint = ""
+        if any(k.startswith("bert_doc.") for k in unknown) and cfg.share_encoders:
+            hint = " (the checkpoint has bert_doc but the config says share_encoders=true)"
+        raise ValueError(f"{source}: {len(unknown)} unexpected key(s): {shown}{hint}")
+    missing = [e.torch_key for e in by_torch.values() if e.flax_path not in out]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5])
+        raise ValueError(f"{source}: {len(missing)} missing key(s): {shown}")
+    return out
+
+
+def flax_to_torch(params: Mapping[FlaxPath, Any], cfg: RetriBertConfig) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flax`: Flax path -> array to PyTorch name -> numpy array (PyTorch layout)."""
+    table = {e.flax_path: e for e in param_table(cfg)}
+    extra = [path_str(p) for p in params if p not in table]
+    if extra:
+        raise ValueError(f"parameters outside the RetriBERT table: {extra[:5]}")
+    missing = [path_str(p) for p in table if p not in params]
+    if missing:
+        raise ValueError(f"parameters missing for export: {missing[:5]}")
+    out = {}
+    for path, entry in table.items():
+        arr = np.asarray(params[path])
+        out[entry.torch_key] = np.ascontiguousarray(arr.T if entry.transpose else arr)
+    return out

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
                     ref = args.src
                 except ValueError:
                     pass
-            result = verify_cmd.verify_checkpoint(tmp, reference=ref, atol=args.atol,
-                                                  min_agreement=args.min_agreement, max_length=args.max_length)
-            print(verify_cmd.report(result, args.atol, args.min_agreement))
+            atol = verify_cmd.DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
+            result = verify_cmd.verify_checkpoint(tmp, reference=ref, atol=atol, min_agreement=args.min_agreement,
+                                                  max_length=args.max_length)
+            print(verify_cmd.report(result, atol, args.min_agreement))
             if not result["ok"]:
                 raise verify_cmd.VerificationFailed("verification failed")
 

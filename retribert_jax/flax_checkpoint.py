@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -73,6 +73,46 @@ def _tokenizer_sources(tokenizer: Any) -> tuple[Any, list[str]]:
     return tokenizer, []
 
 
+def _orbax_writer():
+    """A PyTree checkpointer for host numpy arrays: no defensive copy of each array (we hold them unchanged until
+    the save returns) and no zstd (random-looking float weights do not compress; it only costs time)."""
+    import orbax.checkpoint as ocp
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+
+
+class _Draining(Mapping):
+    """A read-once view of a state dict: each tensor leaves the dict when read, so its memory can be freed as soon
+    as its converted copy exists (peak memory: the checkpoint plus one tensor, not two checkpoints)."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self._tensors = tensors
+        self._keys = list(tensors)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._tensors.pop(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _materialize(arrays: dict[FlaxPath, Any], dtype: np.dtype | None) -> dict[FlaxPath, np.ndarray]:
+    """Contiguous (and cast) arrays, one at a time, each replacing the view it came from so that the source
+    tensor is freed before the next copy is made."""
+    for path in list(arrays):
+        a = arrays[path]
+        a = a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        arrays[path] = np.ascontiguousarray(a)
+        del a
+    return arrays
+
+
 def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig, directory: str, *,
                          format: str = "orbax", dtype: Any = None, overwrite: bool = False,
                          tokenizer: Any = None, before_commit: Callable[[str], None] | None = None) -> str:
@@ -119,12 +159,9 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
             flat = {path_str(p): cast(a) for p, a in arrays.items()}
             save_file(flat, os.path.join(tmp, FLAX_SAFETENSORS), metadata={"format": "flax"})
         else:
-            import orbax.checkpoint as ocp
-
             tree = _nested({p: cast(a) for p, a in arrays.items()})
-            with ocp.StandardCheckpointer() as ckptr:
+            with _orbax_writer() as ckptr:
                 ckptr.save(os.path.join(tmp, FLAX_ORBAX), tree)
-                ckptr.wait_until_finished()
         if before_commit is not None:
             before_commit(tmp)
     return directory
@@ -163,34 +200,39 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _restore_orbax(path: str, expected: Iterable[tuple[FlaxPath, Any]], stored_dtype: bool,
-                   sharding: jax.sharding.Sharding | None) -> dict[FlaxPath, Any]:
+def _restore_orbax(path: str, float32: bool, sharding: jax.sharding.Sharding | None) -> dict[FlaxPath, Any]:
+    """Flax path -> jax.Array as stored (or cast to float32 by orbax), placed on `sharding` by the restore itself.
+
+    Names and shapes are checked against the config afterwards, by `build_model` (or the caller).
+    """
     import orbax.checkpoint as ocp
 
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            meta = ckptr.metadata(path).item_metadata
-            stored = _flat(dict(meta))
-        except Exception as e:  # orbax raises many kinds for a damaged directory
-            raise CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
-        expected = dict(expected)
-        extra = [path_str(p) for p in stored if p not in expected]
-        missing = [path_str(p) for p in expected if p not in stored]
-        if extra or missing:
-            raise CheckpointError(f"{path}: parameters do not match config.json: missing {missing[:5]}, "
-                                  f"unexpected {extra[:5]}")
-        target = {}
-        for p, shape in expected.items():
-            if tuple(stored[p].shape) != tuple(shape):
-                raise CheckpointError(f"{path}: parameter {path_str(p)!r} has shape {tuple(stored[p].shape)}, "
-                                      f"expected {tuple(shape)} from the config")
-            dt = stored[p].dtype if stored_dtype else jnp.float32
-            target[p] = jax.ShapeDtypeStruct(tuple(shape), dt, sharding=sharding or jax.sharding.SingleDeviceSharding(
-                jax.devices()[0]))
-        try:
+            stored = _flat(dict(ckptr.metadata(path).item_metadata))
+            target = {p: jax.ShapeDtypeStruct(tuple(m.shape), jnp.float32 if float32 else m.dtype, sharding=sharding)
+                      for p, m in stored.items()}
             return _flat(ckptr.restore(path, _nested(target)))
-        except Exception as e:
-            raise CheckpointError(f"{path}: restoring failed ({type(e).__name__}: {e})") from None
+        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged directory
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {msg})") from None
+
+
+def _check_against_config(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, source: str) -> None:
+    from retribert_jax.checkpoint import flat_shapes
+    from retribert_jax.modeling import abstract_model
+
+    expected = flat_shapes(abstract_model(cfg))
+    missing = [path_str(p) for p in expected if p not in arrays]
+    extra = [path_str(p) for p in arrays if p not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{source}: parameters do not match config.json: {len(missing)} missing "
+                              f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+    for p, shape in expected.items():
+        if tuple(arrays[p].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: parameter {path_str(p)!r} has shape {tuple(arrays[p].shape)}, "
+                                  f"expected {tuple(shape)} from the config")
 
 
 def read_flax_params(directory: str, config: RetriBertConfig | None = None, *, numpy: bool = False,
@@ -199,20 +241,18 @@ def read_flax_params(directory: str, config: RetriBertConfig | None = None, *, n
 
     With `numpy`, arrays come back as numpy (for export); otherwise orbax restores onto `sharding`.
     """
-    from retribert_jax.checkpoint import flat_shapes
-    from retribert_jax.modeling import abstract_model
-
     config = config or RetriBertConfig.from_pretrained(directory)
-    expected = flat_shapes(abstract_model(config))
     st = os.path.join(directory, FLAX_SAFETENSORS)
-    if os.path.isfile(st):
-        return config, _read_safetensors(st)
     orbax_dir = os.path.join(directory, FLAX_ORBAX)
-    if not os.path.isdir(orbax_dir):
+    if os.path.isfile(st):
+        arrays, source = _read_safetensors(st), st
+    elif os.path.isdir(orbax_dir):
+        arrays, source = _restore_orbax(orbax_dir, float32=False, sharding=sharding), orbax_dir
+        if numpy:
+            arrays = {p: np.asarray(a) for p, a in arrays.items()}
+    else:
         raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
-    arrays = _restore_orbax(orbax_dir, expected.items(), stored_dtype=True, sharding=sharding)
-    if numpy:
-        arrays = {p: np.asarray(a) for p, a in arrays.items()}
+    _check_against_config(arrays, config, source)
     return config, arrays
 
 
@@ -230,9 +270,6 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     Returns:
       A RetriBertModel in evaluation mode.
     """
-    from retribert_jax.checkpoint import flat_shapes
-    from retribert_jax.modeling import abstract_model
-
     directory = os.fspath(directory)
     config = config or RetriBertConfig.from_pretrained(directory)
     st = os.path.join(directory, FLAX_SAFETENSORS)
@@ -244,8 +281,8 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
         if not os.path.isdir(source):
             raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
         # Restored as float32 straight onto the target sharding: orbax casts and places, no host round trip.
-        expected = flat_shapes(abstract_model(config))
-        arrays = _restore_orbax(source, expected.items(), stored_dtype=False, sharding=sharding)
+        # build_model checks every name and shape against the config.
+        arrays = _restore_orbax(source, float32=True, sharding=sharding)
     return build_model(config, arrays, source=source, dtype=dtype, attention_impl=attention_impl, sharding=sharding)
 
 
@@ -306,11 +343,14 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
         cfg, arrays = read_flax_params(local, cfg, numpy=True)
         source = local
     else:
-        tensors, source = read_torch_state_dict(local)
+        # Not memory-mapped, and drained as converted: mapped pages would stay resident beside the copies.
+        tensors, source = read_torch_state_dict(local, mmap=False)
         try:
-            arrays = torch_to_flax(tensors, cfg, flat_shapes(abstract_model(cfg)), source=source)
+            arrays = torch_to_flax(_Draining(tensors), cfg, flat_shapes(abstract_model(cfg)), source=source)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        del tensors
+    arrays = _materialize(arrays, parse_dtype(dtype))
 
     warnings = []
     tok_dir = tokenizer or base

@@ -34,8 +34,10 @@ _LAUNCHER = textwrap.dedent("""
     start = time.perf_counter()
     proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(json.dumps({"rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": rss, "stdout": proc.stdout[-2000:],
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = ru.ru_maxrss * 1024
+    print(json.dumps({"rc": proc.returncode, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": rss,
+                      "stdout": proc.stdout[-2000:],
                       "stderr": proc.stderr[-2000:]}))
 """)
 
@@ -128,6 +130,7 @@ def run(workdir: str | None = None, quick: bool = False) -> dict[str, Any]:
             "convert_orbax_rss_vs_hf": ours["peak_rss_bytes"] / hf["peak_rss_bytes"],
             "convert_safetensors_wall_vs_hf": ours_st["wall_s"] / hf["wall_s"],
             "convert_safetensors_rss_vs_hf": ours_st["peak_rss_bytes"] / hf["peak_rss_bytes"],
+            "convert_orbax_cpu_vs_hf": ours["cpu_s"] / hf["cpu_s"],
         }
         return {"benchmark": "convert", "quick": quick, "checkpoint_bytes": size, "cpu_count": os.cpu_count(),
                 "rows": rows, "load": loads, "ratios": ratios,
@@ -139,16 +142,16 @@ def run(workdir: str | None = None, quick: bool = False) -> dict[str, Any]:
 
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"checkpoint: {res['checkpoint_bytes'] / 1e6:.0f} MB pytorch_model.bin, {res['cpu_count']} CPUs",
-             f"{'':50s} {'wall s':>8s} {'peak RSS MB':>12s}"]
+             f"{'':50s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MB':>12s}"]
     for r in res["rows"]:
-        lines.append(f"{r['name']:50s} {r['wall_s']:8.2f} {r['peak_rss_bytes'] / 1e6:12.0f}")
+        lines.append(f"{r['name']:50s} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['peak_rss_bytes'] / 1e6:12.0f}")
     for fmt, ld in res["load"].items():
-        lines.append(f"{'load converted (' + fmt + '), beyond JAX start':50s} {ld['load_s']:8.2f} "
+        lines.append(f"{'load converted (' + fmt + '), beyond JAX start':50s} {ld['load_s']:8.2f} {'':8s} "
                      f"{ld['peak_rss_bytes'] / 1e6:12.0f}   (JAX start {ld['jax_start_s']:.2f} s)")
     r = res["ratios"]
     lines.append(f"ratios vs HF (target wall <= 0.33, RSS <= 0.50): orbax wall {r['convert_orbax_wall_vs_hf']:.2f}, "
                  f"RSS {r['convert_orbax_rss_vs_hf']:.2f}; safetensors wall {r['convert_safetensors_wall_vs_hf']:.2f}, "
-                 f"RSS {r['convert_safetensors_rss_vs_hf']:.2f}")
+                 f"RSS {r['convert_safetensors_rss_vs_hf']:.2f}; orbax CPU time {r['convert_orbax_cpu_vs_hf']:.2f}")
     return "\n".join(lines)
 
 

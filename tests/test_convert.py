@@ -194,3 +194,14 @@ def test_cli_and_script_convert(tmp_path, tiny_cfg):
     assert proc.returncode == 2, f"existing OUT: exit {proc.returncode}, stderr {proc.stderr!r}"
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "already exists" in proc.stderr, proc.stderr
+
+
+def test_reconvert_a_flax_directory(tmp_path, tiny_cfg):
+    """A converted directory converts again into the other layout and dtype, keeping tokenizer and values."""
+    ref = hf_reference(tiny_cfg)
+    src = save_hf(ref, str(tmp_path / "hf"))
+    _write_tokenizer(src, tiny_cfg.vocab_size)
+    first, _ = convert_checkpoint(src, str(tmp_path / "orbax"))
+    second, warnings = convert_checkpoint(first, str(tmp_path / "st"), format="safetensors", dtype="float16")
+    assert not warnings and "tokenizer.json" in os.listdir(second), (warnings, os.listdir(second))
+    _assert_params_equal_hf(RetriBertModel.from_pretrained(second), ref, tiny_cfg, dtype=np.float16)

@@ -205,3 +205,14 @@ def test_reconvert_a_flax_directory(tmp_path, tiny_cfg):
     second, warnings = convert_checkpoint(first, str(tmp_path / "st"), format="safetensors", dtype="float16")
     assert not warnings and "tokenizer.json" in os.listdir(second), (warnings, os.listdir(second))
     _assert_params_equal_hf(RetriBertModel.from_pretrained(second), ref, tiny_cfg, dtype=np.float16)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_checkpoint(tmp_path, tiny_cfg, safe):
+    ref = hf_reference(tiny_cfg)
+    src = str(tmp_path / "hf")
+    ref.save_pretrained(src, safe_serialization=safe, max_shard_size="20KB")
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    assert os.path.isfile(os.path.join(src, index)), f"HF wrote no shards: {os.listdir(src)}"
+    out, _ = convert_checkpoint(src, str(tmp_path / "flax"))
+    _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg)

@@ -45,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
         def before_commit(tmp: str) -> None:
             # The reference reads SRC itself when it is an HF directory, so the check covers the conversion.
-            from retribert_jax.checkpoint import find_hf_weights
+            from retribert_jax.checkpoint import find_hf_weights, resolve_checkpoint
 
-            ref = None
-            if os.path.isdir(args.src):
+            ref, local = None, resolve_checkpoint(args.src)  # a hub id is in the cache by now
+            if os.path.isdir(local):
                 try:
-                    find_hf_weights(args.src)
-                    ref = args.src
+                    find_hf_weights(local)
+                    ref = local
                 except ValueError:
                     pass
             atol = verify_cmd.DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol

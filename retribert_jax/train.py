@@ -197,7 +197,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
                                      micro_batch_size=tcfg.micro_batch_size, batch_sharding=batch_sharding)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = schedule(step)
         return params, opt_state, metrics
@@ -267,7 +267,8 @@ def tokenize_batch(tok: RetriBertTokenizer, pairs: Sequence[tuple[str, str]], ma
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A 1-D ("data",) mesh over `devices` (default: all)."""
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh((len(devices),), ("data",), devices=devices)
+    # Auto axes: sharding propagates through the step (jax's default here would be Explicit, which types it).
+    return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
 
 @dataclasses.dataclass

@@ -281,27 +281,7 @@ class TrainResult:
 
 
 def _save_final(model: RetriBertModel, tok: RetriBertTokenizer, directory: str) -> None:
-    """The package's checkpoint layout via `save_pretrained`; an HF safetensors directory if that is not built."""
-    from retribert_jax.io import atomic_directory
-
-    try:
-        import retribert_jax.flax_checkpoint  # noqa: F401
-    except ImportError:
-        from safetensors.numpy import save_file
-
-        from retribert_jax.checkpoint import iter_params
-        from retribert_jax.params import flax_to_torch
-
-        with atomic_directory(directory, overwrite=True) as tmp:
-            cfg = model.config
-            tensors = flax_to_torch({p: np.asarray(v) for p, v in iter_params(model)}, cfg)
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            d = cfg.to_hf_dict()
-            d.setdefault("architectures", ["RetriBertModel"])
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(d, f, indent=2, sort_keys=True)
-            tok.save_pretrained(tmp)
-        return
+    """The package's checkpoint layout (config, Flax weights via `save_pretrained`) plus the tokenizer files."""
     model.save_pretrained(directory, overwrite=True)
     tok.save_pretrained(directory)
 

@@ -1,0 +1,70 @@
+"""`retribert-jax search`: retrieve passages for questions from an embedding directory written by `embed`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "retrieve the top-k passages for one or more questions from an index written by `retribert-jax embed`"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX_DIR", help="embedding directory written by `retribert-jax embed`")
+    p.add_argument("model", metavar="MODEL", help="the RetriBERT checkpoint that embedded the passages")
+    p.add_argument("questions", metavar="QUESTION", nargs="*", help="question(s) to search for")
+    p.add_argument("--queries-file", help="more questions, one per line ('-' for stdin)")
+    p.add_argument("-k", type=int, default=10, help="passages per question (%(default)s)")
+    p.add_argument("--json", action="store_true", help='print one JSON object per question: {"question", "hits"}')
+    p.add_argument("--batch-size", type=int, default=32, help="questions encoded per batch (%(default)s)")
+    p.add_argument("--max-length", type=int, default=128, help="question truncation length (%(default)s)")
+    p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
+                   help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
+    p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+
+
+def _questions(args: argparse.Namespace) -> list[str]:
+    questions = list(args.questions)
+    if args.queries_file:
+        if args.queries_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                with open(args.queries_file, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{args.queries_file}: no such queries file") from None
+        questions += [ln.strip() for ln in lines if ln.strip()]
+    if not questions:
+        raise ValueError("no questions: give them as arguments or with --queries-file")
+    return questions
+
+
+def run(args: argparse.Namespace) -> int:
+    from retribert_jax.search import Index
+
+    if args.k <= 0:
+        raise ValueError(f"-k must be positive, got {args.k}")
+    questions = _questions(args)
+    index = Index(args.index, backend=args.backend, block_size=args.block_size)
+    if index.manifest["kind"] != "passages":
+        raise ValueError(f"{args.index}: holds {index.manifest['kind']} embeddings; searching needs passages")
+
+    from retribert_jax.modeling import RetriBertModel
+    from retribert_jax.tokenizer import RetriBertTokenizer
+
+    model = RetriBertModel.from_pretrained(args.model)
+    index.check_model(model.config)
+    from retribert_jax.encode import Encoder
+
+    encoder = Encoder(model, RetriBertTokenizer.from_pretrained(args.model))
+    results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=args.max_length)
+    for question, hits in zip(questions, results, strict=True):
+        if args.json:
+            print(json.dumps({"question": question, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
+            continue
+        print(f"Q: {question}")
+        for rank, h in enumerate(hits, 1):
+            text = "" if h.text is None else "  " + " ".join(h.text.split())[:200]
+            print(f"  {rank:>3}. {h.score:9.4f}  {json.dumps(h.id, ensure_ascii=False)}{text}")
+    return 0

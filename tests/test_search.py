@@ -1,0 +1,178 @@
+"""Search: the blocked JAX top-k against brute force and faiss, the embedding-directory checks, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retribert_jax import RetriBertConfig
+from retribert_jax.search import Index, read_manifest
+from tests.conftest import REPO
+
+
+def write_index(directory, emb: np.ndarray, shard_size: int, *, ids=None, texts=None, config_hash: str = "abc",
+                kind: str = "passages", normalized: bool = False) -> str:
+    """An embedding directory in the documented `embed` format (the writer the search side is built against)."""
+    os.makedirs(directory, exist_ok=True)
+    n = emb.shape[0]
+    num_shards = max(1, -(-n // shard_size))
+    for i in range(num_shards):
+        rows = slice(i * shard_size, min(n, (i + 1) * shard_size))
+        np.save(os.path.join(directory, f"embeddings-{i:05d}.npy"), emb[rows])
+        with open(os.path.join(directory, f"ids-{i:05d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(ids[r] if ids is not None else r) + "\n" for r in range(rows.start, rows.stop))
+        if texts is not None:
+            with open(os.path.join(directory, f"texts-{i:05d}.jsonl"), "w") as f:
+                f.writelines(json.dumps(texts[r]) + "\n" for r in range(rows.start, rows.stop))
+    manifest = {"format": "retribert_jax.embeddings", "version": 1, "model": "test", "config_hash": config_hash,
+                "kind": kind, "dtype": str(emb.dtype), "max_length": 128, "projection_dim": emb.shape[1],
+                "normalized": normalized, "shard_size": shard_size, "num_shards": num_shards, "count": n,
+                "has_text": texts is not None}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return str(directory)
+
+
+def brute_force(q: np.ndarray, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = q.astype(np.float64) @ emb.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_blocked_topk_equals_brute_force(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((103, 16)).astype(dtype)
+    ids = [f"doc-{i}" for i in range(103)]
+    texts = [f"passage number {i}" for i in range(103)]
+    # Shards of 40 and blocks of 17: blocks straddle nothing, shards end mid-block, the last block is padded.
+    index = Index(write_index(tmp_path / "idx", emb, 40, ids=ids, texts=texts), block_size=17)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    hits = index.search_embeddings(q, k=7)
+    want_rows, want_scores = brute_force(q, emb, 7)
+    for i in range(5):
+        got = [h.id for h in hits[i]]
+        want = [ids[r] for r in want_rows[i]]
+        assert got == want, f"query {i}: top-7 {got} != brute force {want}"
+        diff = np.abs(np.array([h.score for h in hits[i]]) - want_scores[i]).max()
+        assert diff <= 1e-4, f"query {i}: scores differ from float64 brute force by {diff:.3g}"
+        assert [h.text for h in hits[i]] == [texts[r] for r in want_rows[i]]
+
+
+def test_single_query_k_capped_and_numeric_ids(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((6, 8)).astype(np.float32)
+    index = Index(write_index(tmp_path / "idx", emb, 4))
+    q = rng.standard_normal(8).astype(np.float32)
+    (hits,) = index.search_embeddings(q, k=50)
+    want_rows, _ = brute_force(q[None], emb, 6)
+    assert [h.id for h in hits] == list(want_rows[0]), "record numbers are the ids when the input had none"
+    assert all(h.text is None for h in hits)
+
+
+def test_faiss_backend_gives_identical_topk(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((500, 32)).astype(np.float32)
+    directory = write_index(tmp_path / "idx", emb, 128)
+    q = rng.standard_normal((20, 32)).astype(np.float32)
+    ours = Index(directory, block_size=100).search_embeddings(q, k=10)
+    theirs = Index(directory, backend="faiss").search_embeddings(q, k=10)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        got, want = [h.id for h in a], [h.id for h in b]
+        assert got == want, f"query {i}: jax top-10 {got} != faiss {want}"
+        diff = max(abs(x.score - y.score) for x, y in zip(a, b, strict=True))
+        assert diff <= 1e-5, f"query {i}: scores differ from faiss by {diff:.3g}"
+
+
+def test_bad_directories_are_named(tmp_path):
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((10, 8)).astype(np.float32)
+    with pytest.raises(FileNotFoundError, match="manifest.json: missing"):
+        Index(str(tmp_path))
+    d = write_index(tmp_path / "a", emb, 4)
+    np.save(os.path.join(d, "embeddings-00001.npy"), emb[:3, :4])
+    with pytest.raises(ValueError, match=r"embeddings-00001.npy: shape \(3, 4\), expected \[n, 8\]"):
+        Index(d)
+    d = write_index(tmp_path / "b", emb, 4)
+    os.remove(os.path.join(d, "embeddings-00002.npy"))
+    with pytest.raises(FileNotFoundError, match="shard 2 of 3 is missing"):
+        Index(d)
+    d = write_index(tmp_path / "c", emb, 4)
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    del m["count"]
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="key 'count' is missing"):
+        read_manifest(d)
+
+
+def test_check_model_refuses_other_models_and_question_indexes(tmp_path):
+    cfg = RetriBertConfig.tiny()
+    emb = np.zeros((3, cfg.projection_dim), np.float32)
+    Index(write_index(tmp_path / "ok", emb, 4, config_hash=cfg.architecture_hash())).check_model(cfg)
+    other = Index(write_index(tmp_path / "other", emb, 4, config_hash="0123456789abcdef"))
+    with pytest.raises(ValueError, match="config hash 0123456789abcdef"):
+        other.check_model(cfg)
+    questions = Index(write_index(tmp_path / "q", emb, 4, config_hash=cfg.architecture_hash(), kind="questions"))
+    with pytest.raises(ValueError, match="holds questions embeddings"):
+        questions.check_model(cfg)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _tiny_checkpoint(tmp_path):
+    """A tiny HF checkpoint with a word-level vocabulary, and the passages' embeddings by our own model."""
+    from tests.conftest import hf_reference, save_hf
+    from tests.test_train import SPECIALS, make_vocab
+
+    cfg = RetriBertConfig.tiny(vocab_size=len(SPECIALS) + 100)
+    ckpt = save_hf(hf_reference(cfg), str(tmp_path / "ckpt"))
+    make_vocab(ckpt)
+    return cfg, ckpt
+
+
+def test_cli_refuses_index_of_another_model(tmp_path):
+    cfg, ckpt = _tiny_checkpoint(tmp_path)
+    d = write_index(tmp_path / "idx", np.zeros((3, cfg.projection_dim), np.float32), 4, config_hash="ffff")
+    r = _cli(d, ckpt, "w1 w2")
+    assert r.returncode == 2 and "config hash ffff" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_search_matches_brute_force(tmp_path):
+    pytest.importorskip("retribert_jax.encode")
+    from flax import nnx
+
+    from retribert_jax import RetriBertModel, RetriBertTokenizer
+    from retribert_jax.modeling import embed
+
+    cfg, ckpt = _tiny_checkpoint(tmp_path)
+    model, tok = RetriBertModel.from_pretrained(ckpt), RetriBertTokenizer.from_pretrained(ckpt)
+    rng = np.random.default_rng(4)
+    passages = [" ".join(f"w{i}" for i in rng.choice(100, 6)) for _ in range(30)]
+    questions = [" ".join(f"w{i}" for i in rng.choice(100, 3)) for _ in range(3)]
+    graphdef, state = nnx.split(model)
+    p = np.asarray(embed(graphdef, state, **tok(passages, max_length=32), kind="answers"))
+    d = write_index(tmp_path / "idx", p, 8, texts=passages, config_hash=cfg.architecture_hash())
+    qfile = tmp_path / "q.txt"
+    qfile.write_text(questions[2] + "\n")
+    r = _cli(d, ckpt, questions[0], questions[1], "--queries-file", str(qfile), "-k", "5", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [o["question"] for o in out] == questions
+    q = np.stack([np.asarray(embed(graphdef, state, **tok([x], max_length=128), kind="questions"))[0]
+                  for x in questions])
+    want_rows, want_scores = brute_force(q, p, 5)
+    for i, o in enumerate(out):
+        assert [h["id"] for h in o["hits"]] == list(want_rows[i]), f"question {i}: ranks differ"
+        assert [h["text"] for h in o["hits"]] == [passages[r] for r in want_rows[i]]
+        diff = np.abs(np.array([h["score"] for h in o["hits"]]) - want_scores[i]).max()
+        assert diff <= 1e-4, f"question {i}: scores differ by {diff:.3g}"

@@ -106,9 +106,11 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
     for name in ("tsv", "parquet"):
         assert np.array_equal(results[name], results["txt"]), f"{name} embeddings differ from the plain-text run's"
     out = str(tmp_path / "out-f16")
+    cache = tmp_path / "jax-cache"
     r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--dtype",
-                "float16", "--no-progress")
+                "float16", "--no-progress", "--compilation-cache", str(cache))
     assert r.returncode == 0, r.stderr
+    assert cache.is_dir() and any(cache.iterdir()), "--compilation-cache wrote nothing to the cache directory"
     manifest, emb, _ = load_all(out)
     assert manifest["dtype"] == "float16" and emb.dtype == np.float16
     assert np.array_equal(emb, results["txt"].astype(np.float16))

@@ -59,10 +59,18 @@ def shard_paths(out: str, i: int) -> dict[str, str]:
             for name, ext in (("embeddings", "npy"), ("ids", "jsonl"), ("texts", "jsonl"))}
 
 
+def _readable(f) -> None:
+    # atomic_file's temporary files are private (0600); outputs are shared with readers like any written file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(f.fileno(), 0o666 & ~umask)
+
+
 def _write_lines(path: str, values) -> None:
     from retribert_jax.io import atomic_file
 
     with atomic_file(path, "w") as f:
+        _readable(f)
         for v in values:
             f.write(json.dumps(v, ensure_ascii=False, default=str) + "\n")
 
@@ -78,6 +86,7 @@ def _write_shard(out: str, i: int, ids: list, texts: list[str] | None, emb) -> N
         _write_lines(paths["texts"], texts)
     # The embeddings file marks the shard complete, so it is renamed into place last.
     with atomic_file(paths["embeddings"], "wb") as f:
+        _readable(f)
         np.save(f, emb, allow_pickle=False)
 
 
@@ -188,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     rate = embedded / seconds if seconds > 0 else 0.0
     print(f"process {rank}/{nproc}: embedded {embedded} {args.kind} ({rate:.1f}/s), skipped {skipped} "
-          f"(finished earlier or another process's); {encoder.compile_count} compiled programs", file=sys.stderr)
+          f"(finished earlier or another process's); {encoder.compile_count} programs compiled in "
+          f"{encoder.compile_seconds:.1f}s", file=sys.stderr)
     if rank != 0:
         return 0
     deadline = time.monotonic() + args.wait_timeout
@@ -202,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         os.remove(tmp)
     manifest = {**settings, "num_shards": num_shards, "count": count}
     with atomic_file(os.path.join(args.out, MANIFEST), "w") as f:
+        _readable(f)
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
     os.remove(os.path.join(args.out, RUN_SETTINGS))

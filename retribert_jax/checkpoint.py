@@ -63,15 +63,16 @@ def _safetensors_file(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _torch_bin_file(path: str) -> dict[str, np.ndarray]:
+def _torch_bin_file(path: str, mmap: bool = True) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading a PyTorch .bin checkpoint needs torch "
                               "(pip install 'retribert_jax[torch]'), or convert it to safetensors") from None
     try:
-        # weights_only: refuse pickled code; mmap: do not copy the file into memory before converting.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # weights_only: refuse pickled code. mmap: do not copy the file into memory before converting; without it
+        # each tensor owns its memory, so a caller that drops tensors as it converts them frees them one by one.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {msg})") from None
@@ -92,8 +93,8 @@ def _torch_bin_file(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_weight_file(path: str) -> dict[str, np.ndarray]:
-    """One `.safetensors` or `.bin` file as PyTorch name -> numpy array."""
+def read_weight_file(path: str, mmap: bool = True) -> dict[str, np.ndarray]:
+    """One `.safetensors` or `.bin` file as PyTorch name -> numpy array (`mmap`: map a `.bin`, do not read it)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
@@ -101,11 +102,11 @@ def read_weight_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         return _safetensors_file(path)
     if path.endswith((".bin", ".pt", ".pth")):
-        return _torch_bin_file(path)
+        return _torch_bin_file(path, mmap)
     raise CheckpointError(f"{path}: unknown weight format; expected .safetensors or .bin")
 
 
-def _read_index(directory: str, index_name: str) -> dict[str, np.ndarray]:
+def _read_index(directory: str, index_name: str, mmap: bool = True) -> dict[str, np.ndarray]:
     index_path = os.path.join(directory, index_name)
     try:
         with open(index_path, encoding="utf-8") as f:
@@ -115,7 +116,7 @@ def _read_index(directory: str, index_name: str) -> dict[str, np.ndarray]:
             from None
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = read_weight_file(os.path.join(directory, shard))
+        tensors = read_weight_file(os.path.join(directory, shard), mmap)
         for k, v in tensors.items():
             if k in out:
                 raise CheckpointError(f"{index_path}: key {k!r} appears in more than one shard")
@@ -135,15 +136,15 @@ def find_hf_weights(directory: str) -> str:
                           f"{FLAX_SAFETENSORS}, {FLAX_ORBAX}/)")
 
 
-def read_torch_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
+def read_torch_state_dict(path: str, mmap: bool = True) -> tuple[dict[str, np.ndarray], str]:
     """An HF checkpoint (directory or single weight file) as PyTorch name -> numpy array, and the file read."""
     if os.path.isfile(path):
-        return read_weight_file(path), path
+        return read_weight_file(path, mmap), path
     name = find_hf_weights(path)
     if name.endswith(".index.json"):
-        return _read_index(path, name), os.path.join(path, name)
+        return _read_index(path, name, mmap), os.path.join(path, name)
     full = os.path.join(path, name)
-    return read_weight_file(full), full
+    return read_weight_file(full, mmap), full
 
 
 def flat_shapes(model: RetriBertModel) -> dict[FlaxPath, tuple[int, ...]]:

@@ -1,0 +1,365 @@
+"""This package's own checkpoint directory: config.json, tokenizer files, and the Flax parameters.
+
+Two layouts of the parameters, both keyed by the Flax paths of `params.py`'s table:
+  - `flax_params/`: an orbax-checkpoint PyTree (nested dict, string keys), restored straight onto a given sharding;
+  - `flax_model.safetensors`: flat names like `bert_query.encoder.layer.0.attention.self.query.kernel`,
+    memory-mappable and readable without JAX.
+Neither needs torch to read. A directory is always built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retribert_jax.checkpoint import FLAX_ORBAX, FLAX_SAFETENSORS, TOKENIZER_FILES, CheckpointError, build_model
+from retribert_jax.config import RetriBertConfig
+from retribert_jax.io import atomic_directory
+from retribert_jax.params import FlaxPath, path_str
+
+FORMATS = ("orbax", "safetensors")
+DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+def parse_dtype(dtype: Any) -> np.dtype | None:
+    """None, a name from DTYPES, or a numpy/jax dtype -> numpy dtype (None keeps each parameter's own)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown parameter dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        return np.dtype(DTYPES[dtype])
+    dt = np.dtype(dtype)
+    if dt not in {np.dtype(d) for d in DTYPES.values()}:
+        raise ValueError(f"unsupported parameter dtype {dt}; expected one of {', '.join(DTYPES)}")
+    return dt
+
+
+def _nested(flat: Mapping[FlaxPath, Any]) -> dict[str, Any]:
+    # Orbax keys are strings; layer indices become "0", "1", ... and come back through _flat.
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _flat(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
+    out: dict[FlaxPath, Any] = {}
+    for key, value in tree.items():
+        path = (*prefix, int(key) if key.isdigit() else key)
+        if isinstance(value, Mapping):
+            out.update(_flat(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _tokenizer_sources(tokenizer: Any) -> tuple[Any, list[str]]:
+    """What to write as tokenizer files: (a tokenizer object or None, files to copy)."""
+    if tokenizer is None:
+        return None, []
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = os.fspath(tokenizer)
+        return None, [os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    return tokenizer, []
+
+
+def _orbax_writer():
+    """A PyTree checkpointer for host numpy arrays: no defensive copy of each array (we hold them unchanged until
+    the save returns) and no zstd (random-looking float weights do not compress; it only costs time)."""
+    import orbax.checkpoint as ocp
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+
+
+class _Draining(Mapping):
+    """A read-once view of a state dict: each tensor leaves the dict when read, so its memory can be freed as soon
+    as its converted copy exists (peak memory: the checkpoint plus one tensor, not two checkpoints)."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self._tensors = tensors
+        self._keys = list(tensors)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._tensors.pop(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _materialize(arrays: dict[FlaxPath, Any], dtype: np.dtype | None) -> dict[FlaxPath, np.ndarray]:
+    """Contiguous (and cast) arrays, one at a time, each replacing the view it came from so that the source
+    tensor is freed before the next copy is made."""
+    for path in list(arrays):
+        a = arrays[path]
+        a = a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        arrays[path] = np.ascontiguousarray(a)
+        del a
+    return arrays
+
+
+def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig, directory: str, *,
+                         format: str = "orbax", dtype: Any = None, overwrite: bool = False,
+                         tokenizer: Any = None, before_commit: Callable[[str], None] | None = None) -> str:
+    """Writes config.json, tokenizer files and parameters (Flax path -> array) as one atomic directory.
+
+    Args:
+      arrays: Flax path -> numpy or jax array, every parameter of the model (the caller checked them).
+      config: written as config.json.
+      directory: the output directory; replaced only with `overwrite`.
+      format: "orbax" (default) or "safetensors".
+      dtype: cast every parameter to this ("float32", "bfloat16", "float16"); None keeps them as they are.
+      tokenizer: a RetriBertTokenizer (saved with its save_pretrained), a directory whose tokenizer files are
+        copied verbatim, or None. With None and `overwrite`, the tokenizer files already in `directory` are kept.
+      before_commit: called with the finished temporary directory before it is renamed into place; raising
+        there (e.g. a failed verification) leaves `directory` untouched.
+
+    Returns:
+      The directory's absolute path.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
+    dt = parse_dtype(dtype)
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory}: already exists (pass --overwrite to replace it)")
+    if tokenizer is None and os.path.isdir(directory):
+        tokenizer = directory  # keep what `tokenizer.save_pretrained(directory)` put there before us
+    tok_obj, tok_files = _tokenizer_sources(tokenizer)
+
+    def cast(a: Any) -> np.ndarray:
+        a = np.asarray(a)
+        # One contiguous copy at most per tensor: the cast, or the transpose a converted kernel still is.
+        return np.ascontiguousarray(a if dt is None or a.dtype == dt else a.astype(dt))
+
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        config.save_pretrained(tmp)
+        for f in tok_files:
+            shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
+        if tok_obj is not None:
+            tok_obj.save_pretrained(tmp)
+        if format == "safetensors":
+            from safetensors.numpy import save_file
+
+            flat = {path_str(p): cast(a) for p, a in arrays.items()}
+            save_file(flat, os.path.join(tmp, FLAX_SAFETENSORS), metadata={"format": "flax"})
+        else:
+            tree = _nested({p: cast(a) for p, a in arrays.items()})
+            with _orbax_writer() as ckptr:
+                ckptr.save(os.path.join(tmp, FLAX_ORBAX), tree)
+        if before_commit is not None:
+            before_commit(tmp)
+    return directory
+
+
+def save_flax_model(model, directory: str, format: str = "orbax", dtype: Any = None, overwrite: bool = False,
+                    tokenizer: Any = None) -> str:
+    """Writes a model as a self-contained Flax checkpoint directory (what `RetriBertModel.save_pretrained` does).
+
+    Args:
+      model: a RetriBertModel.
+      directory: where to write; an existing one is refused unless `overwrite`.
+      format: "orbax" (default: restores straight onto a sharding) or "safetensors" (flat names, mmap-able).
+      dtype: store parameters as "float32", "bfloat16" or "float16"; None keeps them (float32).
+      overwrite: replace an existing directory (its tokenizer files are kept when `tokenizer` is None).
+      tokenizer: a RetriBertTokenizer or a directory to copy tokenizer files from.
+
+    Returns:
+      The directory's absolute path.
+    """
+    from retribert_jax.checkpoint import iter_params
+
+    arrays = {p: np.asarray(jax.device_get(a)) for p, a in iter_params(model)}
+    return write_flax_directory(arrays, model.config, directory, format=format, dtype=dtype, overwrite=overwrite,
+                                tokenizer=tokenizer)
+
+
+def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {tuple(int(p) if p.isdigit() else p for p in k.split(".")): f.get_tensor(k)
+                    for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _restore_orbax(path: str, float32: bool, sharding: jax.sharding.Sharding | None) -> dict[FlaxPath, Any]:
+    """Flax path -> jax.Array as stored (or cast to float32 by orbax), placed on `sharding` by the restore itself.
+
+    Names and shapes are checked against the config afterwards, by `build_model` (or the caller).
+    """
+    import orbax.checkpoint as ocp
+
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            stored = _flat(dict(ckptr.metadata(path).item_metadata))
+            target = {p: jax.ShapeDtypeStruct(tuple(m.shape), jnp.float32 if float32 else m.dtype, sharding=sharding)
+                      for p, m in stored.items()}
+            return _flat(ckptr.restore(path, _nested(target)))
+        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged directory
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {msg})") from None
+
+
+def _check_against_config(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, source: str) -> None:
+    from retribert_jax.checkpoint import flat_shapes
+    from retribert_jax.modeling import abstract_model
+
+    expected = flat_shapes(abstract_model(cfg))
+    missing = [path_str(p) for p in expected if p not in arrays]
+    extra = [path_str(p) for p in arrays if p not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{source}: parameters do not match config.json: {len(missing)} missing "
+                              f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+    for p, shape in expected.items():
+        if tuple(arrays[p].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: parameter {path_str(p)!r} has shape {tuple(arrays[p].shape)}, "
+                                  f"expected {tuple(shape)} from the config")
+
+
+def read_flax_params(directory: str, config: RetriBertConfig | None = None, *, numpy: bool = False,
+                     sharding: jax.sharding.Sharding | None = None) -> tuple[RetriBertConfig, dict[FlaxPath, Any]]:
+    """The config and Flax path -> array of a Flax checkpoint directory, as stored (dtype kept).
+
+    With `numpy`, arrays come back as numpy (for export); otherwise orbax restores onto `sharding`.
+    """
+    config = config or RetriBertConfig.from_pretrained(directory)
+    st = os.path.join(directory, FLAX_SAFETENSORS)
+    orbax_dir = os.path.join(directory, FLAX_ORBAX)
+    if os.path.isfile(st):
+        arrays, source = _read_safetensors(st), st
+    elif os.path.isdir(orbax_dir):
+        arrays, source = _restore_orbax(orbax_dir, float32=False, sharding=sharding), orbax_dir
+        if numpy:
+            arrays = {p: np.asarray(a) for p, a in arrays.items()}
+    else:
+        raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
+    _check_against_config(arrays, config, source)
+    return config, arrays
+
+
+def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
+                    attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None):
+    """Loads a directory written by `save_flax_model` / `retribert-jax convert`; needs no torch.
+
+    Args:
+      directory: the checkpoint directory.
+      config: overrides its config.json.
+      dtype: compute dtype; parameters are float32 on device whatever dtype they were stored in.
+      attention_impl: "xla" or "cudnn".
+      sharding: where to place the parameters (orbax restores onto it directly); default device otherwise.
+
+    Returns:
+      A RetriBertModel in evaluation mode.
+    """
+    directory = os.fspath(directory)
+    config = config or RetriBertConfig.from_pretrained(directory)
+    st = os.path.join(directory, FLAX_SAFETENSORS)
+    if os.path.isfile(st):
+        arrays = _read_safetensors(st)
+        source = st
+    else:
+        source = os.path.join(directory, FLAX_ORBAX)
+        if not os.path.isdir(source):
+            raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
+        # Restored as float32 straight onto the target sharding: orbax casts and places, no host round trip.
+        # build_model checks every name and shape against the config.
+        arrays = _restore_orbax(source, float32=True, sharding=sharding)
+    return build_model(config, arrays, source=source, dtype=dtype, attention_impl=attention_impl, sharding=sharding)
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | None = None, format: str = "orbax",
+                       dtype: Any = None, overwrite: bool = False, tokenizer: str | None = None,
+                       before_commit: Callable[[str], None] | None = None) -> tuple[str, list[str]]:
+    """Converts an HF PyTorch RetriBERT checkpoint into a self-contained Flax checkpoint directory.
+
+    A thin layer: `checkpoint.read_torch_state_dict` reads (mmap, weights_only), `params.torch_to_flax` maps and
+    checks every name and shape against the config, `write_flax_directory` writes atomically.
+
+    Args:
+      src: an HF checkpoint directory, a single `.safetensors`/`.bin` file (with `config`, unless a config.json sits
+        beside it), a directory this package wrote (re-written in another format/dtype), or a hub id.
+      out: the output directory.
+      config: a config.json path (or its directory, or a RetriBertConfig) overriding the one in `src`.
+      format: "orbax" or "safetensors".
+      dtype: "float32", "bfloat16", "float16", or None to keep the stored dtype.
+      overwrite: replace an existing `out`.
+      tokenizer: a directory to take the tokenizer files from; default `src` (or the weight file's directory).
+      before_commit: see `write_flax_directory` (used by `convert --verify`).
+
+    Returns:
+      (out's absolute path, warnings for the user).
+    """
+    from retribert_jax.checkpoint import flat_shapes, has_flax_weights, read_torch_state_dict, resolve_checkpoint
+    from retribert_jax.modeling import abstract_model
+    from retribert_jax.params import torch_to_flax
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
+    parse_dtype(dtype)
+    out = os.path.abspath(os.fspath(out))
+    # Refuse early: a long conversion that ends in "exists" wastes the user's time.
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    local = resolve_checkpoint(src)
+    if _empty_dir(local):
+        raise CheckpointError(f"{local}: the directory is empty")
+    if os.path.abspath(local) == out:
+        raise ValueError(f"{out}: the output directory is the source; write somewhere else")
+    base = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
+    if isinstance(config, RetriBertConfig):
+        cfg = config
+    elif config is not None:
+        cfg = RetriBertConfig.from_pretrained(config)
+    elif os.path.isfile(os.path.join(base, "config.json")):
+        cfg = RetriBertConfig.from_pretrained(base)
+    else:
+        what = "a single weight file needs --config" if os.path.isfile(local) else "no config.json"
+        raise CheckpointError(f"{local}: {what} (give the model's config.json with --config)")
+
+    if os.path.isdir(local) and has_flax_weights(local):
+        cfg, arrays = read_flax_params(local, cfg, numpy=True)
+        source = local
+    else:
+        # Not memory-mapped, and drained as converted: mapped pages would stay resident beside the copies.
+        tensors, source = read_torch_state_dict(local, mmap=False)
+        try:
+            arrays = torch_to_flax(_Draining(tensors), cfg, flat_shapes(abstract_model(cfg)), source=source)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        del tensors
+    arrays = _materialize(arrays, parse_dtype(dtype))
+
+    warnings = []
+    tok_dir = tokenizer or base
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
+    if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "vocab.txt")):
+        warnings.append(f"{tok_dir} has no tokenizer.json or vocab.txt: {out} holds weights and config only; "
+                        "add the tokenizer with --tokenizer DIR (RetriBERT uses bert-base-uncased's vocab.txt)")
+        tok_dir = None
+    write_flax_directory(arrays, cfg, out, format=format, dtype=dtype, overwrite=overwrite, tokenizer=tok_dir,
+                         before_commit=before_commit)
+    return out, warnings

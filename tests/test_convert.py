@@ -1,0 +1,218 @@
+"""`retribert-jax convert`: parity with the HF PyTorch reference, both Flax layouts, dtype casts, no-torch loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
+from retribert_jax.checkpoint import FLAX_ORBAX, FLAX_SAFETENSORS, iter_params
+from retribert_jax.flax_checkpoint import convert_checkpoint
+from retribert_jax.params import param_table
+from tests.conftest import REPO, hf_reference, random_batch, save_hf
+
+torch = pytest.importorskip("torch")
+
+
+def _write_tokenizer(directory: str, vocab_size: int) -> None:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_size - 5)]
+    vocab = os.path.join(directory, "vocab.txt")
+    with open(vocab, "w", encoding="utf-8") as f:
+        f.writelines(t + "\n" for t in tokens)
+    RetriBertTokenizer.from_vocab_file(vocab).save_pretrained(directory)
+
+
+def _assert_params_equal_hf(model: RetriBertModel, ref, cfg: RetriBertConfig, dtype=np.float32) -> None:
+    """Every Flax parameter equals the HF tensor it came from (after the cast to `dtype`), bit for bit."""
+    ours = dict(iter_params(model))
+    state = ref.state_dict()
+    for e in param_table(cfg):
+        want = state[e.torch_key].numpy()
+        want = (want.T if e.transpose else want).astype(dtype).astype(np.float32)
+        got = np.asarray(ours[e.flax_path])
+        assert got.dtype == np.float32, f"{e.torch_key}: loaded as {got.dtype}, expected float32 on device"
+        bad = int(np.sum(got != want))
+        assert bad == 0, f"{e.torch_key}: {bad} of {want.size} entries differ (max {np.abs(got - want).max():.3g})"
+
+
+def _embed_diff(model: RetriBertModel, ref, cfg: RetriBertConfig) -> float:
+    ids, mask = random_batch(np.random.default_rng(1), 4, 9, cfg.vocab_size, pad_rows=2)
+    with torch.no_grad():
+        tq = ref.embed_questions(torch.tensor(ids, dtype=torch.long), torch.tensor(mask)).numpy()
+        ta = ref.embed_answers(torch.tensor(ids, dtype=torch.long), torch.tensor(mask)).numpy()
+    fq = np.asarray(model.embed_questions(ids, mask))
+    fa = np.asarray(model.embed_answers(ids, mask))
+    return float(max(np.abs(fq - tq).max(), np.abs(fa - ta).max()))
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_convert_matches_hf_exactly(hf_checkpoint, tmp_path, fmt):
+    ref, src = hf_checkpoint
+    cfg = RetriBertConfig.from_pretrained(src)
+    out, _ = convert_checkpoint(src, str(tmp_path / "flax"), format=fmt)
+    weights = FLAX_ORBAX if fmt == "orbax" else FLAX_SAFETENSORS
+    assert os.path.exists(os.path.join(out, weights)), f"{fmt}: {weights} missing; OUT has {os.listdir(out)}"
+    assert RetriBertConfig.from_pretrained(out) == cfg, "config.json changed in conversion"
+    model = RetriBertModel.from_pretrained(out)
+    _assert_params_equal_hf(model, ref, cfg)
+    diff = _embed_diff(model, ref, cfg)
+    assert diff <= 1e-5, f"{fmt}: embeddings differ from HF PyTorch by {diff:.3g}"
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_single_weight_file_with_config(tmp_path, tiny_cfg, suffix):
+    ref = hf_reference(tiny_cfg)
+    hf = save_hf(ref, str(tmp_path / "hf"), safe=suffix == ".safetensors")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    name = "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
+    os.rename(os.path.join(hf, name), lone / f"weights{suffix}")
+    out, _ = convert_checkpoint(str(lone / f"weights{suffix}"), str(tmp_path / "flax"),
+                                config=os.path.join(hf, "config.json"), format="safetensors")
+    _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_cast(tmp_path, tiny_cfg, dtype):
+    ref = hf_reference(tiny_cfg)
+    src = save_hf(ref, str(tmp_path / "hf"))
+    for fmt in ("orbax", "safetensors"):
+        out, _ = convert_checkpoint(src, str(tmp_path / f"{fmt}-{dtype}"), format=fmt, dtype=dtype)
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(out, FLAX_SAFETENSORS), framework="numpy") as f:
+                stored = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118
+            assert stored == {dtype}, f"safetensors stored {stored}, expected {dtype}"
+        else:
+            import orbax.checkpoint as ocp
+
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(out, FLAX_ORBAX)).item_metadata
+            stored = {str(m.dtype) for m in jax.tree_util.tree_leaves(dict(meta))}
+            assert stored == {dtype}, f"orbax stored {stored}, expected {dtype}"
+        # Loaded back as float32 holding exactly the rounded values.
+        import ml_dtypes
+
+        _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg,
+                                dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+
+
+def test_save_pretrained_writes_the_same_layout(tmp_path, tiny_cfg):
+    from retribert_jax import init_model
+
+    model = init_model(tiny_cfg, seed=3)
+    (tmp_path / "tok").mkdir()
+    _write_tokenizer(str(tmp_path / "tok"), tiny_cfg.vocab_size)
+    for fmt in ("orbax", "safetensors"):
+        d = str(tmp_path / fmt)
+        model.save_pretrained(d, format=fmt, tokenizer=str(tmp_path / "tok"))
+        assert {"config.json", "tokenizer.json", "vocab.txt"} <= set(os.listdir(d)), os.listdir(d)
+        back = dict(iter_params(RetriBertModel.from_pretrained(d)))
+        for p, a in iter_params(model):
+            assert np.array_equal(np.asarray(a), np.asarray(back[p])), f"{fmt}: {p} differs after save/load"
+        with pytest.raises(FileExistsError, match="already exists"):
+            model.save_pretrained(d, format=fmt)
+        # Overwriting keeps the tokenizer files already there.
+        model.save_pretrained(d, format=fmt, overwrite=True)
+        assert "tokenizer.json" in os.listdir(d), f"{fmt}: overwrite dropped the tokenizer: {os.listdir(d)}"
+
+
+def test_orbax_restores_onto_a_sharding(tmp_path, tiny_cfg):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from retribert_jax import init_model
+
+    d = str(tmp_path / "ckpt")
+    init_model(tiny_cfg).save_pretrained(d)
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    model = RetriBertModel.from_pretrained(d, sharding=replicated)
+    wrong = [p for p, a in iter_params(model) if a.sharding != replicated]
+    assert not wrong, f"{len(wrong)} parameters not on the requested sharding, e.g. {wrong[:2]}"
+
+
+def test_tokenizer_files_carried_and_missing_ones_warned(tmp_path, tiny_cfg):
+    ref = hf_reference(tiny_cfg)
+    src = save_hf(ref, str(tmp_path / "hf"))
+    out, warnings = convert_checkpoint(src, str(tmp_path / "no-tok"))
+    assert len(warnings) == 1 and "--tokenizer" in warnings[0], f"expected one warning naming --tokenizer: {warnings}"
+    _write_tokenizer(src, tiny_cfg.vocab_size)
+    out, warnings = convert_checkpoint(src, str(tmp_path / "with-tok"))
+    assert not warnings, warnings
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        with open(os.path.join(src, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), f"{name} not copied verbatim"
+    tok = RetriBertTokenizer.from_pretrained(out)
+    assert tok(["w1 w2"])["input_ids"].tolist() == [[2, 6, 7, 3]]
+
+
+def test_converted_checkpoint_loads_without_torch(tmp_path, tiny_cfg):
+    ref = hf_reference(tiny_cfg)
+    src = save_hf(ref, str(tmp_path / "hf"))
+    ids, mask = random_batch(np.random.default_rng(2), 3, 8, tiny_cfg.vocab_size)
+    with torch.no_grad():
+        want = ref.embed_questions(torch.tensor(ids, dtype=torch.long), torch.tensor(mask)).numpy()
+    np.savez(tmp_path / "batch.npz", ids=ids, mask=mask)
+    dirs = [convert_checkpoint(src, str(tmp_path / fmt), format=fmt)[0] for fmt in ("orbax", "safetensors")]
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import json, numpy as np, jax\n"
+        "jax.config.update('jax_default_matmul_precision', 'highest')\n"
+        "from retribert_jax import RetriBertModel\n"
+        f"b = np.load({str(tmp_path / 'batch.npz')!r})\n"
+        f"out = [np.asarray(RetriBertModel.from_pretrained(d).embed_questions(b['ids'], b['mask'])).tolist() "
+        f"for d in {dirs!r}]\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(json.dumps(out))\n")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, f"loading without torch failed:\n{proc.stderr[-2000:]}"
+    for fmt, got in zip(("orbax", "safetensors"), json.loads(proc.stdout.splitlines()[-1]), strict=True):
+        diff = np.abs(np.asarray(got) - want).max()
+        assert diff <= 1e-5, f"{fmt} without torch: embeddings differ from HF by {diff:.3g}"
+
+
+def test_cli_and_script_convert(tmp_path, tiny_cfg):
+    """The console entry and the thin script both convert, with a real exit status."""
+    src = save_hf(hf_reference(tiny_cfg), str(tmp_path / "hf"))
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    script = os.path.join(REPO, "convert", "convert_pytorch_checkpoint.py")
+    proc = subprocess.run([sys.executable, script, src, str(tmp_path / "out"), "--format", "safetensors"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "out" / FLAX_SAFETENSORS), os.listdir(tmp_path / "out")
+    assert "warning" in proc.stderr and "tokenizer" in proc.stderr, f"no tokenizer warning: {proc.stderr!r}"
+    proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "convert", src, str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, f"existing OUT: exit {proc.returncode}, stderr {proc.stderr!r}"
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "already exists" in proc.stderr, proc.stderr
+
+
+def test_reconvert_a_flax_directory(tmp_path, tiny_cfg):
+    """A converted directory converts again into the other layout and dtype, keeping tokenizer and values."""
+    ref = hf_reference(tiny_cfg)
+    src = save_hf(ref, str(tmp_path / "hf"))
+    _write_tokenizer(src, tiny_cfg.vocab_size)
+    first, _ = convert_checkpoint(src, str(tmp_path / "orbax"))
+    second, warnings = convert_checkpoint(first, str(tmp_path / "st"), format="safetensors", dtype="float16")
+    assert not warnings and "tokenizer.json" in os.listdir(second), (warnings, os.listdir(second))
+    _assert_params_equal_hf(RetriBertModel.from_pretrained(second), ref, tiny_cfg, dtype=np.float16)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_checkpoint(tmp_path, tiny_cfg, safe):
+    ref = hf_reference(tiny_cfg)
+    src = str(tmp_path / "hf")
+    ref.save_pretrained(src, safe_serialization=safe, max_shard_size="20KB")
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    assert os.path.isfile(os.path.join(src, index)), f"HF wrote no shards: {os.listdir(src)}"
+    out, _ = convert_checkpoint(src, str(tmp_path / "flax"))
+    _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg)

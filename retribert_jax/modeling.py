@@ -50,6 +50,17 @@ def _layer_norm(cfg: RetriBertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          param_dtype=jnp.float32, rngs=rngs)
 
 
+def _fused_linear(x: Array, layers: tuple[nnx.Linear, ...]) -> tuple[Array, ...]:
+    """`tuple(layer(x) for layer in layers)` as one GEMM: the kernels are concatenated inside the forward, so the
+    parameters keep HF's layout (one Linear per projection) and one [D, n*D] matmul reads `x` once."""
+    dtype = layers[0].dtype
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)  # D nD
+    bias = jnp.concatenate([layer.bias[...] for layer in layers])  # nD
+    # The same promotion nnx.Linear does: inputs, kernel and bias all in the compute dtype.
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)  # B L nD
+    return tuple(jnp.split(y, len(layers), axis=-1))
+
+
 class BertEmbeddings(nnx.Module):
     """Word + position + token-type (always 0) embeddings, then LayerNorm and dropout."""
 
@@ -83,22 +94,28 @@ class BertSelfAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, deterministic=True)
         self.attention_impl = attention_impl
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
+        """Context vectors [B, L, D], or [B, 1, D] for the [CLS] query alone when `cls_only`."""
         b, length, _ = x.shape
-        split = (b, length, self.num_heads, self.head_dim)
-        q = self.query(x).reshape(split)  # B L H Dh
-        k = self.key(x).reshape(split)
-        v = self.value(x).reshape(split)
+        if cls_only:
+            # Every key and value, but only the [CLS] query: all the pooler reads from the last layer.
+            q = self.query(x[:, :1])  # B 1 D
+            k, v = _fused_linear(x, (self.key, self.value))  # B L D each
+        else:
+            q, k, v = _fused_linear(x, (self.query, self.key, self.value))  # B L D each
+        q = q.reshape(b, q.shape[1], self.num_heads, self.head_dim)  # B Lq H Dh
+        k = k.reshape(b, length, self.num_heads, self.head_dim)  # B L H Dh
+        v = v.reshape(b, length, self.num_heads, self.head_dim)
         dropout_on = not self.dropout.deterministic and self.dropout.rate > 0
         if self.attention_impl == "cudnn" and not dropout_on:
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="cudnn")
         else:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # B H L L
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # B H Lq L
             scores = scores / math.sqrt(self.head_dim)
             scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
             probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
-            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # B L H Dh
-        return ctx.reshape(b, length, -1)  # B L D
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # B Lq H Dh
+        return ctx.reshape(b, q.shape[1], -1)  # B Lq D
 
 
 class BertSelfOutput(nnx.Module):
@@ -120,8 +137,9 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, dtype, attention_impl, rngs=rngs)
         self.output = BertSelfOutput(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        return self.output(self.self(x, mask, rngs=rngs), x, rngs=rngs)
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
+        residual = x[:, :1] if cls_only else x
+        return self.output(self.self(x, mask, rngs=rngs, cls_only=cls_only), residual, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -155,8 +173,9 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, dtype, rngs=rngs)
         self.output = BertOutput(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        a = self.attention(x, mask, rngs=rngs)
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
+        """[B, L, D] -> [B, L, D]; with `cls_only`, -> [B, 1, D], the [CLS] row alone (keys still see every token)."""
+        a = self.attention(x, mask, rngs=rngs, cls_only=cls_only)
         return self.output(self.intermediate(a), a, rngs=rngs)
 
 
@@ -166,9 +185,15 @@ class BertEncoder(nnx.Module):
     def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
         self.layer = nnx.List([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        for block in self.layer:
-            x = block(x, mask, rngs=rngs)
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
+        """Hidden states [B, L, D]; with `cls_only`, the last layer computes only the [CLS] row: [B, 1, D].
+
+        Only the pooler's input is needed for embeddings, so the last layer's queries, attention output and FFN
+        run on one row instead of L (about 11% fewer FLOPs for 8 layers); the numbers of that row are unchanged.
+        """
+        last = len(self.layer) - 1
+        for i, block in enumerate(self.layer):
+            x = block(x, mask, rngs=rngs, cls_only=cls_only and i == last)
         return x
 
 
@@ -192,12 +217,12 @@ class BertModel(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
         """Returns the pooler output [B, D]."""
-        h = self.encoder(self.embeddings(input_ids, rngs=rngs), attention_mask.astype(bool), rngs=rngs)
+        h = self.encoder(self.embeddings(input_ids, rngs=rngs), attention_mask.astype(bool), rngs=rngs, cls_only=True)
         return self.pooler(h)
 
 
 def _encode_chunk(bert: BertModel, rngs: nnx.Rngs | None, h: Array, mask: Array) -> Array:
-    return bert.pooler(bert.encoder(h, mask, rngs=rngs))
+    return bert.pooler(bert.encoder(h, mask, rngs=rngs, cls_only=True))
 
 
 class RetriBertModel(nnx.Module):

@@ -32,10 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    from flax import nnx
 
     from retribert_jax import RetriBertModel, RetriBertTokenizer
-    from retribert_jax.modeling import embed
+    from retribert_jax.encode import Encoder
 
     model_path = args.model
     if model_path is None:
@@ -46,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
               "random rotation as both projections; it shows load -> embed -> score end to end on real weights)")
     model = RetriBertModel.from_pretrained(model_path)
     tok = RetriBertTokenizer.from_pretrained(model_path)
-    graphdef, state = nnx.split(model)
-    q = np.asarray(embed(graphdef, state, **tok(QUESTIONS, max_length=64), kind="questions"))
-    p = np.asarray(embed(graphdef, state, **tok(PASSAGES, max_length=128), kind="answers"))
+    encoder = Encoder(model, tok)
+    q = encoder.encode_questions(QUESTIONS, max_length=64)
+    p = encoder.encode_passages(PASSAGES, max_length=128)
     scores = q @ p.T
     print(f"embedded {len(QUESTIONS)} questions and {len(PASSAGES)} passages -> {q.shape[1]}-d vectors")
     for i, question in enumerate(QUESTIONS):

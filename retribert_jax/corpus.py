@@ -1,0 +1,193 @@
+"""Corpus readers: plain text, JSONL, TSV and parquet as a stream of (line, id, text) records.
+
+Every reader streams (a corpus need not fit in memory) and reports a bad record as `BadRecord` with the file and the
+1-based line (or parquet row) number. `read_corpus(..., skip_bad_lines=True)` logs bad records and goes on; record
+numbers (the default ids) count only the records kept, so they are the row numbers of the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+FORMATS = ("text", "jsonl", "tsv", "parquet")
+_EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+               ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class BadRecord(ValueError):
+    """One unreadable input record; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record: its 1-based line (or parquet row), its id (None: use the record number) and its text."""
+
+    line: int
+    id: Any
+    text: str
+
+
+def detect_format(path: str) -> str:
+    """The input format from the file extension (`.txt`, `.jsonl`, `.tsv`, `.parquet`); ValueError otherwise."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise ValueError(f"{path}: cannot tell the input format from the extension {ext!r}; pass --format "
+                         f"({', '.join(FORMATS)})")
+    return _EXTENSIONS[ext]
+
+
+def _lines(path: str) -> Iterator[tuple[int, str | BadRecord]]:
+    # Binary read and per-line decode: one invalid byte costs one line, reported with its number.
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, BadRecord(f"{path}:{n}: invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r})")
+
+
+def _text(path: str, **_) -> Iterator[Record | BadRecord]:
+    for n, line in _lines(path):
+        yield line if isinstance(line, BadRecord) else Record(n, None, line)
+
+
+def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
+    for n, line in _lines(path):
+        if isinstance(line, BadRecord):
+            yield line
+            continue
+        if not line.strip():
+            yield BadRecord(f"{path}:{n}: empty line, expected a JSON object")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield BadRecord(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield BadRecord(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        if text_field not in obj:
+            yield BadRecord(f"{path}:{n}: missing text field {text_field!r}")
+            continue
+        text = obj[text_field]
+        if not isinstance(text, str):
+            yield BadRecord(f"{path}:{n}: text field {text_field!r} is a {type(text).__name__}, not a string")
+            continue
+        if id_field is not None and id_field not in obj:
+            yield BadRecord(f"{path}:{n}: missing id field {id_field!r}")
+            continue
+        yield Record(n, obj[id_field] if id_field is not None else None, text)
+
+
+def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
+    # A header line names the columns; fields are split on tabs with no quoting (passages may contain quotes).
+    lines = _lines(path)
+    first = next(lines, None)
+    if first is None:
+        return
+    n, header = first
+    if isinstance(header, BadRecord):
+        raise header
+    columns = header.split("\t")
+    if text_field not in columns:
+        raise ValueError(f"{path}:1: the header has no column {text_field!r} (columns: {columns})")
+    if id_field is not None and id_field not in columns:
+        raise ValueError(f"{path}:1: the header has no column {id_field!r} (columns: {columns})")
+    ti = columns.index(text_field)
+    ii = columns.index(id_field) if id_field is not None else None
+    for n, line in lines:
+        if isinstance(line, BadRecord):
+            yield line
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")
+            continue
+        yield Record(n, fields[ii] if ii is not None else None, fields[ti])
+
+
+def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'retribert_jax[data]')") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError... for non-parquet files
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    names = f.schema_arrow.names
+    for col in (text_field, id_field):
+        if col is not None and col not in names:
+            raise ValueError(f"{path}: no column {col!r} (columns: {names})")
+    columns = [text_field] + ([id_field] if id_field is not None else [])
+    row = 0
+    for batch in f.iter_batches(columns=columns, batch_size=8192):
+        texts = batch.column(0).to_pylist()
+        ids = batch.column(1).to_pylist() if id_field is not None else [None] * len(texts)
+        for text, id_ in zip(texts, ids, strict=True):
+            row += 1
+            if not isinstance(text, str):
+                yield BadRecord(f"{path}:row {row}: text column {text_field!r} is "
+                                f"{'null' if text is None else type(text).__name__}, not a string")
+                continue
+            yield Record(row, id_, text)
+
+
+_READERS: dict[str, Callable[..., Iterator[Record | BadRecord]]] = {
+    "text": _text, "jsonl": _jsonl, "tsv": _tsv, "parquet": _parquet}
+
+
+def count_records(path: str, fmt: str) -> int | None:
+    """An upper bound on the record count for a progress bar, cheaply: lines, or parquet rows; None if unknown."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        with open(path, "rb") as f:
+            n, last = 0, b"\n"
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        n += last != b"\n"
+        return n - (fmt == "tsv")
+    except Exception:  # only for the progress bar: a failure here is reported by the reader itself
+        return None
+
+
+def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", id_field: str | None = None,
+                skip_bad_lines: bool = False, log: TextIO | None = None) -> Iterator[Record]:
+    """Streams the records of `path`.
+
+    Args:
+      path: the input file.
+      fmt: "text" (one passage a line), "jsonl", "tsv" (with a header line) or "parquet"; default from the extension.
+      text_field: the JSON key / column holding the text.
+      id_field: the JSON key / column holding the id; None: ids are 0-based record numbers.
+      skip_bad_lines: log bad records to `log` (stderr by default) and go on, instead of raising BadRecord.
+
+    Yields:
+      Records, in file order.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such input file")
+    fmt = fmt or detect_format(path)
+    if fmt not in _READERS:
+        raise ValueError(f"unknown input format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "text" and id_field is not None:
+        raise ValueError(f"{path}: plain text input has no id field; drop --id-field or use JSONL/TSV/parquet")
+    log = log or sys.stderr
+    for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field):
+        if isinstance(rec, BadRecord):
+            if not skip_bad_lines:
+                raise BadRecord(f"{rec} (pass --skip-bad-lines to skip bad lines)")
+            print(f"skipping bad line: {rec}", file=log)
+            continue
+        yield rec

@@ -1,0 +1,172 @@
+"""`retribert-jax embed`: shards, manifest, input formats, bad lines, and resuming after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.embed_helpers import random_texts, tiny_model_dir
+
+SHARD = 100
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def files(directory: str) -> dict[str, bytes]:
+    """Every visible file's bytes (hidden ones are temporary files, not output)."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith("."):
+            with open(os.path.join(directory, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def load_all(directory: str) -> tuple[dict, np.ndarray, list]:
+    with open(os.path.join(directory, "manifest.json")) as f:
+        manifest = json.load(f)
+    embs, ids = [], []
+    for i in range(manifest["num_shards"]):
+        embs.append(np.load(os.path.join(directory, f"embeddings-{i:05d}.npy"), mmap_mode="r"))
+        with open(os.path.join(directory, f"ids-{i:05d}.jsonl")) as f:
+            ids += [json.loads(line) for line in f]
+    return manifest, np.concatenate(embs), ids
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return tiny_model_dir(str(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[list[str], str]:
+    texts = random_texts(250, seed=7)
+    path = str(tmp_path_factory.mktemp("corpus") / "c.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"pid": f"p{i}", "body": t}) + "\n" for i, t in enumerate(texts))
+    return texts, path
+
+
+def test_jsonl_to_shards(model_dir, corpus, tmp_path):
+    from retribert_jax import RetriBertModel, RetriBertTokenizer
+    from retribert_jax.encode import Encoder
+
+    texts, path = corpus
+    out = str(tmp_path / "out")
+    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid",
+                "--shard-size", str(SHARD), "--store-text", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    manifest, emb, ids = load_all(out)
+    want = {"format": "retribert_jax.embeddings", "version": 1, "model": model_dir, "kind": "passages",
+            "dtype": "float32", "max_length": 128, "projection_dim": 16, "normalized": False, "shard_size": SHARD,
+            "num_shards": 3, "count": 250, "has_text": True}
+    assert {k: manifest[k] for k in want} == want
+    assert [np.load(f"{out}/embeddings-{i:05d}.npy").shape for i in range(3)] == [(100, 16), (100, 16), (50, 16)]
+    assert ids == [f"p{i}" for i in range(250)]
+    with open(f"{out}/texts-00001.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == texts[100:200]
+    model = RetriBertModel.from_pretrained(model_dir)
+    assert manifest["config_hash"] == model.config.architecture_hash()
+    ref = Encoder(model, RetriBertTokenizer.from_pretrained(model_dir)).encode_passages(texts[:SHARD])
+    diff = np.abs(emb[:SHARD] - ref).max()
+    assert diff <= 1e-6, f"CLI shard 0 differs from Encoder.encode_passages by {diff:.3g}"
+
+
+def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts, _ = corpus
+    texts = [t for t in texts[:120]]
+    inputs = {"txt": tmp_path / "c.txt", "tsv": tmp_path / "c.tsv", "parquet": tmp_path / "c.parquet"}
+    inputs["txt"].write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    inputs["tsv"].write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    pq.write_table(pa.table({"text": texts}), str(inputs["parquet"]))
+    results = {}
+    for name, path in inputs.items():
+        out = str(tmp_path / f"out-{name}")
+        r = run_cli(model_dir, str(path), out, "--kind", "questions", "--shard-size", "50", "--no-progress")
+        assert r.returncode == 0, f"{name}: {r.stderr}"
+        manifest, emb, ids = load_all(out)
+        assert manifest["count"] == 120 and manifest["kind"] == "questions", f"{name}: {manifest}"
+        assert ids == list(range(120)), f"{name}: default ids are not the record numbers"
+        results[name] = emb
+    for name in ("tsv", "parquet"):
+        assert np.array_equal(results[name], results["txt"]), f"{name} embeddings differ from the plain-text run's"
+    out = str(tmp_path / "out-f16")
+    cache = tmp_path / "jax-cache"
+    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--dtype",
+                "float16", "--no-progress", "--compilation-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    assert cache.is_dir() and any(cache.iterdir()), "--compilation-cache wrote nothing to the cache directory"
+    manifest, emb, _ = load_all(out)
+    assert manifest["dtype"] == "float16" and emb.dtype == np.float16
+    assert np.array_equal(emb, results["txt"].astype(np.float16))
+    # The same OUT with other settings is refused, naming what differs.
+    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--no-progress")
+    assert r.returncode == 2 and "dtype" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_lines(model_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"text": "why is the sky blue"})
+    path.write_bytes(b"\n".join([good.encode(), b'{"text": "unterminated', b'{"body": "no text field"}',
+                                 b'{"text": "caf\xe9"}', good.encode(), b""]))
+    r = run_cli(model_dir, str(path), str(tmp_path / "o1"), "--kind", "passages", "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert f"{path}:2: invalid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli(model_dir, str(path), str(tmp_path / "o2"), "--kind", "passages", "--no-progress",
+                "--skip-bad-lines")
+    assert r.returncode == 0, r.stderr
+    for line, why in ((2, "invalid JSON"), (3, "missing text field 'text'"), (4, "invalid UTF-8")):
+        assert f"{path}:{line}: {why}" in r.stderr, f"line {line} ({why}) not reported in:\n{r.stderr}"
+    manifest, emb, ids = load_all(str(tmp_path / "o2"))
+    assert manifest["count"] == 2 and ids == [0, 1]
+    assert np.array_equal(emb[0], emb[1]), "the two identical good lines got different embeddings"
+
+
+def test_resume_after_kill9(model_dir, tmp_path):
+    texts = random_texts(3000, seed=8)
+    path = tmp_path / "big.txt"
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    args = [model_dir, str(path)]
+    opts = ["--kind", "passages", "--shard-size", "200", "--batch-size", "16", "--no-progress"]
+    killed = str(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "retribert_jax.cli", "embed", *args, killed, *opts], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not os.path.exists(os.path.join(killed, "embeddings-00001.npy")):
+        assert proc.poll() is None, "the embed run ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard appeared within 240 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "manifest.json")), "the run finished before the kill"
+    shards = sorted(n for n in os.listdir(killed) if n.startswith("embeddings-"))
+    assert 0 < len(shards) < 15, f"{len(shards)} shards after the kill; expected a partial run"
+    for name in shards:  # every visible shard is whole
+        assert np.load(os.path.join(killed, name)).shape == (200, 16), f"{name} is not a whole shard"
+    r = run_cli(*args, killed, *opts)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {200 * len(shards)}" in r.stderr, r.stderr
+    fresh = str(tmp_path / "fresh")
+    r = run_cli(*args, fresh, *opts)
+    assert r.returncode == 0, r.stderr
+    a, b = files(killed), files(fresh)
+    assert a.keys() == b.keys(), f"files differ: {sorted(a.keys() ^ b.keys())}"
+    differing = [n for n in a if a[n] != b[n]]
+    assert not differing, f"resumed output differs from an uninterrupted run in {differing}"
+    assert not [n for n in os.listdir(killed) if n.startswith(".")], "temporary files left behind"

@@ -1,0 +1,135 @@
+"""Encoder: results independent of batching, order and bucketing; parity with HF PyTorch; few compilations."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
+from retribert_jax.encode import Encoder, bucket_length
+from tests.conftest import hf_reference, save_hf
+from tests.embed_helpers import random_texts, tiny_vocab
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def hf_and_dir(tmp_path_factory):
+    """(HF torch model, its checkpoint directory with a vocab.txt), separate encoders so that kinds differ."""
+    vocab = tiny_vocab()
+    cfg = RetriBertConfig.tiny(vocab_size=len(vocab), share_encoders=False, max_position_embeddings=128)
+    ref = hf_reference(cfg)
+    d = save_hf(ref, str(tmp_path_factory.mktemp("hf")))
+    with open(f"{d}/vocab.txt", "w", encoding="utf-8") as f:
+        f.writelines(t + "\n" for t in vocab)
+    return ref, d
+
+
+@pytest.fixture(scope="module")
+def encoder(hf_and_dir):
+    _, d = hf_and_dir
+    return Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d))
+
+
+def one_by_one(encoder: Encoder, texts: list[str], kind: str, max_length: int) -> np.ndarray:
+    return np.stack([encoder.encode(t, kind, batch_size=1, max_length=max_length) for t in texts])
+
+
+@pytest.mark.parametrize("kind", ["questions", "passages"])
+def test_batched_equals_each_text_alone(encoder, kind):
+    texts = random_texts(40, seed=1)
+    alone = one_by_one(encoder, texts, kind, max_length=100)
+    for batch_size in (3, 16):
+        batched = encoder.encode(texts, kind, batch_size=batch_size, max_length=100)
+        assert batched.shape == (40, 16) and batched.dtype == np.float32
+        diff = np.abs(batched - alone).max()
+        assert diff <= TOL, f"{kind}, batch_size {batch_size}: max |batched - alone| = {diff:.3g}"
+
+
+def test_order_does_not_matter(encoder):
+    texts = random_texts(30, seed=2)
+    perm = np.random.default_rng(0).permutation(len(texts))
+    a = encoder.encode_passages(texts, batch_size=8)
+    b = encoder.encode_passages([texts[i] for i in perm], batch_size=8)
+    diff = np.abs(a[perm] - b).max()
+    assert diff <= TOL, f"permuted input gives embeddings differing by {diff:.3g}"
+
+
+def test_matches_hf_pytorch(hf_and_dir, encoder):
+    torch = pytest.importorskip("torch")
+    ref, d = hf_and_dir
+    tok = RetriBertTokenizer.from_pretrained(d)
+    texts = random_texts(12, seed=3)
+    batch = tok(texts, max_length=64)
+    ids, mask = torch.tensor(batch["input_ids"], dtype=torch.long), torch.tensor(batch["attention_mask"])
+    with torch.no_grad():
+        want_q = ref.project_query(ref.embed_sentences_checkpointed(ids, mask, ref.bert_query)).numpy()
+        want_p = ref.project_doc(ref.embed_sentences_checkpointed(ids, mask, ref.bert_doc)).numpy()
+    got_q = encoder.encode_questions(texts, batch_size=5, max_length=64)
+    got_p = encoder.encode_passages(texts, batch_size=5, max_length=64)
+    for name, got, want in (("questions", got_q, want_q), ("passages", got_p, want_p)):
+        diff = np.abs(got - want).max()
+        assert diff <= TOL, f"{name}: Encoder vs HF PyTorch differ by {diff:.3g}"
+
+
+def test_empty_text_is_cls_sep(hf_and_dir, encoder):
+    torch = pytest.importorskip("torch")
+    ref, d = hf_and_dir
+    tok = RetriBertTokenizer.from_pretrained(d)
+    ids = torch.tensor([[tok.cls_token_id, tok.sep_token_id]])
+    with torch.no_grad():
+        want = ref.project_doc(ref.embed_sentences_checkpointed(ids, torch.ones_like(ids), ref.bert_doc))[0].numpy()
+    got = encoder.encode_passages("")
+    assert got.shape == (16,), f"a single string should give a 1-D vector, got shape {got.shape}"
+    diff = np.abs(got - want).max()
+    assert diff <= TOL, f"the empty text's embedding differs from HF's [CLS] [SEP] one by {diff:.3g}"
+
+
+def test_normalize_and_empty_list(encoder):
+    texts = random_texts(5, seed=4)
+    raw = encoder.encode_questions(texts)
+    unit = encoder.encode_questions(texts, normalize=True)
+    norms = np.linalg.norm(unit, axis=1)
+    assert np.abs(norms - 1).max() <= 1e-6, f"normalised norms are {norms}"
+    diff = np.abs(unit - raw / np.linalg.norm(raw, axis=1, keepdims=True)).max()
+    assert diff <= 1e-6, f"normalize=True differs from raw / |raw| by {diff:.3g}"
+    assert encoder.encode_questions([]).shape == (0, 16)
+
+
+def test_few_programs_for_many_batches(hf_and_dir):
+    _, d = hf_and_dir
+    enc = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d))
+    texts = random_texts(200, seed=5, max_words=100)
+    enc.encode_passages(texts, batch_size=8, max_length=128)
+    lengths = {length for _, _, length in enc.shapes_seen}
+    assert enc.compile_count <= 6, f"{enc.compile_count} programs for one corpus: {sorted(enc.shapes_seen)}"
+    assert lengths <= {16, 32, 48, 64, 96, 128}, f"lengths outside the buckets: {lengths}"
+    before = enc.compile_count
+    enc.encode_passages(texts[:37], batch_size=8, max_length=128)  # a partial last batch is padded, not recompiled
+    assert enc.compile_count == before, f"re-encoding a subset compiled {enc.compile_count - before} new programs"
+
+
+def test_bucket_length():
+    assert [bucket_length(n, 128) for n in (1, 17, 32, 33, 64, 65, 97, 128)] == [16, 32, 32, 48, 64, 96, 128, 128]
+    assert bucket_length(40, 48) == 48  # max_length is a bucket of its own
+
+
+def test_bfloat16_close_to_float32(hf_and_dir, encoder):
+    _, d = hf_and_dir
+    enc16 = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), dtype=jnp.bfloat16)
+    texts = random_texts(10, seed=6)
+    a = encoder.encode_passages(texts, normalize=True)
+    b = enc16.encode_passages(texts, normalize=True)
+    assert b.dtype == np.float32
+    cos = (a * b).sum(axis=1).min()
+    assert cos >= 0.99, f"bfloat16 embeddings have cosine {cos:.4f} with float32 ones"
+
+
+def test_bad_arguments(encoder):
+    with pytest.raises(ValueError, match="kind"):
+        encoder.encode(["a"], "answers")
+    with pytest.raises(ValueError, match="max_length"):
+        encoder.encode_passages(["a"], max_length=1000)
+    with pytest.raises(TypeError, match="text 1"):
+        encoder.encode_passages(["a", 3])

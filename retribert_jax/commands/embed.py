@@ -59,18 +59,10 @@ def shard_paths(out: str, i: int) -> dict[str, str]:
             for name, ext in (("embeddings", "npy"), ("ids", "jsonl"), ("texts", "jsonl"))}
 
 
-def _readable(f) -> None:
-    # atomic_file's temporary files are private (0600); outputs are shared with readers like any written file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(f.fileno(), 0o666 & ~umask)
-
-
 def _write_lines(path: str, values) -> None:
     from retribert_jax.io import atomic_file
 
     with atomic_file(path, "w") as f:
-        _readable(f)
         for v in values:
             f.write(json.dumps(v, ensure_ascii=False, default=str) + "\n")
 
@@ -86,7 +78,6 @@ def _write_shard(out: str, i: int, ids: list, texts: list[str] | None, emb) -> N
         _write_lines(paths["texts"], texts)
     # The embeddings file marks the shard complete, so it is renamed into place last.
     with atomic_file(paths["embeddings"], "wb") as f:
-        _readable(f)
         np.save(f, emb, allow_pickle=False)
 
 
@@ -212,7 +203,6 @@ def run(args: argparse.Namespace) -> int:
         os.remove(tmp)
     manifest = {**settings, "num_shards": num_shards, "count": count}
     with atomic_file(os.path.join(args.out, MANIFEST), "w") as f:
-        _readable(f)
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
     os.remove(os.path.join(args.out, RUN_SETTINGS))

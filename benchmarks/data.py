@@ -25,8 +25,8 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 # machine with Python, nothing to download. Sources are parsed, never imported.
 CORPUS_MODULES = ("argparse", "collections/__init__", "json/__init__", "pathlib", "subprocess", "typing",
                   "logging/__init__", "inspect", "shutil", "tarfile", "zipfile", "difflib", "textwrap", "decimal",
-                  "_pydecimal", "fractions", "statistics", "random", "datetime", "calendar", "string", "functools", "os",
-                  "threading", "unittest/case", "email/message", "http/client", "urllib/request", "tempfile",
+                  "_pydecimal", "fractions", "statistics", "random", "datetime", "calendar", "string", "functools",
+                  "os", "threading", "unittest/case", "email/message", "http/client", "urllib/request", "tempfile",
                   "ftplib", "smtplib", "imaplib", "pickle", "doctest", "pdb", "configparser", "csv", "heapq",
                   "bisect", "contextlib", "dataclasses", "enum", "locale", "gettext", "optparse", "socket", "ssl",
                   "asyncio/events", "asyncio/tasks", "multiprocessing/pool", "concurrent/futures/_base", "zipimport")

@@ -174,10 +174,10 @@ def plot(results: dict[str, Any], path: str) -> None:
     names = [label(r).replace(" ", "\n") for r in rows]
     s = results["sizes"]
     ax = axes[0, 0]
-    ax.bar(names, [r.get("throughput") or 0 for r in rows], color="tab:blue")
+    ax.bar_label(ax.bar(names, [r.get("throughput") or 0 for r in rows], color="tab:blue"), fmt="%.1f", fontsize=7)
     ax.set_title(f"fixed shape {s['batch']} x {s['length']}: sequences/s")
     ax = axes[0, 1]
-    ax.bar(names, [r["e2e_throughput"] for r in rows], color="tab:orange")
+    ax.bar_label(ax.bar(names, [r["e2e_throughput"] for r in rows], color="tab:orange"), fmt="%.1f", fontsize=7)
     ax.set_title(f"end to end, {s['n_texts']} real texts (max_length {s['max_length']}): texts/s")
     for ax in axes[0]:
         ax.tick_params(axis="x", labelsize=7)

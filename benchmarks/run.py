@@ -196,8 +196,25 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"RetriBERT ({results['meta']['model']}) on {results['meta']['device']}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def write_results(results: dict[str, Any], out: str) -> str:
+    """Writes results.json, results.txt and benchmark.png (each atomically) under `out`; returns the report."""
+    from retribert_jax.io import atomic_file
+
+    with atomic_file(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    report = table(results) if results["rows"] else "no framework ran"
+    with atomic_file(os.path.join(out, "results.txt"), "w") as f:
+        f.write(report + "\n")
+    if results["rows"]:
+        # matplotlib's savefig takes a path or a binary file; write beside the target, then rename.
+        tmp = os.path.join(out, ".benchmark.png.tmp")
+        plot(results, tmp)
+        os.replace(tmp, os.path.join(out, "benchmark.png"))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,32 +276,6 @@ def main(argv: list[str] | None = None) -> int:
             for f in ("hf_torch", "sentence_transformers"):
                 skipped.setdefault(f, "torch has no CUDA here; a CPU run at GPU batch sizes would not be a peer")
     rows, scaling = [], {}
-    by_batch = [[b, sz["scale_length"]] for b in sz["scale_batches"]]
-    by_length = [[sz["scale_length_batch"], n] for n in sz["scale_lengths"]]
-    for framework in wanted:
-        if framework in skipped:
-            continue
-        for i, dtype in enumerate(PLAN_DTYPES[device][framework]):
-            spec = {"task": "headline", "framework": framework, "dtype": dtype, "gpu": gpu, "quick": args.quick,
-                    "dirs": vars(dirs), **{k: sz[k] for k in ("batch", "length", "min_time", "max_iters", "n_texts",
-                                                               "e2e_batch", "max_length")}}
-            print(f"[{time.perf_counter() - start:6.1f} s] {framework} {dtype} ...", flush=True)
-            r = execute(spec, sz["timeout"])
-            if "error" in r:
-                skipped[f"{framework} {dtype}"] = r["error"]
-                print(r.get("stderr_tail", r["error"]), file=sys.stderr)
-                continue
-            rows.append(r)
-            if framework in SCALED and i == 0 and not args.no_scaling:
-                print(f"[{time.perf_counter() - start:6.1f} s] {framework} {dtype} scaling ...", flush=True)
-                spec = {**spec, "task": "scaling", "points": by_batch + by_length, "min_time": sz["scale_min_time"],
-                        "max_iters": sz["scale_max_iters"]}
-                r = execute(spec, sz["timeout"])
-                if "error" in r:
-                    skipped[f"{framework} {dtype} scaling"] = r["error"]
-                    continue
-                pts = r["points"]
-                scaling[f"{framework} {dtype}"] = {"by_batch": pts[:len(by_batch)], "by_length": pts[len(by_batch):]}
     results = {
         "meta": {"command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
                  "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
@@ -294,18 +285,52 @@ def main(argv: list[str] | None = None) -> int:
                  "config": cfg.to_hf_dict(), "flops_formula": FLOPS_FORMULA, "versions": versions(),
                  "platform": platform.platform(), "corpus": corpus_stats(dirs.retribert, sz["n_texts"],
                                                                          sz["max_length"])},
-        "sizes": sz, "peak": probe, "rows": rows, "scaling": scaling, "skipped": skipped,
+        "sizes": sz, "peak": probe, "rows": rows, "scaling": scaling, "skipped": skipped, "complete": False,
     }
-    results["meta"]["wall_s"] = time.perf_counter() - start
-    from retribert_jax.io import atomic_file
 
-    with atomic_file(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    report = table(results) if rows else "no framework ran"
-    with atomic_file(os.path.join(args.out, "results.txt"), "w") as f:
-        f.write(report + "\n")
-    if rows:
-        plot(results, os.path.join(args.out, "benchmark.png"))
+    def save() -> str:
+        # After every measurement, so that an interrupted run keeps what it measured.
+        results["meta"]["wall_s"] = time.perf_counter() - start
+        return write_results(results, args.out)
+
+    # Every headline first, the (longer) scaling sweep after: a run cut short still has the whole table.
+    headline_specs = []
+    for framework in wanted:
+        if framework not in skipped:
+            for dtype in PLAN_DTYPES[device][framework]:
+                headline_specs.append({
+                    "task": "headline", "framework": framework, "dtype": dtype, "gpu": gpu, "quick": args.quick,
+                    "dirs": vars(dirs), **{k: sz[k] for k in ("batch", "length", "min_time", "max_iters", "n_texts",
+                                                               "e2e_batch", "max_length")}})
+    for spec in headline_specs:
+        name = f"{spec['framework']} {spec['dtype']}"
+        print(f"[{time.perf_counter() - start:6.1f} s] {name} ...", flush=True)
+        r = execute(spec, sz["timeout"])
+        if "error" in r:
+            skipped[name] = r["error"]
+            print(r.get("stderr_tail", r["error"]), file=sys.stderr)
+        else:
+            rows.append(r)
+        save()
+    by_batch = [[b, sz["scale_length"]] for b in sz["scale_batches"]]
+    by_length = [[sz["scale_length_batch"], n] for n in sz["scale_lengths"]]
+    for framework in ([] if args.no_scaling else SCALED):
+        ran = [r for r in rows if r["framework"] == framework]
+        if not ran:
+            continue
+        spec = next(s for s in headline_specs if s["framework"] == framework)  # its first dtype
+        name = f"{framework} {spec['dtype']}"
+        print(f"[{time.perf_counter() - start:6.1f} s] {name} scaling ...", flush=True)
+        r = execute({**spec, "task": "scaling", "points": by_batch + by_length, "min_time": sz["scale_min_time"],
+                     "max_iters": sz["scale_max_iters"]}, sz["timeout"])
+        if "error" in r:
+            skipped[f"{name} scaling"] = r["error"]
+        else:
+            pts = r["points"]
+            scaling[name] = {"by_batch": pts[:len(by_batch)], "by_length": pts[len(by_batch):]}
+        save()
+    results["complete"] = True
+    report = save()
     print(report)
     print(f"wrote {args.out}/results.json, results.txt, benchmark.png in {results['meta']['wall_s']:.0f} s")
     return 0 if rows else 1

@@ -193,7 +193,8 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.set_xlabel(key)
         ax.set_ylabel("sequences/s")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"RetriBERT ({results['meta']['model']}) on {results['meta']['device']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

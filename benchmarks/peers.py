@@ -133,7 +133,7 @@ def _bucketed_encode(tok, graphdef, state, texts: list[str], batch_size: int, ma
     lengths = tok.encode_lengths(texts, max_length)
     order = np.argsort(-lengths, kind="stable")
     buckets = [b for b in (32, 64, 128, 256, 512) if b < max_length] + [max_length]
-    out = np.empty((len(texts), graphdef_projection_dim(state)), np.float32)
+    out = np.empty((len(texts), _projection_dim(state)), np.float32)
     pending = []
     for s in range(0, len(texts), batch_size):
         idx = order[s:s + batch_size]
@@ -149,7 +149,7 @@ def _bucketed_encode(tok, graphdef, state, texts: list[str], batch_size: int, ma
     return out
 
 
-def graphdef_projection_dim(state) -> int:
+def _projection_dim(state) -> int:
     return int(state["project_doc"]["kernel"].get_value().shape[1])
 
 

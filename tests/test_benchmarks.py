@@ -1,0 +1,104 @@
+"""The benchmark suite: its FLOP count, corpus and shared weights, and a --quick smoke run (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.data import bench_config, build_model_dirs, flops_per_sequence, real_texts
+from benchmarks.peers import FRAMEWORKS, available
+from retribert_jax.config import RetriBertConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_flops_formula_matches_the_models_matmuls():
+    """The analytic count equals a count built from the model's own Linear shapes plus attention's two einsums."""
+    from retribert_jax.checkpoint import iter_params
+    from retribert_jax.modeling import init_model
+    from retribert_jax.params import path_str
+
+    cfg = RetriBertConfig.tiny(num_hidden_layers=3, intermediate_size=48, projection_dim=8)
+    length = 20
+    total = 0
+    for path, value in iter_params(init_model(cfg)):
+        name = path_str(path)
+        if not name.endswith("kernel"):
+            continue
+        din, dout = value.shape
+        if name.startswith("bert_query.encoder."):
+            total += 2 * length * din * dout  # every token
+        elif name.startswith(("bert_query.pooler.", "project_doc.")):
+            total += 2 * din * dout  # the [CLS] row only
+    total += cfg.num_hidden_layers * 2 * (2 * length * length * cfg.hidden_size)  # QK^T and PV
+    assert flops_per_sequence(cfg, length) == total, f"formula {flops_per_sequence(cfg, length)} vs count {total}"
+
+
+def test_real_texts_are_deterministic_and_vary_in_length():
+    a, b = real_texts(64, seed=0), real_texts(64, seed=0)
+    assert a == b, "the corpus changed between two calls with one seed"
+    words = np.array([len(t.split()) for t in a])
+    assert words.min() < 30 and words.max() > 150, f"word counts span only {words.min()}..{words.max()}"
+
+
+def test_model_dirs_hold_the_same_encoder_weights(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    dirs = build_model_dirs(str(tmp_path), bench_config(quick=True))
+    retri = load_file(os.path.join(dirs.retribert, "model.safetensors"))
+    bert = load_file(os.path.join(dirs.bert, "model.safetensors"))
+    enc = {k.removeprefix("bert_query."): v for k, v in retri.items() if k.startswith("bert_query.")}
+    assert sorted(enc) == sorted(bert), f"names differ: {sorted(set(enc) ^ set(bert))[:5]}"
+    for k, v in bert.items():
+        assert np.array_equal(enc[k], v), f"{k}: BERT dir differs from RetriBERT's bert_query"
+    np.testing.assert_array_equal(np.load(dirs.projection), retri["project_doc.weight"])
+    assert build_model_dirs(str(tmp_path), bench_config(quick=True)) == dirs  # reused, not rebuilt
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"run.py --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    with open(out / "results.json", encoding="utf-8") as f:
+        return out, json.load(f), proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_installed_peer(quick_run):
+    out, results, stdout = quick_run
+    installed = [f for f in FRAMEWORKS if available(f) is None]
+    assert "retribert_jax" in installed
+    ran = {r["framework"] for r in results["rows"]}
+    assert ran == set(installed), f"rows for {sorted(ran)}, installed {installed}; skipped: {results['skipped']}"
+    for r in results["rows"]:
+        who = f"{r['framework']} {r['dtype']}"
+        assert r["e2e_throughput"] > 0 and r["e2e_shape"] == [results["sizes"]["n_texts"], 16], who
+        assert r["peak_memory_bytes"] > 0, who
+        if r["framework"] != "sentence_transformers":
+            assert r["throughput"] > 0 and r["flops_per_s"] > 0, who
+    dtypes = {(r["framework"], r["dtype"]) for r in results["rows"]}
+    assert ("retribert_jax", "float32") in dtypes and ("retribert_jax", "bfloat16") in dtypes
+    assert results["peak"]["peak_flops_float32"] > 0 and results["peak"]["peak_flops_bfloat16"] > 0
+    curve = results["scaling"]["retribert_jax float32"]
+    assert [p["batch"] for p in curve["by_batch"]] == results["sizes"]["scale_batches"]
+    assert all(p["throughput"] > 0 for p in curve["by_batch"] + curve["by_length"])
+    assert (out / "benchmark.png").stat().st_size > 10_000, "the plot is missing or empty"
+    assert "retribert_jax throughput / peer throughput" in stdout and "FLOPs/sequence" in stdout
+
+
+def test_worker_subprocess_reports_the_matmul_peak():
+    """The isolated-process path a full run takes for every measurement, on its cheapest job."""
+    from benchmarks.run import spawn
+
+    r = spawn({"task": "probe", "gpu": False, "quick": True}, timeout=300)
+    assert "error" not in r, r
+    assert r["backend"] == "cpu" and r["peak_flops_float32"] > 0, r

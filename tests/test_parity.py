@@ -119,7 +119,7 @@ def _losses_and_grads(cfg, ref, ours, batch, cbs):
     return float(ref_loss.detach()), ref_grads, float(loss), dict(nnx.to_flat_state(grads))
 
 
-@pytest.mark.parametrize("batch,cbs", [(1, -1), (4, -1), (5, 2), (4, 4)])
+@pytest.mark.parametrize("batch,cbs", [(3, -1), (4, -1), (5, 2), (4, 4)])
 def test_loss_and_every_gradient(pair, batch, cbs):
     cfg, ref, ours = pair
     ref_loss, ref_grads, loss, grads = _losses_and_grads(cfg, ref, ours, batch, cbs)
@@ -141,6 +141,16 @@ def test_loss_and_every_gradient(pair, batch, cbs):
         rel = np.linalg.norm(g - r) / np.linalg.norm(r)
         worst = max(worst, (float(rel), f"{e.torch_key} ({path_str(e.flax_path)})"))
     assert worst[0] <= GRAD_RTOL, f"worst relative gradient error {worst[0]:.3g} at {worst[1]}"
+
+
+def test_batch_of_one_has_zero_loss_and_gradients(pair):
+    # One pair: each cross-entropy is over a single logit, so the loss and every gradient are exactly 0, in HF too.
+    cfg, ref, ours = pair
+    ref_loss, ref_grads, loss, grads = _losses_and_grads(cfg, ref, ours, 1, -1)
+    assert loss == 0.0 and ref_loss == 0.0, f"loss {loss}, reference {ref_loss}"
+    assert all(not np.any(g) for g in ref_grads.values()), "reference gradients are not all zero"
+    nonzero = [path_str(p) for p, v in grads.items() if np.any(np.asarray(v.get_value()))]
+    assert not nonzero, f"non-zero gradients for a batch of one: {nonzero[:3]}"
 
 
 def test_checkpointed_path_gives_same_gradients_as_plain(pair):

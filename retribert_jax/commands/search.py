@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="passages per question (%(default)s)")
     p.add_argument("--json", action="store_true", help='print one JSON object per question: {"question", "hits"}')
     p.add_argument("--batch-size", type=int, default=32, help="questions encoded per batch (%(default)s)")
-    p.add_argument("--max-length", type=int, default=128, help="question truncation length (%(default)s)")
+    p.add_argument("--max-length", type=int,
+                   help="question truncation length (default: 128, or the model's max_position_embeddings if less)")
     p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
                    help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
     p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from retribert_jax.encode import Encoder
 
     encoder = Encoder(model, RetriBertTokenizer.from_pretrained(args.model))
-    results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=args.max_length)
+    max_length = args.max_length or min(128, model.config.max_position_embeddings)
+    results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=max_length)
     for question, hits in zip(questions, results, strict=True):
         if args.json:
             print(json.dumps({"question": question, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False))

@@ -130,7 +130,8 @@ def table(results: dict[str, Any]) -> str:
              f"{s['n_texts']} real texts, max_length {s['max_length']}, batch {s['e2e_batch']}, tokenize + encode",
              f"device: {results['meta']['device']}; matmul peak measured here: "
              f"{peak['peak_flops_float32'] / 1e12:.3f} TFLOP/s fp32, {peak['peak_flops_bfloat16'] / 1e12:.3f} "
-             f"TFLOP/s bf16 ({peak['matmul_n']}^3 jitted matmul)", head, "-" * len(head)]
+             f"TFLOP/s bf16 (best jitted matmul of {peak['matmul_n']}^3 and BERT-base's GEMM shapes)",
+             head, "-" * len(head)]
     for r in results["rows"]:
         tf = r.get("flops_per_s")
         frac = tf / peak[f"peak_flops_{r['dtype']}"] if tf else None

@@ -172,8 +172,7 @@ def build_model(cfg: RetriBertConfig, arrays: Mapping[FlaxPath, Any], *, source:
       sharding: where to place the parameters (e.g. replicated over a mesh); default device otherwise.
     """
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, attention_impl=attention_impl))
-    filled = []
-    seen = set()
+    variables, values = [], []
     for path, var in nnx.to_flat_state(abstract):
         if path not in arrays:
             raise CheckpointError(f"{source}: parameter {path_str(path)!r} is missing")
@@ -183,13 +182,14 @@ def build_model(cfg: RetriBertConfig, arrays: Mapping[FlaxPath, Any], *, source:
             raise CheckpointError(f"{source}: parameter {path_str(path)!r} has shape {tuple(value.shape)}, "
                                   f"expected {want} from the config")
         value = np.asarray(value) if not isinstance(value, jax.Array) else value
-        value = value.astype(param_dtype) if value.dtype != param_dtype else value
-        value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-        filled.append((path, var.replace(value)))
-        seen.add(path)
-    extra = [path_str(p) for p in arrays if p not in seen]
+        variables.append((path, var))
+        values.append(value.astype(param_dtype) if value.dtype != param_dtype else value)
+    extra = [path_str(p) for p in arrays if p not in {path for path, _ in variables}]
     if extra:
         raise CheckpointError(f"{source}: unexpected parameter(s) {extra[:5]}")
+    # One batched transfer: per-array `jnp.asarray` would dispatch (and on first use compile) once per parameter.
+    placed = jax.device_put(values, sharding if sharding is not None else jax.devices()[0])
+    filled = [(path, var.replace(value)) for (path, var), value in zip(variables, placed, strict=True)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

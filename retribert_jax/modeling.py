@@ -11,7 +11,6 @@ mask does, so padded keys get exactly zero weight.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any
@@ -39,15 +38,31 @@ def activation(name: str):
     }[name]
 
 
+def _init(base):
+    """`base`, except that with no key (see `abstract_model`) it returns the shape instead of an array."""
+
+    def init(key, shape, dtype=jnp.float32):
+        if key is None:
+            return jax.ShapeDtypeStruct(tuple(shape), dtype)
+        return base(key, shape, dtype)
+
+    return init
+
+
+def _normal(cfg: RetriBertConfig):
+    return _init(nnx.initializers.normal(cfg.initializer_range))
+
+
 def _linear(cfg: RetriBertConfig, din: int, dout: int, dtype, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=_normal(cfg), bias_init=_init(nnx.initializers.zeros), rngs=rngs)
 
 
 def _layer_norm(cfg: RetriBertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32,
-                         param_dtype=jnp.float32, rngs=rngs)
+                         param_dtype=jnp.float32, scale_init=_init(nnx.initializers.ones),
+                         bias_init=_init(nnx.initializers.zeros), rngs=rngs)
 
 
 def _fused_linear(x: Array, layers: tuple[nnx.Linear, ...]) -> tuple[Array, ...]:
@@ -65,7 +80,7 @@ class BertEmbeddings(nnx.Module):
     """Word + position + token-type (always 0) embeddings, then LayerNorm and dropout."""
 
     def __init__(self, cfg: RetriBertConfig, *, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(cfg.initializer_range)
+        init = _normal(cfg)
         self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
         self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                                              rngs=rngs)
@@ -337,31 +352,18 @@ def init_model(config: RetriBertConfig, seed: int = 0, **kwargs) -> RetriBertMod
     return RetriBertModel(config, rngs=nnx.Rngs(seed), **kwargs)
 
 
-@contextlib.contextmanager
-def _no_tracer_origin_messages():
-    # Each RNG draw in the constructor makes flax probe `getattr(tracer, "sharding", None)`; JAX answers with an
-    # AttributeError whose message walks the whole trace so far to explain where the tracer came from. That walk is
-    # quadratic in the model's size and is 80% of `abstract_model` (0.94 s -> 0.18 s for RetriBERT-base), which every
-    # load and convert pays. The message is never shown (getattr swallows it), so skip it while we construct.
-    try:
-        from jax._src.interpreters import partial_eval as pe
-
-        cls = pe.DynamicJaxprTracer
-        original = cls.__dict__["_origin_msg"]
-    except (ImportError, AttributeError, KeyError):  # a JAX without this private hook: just slower
-        yield
-        return
-    cls._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        cls._origin_msg = original
-
-
 def abstract_model(config: RetriBertConfig, **kwargs) -> RetriBertModel:
     """The model's structure with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
-    with _no_tracer_origin_messages():
-        return nnx.eval_shape(lambda: RetriBertModel(config, rngs=nnx.Rngs(0), **kwargs))
+    # Constructing under `nnx.eval_shape` traces every initializer and key split (0.5-1 s for RetriBERT-base, most
+    # of a load). Handing out no keys makes our initializers return shapes: the same structure, nothing computed.
+    return RetriBertModel(config, rngs=_NoKeys(), **kwargs)  # type: ignore[arg-type]
+
+
+class _NoKeys:
+    """Stands in for `nnx.Rngs` in `abstract_model`: every parameter key is None."""
+
+    def params(self) -> None:
+        return None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kind"))

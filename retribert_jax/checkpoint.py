@@ -188,7 +188,7 @@ def build_model(cfg: RetriBertConfig, arrays: Mapping[FlaxPath, Any], *, source:
     if extra:
         raise CheckpointError(f"{source}: unexpected parameter(s) {extra[:5]}")
     # One batched transfer: per-array `jnp.asarray` would dispatch (and on first use compile) once per parameter.
-    placed = jax.device_put(values, sharding if sharding is not None else jax.devices()[0])
+    placed = jax.device_put(values, sharding if sharding is not None else jax.local_devices()[0])
     filled = [(path, var.replace(value)) for (path, var), value in zip(variables, placed, strict=True)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

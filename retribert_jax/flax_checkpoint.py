@@ -207,7 +207,7 @@ def _restore_orbax(path: str, float32: bool, sharding: jax.sharding.Sharding | N
     """
     import orbax.checkpoint as ocp
 
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
         try:
             stored = _flat(dict(ckptr.metadata(path).item_metadata))

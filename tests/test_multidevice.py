@@ -72,13 +72,26 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     cmd = [sys.executable, "-m", "retribert_jax.cli", "embed", model_dir, str(path)]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     port = free_port()
-    procs = [subprocess.Popen([*cmd, two, *opts, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=300) for p in procs]
-    for i, (p, (_, err)) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"process {i}: {err}"
-        assert f"process {i}/2: embedded" in err, err
+    # Logs go to files, not pipes: a process blocked on a full pipe that nobody reads (we wait for the other one
+    # first) would stall the pair, since process 0 waits for process 1's shards.
+    logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen([*cmd, two, *opts, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                           "2", "--process-id", str(i)], cwd=REPO, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, text=True))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        err = logs[i].read_text()
+        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+        assert f"process {i}/2: embedded" in err, err[-3000:]
     r = subprocess.run([*cmd, one, *opts], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     a, b = files(two), files(one)

@@ -72,12 +72,16 @@ def test_single_file_without_config(capsys, tmp_path, good):
     _convert_fails(capsys, tmp_path, [str(tmp_path / "w.safetensors")], "--config")
 
 
-def test_truncated_safetensors(capsys, tmp_path, good):
-    d = _copy(good["st"], tmp_path / "trunc")
-    f = os.path.join(d, "model.safetensors")
+@pytest.mark.parametrize("kind,name,message", [
+    ("st", "model.safetensors", "not a readable safetensors file"),
+    ("bin", "pytorch_model.bin", "not a loadable PyTorch weights file"),
+])
+def test_truncated_weights(capsys, tmp_path, good, kind, name, message):
+    d = _copy(good[kind], tmp_path / "trunc")
+    f = os.path.join(d, name)
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
-    _convert_fails(capsys, tmp_path, [d], "model.safetensors", "not a readable safetensors file")
+    _convert_fails(capsys, tmp_path, [d], name, message)
 
 
 def test_corrupt_safetensors_header(capsys, tmp_path, good):
@@ -87,14 +91,6 @@ def test_corrupt_safetensors_header(capsys, tmp_path, good):
     data[8:20] = b"not json !!!"
     open(f, "wb").write(bytes(data))
     _convert_fails(capsys, tmp_path, [d], "model.safetensors", "not a readable safetensors file")
-
-
-def test_truncated_bin(capsys, tmp_path, good):
-    d = _copy(good["bin"], tmp_path / "trunc")
-    f = os.path.join(d, "pytorch_model.bin")
-    data = open(f, "rb").read()
-    open(f, "wb").write(data[: len(data) // 2])
-    _convert_fails(capsys, tmp_path, [d], "pytorch_model.bin", "not a loadable PyTorch weights file")
 
 
 def test_garbage_bin(capsys, tmp_path, good):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -64,15 +65,29 @@ def _safetensors_file(path: str) -> dict[str, np.ndarray]:
 
 
 def _torch_bin_file(path: str, mmap: bool = True) -> dict[str, np.ndarray]:
+    from retribert_jax import torch_zip
+
+    try:
+        # Our allow-list reader first: no torch import (a second saved), and no torch needed at all.
+        return torch_zip.read_state_dict(path, mmap=mmap)
+    except torch_zip.Unsupported:
+        pass  # legacy format or an unusual tensor: torch's own weights_only loader below
+    except Exception as e:  # a damaged archive or pickle raises many kinds; RefusedGlobal names the code it refused
+        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})") from None
+    return _torch_load(path, mmap)
+
+
+def _torch_load(path: str, mmap: bool) -> dict[str, np.ndarray]:
+    """The legacy (pre-1.6) format and tensor kinds our reader does not know, through torch's own safe loader."""
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: reading a PyTorch .bin checkpoint needs torch "
+        raise CheckpointError(f"{path}: this PyTorch checkpoint needs torch to read "
                               "(pip install 'retribert_jax[torch]'), or convert it to safetensors") from None
     try:
         # weights_only: refuse pickled code. mmap: do not copy the file into memory before converting; without it
         # each tensor owns its memory, so a caller that drops tensors as it converts them frees them one by one.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {msg})") from None

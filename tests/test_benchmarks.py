@@ -102,3 +102,20 @@ def test_worker_subprocess_reports_the_matmul_peak():
     r = spawn({"task": "probe", "gpu": False, "quick": True}, timeout=300)
     assert "error" not in r, r
     assert r["backend"] == "cpu" and r["peak_flops_float32"] > 0, r
+
+
+@pytest.mark.slow
+def test_convert_benchmark_quick_run():
+    """bench_convert.py end to end on a tiny checkpoint: every row measured, ratios and load times present."""
+    pytest.importorskip("transformers")
+    from benchmarks.bench_convert import format_table, run
+
+    res = run(quick=True, repeat=1)
+    names = [r["name"] for r in res["rows"]]
+    assert len(names) == 3 and any("HF" in n for n in names), names
+    for r in res["rows"]:
+        assert r["wall_s"] > 0 and r["peak_rss_bytes"] > 0, r
+    assert set(res["load"]) == {"orbax", "safetensors"}
+    assert all(ld["load_s"] > 0 and ld["jax_start_s"] > 0 for ld in res["load"].values()), res["load"]
+    assert all(v > 0 for v in res["ratios"].values()), res["ratios"]
+    assert "ratios vs HF" in format_table(res)

@@ -53,7 +53,7 @@ def export_pytorch(src: str, out: str, *, overwrite: bool = False, dtype: Any = 
         if not has_flax_weights(src):
             raise CheckpointError(f"{src}: not a Flax checkpoint (no flax_model.safetensors or flax_params/); "
                                   "an HF PyTorch directory needs no export")
-        cfg, arrays = read_flax_params(src, numpy=True)
+        cfg, arrays = read_flax_params(src)
         tok_dir = src
     else:
         from retribert_jax.checkpoint import iter_params

@@ -235,25 +235,30 @@ def _check_against_config(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, 
                                   f"expected {tuple(shape)} from the config")
 
 
-def read_flax_params(directory: str, config: RetriBertConfig | None = None, *, numpy: bool = False,
-                     sharding: jax.sharding.Sharding | None = None) -> tuple[RetriBertConfig, dict[FlaxPath, Any]]:
-    """The config and Flax path -> array of a Flax checkpoint directory, as stored (dtype kept).
+def _read_weights(directory: str, *, float32: bool, sharding: jax.sharding.Sharding | None = None
+                  ) -> tuple[dict[FlaxPath, Any], str]:
+    """(Flax path -> array, the file or folder read) from a Flax checkpoint directory, whichever format it holds.
 
-    With `numpy`, arrays come back as numpy (for export); otherwise orbax restores onto `sharding`.
+    safetensors come back as numpy (memory-mapped, as stored); orbax restores onto `sharding`, cast to float32 by
+    orbax itself when `float32` (no host round trip).
     """
-    config = config or RetriBertConfig.from_pretrained(directory)
     st = os.path.join(directory, FLAX_SAFETENSORS)
     orbax_dir = os.path.join(directory, FLAX_ORBAX)
     if os.path.isfile(st):
-        arrays, source = _read_safetensors(st), st
-    elif os.path.isdir(orbax_dir):
-        arrays, source = _restore_orbax(orbax_dir, float32=False, sharding=sharding), orbax_dir
-        if numpy:
-            arrays = {p: np.asarray(a) for p, a in arrays.items()}
-    else:
-        raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
+        return _read_safetensors(st), st
+    if os.path.isdir(orbax_dir):
+        return _restore_orbax(orbax_dir, float32=float32, sharding=sharding), orbax_dir
+    raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
+
+
+def read_flax_params(directory: str, config: RetriBertConfig | None = None
+                     ) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
+    """The config and Flax path -> numpy array of a Flax checkpoint directory, as stored (dtype kept), every name
+    and shape checked against the config (for export and re-conversion)."""
+    config = config or RetriBertConfig.from_pretrained(directory)
+    arrays, source = _read_weights(directory, float32=False)
     _check_against_config(arrays, config, source)
-    return config, arrays
+    return config, {p: np.asarray(a) for p, a in arrays.items()}
 
 
 def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
@@ -272,17 +277,8 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     """
     directory = os.fspath(directory)
     config = config or RetriBertConfig.from_pretrained(directory)
-    st = os.path.join(directory, FLAX_SAFETENSORS)
-    if os.path.isfile(st):
-        arrays = _read_safetensors(st)
-        source = st
-    else:
-        source = os.path.join(directory, FLAX_ORBAX)
-        if not os.path.isdir(source):
-            raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
-        # Restored as float32 straight onto the target sharding: orbax casts and places, no host round trip.
-        # build_model checks every name and shape against the config.
-        arrays = _restore_orbax(source, float32=True, sharding=sharding)
+    arrays, source = _read_weights(directory, float32=True, sharding=sharding)
+    # build_model checks every name and shape against the config.
     return build_model(config, arrays, source=source, dtype=dtype, attention_impl=attention_impl, sharding=sharding)
 
 
@@ -340,7 +336,7 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
         raise CheckpointError(f"{local}: {what} (give the model's config.json with --config)")
 
     if os.path.isdir(local) and has_flax_weights(local):
-        cfg, arrays = read_flax_params(local, cfg, numpy=True)
+        cfg, arrays = read_flax_params(local, cfg)
         source = local
     else:
         # Not memory-mapped, and drained as converted: mapped pages would stay resident beside the copies.

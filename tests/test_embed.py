@@ -117,6 +117,11 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
     # The same OUT with other settings is refused, naming what differs.
     r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--no-progress")
     assert r.returncode == 2 and "dtype" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # So is an input that changed since: its records would no longer be the ones numbered into the shards.
+    inputs["txt"].write_text("".join(t + "\n" for t in texts[1:]), encoding="utf-8")
+    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--dtype",
+                "float16", "--no-progress")
+    assert r.returncode == 2 and "input_sha256" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bad_lines(model_dir, tmp_path):

@@ -81,6 +81,17 @@ def _write_shard(out: str, i: int, ids: list, texts: list[str] | None, emb) -> N
         np.save(f, emb, allow_pickle=False)
 
 
+def _file_sha256(path: str) -> str:
+    """The input's content hash: a resumed run must embed the very records the first run numbered into shards."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _check_settings(out: str, settings: dict) -> dict | None:
     """The finished manifest when OUT already holds this very run; raises when OUT holds a different one."""
     for name in (MANIFEST, RUN_SETTINGS):
@@ -135,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     settings = {"format": "retribert_jax.embeddings", "version": 1, "model": model_name,
                 "config_hash": model.config.architecture_hash(), "kind": args.kind, "dtype": args.dtype,
                 "max_length": args.max_length, "projection_dim": model.config.projection_dim,
-                "normalized": bool(args.normalize), "shard_size": args.shard_size, "has_text": bool(args.store_text)}
+                "normalized": bool(args.normalize), "shard_size": args.shard_size, "has_text": bool(args.store_text),
+                "input_sha256": _file_sha256(args.input), "input_format": fmt, "text_field": args.text_field,
+                "id_field": args.id_field, "skip_bad_lines": bool(args.skip_bad_lines)}
     done = _check_settings(args.out, settings)
     if done is not None:
         print(f"{args.out}: already complete ({done['count']} {args.kind} in {done['num_shards']} shards)",

@@ -251,6 +251,10 @@ class RetriBertModel(nnx.Module):
                  rngs: nnx.Rngs):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            # cuDNN's fused attention has no float32 kernel; say so here, not in a GPU compile error.
+            raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, "
+                             f"got {jnp.dtype(dtype)}")
         self.config = config
         self.bert_query = BertModel(config, dtype, attention_impl, rngs=rngs)
         self.bert_doc = None if config.share_encoders else BertModel(config, dtype, attention_impl, rngs=rngs)

@@ -199,3 +199,33 @@ def test_random_init_matches_hf_statistics(tiny_cfg):
     w = np.asarray(model.bert_query.encoder.layer[0].attention.self.query.kernel.get_value())
     assert abs(w.std() - tiny_cfg.initializer_range) < 0.005, f"kernel std {w.std():.4f}"
     np.testing.assert_array_equal(np.asarray(model.bert_query.pooler.dense.bias.get_value()), 0.0)
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["all-queries", "cls-only"])
+def test_cudnn_branch_computes_the_same_attention(monkeypatch, tiny_cfg, cls_only):
+    """The GPU branch's call (layout B L H Dh, the padding mask broadcast as B 1 1 L) gives our einsum attention's
+    numbers. Run here through JAX's XLA implementation of that very call, since this machine has no cuDNN."""
+    from retribert_jax.modeling import BertSelfAttention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def via_xla(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", via_xla)
+    xla = BertSelfAttention(tiny_cfg, jnp.float32, "xla", rngs=nnx.Rngs(0))
+    cudnn = BertSelfAttention(tiny_cfg, jnp.float32, "cudnn", rngs=nnx.Rngs(0))
+    ids, mask = random_batch(np.random.default_rng(7), 3, 12, tiny_cfg.vocab_size)
+    x = jax.random.normal(jax.random.key(1), (3, 12, tiny_cfg.hidden_size))
+    mask = jnp.asarray(mask, bool)
+    assert_close(cudnn(x, mask, cls_only=cls_only), xla(x, mask, cls_only=cls_only), "cudnn-branch attention",
+                 atol=1e-6)
+    assert calls == ["cudnn"], f"the cudnn branch did not call dot_product_attention(implementation='cudnn'): {calls}"
+
+
+def test_cudnn_attention_needs_half_precision(tiny_cfg):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        RetriBertModel(tiny_cfg, attention_impl="cudnn", rngs=nnx.Rngs(0))
+    RetriBertModel(tiny_cfg, dtype=jnp.bfloat16, attention_impl="cudnn", rngs=nnx.Rngs(0))  # builds

@@ -325,7 +325,7 @@ def test_final_model_loads_and_exports_to_pytorch(tmp_path):
     hf_cfg = transformers.RetriBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
     hf_cfg.position_embedding_type = "absolute"
     hf = transformers.RetriBertModel(hf_cfg).eval()
-    hf.load_state_dict({k: torch.from_numpy(v) for k, v in flax_to_torch(b, cfg).items()}, strict=True)
+    hf.load_state_dict({k: torch.tensor(np.array(v)) for k, v in flax_to_torch(b, cfg).items()}, strict=True)
     ids = np.array([[2, 10, 11, 3]], np.int32)
     mask = np.ones_like(ids)
     with torch.no_grad():

@@ -192,8 +192,8 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, np.ndarray]:
                 raise ValueError(f"entry {key!r} is a {type(t).__name__}, not a tensor")
             buf = storage(t.storage)
             item = buf.dtype.itemsize
-            if any(d < 0 for d in t.shape) or any(s < 0 for s in t.stride):
-                raise ValueError(f"entry {key!r} has a negative size or stride")
+            if len(t.shape) != len(t.stride) or any(d < 0 for d in t.shape) or any(s < 0 for s in t.stride):
+                raise ValueError(f"entry {key!r} has an invalid size {t.shape} or stride {t.stride}")
             extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True)) if all(t.shape) else 0
             if t.offset < 0 or t.offset + extent > buf.size:
                 raise ValueError(f"entry {key!r} (shape {t.shape}, offset {t.offset}) reaches past its storage "

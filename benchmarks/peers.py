@@ -95,6 +95,7 @@ def build_retribert_jax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int,
     import jax
     from flax import nnx
 
+    from retribert_jax.encode import Encoder
     from retribert_jax.modeling import RetriBertModel, embed
     from retribert_jax.tokenizer import RetriBertTokenizer
 
@@ -108,49 +109,12 @@ def build_retribert_jax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int,
         ids_d, mask_d = jax.device_put(ids), jax.device_put(mask)
         return lambda: jax.block_until_ready(embed(graphdef, state, ids_d, mask_d, "answers"))
 
-    try:
-        from retribert_jax.encode import Encoder
-    except ImportError:
-        Encoder = None
-    if Encoder is not None:
-        encoder = Encoder(model, tok, dtype=_jax_dtype(dtype))
+    encoder = Encoder(model, tok, dtype=_jax_dtype(dtype))
 
-        def e2e(texts: list[str]) -> np.ndarray:
-            return encoder.encode_passages(texts, batch_size=e2e_batch, max_length=max_length)
-    else:
-        def e2e(texts: list[str]) -> np.ndarray:
-            return _bucketed_encode(tok, graphdef, state, texts, e2e_batch, max_length)
-    return fixed, e2e, {"attention_impl": impl, "encoder": "retribert_jax.encode.Encoder" if Encoder else
-                        "benchmarks fallback (sorted, bucketed modeling.embed)"}
+    def e2e(texts: list[str]) -> np.ndarray:
+        return encoder.encode_passages(texts, batch_size=e2e_batch, max_length=max_length)
 
-
-def _bucketed_encode(tok, graphdef, state, texts: list[str], batch_size: int, max_length: int) -> np.ndarray:
-    """Stand-in for retribert_jax.encode.Encoder where it is absent: sort by length, pad to (batch, bucket) shapes."""
-    import jax
-
-    from retribert_jax.modeling import embed
-
-    lengths = tok.encode_lengths(texts, max_length)
-    order = np.argsort(-lengths, kind="stable")
-    buckets = [b for b in (32, 64, 128, 256, 512) if b < max_length] + [max_length]
-    out = np.empty((len(texts), _projection_dim(state)), np.float32)
-    pending = []
-    for s in range(0, len(texts), batch_size):
-        idx = order[s:s + batch_size]
-        width = next(b for b in buckets if b >= lengths[idx].max())
-        enc = tok([texts[i] for i in idx], max_length=max_length, padding=True)
-        ids = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        ids[:len(idx), :enc["input_ids"].shape[1]] = enc["input_ids"]
-        mask[:len(idx), :enc["attention_mask"].shape[1]] = enc["attention_mask"]
-        pending.append((idx, embed(graphdef, state, ids, mask, "answers")))  # async dispatch overlaps tokenizing
-    for idx, emb in pending:
-        out[idx] = np.asarray(jax.device_get(emb))[:len(idx)]
-    return out
-
-
-def _projection_dim(state) -> int:
-    return int(state["project_doc"]["kernel"].get_value().shape[1])
+    return fixed, e2e, {"attention_impl": impl, "encoder": "retribert_jax.encode.Encoder"}
 
 
 def build_hf_torch(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_batch: int):

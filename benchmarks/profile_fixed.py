@@ -26,18 +26,16 @@ def main() -> None:
     from flax import nnx
 
     from retribert_jax import RetriBertConfig
-    from retribert_jax.encode import _forward
-    from retribert_jax.modeling import init_model
+    from retribert_jax.modeling import embed, init_model
 
     b, length = 32, 128
     cfg = RetriBertConfig.retribert_base_uncased()
     ids = np.random.default_rng(0).integers(1000, 20000, size=(b, length)).astype(np.int32)
     mask = np.ones_like(ids)
     graphdef, state = nnx.split(init_model(cfg))
-    ours_fn = jax.jit(_forward, static_argnames=("graphdef", "kind"))
 
     def ours():
-        ours_fn(graphdef, state, ids, mask, kind="answers").block_until_ready()
+        embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
 
     bert_cfg = transformers.BertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
     flax_bert = transformers.FlaxBertModel(bert_cfg, seed=0)

@@ -11,14 +11,15 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retribert_jax import RetriBertConfig  # noqa: E402
-from retribert_jax.encode import _forward  # noqa: E402
-from retribert_jax.modeling import init_model  # noqa: E402
+from retribert_jax.modeling import (
+    embed,  # noqa: E402
+    init_model,  # noqa: E402
+)
 
 
 def main() -> None:
@@ -35,14 +36,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.length)).astype(np.int32)
     mask = np.ones_like(ids)
-    fn = jax.jit(_forward, static_argnames=("graphdef", "kind"))
     t0 = time.perf_counter()
-    out = fn(graphdef, state, ids, mask, kind="answers").block_until_ready()
+    out = embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
     print(f"compile + first call: {time.perf_counter() - t0:.2f}s")
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
-        out = fn(graphdef, state, ids, mask, kind="answers").block_until_ready()
+        out = embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
         times.append(time.perf_counter() - t0)
     best, med = min(times), float(np.median(times))
     print(f"jax {args.dtype}: best {args.batch / best:.1f} passages/s, median {args.batch / med:.1f} passages/s")

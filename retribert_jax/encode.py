@@ -16,7 +16,6 @@ row-wise, so results agree with encoding each text alone (to float32 rounding of
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from retribert_jax.modeling import RetriBertModel, abstract_model
+from retribert_jax.modeling import RetriBertModel, abstract_model, embed_batch
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 # Steps of 16 tokens up to 128, then 32 and 64 (multiples of 16 suit TPU/GPU tiles). On a large sorted corpus of real
@@ -36,23 +35,6 @@ from retribert_jax.tokenizer import RetriBertTokenizer
 # against 13% and 22% with 1.5x/2x steps, for at most 8 programs per kind up to length 128 (14 up to 512).
 BUCKET_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 KINDS = ("questions", "passages")
-
-# How many traces (= XLA compilations, when no persistent cache answers) `_forward` has done in this process; the
-# Python body of a jitted function runs once per new (shape, dtype, static argument) combination.
-_trace_lock = threading.Lock()
-_trace_count = 0
-
-
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-             kind: str) -> jax.Array:
-    global _trace_count
-    with _trace_lock:
-        _trace_count += 1
-    model = nnx.merge(graphdef, state)
-    if kind == "questions":
-        return model.embed_questions(input_ids, attention_mask)
-    return model.embed_answers(input_ids, attention_mask)
-
 
 def enable_compilation_cache(directory: str) -> None:
     """Turns on JAX's persistent compilation cache in `directory`, so a later process skips XLA compilation."""
@@ -113,7 +95,7 @@ class Encoder:
         graphdef, _ = nnx.split(abstract_model(self.config, dtype=dtype, attention_impl=attention_impl))
         self._graphdef = graphdef
         self._state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated, once
-        self._fn = jax.jit(_forward, static_argnames=("graphdef", "kind"), out_shardings=self._data_sharding)
+        self._fn = jax.jit(embed_batch, static_argnames=("graphdef", "kind"), out_shardings=self._data_sharding)
         # Ahead-of-time compiled programs by (kind, rows, length): compiling explicitly lets us count and time it.
         self._compiled: dict[tuple[str, int, int], Any] = {}
         self.compile_seconds = 0.0
@@ -136,11 +118,6 @@ class Encoder:
             self._compiled[key] = self._fn.lower(self._graphdef, self._state, spec, spec, kind=kind).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
-
-    @staticmethod
-    def trace_count() -> int:
-        """How many times the forward has been traced in this process, over every Encoder."""
-        return _trace_count
 
     def encode_questions(self, texts: str | Sequence[str], batch_size: int = 32, max_length: int = 128,
                          show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:

@@ -370,12 +370,16 @@ class _NoKeys:
         return None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kind"))
-def embed(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, kind: str) -> Array:
-    """Jitted, pure embedding of one batch: `kind` is "questions" or "answers"; returns float32 [B, P]."""
+def embed_batch(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
+                kind: str) -> Array:
+    """Pure embedding of one batch: `kind` is "questions" or "answers"; returns float32 [B, P]. Jit it (with
+    `graphdef` and `kind` static), as `embed` and the Encoder do."""
     model = nnx.merge(graphdef, state)
     if kind == "questions":
         return model.embed_questions(input_ids, attention_mask)
     if kind == "answers":
         return model.embed_answers(input_ids, attention_mask)
     raise ValueError(f"kind must be 'questions' or 'answers', got {kind!r}")
+
+
+embed = jax.jit(embed_batch, static_argnames=("graphdef", "kind"))

@@ -174,31 +174,31 @@ def iter_params(model: RetriBertModel) -> Iterator[tuple[FlaxPath, jax.Array]]:
         yield path, var.get_value()
 
 
-def build_model(cfg: RetriBertConfig, arrays: Mapping[FlaxPath, Any], *, source: str = "checkpoint",
-                dtype: Any = jnp.float32, attention_impl: str = "xla", param_dtype: Any = jnp.float32,
+def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, source: str = "checkpoint",
                 sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
-    """A model from Flax path -> array, every parameter exactly once with the shape the config implies.
+    """A model from Flax path -> array, every parameter exactly once with the shape its config implies, cast to
+    the parameter dtype of `abstract` (float32).
 
     Args:
-      cfg: the model's config.
+      abstract: the model's structure, from `abstract_model(cfg, dtype=..., attention_impl=...)` (callers build it
+        once and also take the expected names and shapes from it).
       arrays: Flax path -> array (numpy or jax), e.g. from `torch_to_flax`.
       source: what to call the checkpoint in error messages.
-      dtype: the compute dtype; param_dtype: what the parameters are stored as on device (float32 by default).
       sharding: where to place the parameters (e.g. replicated over a mesh); default device otherwise.
     """
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, attention_impl=attention_impl))
+    graphdef, abstract_state = nnx.split(abstract)
     variables, values = [], []
-    for path, var in nnx.to_flat_state(abstract):
+    for path, var in nnx.to_flat_state(abstract_state):
         if path not in arrays:
             raise CheckpointError(f"{source}: parameter {path_str(path)!r} is missing")
-        value = arrays[path]
-        want = tuple(var.get_value().shape)
+        value, spec = arrays[path], var.get_value()
+        want = tuple(spec.shape)
         if tuple(value.shape) != want:
             raise CheckpointError(f"{source}: parameter {path_str(path)!r} has shape {tuple(value.shape)}, "
                                   f"expected {want} from the config")
         value = np.asarray(value) if not isinstance(value, jax.Array) else value
         variables.append((path, var))
-        values.append(value.astype(param_dtype) if value.dtype != param_dtype else value)
+        values.append(value.astype(spec.dtype) if value.dtype != spec.dtype else value)
     extra = [path_str(p) for p in arrays if p not in {path for path, _ in variables}]
     if extra:
         raise CheckpointError(f"{source}: unexpected parameter(s) {extra[:5]}")
@@ -208,18 +208,19 @@ def build_model(cfg: RetriBertConfig, arrays: Mapping[FlaxPath, Any], *, source:
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, **kwargs) -> RetriBertModel:
+def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, dtype: Any = jnp.float32,
+                       attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
     """An HF RetriBERT checkpoint (directory, or a single weight file with `config`) as a RetriBertModel."""
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(path)
         config = RetriBertConfig.from_pretrained(config_dir)
     tensors, source = read_torch_state_dict(path)
-    expected = flat_shapes(abstract_model(config))
+    abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
     try:
-        arrays = torch_to_flax(tensors, config, expected, source=source)
+        arrays = torch_to_flax(tensors, config, flat_shapes(abstract), source=source)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return build_model(config, arrays, source=source, **kwargs)
+    return build_model(abstract, arrays, source=source, sharding=sharding)
 
 
 def has_flax_weights(directory: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 # Subcommand name -> module under retribert_jax.commands.
@@ -43,8 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_orbax_leftovers() -> None:
+    """Keeps a damaged orbax checkpoint's error to one line. When one of orbax's concurrent reads fails it raises at
+    once and leaves the others running; they finish on its closed event loop, and Python reports each of them as an
+    ignored exception, after or even before our error. The command owns its process: those reports are dropped,
+    every other one is passed on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        late = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        abandoned = inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
+        if not (late or abandoned):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # run as the command, not called from Python
+        _drop_orbax_leftovers()
     from retribert_jax.checkpoint import CheckpointError
 
     try:

@@ -9,6 +9,7 @@ Neither needs torch to read. A directory is always built in a temporary director
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -200,30 +201,56 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _restore_orbax(path: str, float32: bool, sharding: jax.sharding.Sharding | None) -> dict[FlaxPath, Any]:
-    """Flax path -> jax.Array as stored (or cast to float32 by orbax), placed on `sharding` by the restore itself.
+def _orbax_error(path: str, e: BaseException) -> CheckpointError:
+    # Orbax wraps tensorstore's error (which names the array and the byte range) in its own generic one.
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {msg})")
 
-    Names and shapes are checked against the config afterwards, by `build_model` (or the caller).
+
+class _DropMetadataWarning(logging.Filter):
+    # Orbax logs this and returns None when it cannot read a checkpoint's metadata; our error says it instead.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to get item metadata")
+
+
+def _orbax_stored(path: str) -> dict[FlaxPath, jax.ShapeDtypeStruct]:
+    """Flax path -> shape and dtype as stored (orbax opens every array for this: ~0.1 s for RetriBERT-base)."""
+    import orbax.checkpoint as ocp
+
+    absl, quiet = logging.getLogger("absl"), _DropMetadataWarning()
+    absl.addFilter(quiet)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            item = ckptr.metadata(path).item_metadata
+    except Exception as e:  # orbax and tensorstore raise many kinds for a damaged directory
+        raise _orbax_error(path, e) from None
+    finally:
+        absl.removeFilter(quiet)
+    if item is None:
+        raise CheckpointError(f"{path}: not a readable orbax checkpoint (its metadata or array store is missing or "
+                              "damaged)")
+    return {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in _flat(dict(item)).items()}
+
+
+def _restore_orbax(path: str, target: Mapping[FlaxPath, jax.ShapeDtypeStruct]) -> dict[FlaxPath, jax.Array]:
+    """Flax path -> jax.Array, restored by orbax straight onto each target's sharding and cast to its dtype.
+
+    Orbax checks the stored tree and every shape against `target` (no padding or truncation); callers check them
+    first with `_orbax_stored` to name the parameter that is wrong.
     """
     import orbax.checkpoint as ocp
 
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            stored = _flat(dict(ckptr.metadata(path).item_metadata))
-            target = {p: jax.ShapeDtypeStruct(tuple(m.shape), jnp.float32 if float32 else m.dtype, sharding=sharding)
-                      for p, m in stored.items()}
             return _flat(ckptr.restore(path, _nested(target)))
         except Exception as e:  # orbax and tensorstore raise many kinds for a damaged directory
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {msg})") from None
+            raise _orbax_error(path, e) from None
 
 
-def _check_against_config(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, source: str) -> None:
-    from retribert_jax.checkpoint import flat_shapes
-    from retribert_jax.modeling import abstract_model
-
-    expected = flat_shapes(abstract_model(cfg))
+def _check_shapes(arrays: Mapping[FlaxPath, Any], expected: Mapping[FlaxPath, tuple[int, ...]], source: str) -> None:
+    """Every expected parameter present with its shape, and nothing else (`arrays` may hold shape-only specs)."""
     missing = [path_str(p) for p in expected if p not in arrays]
     extra = [path_str(p) for p in arrays if p not in expected]
     if missing or extra:
@@ -235,19 +262,14 @@ def _check_against_config(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, 
                                   f"expected {tuple(shape)} from the config")
 
 
-def _read_weights(directory: str, *, float32: bool, sharding: jax.sharding.Sharding | None = None
-                  ) -> tuple[dict[FlaxPath, Any], str]:
-    """(Flax path -> array, the file or folder read) from a Flax checkpoint directory, whichever format it holds.
-
-    safetensors come back as numpy (memory-mapped, as stored); orbax restores onto `sharding`, cast to float32 by
-    orbax itself when `float32` (no host round trip).
-    """
+def _weights_file(directory: str) -> tuple[str, str]:
+    """("safetensors" or "orbax", its path) for the Flax weights in a checkpoint directory."""
     st = os.path.join(directory, FLAX_SAFETENSORS)
-    orbax_dir = os.path.join(directory, FLAX_ORBAX)
     if os.path.isfile(st):
-        return _read_safetensors(st), st
+        return "safetensors", st
+    orbax_dir = os.path.join(directory, FLAX_ORBAX)
     if os.path.isdir(orbax_dir):
-        return _restore_orbax(orbax_dir, float32=float32, sharding=sharding), orbax_dir
+        return "orbax", orbax_dir
     raise CheckpointError(f"{directory}: no Flax weights ({FLAX_SAFETENSORS} or {FLAX_ORBAX}/)")
 
 
@@ -255,9 +277,21 @@ def read_flax_params(directory: str, config: RetriBertConfig | None = None
                      ) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
     """The config and Flax path -> numpy array of a Flax checkpoint directory, as stored (dtype kept), every name
     and shape checked against the config (for export and re-conversion)."""
+    from retribert_jax.checkpoint import flat_shapes
+    from retribert_jax.modeling import abstract_model
+
     config = config or RetriBertConfig.from_pretrained(directory)
-    arrays, source = _read_weights(directory, float32=False)
-    _check_against_config(arrays, config, source)
+    expected = flat_shapes(abstract_model(config))
+    kind, source = _weights_file(directory)
+    if kind == "safetensors":
+        arrays = _read_safetensors(source)
+        _check_shapes(arrays, expected, source)
+    else:
+        stored = _orbax_stored(source)
+        _check_shapes(stored, expected, source)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        arrays = _restore_orbax(source, {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
+                                         for p, s in stored.items()})
     return config, {p: np.asarray(a) for p, a in arrays.items()}
 
 
@@ -275,11 +309,25 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     Returns:
       A RetriBertModel in evaluation mode.
     """
+    from retribert_jax.checkpoint import flat_shapes
+    from retribert_jax.modeling import abstract_model
+
     directory = os.fspath(directory)
     config = config or RetriBertConfig.from_pretrained(directory)
-    arrays, source = _read_weights(directory, float32=True, sharding=sharding)
+    abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
+    kind, source = _weights_file(directory)
+    if kind == "safetensors":
+        arrays = _read_safetensors(source)
+    else:
+        # Names and shapes are checked against the config before the restore: orbax would refuse a mismatch too,
+        # but from inside its concurrent reads, which it leaves running (tracebacks on stderr after our error).
+        expected = flat_shapes(abstract)
+        _check_shapes(_orbax_stored(source), expected, source)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        arrays = _restore_orbax(source, {p: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+                                         for p, shape in expected.items()})
     # build_model checks every name and shape against the config.
-    return build_model(config, arrays, source=source, dtype=dtype, attention_impl=attention_impl, sharding=sharding)
+    return build_model(abstract, arrays, source=source, sharding=sharding)
 
 
 def _empty_dir(path: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +137,65 @@ def test_orbax_restores_onto_a_sharding(tmp_path, tiny_cfg):
     model = RetriBertModel.from_pretrained(d, sharding=replicated)
     wrong = [p for p, a in iter_params(model) if a.sharding != replicated]
     assert not wrong, f"{len(wrong)} parameters not on the requested sharding, e.g. {wrong[:2]}"
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_flax_directory_that_disagrees_with_its_config(tmp_path, tiny_cfg, fmt):
+    """A Flax directory whose config.json was changed after saving is refused naming the parameter, by the loader
+    and by export/re-conversion; from the command line that is one line on stderr and exit 2."""
+    from retribert_jax import init_model
+    from retribert_jax.checkpoint import CheckpointError
+    from retribert_jax.flax_checkpoint import read_flax_params
+
+    d = tmp_path / "ckpt"
+    init_model(tiny_cfg).save_pretrained(str(d), format=fmt)
+    saved = json.loads((d / "config.json").read_text())
+    wrong_shape = r"parameter 'bert_query.encoder.layer.0.intermediate.dense.(bias|kernel)' has shape"
+    wrong_names = r"missing \['bert_query.encoder.layer.2.|'bert_query.encoder.layer.2.\S+' is missing"
+    for change, needle in (({"intermediate_size": saved["intermediate_size"] + 4}, wrong_shape),
+                           ({"num_hidden_layers": saved["num_hidden_layers"] + 1}, wrong_names)):
+        (d / "config.json").write_text(json.dumps({**saved, **change}))
+        for load in (RetriBertModel.from_pretrained, read_flax_params):
+            with pytest.raises(CheckpointError, match=needle):
+                load(str(d))
+    (tmp_path / "in.txt").write_text("a passage\n")
+    proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", str(d), str(tmp_path / "in.txt"),
+                           str(tmp_path / "out"), "--kind", "passages"], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 0 and re.search(wrong_names, err), f"expected one line naming the parameter:\n{err}"
+
+
+def test_damaged_orbax_directory_names_it(tmp_path, tiny_cfg):
+    from retribert_jax import init_model
+    from retribert_jax.checkpoint import CheckpointError
+
+    good = tmp_path / "good"
+    init_model(tiny_cfg).save_pretrained(str(good))
+
+    def damaged(name: str, damage) -> str:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        damage(d / FLAX_ORBAX)
+        return str(d)
+
+    def truncate_largest(orbax_dir) -> None:  # the array data, not the metadata
+        data = max((orbax_dir / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+    with pytest.raises(CheckpointError, match=f"{FLAX_ORBAX}: not a readable orbax checkpoint .*missing or damaged"):
+        RetriBertModel.from_pretrained(damaged("no-metadata", lambda o: (o / "_METADATA").unlink()))
+    # Damaged array data fails inside orbax's concurrent reads, which leaves the others running to end on a closed
+    # event loop, reported at exit: run it as the command, which must still say one line naming the array.
+    (tmp_path / "in.txt").write_text("a passage\n")
+    proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", damaged("truncated", truncate_largest),
+                           str(tmp_path / "in.txt"), str(tmp_path / "out"), "--kind", "passages"],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 0, f"expected one line:\n{err}"
+    assert re.search(f'{FLAX_ORBAX}: not a readable orbax checkpoint .*"bert_query\\.', err), err
 
 
 def test_tokenizer_files_carried_and_missing_ones_warned(tmp_path, tiny_cfg):

@@ -9,8 +9,9 @@ other process's memory is mixed in):
   - ours: `python -m retribert_jax.cli convert model.bin OUT` end to end (interpreter start, imports, read, write);
   - HF Flax: `FlaxBertModel.from_pretrained(bert_dir, from_pt=True)` end to end (its load-and-convert; it writes
     nothing, which favours it);
-  - load: `RetriBertModel.from_pretrained(OUT)` for the orbax and the safetensors layout, timed beyond
-    `import jax` + the first device op, i.e. the cost a user pays on top of starting JAX.
+  - load: `import retribert_jax` + `RetriBertModel.from_pretrained(OUT)` for the orbax and the safetensors layout,
+    timed beyond `import jax` + the first device op, i.e. the cost a user pays on top of starting JAX; its two parts
+    (importing the package, which is mostly importing flax.nnx, and the call itself) are reported too.
 `run()` returns the same dict the script writes, so `benchmarks/run.py` can include it.
 """
 
@@ -76,10 +77,11 @@ _LOAD = textwrap.dedent("""
     t1 = time.perf_counter()
     from retribert_jax import RetriBertModel
     from retribert_jax.checkpoint import iter_params
+    t2 = time.perf_counter()
     model = RetriBertModel.from_pretrained(sys.argv[1])
     jax.block_until_ready([a for _, a in iter_params(model)])
-    t2 = time.perf_counter()
-    print(json.dumps({"jax_start_s": t1 - t0, "load_s": t2 - t1}))
+    t3 = time.perf_counter()
+    print(json.dumps({"jax_start_s": t1 - t0, "load_s": t3 - t1, "import_s": t2 - t1, "from_pretrained_s": t3 - t2}))
 """)
 
 
@@ -159,7 +161,8 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"{r['name']:50s} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['peak_rss_bytes'] / 1e6:12.0f}")
     for fmt, ld in res["load"].items():
         lines.append(f"{'load converted (' + fmt + '), beyond JAX start':50s} {ld['load_s']:8.2f} {'':8s} "
-                     f"{ld['peak_rss_bytes'] / 1e6:12.0f}   (JAX start {ld['jax_start_s']:.2f} s)")
+                     f"{ld['peak_rss_bytes'] / 1e6:12.0f}   (JAX start {ld['jax_start_s']:.2f} s; import "
+                     f"{ld['import_s']:.2f} s + from_pretrained {ld['from_pretrained_s']:.2f} s)")
     r = res["ratios"]
     lines.append(f"ratios vs HF (target wall <= 0.33, RSS <= 0.50): orbax wall {r['convert_orbax_wall_vs_hf']:.2f}, "
                  f"RSS {r['convert_orbax_rss_vs_hf']:.2f}; safetensors wall {r['convert_safetensors_wall_vs_hf']:.2f}, "

@@ -117,5 +117,6 @@ def test_convert_benchmark_quick_run():
         assert r["wall_s"] > 0 and r["peak_rss_bytes"] > 0, r
     assert set(res["load"]) == {"orbax", "safetensors"}
     assert all(ld["load_s"] > 0 and ld["jax_start_s"] > 0 for ld in res["load"].values()), res["load"]
+    assert all(abs(ld["import_s"] + ld["from_pretrained_s"] - ld["load_s"]) < 1e-6 for ld in res["load"].values())
     assert all(v > 0 for v in res["ratios"].values()), res["ratios"]
     assert "ratios vs HF" in format_table(res)

@@ -19,10 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retribert_jax.checkpoint import FLAX_ORBAX, FLAX_SAFETENSORS, TOKENIZER_FILES, CheckpointError, build_model
+from retribert_jax.checkpoint import (
+    FLAX_ORBAX,
+    FLAX_SAFETENSORS,
+    TOKENIZER_FILES,
+    CheckpointError,
+    build_model,
+    flat_shapes,
+    has_flax_weights,
+    iter_params,
+    read_torch_state_dict,
+    resolve_checkpoint,
+)
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.io import atomic_directory
-from retribert_jax.params import FlaxPath, path_str
+from retribert_jax.modeling import abstract_model
+from retribert_jax.params import FlaxPath, path_str, torch_to_flax
 
 FORMATS = ("orbax", "safetensors")
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
@@ -183,8 +195,6 @@ def save_flax_model(model, directory: str, format: str = "orbax", dtype: Any = N
     Returns:
       The directory's absolute path.
     """
-    from retribert_jax.checkpoint import iter_params
-
     arrays = {p: np.asarray(jax.device_get(a)) for p, a in iter_params(model)}
     return write_flax_directory(arrays, model.config, directory, format=format, dtype=dtype, overwrite=overwrite,
                                 tokenizer=tokenizer)
@@ -277,9 +287,6 @@ def read_flax_params(directory: str, config: RetriBertConfig | None = None
                      ) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
     """The config and Flax path -> numpy array of a Flax checkpoint directory, as stored (dtype kept), every name
     and shape checked against the config (for export and re-conversion)."""
-    from retribert_jax.checkpoint import flat_shapes
-    from retribert_jax.modeling import abstract_model
-
     config = config or RetriBertConfig.from_pretrained(directory)
     expected = flat_shapes(abstract_model(config))
     kind, source = _weights_file(directory)
@@ -309,9 +316,6 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     Returns:
       A RetriBertModel in evaluation mode.
     """
-    from retribert_jax.checkpoint import flat_shapes
-    from retribert_jax.modeling import abstract_model
-
     directory = os.fspath(directory)
     config = config or RetriBertConfig.from_pretrained(directory)
     abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
@@ -356,9 +360,6 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
     Returns:
       (out's absolute path, warnings for the user).
     """
-    from retribert_jax.checkpoint import flat_shapes, has_flax_weights, read_torch_state_dict, resolve_checkpoint
-    from retribert_jax.modeling import abstract_model
-    from retribert_jax.params import torch_to_flax
 
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")

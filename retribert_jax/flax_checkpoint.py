@@ -226,7 +226,7 @@ class _DropMetadataWarning(logging.Filter):
 
 
 def _orbax_stored(path: str) -> dict[FlaxPath, jax.ShapeDtypeStruct]:
-    """Flax path -> shape and dtype as stored (orbax opens every array for this: ~0.1 s for RetriBERT-base)."""
+    """Flax path -> shape and dtype as stored (orbax opens every array for this, once more than the restore)."""
     import orbax.checkpoint as ocp
 
     absl, quiet = logging.getLogger("absl"), _DropMetadataWarning()
@@ -244,14 +244,20 @@ def _orbax_stored(path: str) -> dict[FlaxPath, jax.ShapeDtypeStruct]:
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in _flat(dict(item)).items()}
 
 
-def _restore_orbax(path: str, target: Mapping[FlaxPath, jax.ShapeDtypeStruct]) -> dict[FlaxPath, jax.Array]:
-    """Flax path -> jax.Array, restored by orbax straight onto each target's sharding and cast to its dtype.
+def _read_orbax(path: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtype: Any = None,
+                sharding: jax.sharding.Sharding | None = None) -> dict[FlaxPath, jax.Array]:
+    """Flax path -> jax.Array, restored by orbax straight onto `sharding` (default: this process's first device),
+    cast to `dtype` (None keeps each stored dtype).
 
-    Orbax checks the stored tree and every shape against `target` (no padding or truncation); callers check them
-    first with `_orbax_stored` to name the parameter that is wrong.
+    Names and shapes are checked against `expected` first: orbax would refuse a mismatch too, but from inside its
+    concurrent reads, which it leaves running (tracebacks on stderr after our error), and without naming it.
     """
     import orbax.checkpoint as ocp
 
+    stored = _orbax_stored(path)
+    _check_shapes(stored, expected, path)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {p: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sharding) for p, s in stored.items()}
     with ocp.StandardCheckpointer() as ckptr:
         try:
             return _flat(ckptr.restore(path, _nested(target)))
@@ -294,11 +300,7 @@ def read_flax_params(directory: str, config: RetriBertConfig | None = None
         arrays = _read_safetensors(source)
         _check_shapes(arrays, expected, source)
     else:
-        stored = _orbax_stored(source)
-        _check_shapes(stored, expected, source)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        arrays = _restore_orbax(source, {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
-                                         for p, s in stored.items()})
+        arrays = _read_orbax(source, expected)
     return config, {p: np.asarray(a) for p, a in arrays.items()}
 
 
@@ -320,17 +322,9 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     config = config or RetriBertConfig.from_pretrained(directory)
     abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
     kind, source = _weights_file(directory)
-    if kind == "safetensors":
-        arrays = _read_safetensors(source)
-    else:
-        # Names and shapes are checked against the config before the restore: orbax would refuse a mismatch too,
-        # but from inside its concurrent reads, which it leaves running (tracebacks on stderr after our error).
-        expected = flat_shapes(abstract)
-        _check_shapes(_orbax_stored(source), expected, source)
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        arrays = _restore_orbax(source, {p: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-                                         for p, shape in expected.items()})
-    # build_model checks every name and shape against the config.
+    arrays = (_read_safetensors(source) if kind == "safetensors"
+              else _read_orbax(source, flat_shapes(abstract), dtype=jnp.float32, sharding=sharding))
+    # build_model checks every name and shape against the config (again, for orbax) and places the arrays.
     return build_model(abstract, arrays, source=source, sharding=sharding)
 
 

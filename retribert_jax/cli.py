@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
+import re
 import sys
 
 # Subcommand name -> module under retribert_jax.commands.
@@ -44,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _AbandonedOrbaxReads(logging.Filter):
+    """asyncio's "<Task|Future> exception was never retrieved" reports, once orbax has left reads behind."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not re.match(r"\w+ exception was never retrieved", record.getMessage()):
+            return True
+        checkpoints = sys.modules.get("retribert_jax.flax_checkpoint")
+        return not (checkpoints is not None and checkpoints.orbax_reads_abandoned())
+
+
 def _drop_orbax_leftovers() -> None:
     """Keeps a damaged orbax checkpoint's error to one line. When one of orbax's concurrent reads fails it raises at
-    once and leaves the others running; they finish on its closed event loop, and Python reports each of them as an
-    ignored exception, after or even before our error. The command owns its process: those reports are dropped,
-    every other one is passed on."""
+    once and leaves the others running; they finish on its closed event loop, and Python reports each of them, as
+    an ignored exception or through asyncio's logger ("exception was never retrieved"), after or even before our
+    error. The command owns its process: those reports are dropped, every other one is passed on."""
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
@@ -59,6 +71,7 @@ def _drop_orbax_leftovers() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxReads())
 
 
 def main(argv: list[str] | None = None) -> int:

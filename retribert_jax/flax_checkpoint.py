@@ -211,7 +211,18 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+_orbax_failed = False
+
+
+def orbax_reads_abandoned() -> bool:
+    """Whether an orbax read failed in this process. Orbax then leaves its other reads running, and asyncio reports
+    their exceptions later, as never retrieved (the command line drops those reports)."""
+    return _orbax_failed
+
+
 def _orbax_error(path: str, e: BaseException) -> CheckpointError:
+    global _orbax_failed
+    _orbax_failed = True
     # Orbax wraps tensorstore's error (which names the array and the byte range) in its own generic one.
     while e.__cause__ is not None:
         e = e.__cause__

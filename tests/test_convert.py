@@ -200,6 +200,26 @@ def test_damaged_orbax_directory_names_it(tmp_path, tiny_cfg):
     assert re.search(f'{FLAX_ORBAX}: not a readable orbax checkpoint .*"bert_query\\.', err), err
 
 
+def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
+    """The command's filter for asyncio's reports of orbax's abandoned reads (racy to provoke, so checked directly):
+    "never retrieved" reports pass until an orbax read has failed in the process, other records always pass."""
+    import logging
+
+    from retribert_jax import cli, flax_checkpoint
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    never = [record("Task exception was never retrieved\nfuture: <Task finished>"),
+             record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>")]
+    other = record("Task was destroyed but it is pending!")
+    keep = cli._AbandonedOrbaxReads()
+    monkeypatch.setattr(flax_checkpoint, "_orbax_failed", False)
+    assert all(keep.filter(r) for r in [*never, other])
+    flax_checkpoint._orbax_error("x", ValueError("damaged"))
+    assert not any(keep.filter(r) for r in never) and keep.filter(other)
+
+
 def test_tokenizer_files_carried_and_missing_ones_warned(tmp_path, tiny_cfg):
     ref = hf_reference(tiny_cfg)
     src = save_hf(ref, str(tmp_path / "hf"))

@@ -175,7 +175,7 @@ def iter_params(model: RetriBertModel) -> Iterator[tuple[FlaxPath, jax.Array]]:
 
 
 def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, source: str = "checkpoint",
-                sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+                sharding: jax.sharding.Sharding | None = None, alias_host: bool = False) -> RetriBertModel:
     """A model from Flax path -> array, every parameter exactly once with the shape its config implies, cast to
     the parameter dtype of `abstract` (float32).
 
@@ -185,6 +185,8 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
       arrays: Flax path -> array (numpy or jax), e.g. from `torch_to_flax`.
       source: what to call the checkpoint in error messages.
       sharding: where to place the parameters (e.g. replicated over a mesh); default device otherwise.
+      alias_host: let a CPU device use 64-byte-aligned numpy arrays in place instead of copying them. Only for
+        arrays nothing else writes to or frees: the caller's private buffers (a file's memory map is not).
     """
     graphdef, abstract_state = nnx.split(abstract)
     variables, values = [], []
@@ -203,7 +205,8 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
     if extra:
         raise CheckpointError(f"{source}: unexpected parameter(s) {extra[:5]}")
     # One batched transfer: per-array `jnp.asarray` would dispatch (and on first use compile) once per parameter.
-    placed = jax.device_put(values, sharding if sharding is not None else jax.local_devices()[0])
+    placed = jax.device_put(values, sharding if sharding is not None else jax.local_devices()[0],
+                            may_alias=alias_host or None)
     filled = [(path, var.replace(value)) for (path, var), value in zip(variables, placed, strict=True)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

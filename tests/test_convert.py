@@ -125,13 +125,14 @@ def test_save_pretrained_writes_the_same_layout(tmp_path, tiny_cfg):
         assert "tokenizer.json" in os.listdir(d), f"{fmt}: overwrite dropped the tokenizer: {os.listdir(d)}"
 
 
-def test_orbax_restores_onto_a_sharding(tmp_path, tiny_cfg):
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_loads_onto_a_sharding(tmp_path, tiny_cfg, fmt):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from retribert_jax import init_model
 
     d = str(tmp_path / "ckpt")
-    init_model(tiny_cfg).save_pretrained(d)
+    init_model(tiny_cfg).save_pretrained(d, format=fmt)
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     model = RetriBertModel.from_pretrained(d, sharding=replicated)
@@ -219,6 +220,48 @@ def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
     flax_checkpoint._orbax_error("x", ValueError("damaged"))
     assert not any(keep.filter(r) for r in never) and keep.filter(other)
 
+
+def test_damaged_flax_safetensors_names_it(tmp_path, tiny_cfg):
+    from retribert_jax import init_model
+    from retribert_jax.checkpoint import CheckpointError
+
+    good = tmp_path / "good"
+    init_model(tiny_cfg).save_pretrained(str(good), format="safetensors")
+    weights = good / FLAX_SAFETENSORS
+    whole = weights.read_bytes()
+    for data in [whole[: len(whole) - 100], b"\xff" * 8 + whole[8:]]:  # truncated; a header length past the end
+        weights.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{FLAX_SAFETENSORS}: not a readable safetensors file"):
+            RetriBertModel.from_pretrained(str(good))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_safetensors_load_reads_once_into_aligned_memory(tmp_path, tiny_cfg, dtype):
+    """The safetensors reader's arrays are 64-byte-aligned views of one buffer, which the CPU device then uses in
+    place (no second copy); stored bfloat16 is cast, hence copied. Values are the saved ones either way."""
+    from retribert_jax import init_model
+    from retribert_jax.checkpoint import build_model
+    from retribert_jax.flax_checkpoint import _read_safetensors
+    from retribert_jax.modeling import abstract_model
+
+    model = init_model(tiny_cfg)
+    model.save_pretrained(str(tmp_path / "m"), format="safetensors", dtype=dtype)
+    arrays = _read_safetensors(str(tmp_path / "m" / FLAX_SAFETENSORS))
+    unaligned = [p for p, a in arrays.items() if a.ctypes.data % 64]
+    assert not unaligned, f"not 64-byte aligned: {unaligned[:3]}"
+    def owner(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return id(a.obj if isinstance(a, memoryview) else a)
+
+    owners = {owner(a) for a in arrays.values()}
+    assert len(owners) == 1, f"expected views of one buffer, got {len(owners)} owners"
+    placed = dict(iter_params(build_model(abstract_model(tiny_cfg), arrays, alias_host=True)))
+    in_place = [p for p, a in arrays.items() if placed[p].unsafe_buffer_pointer() == a.ctypes.data]
+    assert len(in_place) == (len(arrays) if dtype == "float32" else 0), f"{len(in_place)} of {len(arrays)} in place"
+    for p, a in iter_params(model):
+        want = np.asarray(a).astype(jax.numpy.dtype(dtype)).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(placed[p]), want, err_msg=str(p))
 
 def test_tokenizer_files_carried_and_missing_ones_warned(tmp_path, tiny_cfg):
     ref = hf_reference(tiny_cfg)

@@ -87,7 +87,7 @@ _LOAD = textwrap.dedent("""
 
 def _measure_once(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     # Every run starts with the previous runs' output on disk: a conversion writes 311 MB, which the kernel would
-    # otherwise flush during the next run (up to 1.5x its wall time on this project's 2-core VM).
+    # otherwise flush while the next run is being timed.
     os.sync()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], capture_output=True, text=True, env=env,
                           cwd=REPO, check=True)

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory beside `path`; on success it is renamed to `path`, on error removed.
+    """Yields a temporary directory beside `path`; on success its contents are flushed to disk and it is renamed to
+    `path`, on error removed. (Without the flush, a power loss soon after the rename could leave `path` complete in
+    name but holding empty files.)
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
@@ -24,6 +26,7 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
+        _fsync_tree(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
@@ -31,9 +34,31 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name == "posix":  # elsewhere a directory cannot be opened to flush it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flushes every file under `root`, then every directory (their entries), to disk."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
 
 
 @contextlib.contextmanager
@@ -52,6 +77,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -16,10 +16,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retribert_jax import RetriBertConfig  # noqa: E402
-from retribert_jax.modeling import (
-    embed,  # noqa: E402
-    init_model,  # noqa: E402
-)
+from retribert_jax.modeling import embed, init_model  # noqa: E402
 
 
 def main() -> None:

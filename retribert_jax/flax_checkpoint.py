@@ -407,7 +407,6 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
     Returns:
       (out's absolute path, warnings for the user).
     """
-
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
     parse_dtype(dtype)

@@ -47,8 +47,10 @@ _BUILD = textwrap.dedent("""
     out, quick = sys.argv[1], sys.argv[2] == "1"
     kw = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
               max_position_embeddings=128) if quick else {}
-    cfg = transformers.RetriBertConfig(**kw)
-    cfg.position_embedding_type = "absolute"
+    from retribert_jax.config import RetriBertConfig
+    from retribert_jax.verify import hf_torch_config
+
+    cfg = hf_torch_config(RetriBertConfig(**kw))
     torch.manual_seed(0)
     model = transformers.RetriBertModel(cfg).eval()
     retri = os.path.join(out, "retribert")
@@ -76,10 +78,10 @@ _LOAD = textwrap.dedent("""
     jnp.zeros(1).block_until_ready()
     t1 = time.perf_counter()
     from retribert_jax import RetriBertModel
-    from retribert_jax.checkpoint import iter_params
+    from retribert_jax.params import flat_params
     t2 = time.perf_counter()
     model = RetriBertModel.from_pretrained(sys.argv[1])
-    jax.block_until_ready([a for _, a in iter_params(model)])
+    jax.block_until_ready([a for _, a in flat_params(model).items()])
     t3 = time.perf_counter()
     print(json.dumps({"jax_start_s": t1 - t0, "load_s": t3 - t1, "import_s": t2 - t1, "from_pretrained_s": t3 - t2}))
 """)

@@ -19,6 +19,7 @@ import numpy as np
 
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.io import atomic_directory
+from retribert_jax.modeling import flops_per_sequence  # noqa: F401 - the benchmarks' FLOP count
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Standard-library modules whose docstrings make the real-text corpus: English prose of every length, present on any
@@ -75,8 +76,9 @@ def build_model_dirs(root: str, cfg: RetriBertConfig, seed: int = 0) -> ModelDir
     import torch
     import transformers
 
-    hf_cfg = transformers.RetriBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
-    hf_cfg.position_embedding_type = "absolute"  # transformers 4.5x only constructs RetriBertModel with it set
+    from retribert_jax.verify import hf_torch_config
+
+    hf_cfg = hf_torch_config(cfg)
     torch.manual_seed(seed)
     model = transformers.RetriBertModel(hf_cfg).eval()
     tok_src = _tokenizer_source()
@@ -131,13 +133,6 @@ def real_texts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     # Some long texts: join 1-4 paragraphs, so that lengths span short questions to truncated passages.
     return [" ".join(pool[j] for j in rng.integers(0, len(pool), size=int(rng.integers(1, 5)))) for _ in range(n)]
-
-
-def flops_per_sequence(cfg: RetriBertConfig, length: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one embedding of `length` tokens: the formula the report prints."""
-    d, f, p = cfg.hidden_size, cfg.intermediate_size, cfg.projection_dim
-    per_token_layer = 8 * d * d + 4 * d * f + 4 * length * d  # QKV+O, FFN up+down, QK^T and PV
-    return cfg.num_hidden_layers * length * per_token_layer + 2 * d * d + 2 * d * p  # + pooler + projection
 
 
 FLOPS_FORMULA = ("FLOPs/sequence = layers * L * (8 D^2 + 4 D F + 4 L D) + 2 D^2 + 2 D P "

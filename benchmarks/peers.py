@@ -107,7 +107,7 @@ def build_retribert_jax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int,
 
     def fixed(ids: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
         ids_d, mask_d = jax.device_put(ids), jax.device_put(mask)
-        return lambda: jax.block_until_ready(embed(graphdef, state, ids_d, mask_d, "answers"))
+        return lambda: jax.block_until_ready(embed(graphdef, state, ids_d, mask_d, "passages"))
 
     encoder = Encoder(model, tok, dtype=_jax_dtype(dtype))
 

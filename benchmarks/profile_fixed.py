@@ -35,7 +35,7 @@ def main() -> None:
     graphdef, state = nnx.split(init_model(cfg))
 
     def ours():
-        embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
+        embed(graphdef, state, ids, mask, kind="passages").block_until_ready()
 
     bert_cfg = transformers.BertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
     flax_bert = transformers.FlaxBertModel(bert_cfg, seed=0)
@@ -48,9 +48,9 @@ def main() -> None:
     def flax():
         flax_fn(flax_bert.params, ids, mask).block_until_ready()
 
-    hf_cfg = transformers.RetriBertConfig()
-    hf_cfg.position_embedding_type = "absolute"
-    ref = transformers.RetriBertModel(hf_cfg).eval()
+    from retribert_jax.verify import hf_torch_config
+
+    ref = transformers.RetriBertModel(hf_torch_config(RetriBertConfig())).eval()
     t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
     def torch_eager():

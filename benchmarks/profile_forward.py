@@ -34,12 +34,12 @@ def main() -> None:
     ids = rng.integers(1000, 20000, size=(args.batch, args.length)).astype(np.int32)
     mask = np.ones_like(ids)
     t0 = time.perf_counter()
-    out = embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
+    out = embed(graphdef, state, ids, mask, kind="passages").block_until_ready()
     print(f"compile + first call: {time.perf_counter() - t0:.2f}s")
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
-        out = embed(graphdef, state, ids, mask, kind="answers").block_until_ready()
+        out = embed(graphdef, state, ids, mask, kind="passages").block_until_ready()
         times.append(time.perf_counter() - t0)
     best, med = min(times), float(np.median(times))
     print(f"jax {args.dtype}: best {args.batch / best:.1f} passages/s, median {args.batch / med:.1f} passages/s")
@@ -49,9 +49,9 @@ def main() -> None:
         import transformers
 
         torch.manual_seed(0)
-        hf_cfg = transformers.RetriBertConfig()
-        hf_cfg.position_embedding_type = "absolute"
-        ref = transformers.RetriBertModel(hf_cfg).eval()
+        from retribert_jax.verify import hf_torch_config
+
+        ref = transformers.RetriBertModel(hf_torch_config(RetriBertConfig())).eval()
         t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
         with torch.no_grad():
             ref.embed_answers(t_ids, t_mask)

@@ -1,21 +1,46 @@
-"""RetriBERT (the ELI5 dense retriever) in JAX/Flax NNX, with PyTorch checkpoint conversion."""
+"""RetriBERT (the ELI5 dense retriever) in JAX/Flax NNX, with PyTorch checkpoint conversion.
 
-import sys as _sys
+The public names, re-exported from the modules that define them: the model (`RetriBertConfig`, `RetriBertModel`,
+`RetriBertTokenizer`), batch embedding (`Encoder`), search (`Index`), training (`train`, `TrainConfig`) and the
+checkpoint verbs (`load_model`, `convert_checkpoint`, `export_pytorch`). Each is imported on first use, so that
+`import retribert_jax.cli` (and `retribert-jax --help`) does not pay for JAX and Flax.
+"""
 
-# flax.nnx probes for IPython at import time (to colour reprs), and importing IPython costs ~0.5 s of every CLI
-# start. When IPython is not loaded already we are not inside it, so the probe's answer is "no" either way: hide it
-# for the duration of that one import.
-if "IPython" not in _sys.modules:
-    _sys.modules["IPython"] = None  # type: ignore[assignment]
-    try:
-        import flax.nnx  # noqa: F401
-    finally:
-        if _sys.modules.get("IPython", False) is None:
-            del _sys.modules["IPython"]
+from __future__ import annotations
 
-from retribert_jax.config import RetriBertConfig  # noqa: E402
-from retribert_jax.modeling import RetriBertModel, in_batch_loss, init_model  # noqa: E402
-from retribert_jax.tokenizer import RetriBertTokenizer  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["RetriBertConfig", "RetriBertModel", "RetriBertTokenizer", "in_batch_loss", "init_model"]
+_EXPORTS = {
+    "RetriBertConfig": "config",
+    "RetriBertModel": "modeling", "in_batch_loss": "modeling", "init_model": "modeling",
+    "RetriBertTokenizer": "tokenizer",
+    "Encoder": "encode",
+    "Hit": "search", "Index": "search",
+    "Pair": "training", "TrainConfig": "config", "read_pairs": "training", "train": "training",
+    "convert_checkpoint": "checkpoint", "export_pytorch": "checkpoint", "load_model": "checkpoint",
+    "save_model": "checkpoint",
+}
+__all__ = ["Encoder", "Hit", "Index", "Pair", "RetriBertConfig", "RetriBertModel", "RetriBertTokenizer", "TrainConfig",
+           "convert_checkpoint", "export_pytorch", "in_batch_loss", "init_model", "load_model", "read_pairs",
+           "save_model", "train"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from retribert_jax.checkpoint import convert_checkpoint, export_pytorch, load_model, save_model
+    from retribert_jax.config import RetriBertConfig, TrainConfig
+    from retribert_jax.encode import Encoder
+    from retribert_jax.modeling import RetriBertModel, in_batch_loss, init_model
+    from retribert_jax.search import Hit, Index
+    from retribert_jax.tokenizer import RetriBertTokenizer
+    from retribert_jax.training import Pair, read_pairs, train
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"retribert_jax.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'retribert_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]

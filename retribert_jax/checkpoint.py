@@ -1,15 +1,15 @@
-"""Reading HF RetriBERT checkpoints (safetensors, `.bin`, sharded) and this package's Flax checkpoints.
+"""The verbs on checkpoints: load a model, save one, convert an HF PyTorch checkpoint, export back to PyTorch.
 
-Loading builds the model abstractly (`nnx.eval_shape`: no memory, no compute), maps each stored tensor through the
-table in `params.py`, and merges the filled state, so the random initialisation never runs.
+They sit on top of the file formats (`hf_files`: HF's safetensors/.bin/sharded files; `flax_files`: our orbax and
+safetensors directories) and the model core (`modeling`, the name table in `params`). Loading builds the model
+abstractly (shapes only), maps each stored tensor through the table, stacks the encoder layers and places the
+arrays, so the random initialisation never runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -17,198 +17,74 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retribert_jax import flax_files, hf_files
 from retribert_jax.config import RetriBertConfig
+from retribert_jax.errors import CheckpointError
+from retribert_jax.hub import resolve_checkpoint
+from retribert_jax.io import check_overwrite
 from retribert_jax.modeling import RetriBertModel, abstract_model
-from retribert_jax.params import FlaxPath, path_str, torch_to_flax
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PYTORCH_BIN = "pytorch_model.bin"
-PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-HF_WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
-FLAX_SAFETENSORS = "flax_model.safetensors"
-FLAX_ORBAX = "flax_params"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a RetriBERT; the message names the file and what is wrong."""
+from retribert_jax.params import (
+    FlaxPath,
+    check_arrays,
+    checkpoint_shapes,
+    flat_params,
+    flax_to_torch,
+    stack_layers,
+    torch_to_flax,
+)
 
 
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
-    """A local directory for `path_or_id`: the path itself, or a hub snapshot downloaded with huggingface_hub."""
-    path = os.fspath(path_or_id)
-    if os.path.exists(path):
-        return path
-    if path.count("/") > 1 or path.startswith((".", "/", "~")) or os.sep in path.replace("/", ""):
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise FileNotFoundError(f"{path}: not a local path, and huggingface_hub is not installed") from None
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.bin", f"{FLAX_ORBAX}/**"]
-    try:
-        return snapshot_download(repo_id=path, allow_patterns=patterns)
-    except Exception as e:  # network errors, unknown repo, offline mode: all mean "cannot get it"
-        raise FileNotFoundError(f"{path}: not a local path, and the hub download failed ({type(e).__name__}: {e})") \
-            from None
+def model_shapes(model: RetriBertModel) -> dict[FlaxPath, tuple[int, ...]]:
+    """Model path -> shape of every parameter (layers stacked), of a real or abstract model."""
+    return {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _safetensors_file(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _torch_bin_file(path: str, mmap: bool = True) -> dict[str, np.ndarray]:
-    from retribert_jax import torch_zip
-
-    try:
-        # Our allow-list reader first: no torch import (a second saved), and no torch needed at all.
-        return torch_zip.read_state_dict(path, mmap=mmap)
-    except torch_zip.Unsupported:
-        pass  # legacy format or an unusual tensor: torch's own weights_only loader below
-    except Exception as e:  # a damaged archive or pickle raises many kinds; RefusedGlobal names the code it refused
-        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e})") from None
-    return _torch_load(path, mmap)
-
-
-def _torch_load(path: str, mmap: bool) -> dict[str, np.ndarray]:
-    """The legacy (pre-1.6) format and tensor kinds our reader does not know, through torch's own safe loader."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path}: this PyTorch checkpoint needs torch to read "
-                              "(pip install 'retribert_jax[torch]'), or convert it to safetensors") from None
-    try:
-        # weights_only: refuse pickled code. mmap: do not copy the file into memory before converting; without it
-        # each tensor owns its memory, so a caller that drops tensors as it converts them frees them one by one.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {msg})") from None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    out = {}
-    for k, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[k] = t.numpy()
-    return out
-
-
-def read_weight_file(path: str, mmap: bool = True) -> dict[str, np.ndarray]:
-    """One `.safetensors` or `.bin` file as PyTorch name -> numpy array (`mmap`: map a `.bin`, do not read it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    if path.endswith(".safetensors"):
-        return _safetensors_file(path)
-    if path.endswith((".bin", ".pt", ".pth")):
-        return _torch_bin_file(path, mmap)
-    raise CheckpointError(f"{path}: unknown weight format; expected .safetensors or .bin")
-
-
-def _read_index(directory: str, index_name: str, mmap: bool = True) -> dict[str, np.ndarray]:
-    index_path = os.path.join(directory, index_name)
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index ({type(e).__name__}: {e})") \
-            from None
-    out: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors = read_weight_file(os.path.join(directory, shard), mmap)
-        for k, v in tensors.items():
-            if k in out:
-                raise CheckpointError(f"{index_path}: key {k!r} appears in more than one shard")
-            out[k] = v
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-        raise CheckpointError(f"{index_path}: keys listed in the index but absent from the shards: {missing[:5]}")
-    return out
-
-
-def find_hf_weights(directory: str) -> str:
-    """The weight file (or index) an HF checkpoint directory holds, safetensors preferred."""
-    for name in HF_WEIGHT_FILES:
-        if os.path.isfile(os.path.join(directory, name)):
-            return name
-    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)}, "
-                          f"{FLAX_SAFETENSORS}, {FLAX_ORBAX}/)")
-
-
-def read_torch_state_dict(path: str, mmap: bool = True) -> tuple[dict[str, np.ndarray], str]:
-    """An HF checkpoint (directory or single weight file) as PyTorch name -> numpy array, and the file read."""
-    if os.path.isfile(path):
-        return read_weight_file(path, mmap), path
-    name = find_hf_weights(path)
-    if name.endswith(".index.json"):
-        return _read_index(path, name, mmap), os.path.join(path, name)
-    full = os.path.join(path, name)
-    return read_weight_file(full, mmap), full
-
-
-def flat_shapes(model: RetriBertModel) -> dict[FlaxPath, tuple[int, ...]]:
-    _, state = nnx.split(model)
-    return {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
-
-
-def iter_params(model: RetriBertModel) -> Iterator[tuple[FlaxPath, jax.Array]]:
-    """(Flax path, array) for every parameter of a model."""
-    _, state = nnx.split(model)
-    for path, var in nnx.to_flat_state(state):
-        yield path, var.get_value()
+def expected_shapes(config: RetriBertConfig) -> dict[FlaxPath, tuple[int, ...]]:
+    """Flax path -> shape of every tensor a checkpoint of `config` holds."""
+    return checkpoint_shapes(model_shapes(abstract_model(config)), config)
 
 
 def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, source: str = "checkpoint",
                 sharding: jax.sharding.Sharding | None = None, alias_host: bool = False) -> RetriBertModel:
-    """A model from Flax path -> array, every parameter exactly once with the shape its config implies, cast to
-    the parameter dtype of `abstract` (float32).
+    """A model from Flax path -> array (one per HF tensor), cast to the parameter dtype (float32) and placed.
 
     Args:
-      abstract: the model's structure, from `abstract_model(cfg, dtype=..., attention_impl=...)` (callers build it
-        once and also take the expected names and shapes from it).
-      arrays: Flax path -> array (numpy or jax), e.g. from `torch_to_flax`.
+      abstract: the model's structure, from `abstract_model(cfg, dtype=..., attention_impl=...)`.
+      arrays: Flax path -> numpy array, e.g. from `params.torch_to_flax`; every name and shape is checked.
       source: what to call the checkpoint in error messages.
       sharding: where to place the parameters (e.g. replicated over a mesh); default device otherwise.
-      alias_host: let a CPU device use 64-byte-aligned numpy arrays in place instead of copying them. Only for
-        arrays nothing else writes to or frees: the caller's private buffers (a file's memory map is not).
+      alias_host: let a CPU device use the host arrays in place instead of copying them. Only for arrays nothing
+        else writes to or frees (the stacked layers are fresh buffers; the others must be the caller's private
+        memory, which a file's memory map is not).
+
+    Raises:
+      CheckpointError: a missing, unexpected or misshapen parameter, named.
     """
+    cfg = abstract.config
     graphdef, abstract_state = nnx.split(abstract)
+    try:
+        check_arrays(arrays, checkpoint_shapes(model_shapes(abstract), cfg), source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    stacked = stack_layers(arrays, cfg, stack=_stack_aligned)
     variables, values = [], []
     for path, var in nnx.to_flat_state(abstract_state):
-        if path not in arrays:
-            raise CheckpointError(f"{source}: parameter {path_str(path)!r} is missing")
-        value, spec = arrays[path], var.get_value()
-        want = tuple(spec.shape)
-        if tuple(value.shape) != want:
-            raise CheckpointError(f"{source}: parameter {path_str(path)!r} has shape {tuple(value.shape)}, "
-                                  f"expected {want} from the config")
-        value = np.asarray(value) if not isinstance(value, jax.Array) else value
+        value, dtype = np.asarray(stacked[path]), var.get_value().dtype
         variables.append((path, var))
-        values.append(value.astype(spec.dtype) if value.dtype != spec.dtype else value)
-    extra = [path_str(p) for p in arrays if p not in {path for path, _ in variables}]
-    if extra:
-        raise CheckpointError(f"{source}: unexpected parameter(s) {extra[:5]}")
+        values.append(value.astype(dtype) if value.dtype != dtype else value)
     # One batched transfer: per-array `jnp.asarray` would dispatch (and on first use compile) once per parameter.
     placed = jax.device_put(values, sharding if sharding is not None else jax.local_devices()[0],
                             may_alias=alias_host or None)
     filled = [(path, var.replace(value)) for (path, var), value in zip(variables, placed, strict=True)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _stack_aligned(rows: list[np.ndarray]) -> np.ndarray:
+    """`np.stack` into a fresh page-aligned host buffer (so that a CPU device can use it in place)."""
+    out = flax_files.host_array((len(rows), *rows[0].shape), rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i] = row
+    return out
 
 
 def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, dtype: Any = jnp.float32,
@@ -217,23 +93,40 @@ def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, dtyp
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(path)
         config = RetriBertConfig.from_pretrained(config_dir)
-    tensors, source = read_torch_state_dict(path)
+    tensors, source = hf_files.read_torch_state_dict(path)
     abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
     try:
-        arrays = torch_to_flax(tensors, config, flat_shapes(abstract), source=source)
+        arrays = torch_to_flax(tensors, config, checkpoint_shapes(model_shapes(abstract), config), source=source)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return build_model(abstract, arrays, source=source, sharding=sharding)
 
 
-def has_flax_weights(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, FLAX_SAFETENSORS)) or os.path.isdir(
-        os.path.join(directory, FLAX_ORBAX))
+def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
+                    attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+    """Loads a directory written by `save_model` / `retribert-jax convert`; needs no torch.
+
+    Args:
+      directory: the checkpoint directory.
+      config: overrides its config.json.
+      dtype: compute dtype; parameters are float32 on device whatever dtype they were stored in.
+      attention_impl: "xla" or "cudnn".
+      sharding: where to place the parameters; default device otherwise.
+
+    Returns:
+      A RetriBertModel in evaluation mode.
+    """
+    directory = os.fspath(directory)
+    config = config or RetriBertConfig.from_pretrained(directory)
+    abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
+    expected = checkpoint_shapes(model_shapes(abstract), config)
+    _, arrays = flax_files.read_flax_arrays(directory, expected, dtype=jnp.float32)
+    return build_model(abstract, arrays, source=directory, sharding=sharding, alias_host=True)
 
 
 def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
                attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
-    """Loads a RetriBertModel.
+    """Loads a RetriBertModel (what `RetriBertModel.from_pretrained` does).
 
     Args:
       path: a directory (HF checkpoint or one written by `save_model`/`retribert-jax convert`), a single
@@ -245,18 +138,186 @@ def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None
 
     Returns:
       The model, in evaluation mode.
+
+    Raises:
+      FileNotFoundError: no such path (and no downloadable hub id).
+      CheckpointError: a file that is not a RetriBERT checkpoint, or one that disagrees with its config.
     """
     local = resolve_checkpoint(path)
     kwargs = dict(dtype=dtype, attention_impl=attention_impl, sharding=sharding)
-    if os.path.isdir(local) and has_flax_weights(local):
-        from retribert_jax import flax_checkpoint
-
-        return flax_checkpoint.load_flax_model(local, config=config, **kwargs)
+    if os.path.isdir(local) and flax_files.has_flax_weights(local):
+        return load_flax_model(local, config=config, **kwargs)
     return load_hf_checkpoint(local, config=config, **kwargs)
 
 
-def save_model(model: RetriBertModel, directory: str, **kwargs) -> None:
-    """Writes a self-contained Flax checkpoint directory; see `flax_checkpoint.save_flax_model`."""
-    from retribert_jax import flax_checkpoint
+def save_model(model: RetriBertModel, directory: str, format: str = "orbax", dtype: Any = None,
+               overwrite: bool = False, tokenizer: Any = None) -> str:
+    """Writes a model as a self-contained Flax checkpoint directory (what `RetriBertModel.save_pretrained` does).
 
-    flax_checkpoint.save_flax_model(model, directory, **kwargs)
+    Args:
+      model: a RetriBertModel.
+      directory: where to write; an existing one is refused unless `overwrite`.
+      format: "orbax" (default) or "safetensors" (flat names, mmap-able, the fastest to load).
+      dtype: store parameters as "float32", "bfloat16" or "float16"; None keeps them (float32).
+      overwrite: replace an existing directory (its tokenizer files are kept when `tokenizer` is None).
+      tokenizer: a RetriBertTokenizer or a directory to copy tokenizer files from.
+
+    Returns:
+      The directory's absolute path.
+    """
+    state = {p: np.asarray(jax.device_get(v.get_value()))
+             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return flax_files.write_flax_directory(flat_params(state, model.config), model.config, directory, format=format,
+                                           dtype=dtype, overwrite=overwrite, tokenizer=tokenizer)
+
+
+def read_flax_params(directory: str, config: RetriBertConfig | None = None
+                     ) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
+    """The config and Flax path -> numpy array of a Flax checkpoint directory, as stored (dtype kept), every name
+    and shape checked against the config (for export and re-conversion)."""
+    config = config or RetriBertConfig.from_pretrained(directory)
+    _, arrays = flax_files.read_flax_arrays(directory, expected_shapes(config))
+    return config, {p: np.asarray(a) for p, a in arrays.items()}
+
+
+class _Draining(Mapping):
+    """A read-once view of a state dict: each tensor leaves the dict when read, so its memory can be freed as soon
+    as its converted copy exists (peak memory: the checkpoint plus one tensor, not two checkpoints)."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self._tensors = tensors
+        self._keys = list(tensors)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._tensors.pop(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _materialize(arrays: dict[FlaxPath, Any], dtype: np.dtype | None) -> dict[FlaxPath, np.ndarray]:
+    """Contiguous (and cast) arrays, one at a time, each replacing the view it came from so that the source
+    tensor is freed before the next copy is made."""
+    for path in list(arrays):
+        a = arrays[path]
+        a = a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        arrays[path] = np.ascontiguousarray(a)
+        del a
+    return arrays
+
+
+def _source_config(local: str, config: str | RetriBertConfig | None) -> RetriBertConfig:
+    """The config a conversion uses: given, or the config.json in (or beside) `local`."""
+    base = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
+    if isinstance(config, RetriBertConfig):
+        return config
+    if config is not None:
+        return RetriBertConfig.from_pretrained(config)
+    if os.path.isfile(os.path.join(base, "config.json")):
+        return RetriBertConfig.from_pretrained(base)
+    what = "a single weight file needs --config" if os.path.isfile(local) else "no config.json"
+    raise CheckpointError(f"{local}: {what} (give the model's config.json with --config)")
+
+
+def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | None = None, format: str = "orbax",
+                       dtype: Any = None, overwrite: bool = False, tokenizer: str | None = None,
+                       before_commit: Callable[[str], None] | None = None) -> tuple[str, list[str]]:
+    """Converts an HF PyTorch RetriBERT checkpoint into a self-contained Flax checkpoint directory.
+
+    `hf_files.read_torch_state_dict` reads (weights_only), `params.torch_to_flax` maps and checks every name and
+    shape against the config, `flax_files.write_flax_directory` writes atomically. The arrays never pass through a
+    model, so the conversion computes nothing.
+
+    Args:
+      src: an HF checkpoint directory, a single `.safetensors`/`.bin` file (with `config`, unless a config.json sits
+        beside it), a directory this package wrote (re-written in another format/dtype), or a hub id.
+      out: the output directory.
+      config: a config.json path (or its directory, or a RetriBertConfig) overriding the one in `src`.
+      format: "orbax" or "safetensors".
+      dtype: "float32", "bfloat16", "float16", or None to keep the stored dtype.
+      overwrite: replace an existing `out`.
+      tokenizer: a directory to take the tokenizer files from; default `src` (or the weight file's directory).
+      before_commit: see `flax_files.write_flax_directory` (used by `convert --verify`).
+
+    Returns:
+      (out's absolute path, warnings for the user).
+
+    Raises:
+      FileExistsError: `out` exists and `overwrite` is False (checked before any reading).
+      CheckpointError, ValueError: a source that is not a RetriBERT checkpoint of its config, named.
+    """
+    if format not in flax_files.FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected one of {flax_files.FORMATS}")
+    flax_files.parse_dtype(dtype)
+    out = os.path.abspath(os.fspath(out))
+    check_overwrite(out, overwrite)  # refuse early: a long conversion that ends in "exists" wastes the user's time
+    local = resolve_checkpoint(src)
+    if os.path.isdir(local) and not os.listdir(local):
+        raise CheckpointError(f"{local}: the directory is empty")
+    if os.path.abspath(local) == out:
+        raise ValueError(f"{out}: the output directory is the source; write somewhere else")
+    cfg = _source_config(local, config)
+
+    if os.path.isdir(local) and flax_files.has_flax_weights(local):
+        cfg, arrays = read_flax_params(local, cfg)
+    else:
+        # Not memory-mapped, and drained as converted: mapped pages would stay resident beside the copies.
+        tensors, source = hf_files.read_torch_state_dict(local, mmap=False)
+        try:
+            arrays = torch_to_flax(_Draining(tensors), cfg, expected_shapes(cfg), source=source)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        del tensors
+    arrays = _materialize(arrays, flax_files.parse_dtype(dtype))
+
+    warnings = []
+    tok_dir = tokenizer or (local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local)))
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
+    if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "vocab.txt")):
+        warnings.append(f"{tok_dir} has no tokenizer.json or vocab.txt: {out} holds weights and config only; "
+                        "add the tokenizer with --tokenizer DIR (RetriBERT uses bert-base-uncased's vocab.txt)")
+        tok_dir = None
+    flax_files.write_flax_directory(arrays, cfg, out, format=format, dtype=dtype, overwrite=overwrite,
+                                    tokenizer=tok_dir, before_commit=before_commit)
+    return out, warnings
+
+
+def export_pytorch(src: str | RetriBertModel, out: str, *, overwrite: bool = False, dtype: Any = None) -> str:
+    """Writes an HF RetriBERT directory (`model.safetensors`, config.json, tokenizer files) that transformers'
+    `RetriBertModel.from_pretrained` loads with strict key checking; needs neither torch nor transformers.
+
+    Args:
+      src: a directory written by `retribert-jax convert` / `save_pretrained`, or a RetriBertModel.
+      out: the HF directory to write (atomically); an existing one is refused unless `overwrite`.
+      dtype: "float32", "bfloat16" or "float16" to cast to; None keeps the stored dtype.
+
+    Returns:
+      out's absolute path.
+
+    Raises:
+      FileExistsError: `out` exists and `overwrite` is False.
+      CheckpointError: `src` is not a Flax checkpoint directory.
+    """
+    dt = flax_files.parse_dtype(dtype)
+    out = os.path.abspath(os.fspath(out))
+    check_overwrite(out, overwrite)
+    tok_dir = None
+    if isinstance(src, (str, os.PathLike)):
+        src = os.fspath(src)
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src}: no such directory")
+        if not flax_files.has_flax_weights(src):
+            raise CheckpointError(f"{src}: not a Flax checkpoint (no flax_model.safetensors or flax_params/); "
+                                  "an HF PyTorch directory needs no export")
+        cfg, arrays = read_flax_params(src)
+        tok_dir = src
+    else:
+        cfg, arrays = src.config, {p: np.asarray(a) for p, a in flat_params(src, src.config).items()}
+    tensors = flax_to_torch(arrays, cfg)
+    if dt is not None:
+        tensors = {k: v.astype(dt) for k, v in tensors.items()}
+    return hf_files.write_hf_directory(tensors, cfg, out, overwrite=overwrite, tokenizer_dir=tok_dir)

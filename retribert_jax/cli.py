@@ -2,17 +2,24 @@
 
 Each subcommand lives in `retribert_jax/commands/<name>.py` with `HELP`, `add_arguments(parser)` and `run(args)`;
 heavy imports (jax, torch) happen inside `run`, so `--help` is instant. A user mistake (bad path, bad file, bad
-value) ends with one line on stderr and exit status 2, never a traceback.
+value, a missing optional dependency) ends with one line on stderr and exit status 2, never a traceback.
+
+What the command line does for its process that a library must not do for its caller's: it turns on JAX's persistent
+compilation cache (see `compilation_cache_dir`), keeps flax from importing IPython, and drops the leftover reports
+of orbax's abandoned reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
+import time
 
 # Subcommand name -> module under retribert_jax.commands.
 COMMANDS = {
@@ -24,26 +31,77 @@ COMMANDS = {
     "search": "search",
     "train": "train",
 }
-
-
-class UserError(Exception):
-    """A mistake in the command's input; its message is all the user needs."""
+CACHE_ENV = "RETRIBERT_JAX_COMPILATION_CACHE"
+_OFF = ("", "0", "off", "false", "no", "none")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retribert-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"retribert_jax.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"retribert_jax.commands.{module_name}":
-                raise
-            continue  # a command not built yet in this checkout
+        module = importlib.import_module(f"retribert_jax.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
+        g = p.add_argument_group("start-up")
+        g.add_argument("--compilation-cache", metavar="DIR",
+                       help=f"keep compiled programs in DIR (default: ${CACHE_ENV}, else "
+                            "$XDG_CACHE_HOME/retribert_jax/jax-compilation-cache, else ~/.cache/...)")
+        g.add_argument("--no-compilation-cache", action="store_true",
+                       help=f"compile everything afresh and keep nothing (also: {CACHE_ENV}=off)")
+        g.add_argument("-v", "--verbose", action="store_true",
+                       help="report where the time goes before the first batch (imports, load, compilation, ...)")
         p.set_defaults(_run=module.run)
     return parser
+
+
+def compilation_cache_dir(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
+    """Where the command keeps compiled programs: --compilation-cache, else $RETRIBERT_JAX_COMPILATION_CACHE, else
+    $XDG_CACHE_HOME/retribert_jax/jax-compilation-cache, else ~/.cache/retribert_jax/jax-compilation-cache; None
+    with --no-compilation-cache or the variable set to off/0/false/no/none/empty."""
+    environ = os.environ if environ is None else environ
+    if args.no_compilation_cache:
+        return None
+    if args.compilation_cache:
+        return os.path.expanduser(args.compilation_cache)
+    if CACHE_ENV in environ:
+        value = environ[CACHE_ENV]
+        return None if value.strip().lower() in _OFF else os.path.expanduser(value)
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "retribert_jax", "jax-compilation-cache")
+
+
+class Timings:
+    """Wall time of each start-up phase of a command, printed to stderr with --verbose."""
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.phases: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases.append((name, time.perf_counter() - start))
+
+    def report(self, file=None) -> None:
+        if self.verbose and self.phases:
+            parts = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.phases)
+            print(f"timings: {parts}", file=file or sys.stderr)
+
+
+def _without_ipython() -> None:
+    """Imports flax.nnx with IPython hidden. flax probes for IPython at import time (to colour reprs) and importing
+    it costs ~0.5 s of every start; a command is never inside IPython, so the probe's answer is "no" either way."""
+    if "IPython" in sys.modules:
+        return
+    sys.modules["IPython"] = None  # type: ignore[assignment]
+    try:
+        import flax.nnx  # noqa: F401
+    finally:
+        if sys.modules.get("IPython", False) is None:
+            del sys.modules["IPython"]
 
 
 class _AbandonedOrbaxReads(logging.Filter):
@@ -52,8 +110,8 @@ class _AbandonedOrbaxReads(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not re.match(r"\w+ exception was never retrieved", record.getMessage()):
             return True
-        checkpoints = sys.modules.get("retribert_jax.flax_checkpoint")
-        return not (checkpoints is not None and checkpoints.orbax_reads_abandoned())
+        files = sys.modules.get("retribert_jax.flax_files")
+        return not (files is not None and files.orbax_reads_abandoned())
 
 
 def _drop_orbax_leftovers() -> None:
@@ -77,13 +135,21 @@ def _drop_orbax_leftovers() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:  # run as the command, not called from Python
+        _without_ipython()
         _drop_orbax_leftovers()
-    from retribert_jax.checkpoint import CheckpointError
+    args.timings = Timings(args.verbose)
+    from retribert_jax.errors import CheckpointError, MissingDependency, UserError
 
     try:
+        with args.timings.phase("import"):
+            from retribert_jax.compilation import enable_compilation_cache
+
+        cache = compilation_cache_dir(args)
+        if cache is not None:
+            enable_compilation_cache(cache)
         return int(args._run(args) or 0)
-    except (UserError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ValueError) as e:
+    except (UserError, CheckpointError, MissingDependency, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ValueError) as e:
         print(f"retribert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""RetriBertConfig: every field of HF's RetriBertConfig, with a lossless `config.json` round trip."""
+"""The configs: `RetriBertConfig` (every field of HF's RetriBertConfig, with a lossless `config.json` round trip)
+and `TrainConfig` (training's hyper-parameters). Plain dataclasses: importing them costs nothing."""
 
 from __future__ import annotations
 
@@ -73,6 +74,17 @@ class RetriBertConfig:
         out.setdefault("model_type", "retribert")
         return out
 
+    def to_transformers_dict(self) -> dict[str, Any]:
+        """config.json as transformers' PyTorch RetriBertModel needs it (what `export-pytorch` writes).
+
+        HF's RetriBertConfig never defined `position_embedding_type`, which the BERT layers of transformers >= 4.3x
+        read: without it transformers cannot construct the model. This is the one place that supplies it.
+        """
+        d = self.to_hf_dict()
+        d.setdefault("architectures", ["RetriBertModel"])
+        d.setdefault("position_embedding_type", "absolute")
+        return d
+
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> RetriBertConfig:
         try:
@@ -124,3 +136,52 @@ class RetriBertConfig:
         base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     max_position_embeddings=64, projection_dim=16)
         return cls(**{**base, **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; the defaults are the ELI5 retriever recipe (lfqa_utils `train_qa_retriever`)."""
+
+    learning_rate: float = 2e-4
+    adam_eps: float = 1e-8
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    # The recipe used transformers' AdamW, whose default weight decay is 0.0, over all parameters.
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    batch_size: int = 512
+    max_length: int = 128
+    checkpoint_batch_size: int = 32
+    num_epochs: int = 10
+    max_steps: int | None = None  # stop early (the schedule still spans `num_epochs`)
+    micro_batch_size: int | None = None  # gradient accumulation: micro-batches of this size, negatives over the batch
+    num_negatives: int = 1  # hard negatives per question, sampled per epoch from the pair's "negatives" (0: none)
+    grad_clip: float | None = None  # clip by global norm
+    dropout: bool = True
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_length", "num_epochs", "save_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_negatives, int) or self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be an integer >= 0, got {self.num_negatives!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.micro_batch_size is not None and (self.micro_batch_size <= 0
+                                                  or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must be positive and divide "
+                             f"batch_size {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

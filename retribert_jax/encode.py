@@ -1,13 +1,17 @@
-"""Fast batch embedding: tokenize once, sort by length, pack into fixed (batch, length) buckets, run data parallel.
+"""Fast batch embedding: tokenize once, sort by length, pack into (rows, length) buckets fitted to the job, run data
+parallel, compile ahead.
 
-Every batch that reaches the jitted forward has one of a handful of shapes: the row count is `batch_size` rounded
-up to a multiple of the device count (or a smaller power-of-two multiple of it for inputs shorter than one batch),
-and the length is the smallest of `BUCKET_LENGTHS` (capped at `max_length`) that holds the batch's longest text. A
-whole corpus therefore compiles a few programs, and the last, partial batch is padded rather than recompiled.
+Every batch that reaches the jitted forward (`modeling.embed`) has one of a few shapes: the row count is
+`batch_size` rounded up to a multiple of the device count (or a smaller power-of-two multiple of it for inputs
+shorter than one batch), and the length is one of the buckets `compilation.fit_buckets` chose for this job from its
+real lengths: a small job compiles few programs, a large corpus keeps fine buckets. The last, partial batch is
+padded rather than recompiled. Programs the job needs are compiled on a background thread in the order the batches
+need them, so compilation overlaps with the batches already running; JAX's persistent compilation cache, when on,
+turns a second run's compilations into loads.
 
-The batch is split over a 1-D "data" mesh of this process's devices (`NamedSharding(mesh, P("data"))`), the
-parameters are replicated on it once, when the Encoder is built. Under `jax.distributed` the mesh is still the local
-devices: each process embeds its own texts and nothing crosses hosts.
+The batch is split over a 1-D "data" mesh of this process's devices (`mesh.data_mesh`), the parameters are
+replicated on it once, when the Encoder is built. Under `jax.distributed` the mesh is still the local devices: each
+process embeds its own texts and nothing crosses hosts.
 
 Padding never changes a row's numbers: padded keys get exactly zero attention weight and every other op is
 row-wise, so results agree with encoding each text alone (to float32 rounding of differently-shaped matmuls).
@@ -15,6 +19,7 @@ row-wise, so results agree with encoding each text alone (to float32 rounding of
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from collections.abc import Sequence
@@ -24,100 +29,86 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from retribert_jax.modeling import RetriBertModel, abstract_model, embed_batch
+from retribert_jax.compilation import BUCKET_LENGTHS, CompileCost, bucket_length, cache_hits, fit_buckets
+from retribert_jax.mesh import batch_sharding, data_mesh, replicated
+from retribert_jax.modeling import KINDS, RetriBertModel, abstract_model, embed, flops_per_sequence
 from retribert_jax.tokenizer import RetriBertTokenizer
 
-# Steps of 16 tokens up to 128, then 32 and 64 (multiples of 16 suit TPU/GPU tiles). On a large sorted corpus of real
-# text (benchmarks/data.py's lengths) the padded work is 8.5% over the real tokens at max_length 128 and 12% at 512,
-# against 13% and 22% with 1.5x/2x steps, for at most 8 programs per kind up to length 128 (14 up to 512).
-BUCKET_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-KINDS = ("questions", "passages")
-
-def enable_compilation_cache(directory: str) -> None:
-    """Turns on JAX's persistent compilation cache in `directory`, so a later process skips XLA compilation."""
-    jax.config.update("jax_compilation_cache_dir", directory)
-    # Cache every program: ours take seconds on CPU, below JAX's default threshold of one second on some machines.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def bucket_length(n_tokens: int, max_length: int, lengths: Sequence[int] = BUCKET_LENGTHS) -> int:
-    """The smallest bucket length >= n_tokens, where `max_length` itself is always a bucket."""
-    for b in lengths:
-        if n_tokens <= b < max_length:
-            return b
-    return max_length
+Plan = list[tuple[np.ndarray, int, int]]  # (row indices into the input, padded rows, padded length) per batch
 
 
 class Encoder:
-    """Embeds questions and passages with a RetriBertModel, in the manner of sentence-transformers' `encode`."""
+    """Embeds questions and passages with a RetriBertModel, in the manner of sentence-transformers' `encode`.
+
+    Args:
+      model: the model (its parameters are copied to the devices; the model itself is left as it is).
+      tokenizer: the model's tokenizer.
+      dtype: compute dtype, float32 or bfloat16 (parameters stay float32; outputs are float32).
+      mesh: a 1-D mesh with a "data" axis; default: every local device of this process.
+      bucket_lengths: the padded lengths batches may have (plus `max_length`).
+      compilation_cache_dir: turns on JAX's persistent compilation cache there (see
+        `compilation.enable_compilation_cache`; off by default in the library, on by default on the command line).
+      compile_cost: what a new program costs against padded compute, for fitting buckets to a job; default:
+        `CompileCost.for_platform` of the mesh's devices.
+    """
 
     def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = jnp.float32,
                  mesh: jax.sharding.Mesh | None = None, bucket_lengths: Sequence[int] = BUCKET_LENGTHS,
-                 compilation_cache_dir: str | None = None):
-        """Places the parameters on the mesh once.
-
-        Args:
-          model: the model (its parameters are copied to the devices; the model itself is left as it is).
-          tokenizer: the model's tokenizer.
-          dtype: compute dtype, float32 or bfloat16 (parameters stay float32; outputs are float32).
-          mesh: a 1-D mesh with a "data" axis; default: every local device of this process.
-          bucket_lengths: the padded lengths batches may have (plus `max_length`).
-          compilation_cache_dir: turns on JAX's persistent compilation cache there.
-        """
+                 compilation_cache_dir: str | None = None, compile_cost: CompileCost | None = None):
         if compilation_cache_dir:
+            from retribert_jax.compilation import enable_compilation_cache
+
             enable_compilation_cache(compilation_cache_dir)
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}")
-        if mesh is None:
-            devices = jax.local_devices()
-            # Auto axes: the compiler propagates the batch sharding through the model (no explicit-mode annotations).
-            mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                                 devices=devices)
+        mesh = mesh if mesh is not None else data_mesh(jax.local_devices())
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = model.config
-        self.dtype = dtype
-        self.mesh = mesh
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.dtype, self.mesh = dtype, mesh
         self.bucket_lengths = tuple(sorted(bucket_lengths))
         self.num_devices = mesh.shape["data"]
-        self._data_sharding = NamedSharding(mesh, P("data"))
-        graphdef, state = nnx.split(model)
-        attention_impl = model.bert_query.encoder.layer[0].attention.self.attention_impl
+        self.compile_cost = compile_cost or CompileCost.for_platform(mesh.devices.flat[0].platform,
+                                                                     self.num_devices)
+        self._data_sharding = batch_sharding(mesh)
+        _, state = nnx.split(model)
+        attention_impl = model.bert_query.encoder.layer.attention.self.attention_impl
         # The compute dtype lives in the graph (the Linear layers' `dtype`), so another dtype is another graphdef over
         # the same parameters.
-        graphdef, _ = nnx.split(abstract_model(self.config, dtype=dtype, attention_impl=attention_impl))
-        self._graphdef = graphdef
-        self._state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated, once
-        self._fn = jax.jit(embed_batch, static_argnames=("graphdef", "kind"), out_shardings=self._data_sharding)
-        # Ahead-of-time compiled programs by (kind, rows, length): compiling explicitly lets us count and time it.
-        self._compiled: dict[tuple[str, int, int], Any] = {}
-        self.compile_seconds = 0.0
+        self._graphdef, _ = nnx.split(abstract_model(self.config, dtype=dtype, attention_impl=attention_impl))
+        self._state = jax.device_put(state, replicated(mesh))  # replicated, once
+        # Programs by (kind, rows, length), compiled ahead of need on one background thread.
+        self._programs: dict[tuple[str, int, int], concurrent.futures.Future] = {}
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
+        self.compile_seconds = 0.0  # summed over programs (on the background thread, partly hidden by compute)
+        self.programs_from_cache = 0
 
     @property
     def shapes_seen(self) -> set[tuple[str, int, int]]:
-        """The (kind, batch rows, length) of every program this Encoder has compiled."""
-        return set(self._compiled)
+        """The (kind, batch rows, length) of every program this Encoder has compiled or is compiling."""
+        return set(self._programs)
 
     @property
     def compile_count(self) -> int:
-        """Programs this Encoder has compiled (or loaded from the persistent cache): one per (kind, rows, length)."""
-        return len(self._compiled)
+        """Programs this Encoder has obtained (compiled, or loaded from the persistent cache): one per shape."""
+        return len(self._programs)
 
-    def _program(self, kind: str, rows: int, length: int):
-        key = (kind, rows, length)
-        if key not in self._compiled:
-            spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._data_sharding)
-            start = time.perf_counter()
-            self._compiled[key] = self._fn.lower(self._graphdef, self._state, spec, spec, kind=kind).compile()
-            self.compile_seconds += time.perf_counter() - start
-        return self._compiled[key]
+    def _compile(self, kind: str, rows: int, length: int):
+        spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._data_sharding)
+        start, hits = time.perf_counter(), cache_hits()
+        program = embed.lower(self._graphdef, self._state, spec, spec, kind=kind).compile()
+        self.compile_seconds += time.perf_counter() - start
+        self.programs_from_cache += cache_hits() > hits  # the hit counter is this (the compiling) thread's
+        return program
+
+    def _request(self, key: tuple[str, int, int]) -> concurrent.futures.Future:
+        if key not in self._programs:
+            if self._compiler is None:
+                self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retribert-compile")
+            self._programs[key] = self._compiler.submit(self._compile, *key)
+        return self._programs[key]
 
     def encode_questions(self, texts: str | Sequence[str], batch_size: int = 32, max_length: int = 128,
                          show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
@@ -137,7 +128,7 @@ class Encoder:
 
     def encode_passages(self, texts: str | Sequence[str], batch_size: int = 32, max_length: int = 128,
                         show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
-        """Passage (answer) embeddings through the document encoder; same arguments as `encode_questions`."""
+        """Passage embeddings through the document encoder and `project_doc`; same arguments as `encode_questions`."""
         return self.encode(texts, "passages", batch_size, max_length, show_progress_bar, normalize)
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -154,8 +145,12 @@ class Encoder:
         finally:
             backend.no_truncation()
 
-    def plan(self, lengths: np.ndarray, batch_size: int, max_length: int) -> list[tuple[np.ndarray, int, int]]:
-        """Batches as (row indices into the input, padded rows, padded length), longest texts first."""
+    def plan(self, lengths: np.ndarray, batch_size: int, max_length: int, kind: str = "passages") -> Plan:
+        """Batches as (row indices into the input, padded rows, padded length), longest texts first.
+
+        The lengths are fitted to the job (`compilation.fit_buckets`), counting programs this Encoder already has as
+        free; the plan depends only on the lengths, the arguments and those programs.
+        """
         n = len(lengths)
         ndev = self.num_devices
         rows = max(ndev, math.ceil(batch_size / ndev) * ndev)
@@ -163,8 +158,12 @@ class Encoder:
             rows = min(rows, ndev * 2 ** math.ceil(math.log2(max(1, math.ceil(n / ndev)))))
         # Stable sort, longest first: equal lengths keep input order, so the plan depends only on the lengths.
         order = np.argsort(-lengths, kind="stable")
-        return [(order[s:s + rows], rows, bucket_length(int(lengths[order[s]]), max_length, self.bucket_lengths))
-                for s in range(0, n, rows)]
+        groups = [order[s:s + rows] for s in range(0, n, rows)]
+        longest = [int(lengths[g[0]]) for g in groups]
+        have = [length for (k, r, length) in self._programs if k == kind and r == rows]
+        buckets = fit_buckets(longest, rows, max_length, lambda length: flops_per_sequence(self.config, length),
+                              self.compile_cost, compiled=have, candidates=self.bucket_lengths)
+        return [(g, rows, bucket_length(m, buckets)) for g, m in zip(groups, longest, strict=True)]
 
     def encode(self, texts: str | Sequence[str], kind: str, batch_size: int = 32, max_length: int = 128,
                show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
@@ -183,14 +182,14 @@ class Encoder:
             return out
         ids = self.tokenize(texts, max_length)
         lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-        batches = self.plan(lengths, batch_size, max_length)
-        model_kind = "questions" if kind == "questions" else "answers"
-        pad_id = self.tokenizer.pad_token_id
+        batches = self.plan(lengths, batch_size, max_length, kind)
+        for _, rows, length in batches:  # in the order the batches need them
+            self._request((kind, rows, length))
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), unit=kind[:-1] if kind.endswith("s") else kind, desc=f"encoding {kind}")
+            bar = tqdm(total=len(texts), unit=kind[:-1], desc=f"encoding {kind}")
         pending: list[tuple[np.ndarray, jax.Array]] = []
 
         def drain(keep: int) -> None:
@@ -200,6 +199,7 @@ class Encoder:
                 if bar is not None:
                     bar.update(len(rows_idx))
 
+        pad_id = self.tokenizer.pad_token_id
         for rows_idx, rows, length in batches:
             input_ids = np.full((rows, length), pad_id, np.int32)
             mask = np.zeros((rows, length), np.int32)
@@ -208,7 +208,7 @@ class Encoder:
                 mask[r, :lengths[i]] = 1
             # Padding rows attend to one token so that every row is well defined; their outputs are dropped.
             mask[len(rows_idx):, 0] = 1
-            program = self._program(model_kind, rows, length)
+            program = self._request((kind, rows, length)).result()
             result = program(self._state, jax.device_put(input_ids, self._data_sharding),
                              jax.device_put(mask, self._data_sharding))
             pending.append((rows_idx, result))

@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: readers never see half an output, a crash never leaves one behind."""
+"""What every file format of the package shares: atomic writes (readers never see half an output, a crash never
+leaves one behind) and the one overwrite check."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+
+def check_overwrite(path: str, overwrite: bool) -> None:
+    """Refuses to replace an existing output unless asked to.
+
+    Raises:
+      FileExistsError: `path` exists and `overwrite` is False.
+    """
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
 
 
 @contextlib.contextmanager
@@ -19,8 +30,7 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
       FileExistsError: `path` exists and `overwrite` is False.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_overwrite(path, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -62,8 +72,9 @@ def _fsync_tree(root: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb") -> Iterator:
-    """Opens a temporary file beside `path`; renames it onto `path` once written and flushed to disk."""
+def atomic_file(path: str, mode: str = "wb", encoding: str | None = None) -> Iterator:
+    """Opens a temporary file beside `path`; renames it onto `path` once written and flushed to disk. Text modes
+    write UTF-8 unless `encoding` says otherwise (never the locale's encoding)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -72,7 +83,8 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, mode) as f:
+        text = "b" not in mode
+        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if text else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -82,3 +94,15 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's content (hex), read in 4 MiB blocks: what a resumable job records of its input, so
+    that a resume refuses an input that changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

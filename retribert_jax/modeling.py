@@ -89,7 +89,16 @@ class BertEmbeddings(nnx.Module):
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
     def __call__(self, input_ids: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+        """int [B, L] token ids -> float32 [B, L, D].
+
+        Raises:
+          ValueError: L is longer than the position table (`max_position_embeddings`).
+        """
         length = input_ids.shape[1]
+        limit = self.position_embeddings.num_embeddings
+        if length > limit:
+            raise ValueError(f"input length {length} is longer than the model's max_position_embeddings ({limit}); "
+                             f"truncate the input to at most {limit} tokens")
         x = self.word_embeddings(input_ids)  # B L D
         x = x + self.position_embeddings.embedding[:length][None]  # + 1 L D
         # RetriBERT's tokenizer returns no token_type_ids: every token is type 0.
@@ -194,22 +203,65 @@ class BertLayer(nnx.Module):
         return self.output(self.intermediate(a), a, rngs=rngs)
 
 
+def _stack(layers: list[BertLayer]) -> BertLayer:
+    """One BertLayer whose every parameter is the layers' parameters stacked along a new leading axis."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+
+    def stack(*leaves):
+        if isinstance(leaves[0], jax.ShapeDtypeStruct):  # abstract_model: shapes only
+            return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
+        return jnp.stack(leaves)
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states))
+
+
 class BertEncoder(nnx.Module):
-    """The stack of `num_hidden_layers` blocks."""
+    """The stack of `num_hidden_layers` blocks, held as one `BertLayer` whose parameters have a leading
+    [num_hidden_layers] axis: HF's `encoder.layer[i]` is row i (params.py maps the names both ways).
+
+    The layers run as one `jax.lax.scan` over that axis, so a program compiles one layer body whatever the depth.
+    """
 
     def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
-        self.layer = nnx.List([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layer = _stack([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.num_layers = cfg.num_hidden_layers
+
+    def layer_at(self, i: int) -> BertLayer:
+        """Layer i as a module of its own (HF's `encoder.layer[i]`); its parameters are copies."""
+        graphdef, state = nnx.split(self.layer)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
         """Hidden states [B, L, D]; with `cls_only`, the last layer computes only the [CLS] row: [B, 1, D].
 
-        Only the pooler's input is needed for embeddings, so the last layer's queries, attention output and FFN
-        run on one row instead of L (about 11% fewer FLOPs for 8 layers); the numbers of that row are unchanged.
+        Only the pooler's input is needed for embeddings, so the last layer, outside the scan, runs its queries,
+        attention output and FFN on one row instead of L (about 11% fewer FLOPs for 8 layers); the numbers of that
+        row are unchanged.
         """
-        last = len(self.layer) - 1
-        for i, block in enumerate(self.layer):
-            x = block(x, mask, rngs=rngs, cls_only=cls_only and i == last)
-        return x
+        graphdef, state = nnx.split(self.layer)
+        # One dropout key per call, folded with the layer index, so every layer draws its own masks.
+        key = rngs.dropout() if rngs is not None else None
+        return _run_layers(graphdef, state, x, mask, key, cls_only=cls_only)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cls_only"))
+def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array, key: Array | None,
+                cls_only: bool) -> Array:
+    """The layer stack as one scan (`BertEncoder.__call__`). Jitted on its own so that a model called eagerly
+    compiles it once per shape rather than tracing a new scan every call; inside another jit it is inlined."""
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+
+    def block(h: Array, i: Array | int, last: bool = False) -> Array:
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
+        return layer(h, mask, rngs=layer_rngs, cls_only=last)
+
+    scanned = num_layers - 1 if cls_only else num_layers
+    x, _ = jax.lax.scan(lambda h, i: (block(h, i), None), x, jnp.arange(scanned))  # B L D
+    if cls_only:
+        x = block(x, num_layers - 1, last=True)  # B 1 D
+    return x
 
 
 class BertPooler(nnx.Module):
@@ -340,15 +392,43 @@ class RetriBertModel(nnx.Module):
         return in_batch_loss(q, a)
 
 
-def in_batch_loss(q: Array, a: Array) -> Array:
-    """(CE(Q A^T, arange) + CE(A Q^T, arange)) / 2 over a batch of B matched pairs; q, a: [B, P]."""
+def in_batch_loss(q: Array, a: Array, negatives: Array | None = None, negatives_valid: Array | None = None) -> Array:
+    """RetriBERT's bidirectional in-batch cross-entropy, `(CE(Q A^T, arange) + CE(A Q^T, arange)) / 2`, a float32
+    scalar (HF's `RetriBertModel.forward`).
+
+    With hard negatives (as in DPR, Karpukhin et al., 2020), the question -> passage side scores each question against
+    every positive and every hard negative of the batch, `CE(Q [A; N]^T, arange)`; the passage -> question side is
+    unchanged. Without them the loss is exactly HF's.
+
+    Args:
+      q, a: float [B, P], row i of `a` answering question i.
+      negatives: float [M, P], the hard negatives of the whole batch (any order), or None.
+      negatives_valid: bool [M]; False marks an empty slot, which takes no part in the softmax. None: all valid.
+
+    Raises:
+      ValueError: `q` and `a` have different batch sizes.
+    """
     if q.shape[0] != a.shape[0]:
         raise ValueError(f"in-batch loss needs as many questions as answers, got {q.shape[0]} and {a.shape[0]}")
     scores = q @ a.T  # B B
     labels = jnp.arange(scores.shape[0])
-    loss_qa = optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean()
     loss_aq = optax.softmax_cross_entropy_with_integer_labels(scores.T, labels).mean()
+    if negatives is not None:
+        hard = q @ negatives.T  # B M
+        if negatives_valid is not None:
+            hard = jnp.where(negatives_valid[None, :], hard, jnp.finfo(hard.dtype).min)
+        scores = jnp.concatenate([scores, hard], axis=1)  # B (B + M)
+    loss_qa = optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean()
     return (loss_qa + loss_aq) / 2
+
+
+def flops_per_sequence(cfg: RetriBertConfig, length: int) -> float:
+    """Nominal matmul FLOPs (2 per multiply-add) of one embedding of `length` tokens:
+    layers * L * (8 D^2 + 4 D F + 4 L D) + 2 D^2 + 2 D P (QKV and output projections, FFN, QK^T and PV; pooler and
+    projection). The [CLS]-only last layer does less; this is the count every framework's benchmark uses."""
+    d, f, p = cfg.hidden_size, cfg.intermediate_size, cfg.projection_dim
+    per_token_layer = 8 * d * d + 4 * d * f + 4 * length * d
+    return cfg.num_hidden_layers * length * per_token_layer + 2 * d * d + 2 * d * p
 
 
 def init_model(config: RetriBertConfig, seed: int = 0, **kwargs) -> RetriBertModel:
@@ -370,16 +450,28 @@ class _NoKeys:
         return None
 
 
+KINDS = ("questions", "passages")
+
+
 def embed_batch(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
                 kind: str) -> Array:
-    """Pure embedding of one batch: `kind` is "questions" or "answers"; returns float32 [B, P]. Jit it (with
-    `graphdef` and `kind` static), as `embed` and the Encoder do."""
+    """Embeddings of one batch, as a pure function of the model's split state (jit it with `graphdef` and `kind`
+    static: `embed` is that jitted function).
+
+    Args:
+      graphdef, state: `nnx.split(model)`.
+      input_ids, attention_mask: int [B, L].
+      kind: "questions" (`embed_questions`) or "passages" (`embed_answers`).
+
+    Returns:
+      float32 [B, projection_dim].
+    """
     model = nnx.merge(graphdef, state)
     if kind == "questions":
         return model.embed_questions(input_ids, attention_mask)
-    if kind == "answers":
+    if kind == "passages":
         return model.embed_answers(input_ids, attention_mask)
-    raise ValueError(f"kind must be 'questions' or 'answers', got {kind!r}")
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
 embed = jax.jit(embed_batch, static_argnames=("graphdef", "kind"))

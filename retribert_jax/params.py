@@ -4,6 +4,11 @@ Each rule pairs a PyTorch name template with a Flax path template and says how t
 `nn.Linear.weight` is [out, in] and `nnx.Linear.kernel` is [in, out] (transpose); everything else is kept as it is.
 Expanding the rules over a config gives every parameter the model has, so conversion is strict both ways: a name
 outside the table, a parameter never filled, one filled twice, or a wrong shape is an error naming the key.
+
+Flax paths name one tensor per HF tensor (`bert_query.encoder.layer.3.attention.self.query.kernel`): that is how our
+checkpoint files store them. In the model, the encoder's layers are one stacked `BertLayer` (see modeling.py), so a
+layer's parameter lives at the path without the index (`bert_query.encoder.layer.attention.self.query.kernel`), as
+row 3 of an array with a leading [num_hidden_layers] axis. `stack_layers` and `flat_params` move between the two.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from retribert_jax.config import RetriBertConfig
 
@@ -65,7 +71,8 @@ def _placeholders(cfg: RetriBertConfig) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def _to_path(dotted: str) -> FlaxPath:
+def parse_path(dotted: str) -> FlaxPath:
+    """`"a.layer.3.b"` -> `("a", "layer", 3, "b")`: the one parser of dotted names (safetensors keys, orbax keys)."""
     return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
@@ -75,21 +82,89 @@ def path_str(path: FlaxPath) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One parameter: its PyTorch name, its Flax path, whether it is transposed, and where it lives in the model
+    (`model_path`, and `layer`: its row of the stacked layers, or None outside them)."""
+
     torch_key: str
     flax_path: FlaxPath
     transpose: bool
+    model_path: FlaxPath
+    layer: int | None
+
+
+def _layer_split(path: FlaxPath) -> tuple[FlaxPath, int | None]:
+    """A Flax path -> (its path in the model, its layer index); paths outside `encoder.layer.{i}` are unchanged."""
+    for k in range(len(path) - 1):
+        if path[k] == "layer" and isinstance(path[k + 1], int):
+            return path[:k + 1] + path[k + 2:], path[k + 1]
+    return path, None
 
 
 def param_table(cfg: RetriBertConfig) -> list[Entry]:
-    """Every parameter of a RetriBertModel with this config, as (PyTorch name, Flax path, transpose)."""
+    """Every parameter of a RetriBertModel with this config."""
     values = _placeholders(cfg)
     entries = []
     for rule in RULES:
         names = sorted(set(re.findall(r"{(\w+)}", rule.torch)))
         for combo in itertools.product(*(values[n] for n in names)):
             subst = dict(zip(names, combo, strict=True))
-            entries.append(Entry(rule.torch.format(**subst), _to_path(rule.flax.format(**subst)), rule.transpose))
+            path = parse_path(rule.flax.format(**subst))
+            entries.append(Entry(rule.torch.format(**subst), path, rule.transpose, *_layer_split(path)))
     return entries
+
+
+def checkpoint_shapes(model_shapes: Mapping[FlaxPath, tuple[int, ...]], cfg: RetriBertConfig
+                      ) -> dict[FlaxPath, tuple[int, ...]]:
+    """Flax path -> shape of each stored tensor, from the model's (stacked) shapes, e.g. of `abstract_model`."""
+    return {e.flax_path: tuple(model_shapes[e.model_path])[e.layer is not None:] for e in param_table(cfg)}
+
+
+def check_arrays(arrays: Mapping[FlaxPath, Any], expected: Mapping[FlaxPath, tuple[int, ...]], source: str) -> None:
+    """Every expected parameter present with its shape, and nothing else (`arrays` may hold shape-only specs).
+
+    Raises:
+      ValueError: naming `source` and the missing, unexpected or misshapen parameters.
+    """
+    missing = [path_str(p) for p in expected if p not in arrays]
+    extra = [path_str(p) for p in arrays if p not in expected]
+    if missing or extra:
+        raise ValueError(f"{source}: parameters do not match the config: {len(missing)} missing {missing[:3]}, "
+                         f"{len(extra)} unexpected {extra[:3]}")
+    for p, shape in expected.items():
+        if tuple(arrays[p].shape) != tuple(shape):
+            raise ValueError(f"{source}: parameter {path_str(p)!r} has shape {tuple(arrays[p].shape)}, expected "
+                             f"{tuple(shape)} from the config")
+
+
+def stack_layers(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, stack=np.stack) -> dict[FlaxPath, Any]:
+    """Flax path -> array (one per HF tensor) to model path -> array, the layers' tensors stacked along a new leading
+    axis in layer order. `stack` is `np.stack` or `jnp.stack` (for arrays already on a device)."""
+    out: dict[FlaxPath, Any] = {}
+    layers: dict[FlaxPath, list[Any]] = {}
+    for e in param_table(cfg):
+        if e.layer is None:
+            out[e.model_path] = arrays[e.flax_path]
+        else:
+            layers.setdefault(e.model_path, [None] * cfg.num_hidden_layers)[e.layer] = arrays[e.flax_path]
+    for path, rows in layers.items():
+        out[path] = stack(rows)
+    return out
+
+
+def flat_params(state: Any, cfg: RetriBertConfig | None = None) -> dict[FlaxPath, Any]:
+    """Flax path -> array for every parameter (one per HF tensor, the layers unstacked as views/slices).
+
+    Args:
+      state: a RetriBertModel, an `nnx.State` of its parameters (e.g. gradients), or model path -> array.
+      cfg: the model's config (default: the model's own).
+    """
+    if isinstance(state, nnx.Module):
+        cfg = cfg or state.config
+        state = nnx.state(state, nnx.Param)
+    if isinstance(state, nnx.State):
+        state = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
+    return {e.flax_path: state[e.model_path] if e.layer is None else state[e.model_path][e.layer]
+            for e in param_table(cfg)}
 
 
 def canonical_torch_key(key: str) -> str:
@@ -105,11 +180,14 @@ def torch_to_flax(tensors: Mapping[str, Any], cfg: RetriBertConfig, expected: Ma
     Args:
       tensors: PyTorch names to arrays (numpy, or anything `np.asarray` takes); read lazily, one at a time.
       cfg: the config the checkpoint claims.
-      expected: Flax path -> shape of the model built from `cfg` (from `abstract_model`).
+      expected: Flax path -> shape (`checkpoint_shapes`).
       source: what to call the checkpoint in error messages (its path).
 
     Returns:
       Flax path -> numpy array in the Flax layout, every parameter of the model exactly once.
+
+    Raises:
+      ValueError: a key outside the table, one given twice, a missing one, or a shape the config does not imply.
     """
     by_torch = {e.torch_key: e for e in param_table(cfg)}
     out: dict[FlaxPath, np.ndarray] = {}

@@ -1,17 +1,18 @@
-"""Exact maximum-inner-product search over an embedding directory written by `retribert-jax embed`.
+"""Exact maximum-inner-product search over an embedding directory (`embedding_dir`), on the default device.
 
-The shards are opened memory-mapped; a search walks them block by block with one jitted matmul + top-k per block
-and a jitted merge into the running top-k, so at most one [queries, block] score matrix exists at a time and the
-corpus is never loaded whole. The scores are plain inner products, as faiss' `IndexFlatIP` (the ELI5 retriever's
-index) computes them; `backend="faiss"` runs that index itself when faiss is installed.
+The shards stay memory-mapped; a search walks them block by block with one jitted matmul + top-k per block and a
+jitted merge into the running top-k, so at most one [queries, block] score matrix exists at a time and the corpus is
+never loaded whole. Scores are plain inner products, as faiss' `IndexFlatIP` (the ELI5 retriever's index) computes
+them; `backend="faiss"` runs that index itself when faiss is installed.
+
+Ranking is a total order: score descending, then corpus row ascending. Both backends return it, so equal scores come
+out in the same order from either, and the top k of a search is always a prefix of its top K.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MANIFEST = "manifest.json"
-FORMAT = "retribert_jax.embeddings"
-MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str, "kind": str, "dtype": str,
-                 "max_length": int, "projection_dim": int, "normalized": bool, "shard_size": int, "num_shards": int,
-                 "count": int, "has_text": bool}
+from retribert_jax import embedding_dir
+from retribert_jax.errors import MissingDependency
+
 BACKENDS = ("jax", "faiss")
+QUERY_CHUNK = 256  # queries scored at once: bounds the [queries, block] score matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,42 +42,17 @@ class Hit:
         return d
 
 
-def read_manifest(directory: str) -> dict[str, Any]:
-    """The manifest of an embedding directory, checked key by key."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such index directory")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing; is {directory} a finished `retribert-jax embed` output?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key, typ in MANIFEST_KEYS.items():
-        if key not in m:
-            raise ValueError(f"{path}: key {key!r} is missing")
-        ok = isinstance(m[key], typ) and not (typ is int and isinstance(m[key], bool))
-        if not ok:
-            raise ValueError(f"{path}: key {key!r} should be {typ.__name__}, got {m[key]!r}")
-    if m["format"] != FORMAT:
-        raise ValueError(f"{path}: format is {m['format']!r}, expected {FORMAT!r}")
-    if m["version"] != 1:
-        raise ValueError(f"{path}: version {m['version']} is not supported (expected 1)")
-    if m["dtype"] not in ("float32", "float16"):
-        raise ValueError(f"{path}: dtype {m['dtype']!r} is neither float32 nor float16")
-    return m
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: jax.Array, k: int):
+@functools.partial(jax.jit, static_argnames=("k", "recall_target"))
+def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: jax.Array, k: int,
+                recall_target: float | None):
     """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding."""
     scores = jnp.einsum("qp,np->qn", queries, block.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)  # Q N
     scores = jnp.where(jnp.arange(block.shape[0])[None, :] < valid, scores, -jnp.inf)
-    top, idx = jax.lax.top_k(scores, k)  # Q k
+    if recall_target is None:
+        top, idx = jax.lax.top_k(scores, k)  # Q k; ties: lower row first
+    else:
+        top, idx = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
     return top, idx + offset
 
 
@@ -85,41 +60,16 @@ def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: 
 def _merge(s1: jax.Array, i1: jax.Array, s2: jax.Array, i2: jax.Array, k: int):
     s = jnp.concatenate([s1, s2], axis=1)
     i = jnp.concatenate([i1, i2], axis=1)
-    # Stable on ties: the earlier block (lower row) wins, as a single top-k over the whole corpus would.
+    # top_k is stable on ties, and the running best (earlier rows) comes first: lower rows win, as in one top-k
+    # over the whole corpus.
     top, pos = jax.lax.top_k(s, k)
     return top, jnp.take_along_axis(i, pos, axis=1)
 
 
-class _Lines:
-    """Random access to the lines of a JSONL file by number, through byte offsets found on first use."""
-
-    def __init__(self, path: str, count: int):
-        self.path, self.count = path, count
-        self._offsets: np.ndarray | None = None
-
-    def _index(self) -> np.ndarray:
-        if self._offsets is None:
-            offsets = [0]
-            with open(self.path, "rb") as f:
-                for line in f:
-                    offsets.append(offsets[-1] + len(line))
-            if len(offsets) - 1 != self.count:
-                raise ValueError(f"{self.path}: {len(offsets) - 1} lines, expected {self.count}")
-            self._offsets = np.asarray(offsets, dtype=np.int64)
-        return self._offsets
-
-    def get(self, rows: Sequence[int]) -> list[Any]:
-        offsets = self._index()
-        out = []
-        with open(self.path, "rb") as f:
-            for r in rows:
-                f.seek(int(offsets[r]))
-                line = f.read(int(offsets[r + 1] - offsets[r]))
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{r + 1}: not valid JSON ({e})") from None
-        return out
+def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's candidates in the total order (score descending, row ascending), the first k."""
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 class Index:
@@ -127,46 +77,29 @@ class Index:
 
     Args:
       directory: the output of `retribert-jax embed`.
-      backend: "jax" (blocked jitted matmul + top-k) or "faiss" (an `IndexFlatIP` built from the shards; needs
-        `pip install faiss-cpu`, and holds the corpus in memory).
+      backend: "jax" (blocked jitted matmul + top-k on the default device) or "faiss" (an `IndexFlatIP` built from
+        the shards; needs `pip install faiss-cpu`, and holds the corpus in memory).
       block_size: corpus rows scored per block by the jax backend.
+      recall_target: jax backend only: None (default) for exact top-k; a value in (0, 1] uses
+        `jax.lax.approx_max_k` with that recall target, which is approximate on TPU and exact elsewhere.
     """
 
-    def __init__(self, directory: str, *, backend: str = "jax", block_size: int = 65536):
+    def __init__(self, directory: str, *, backend: str = "jax", block_size: int = 65536,
+                 recall_target: float | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if recall_target is not None and not 0 < recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
+        if backend == "faiss":
+            _faiss()  # fail now, not after the model is loaded
         self.directory = directory
-        self.manifest = read_manifest(directory)
-        self.backend, self.block_size = backend, block_size
-        m = self.manifest
-        self.shards: list[np.ndarray] = []
-        self._ids: list[_Lines] = []
-        self._texts: list[_Lines] = []
-        total = 0
-        for i in range(m["num_shards"]):
-            path = os.path.join(directory, f"embeddings-{i:05d}.npy")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: shard {i} of {m['num_shards']} is missing")
-            try:
-                emb = np.load(path, mmap_mode="r")
-            except ValueError as e:
-                raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-            if emb.ndim != 2 or emb.shape[1] != m["projection_dim"]:
-                raise ValueError(f"{path}: shape {emb.shape}, expected [n, {m['projection_dim']}]")
-            if emb.dtype != np.dtype(m["dtype"]):
-                raise ValueError(f"{path}: dtype {emb.dtype}, but the manifest says {m['dtype']}")
-            expected = min(m["shard_size"], m["count"] - i * m["shard_size"])
-            if emb.shape[0] != expected:
-                raise ValueError(f"{path}: {emb.shape[0]} rows, expected {expected}")
-            self.shards.append(emb)
-            self._ids.append(_Lines(os.path.join(directory, f"ids-{i:05d}.jsonl"), emb.shape[0]))
-            if m["has_text"]:
-                self._texts.append(_Lines(os.path.join(directory, f"texts-{i:05d}.jsonl"), emb.shape[0]))
-            total += emb.shape[0]
-        if total != m["count"]:
-            raise ValueError(f"{os.path.join(directory, MANIFEST)}: count {m['count']}, but the shards hold {total}")
+        self.manifest = embedding_dir.read_manifest(directory)
+        self.backend, self.block_size, self.recall_target = backend, block_size, recall_target
+        self.shards = embedding_dir.open_shards(directory, self.manifest)
+        self._ids = embedding_dir.row_files(directory, self.manifest, "ids")
+        self._texts = embedding_dir.row_files(directory, self.manifest, "texts") if self.manifest["has_text"] else []
         self._faiss = None
 
     def __len__(self) -> int:
@@ -189,33 +122,41 @@ class Index:
         queries = jnp.asarray(q, dtype=jnp.float32)
         best_s = jnp.full((q.shape[0], k), -jnp.inf, dtype=jnp.float32)
         best_i = jnp.full((q.shape[0], k), -1, dtype=jnp.int32)
+        # One block shape for the whole corpus, hence one compilation: the short last block is padded.
+        width = min(self.block_size, len(self))
         start = 0
         for shard in self.shards:
             for s in range(0, shard.shape[0], self.block_size):
                 rows = shard[s:s + self.block_size]
                 n = rows.shape[0]
-                # One block shape for the whole corpus, hence one compilation: pad the short last block.
-                width = self.block_size if len(self) > self.block_size else len(self)
                 block = np.zeros((width, self.dim), dtype=rows.dtype)
                 block[:n] = rows
-                top, idx = _block_topk(queries, block, n, start + s, k=min(k, width))
+                top, idx = _block_topk(queries, block, n, start + s, k=min(k, width),
+                                       recall_target=self.recall_target)
                 best_s, best_i = _merge(best_s, best_i, top, idx.astype(jnp.int32), k=k)
             start += shard.shape[0]
         return np.asarray(best_s), np.asarray(best_i)
 
     def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            import faiss
-        except ImportError:
-            raise ImportError("the faiss backend needs faiss: pip install 'retribert_jax[faiss]'") from None
+        faiss = _faiss()
         if self._faiss is None:
             index = faiss.IndexFlatIP(self.dim)
             for shard in self.shards:
                 for s in range(0, shard.shape[0], self.block_size):
                     index.add(np.ascontiguousarray(shard[s:s + self.block_size], dtype=np.float32))
             self._faiss = index
-        scores, rows = self._faiss.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        return scores, rows
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        # faiss orders equal scores as its heap leaves them. Ask for one more than k: where the (k+1)-th ties with
+        # the k-th, the tie may run past k, so search deeper until it ends, then apply the total order.
+        depth = min(k + 1, len(self))
+        scores, rows = self._faiss.search(q, depth)
+        while depth < len(self):
+            open_tie = scores[:, -1] == scores[:, k - 1]
+            if not open_tie.any():
+                break
+            depth = min(2 * depth, len(self))
+            scores, rows = self._faiss.search(q, depth)
+        return _rank(scores, rows, k)
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """The top-k rows for each query embedding.
@@ -225,8 +166,16 @@ class Index:
           k: hits per query (capped at the corpus size).
 
         Returns:
-          One list of `Hit`s per query, best first.
+          One list of `Hit`s per query, in the index's total order (score descending, row ascending).
+
+        Raises:
+          ValueError: queries of the wrong width, or k <= 0.
         """
+        scores, rows = self.search_rows(queries, k)
+        return [self._hits(r, s) for s, r in zip(scores, rows, strict=True)]
+
+    def search_rows(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search_embeddings`, as arrays: float32 scores [Q, k'] and int corpus rows [Q, k'], k' = min(k, N)."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -236,19 +185,31 @@ class Index:
             raise ValueError(f"k must be positive, got {k}")
         k = min(k, len(self))
         if q.shape[0] == 0 or k == 0:
-            return [[] for _ in range(q.shape[0])]
-        scores, rows = self._search_faiss(q, k) if self.backend == "faiss" else self._search_jax(q, k)
-        return [[self._hit(int(r), float(s)) for s, r in zip(srow, rrow, strict=True)]
-                for srow, rrow in zip(scores, rows, strict=True)]
+            return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
+        search = self._search_faiss if self.backend == "faiss" else self._search_jax
+        parts = [search(q[s:s + QUERY_CHUNK], k) for s in range(0, q.shape[0], QUERY_CHUNK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
-    def _locate(self, row: int) -> tuple[int, int]:
-        return divmod(row, self.manifest["shard_size"])
+    def rows(self, rows: Sequence[int], what: str = "ids") -> list[Any]:
+        """The ids (or, with what="texts", the texts) of corpus rows, in the order given, one file read per shard."""
+        files = self._ids if what == "ids" else self._texts
+        if what == "texts" and not files:
+            raise ValueError(f"{self.directory}: the index stores no texts (embed it with --store-text)")
+        size = self.manifest["shard_size"]
+        by_shard: dict[int, list[int]] = {}
+        for pos, row in enumerate(rows):
+            by_shard.setdefault(int(row) // size, []).append(pos)
+        out: list[Any] = [None] * len(rows)
+        for shard, positions in by_shard.items():
+            values = files[shard].get([int(rows[p]) - shard * size for p in positions])
+            for p, v in zip(positions, values, strict=True):
+                out[p] = v
+        return out
 
-    def _hit(self, row: int, score: float) -> Hit:
-        shard, local = self._locate(row)
-        (id_,) = self._ids[shard].get([local])
-        text = self._texts[shard].get([local])[0] if self._texts else None
-        return Hit(id=id_, score=score, text=text)
+    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        ids = self.rows(rows)
+        texts = self.rows(rows, "texts") if self._texts else [None] * len(ids)
+        return [Hit(id=i, score=float(s), text=t) for i, s, t in zip(ids, scores, texts, strict=True)]
 
     def search(self, encoder, questions: str | Sequence[str], k: int = 10, *, batch_size: int = 32,
                max_length: int = 128) -> list[Hit] | list[list[Hit]]:
@@ -269,3 +230,11 @@ class Index:
                                      normalize=self.manifest["normalized"])
         hits = self.search_embeddings(np.atleast_2d(q), k)
         return hits[0] if single else hits
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise MissingDependency("the faiss backend needs faiss: pip install 'retribert_jax[faiss]'") from None
+    return faiss

@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 DEFAULT_MAX_LENGTH = 512
+# The files a checkpoint directory's tokenizer may consist of (copied verbatim when a checkpoint is converted).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _read_vocab(path: str) -> dict[str, int]:
@@ -78,7 +80,7 @@ class RetriBertTokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> RetriBertTokenizer:
         """From a checkpoint directory (`tokenizer.json`, else `vocab.txt`), a file of either kind, or a hub id."""
-        from retribert_jax.checkpoint import resolve_checkpoint
+        from retribert_jax.hub import resolve_checkpoint
 
         path = resolve_checkpoint(path)
         if os.path.isfile(path):

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The command line keeps compiled programs in the user's cache by default; tests that want a cache give their own.
+os.environ.setdefault("RETRIBERT_JAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,9 +25,9 @@ def hf_reference(cfg: RetriBertConfig, seed: int = 0):
     so that a mix-up of two zero-initialised tensors cannot hide)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.RetriBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
-    # transformers 4.57 only constructs RetriBertModel with this attribute set.
-    hf_cfg.position_embedding_type = "absolute"
+    from retribert_jax.verify import hf_torch_config
+
+    hf_cfg = hf_torch_config(cfg)
     torch.manual_seed(seed)
     model = transformers.RetriBertModel(hf_cfg).eval()
     with torch.no_grad():

@@ -22,16 +22,15 @@ def tiny_model_dir(directory: str, share_encoders: bool = False, seed: int = 0) 
     """An HF-layout RetriBERT directory (config.json, model.safetensors, vocab.txt) with random tiny weights."""
     from safetensors.numpy import save_file
 
-    from retribert_jax.checkpoint import iter_params
     from retribert_jax.modeling import init_model
-    from retribert_jax.params import flax_to_torch
+    from retribert_jax.params import flat_params, flax_to_torch
 
     vocab = tiny_vocab()
     cfg = RetriBertConfig.tiny(vocab_size=len(vocab), share_encoders=share_encoders, max_position_embeddings=128)
     model = init_model(cfg, seed=seed)
     os.makedirs(directory, exist_ok=True)
     cfg.save_pretrained(directory)
-    flat = {p: np.asarray(v) for p, v in iter_params(model)}
+    flat = {p: np.asarray(v) for p, v in flat_params(model).items()}
     tensors = flax_to_torch(flat, cfg)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
     with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:

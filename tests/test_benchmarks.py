@@ -19,14 +19,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_flops_formula_matches_the_models_matmuls():
     """The analytic count equals a count built from the model's own Linear shapes plus attention's two einsums."""
-    from retribert_jax.checkpoint import iter_params
     from retribert_jax.modeling import init_model
-    from retribert_jax.params import path_str
+    from retribert_jax.params import flat_params, path_str
 
     cfg = RetriBertConfig.tiny(num_hidden_layers=3, intermediate_size=48, projection_dim=8)
     length = 20
     total = 0
-    for path, value in iter_params(init_model(cfg)):
+    for path, value in flat_params(init_model(cfg)).items():
         name = path_str(path)
         if not name.endswith("kernel"):
             continue

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from retribert_jax import RetriBertConfig, RetriBertModel
-from retribert_jax.checkpoint import CheckpointError, load_model
+from retribert_jax.checkpoint import load_model
+from retribert_jax.errors import CheckpointError
 from tests.conftest import hf_reference, random_batch, save_hf
 
 torch = pytest.importorskip("torch")

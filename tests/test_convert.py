@@ -12,11 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
-from retribert_jax.checkpoint import FLAX_ORBAX, FLAX_SAFETENSORS, iter_params
-from retribert_jax.flax_checkpoint import convert_checkpoint
-from retribert_jax.params import param_table
+from retribert_jax.checkpoint import convert_checkpoint
+from retribert_jax.flax_files import FLAX_ORBAX, FLAX_SAFETENSORS
+from retribert_jax.params import flat_params, param_table
 from tests.conftest import REPO, hf_reference, random_batch, save_hf
 
 torch = pytest.importorskip("torch")
@@ -32,7 +33,7 @@ def _write_tokenizer(directory: str, vocab_size: int) -> None:
 
 def _assert_params_equal_hf(model: RetriBertModel, ref, cfg: RetriBertConfig, dtype=np.float32) -> None:
     """Every Flax parameter equals the HF tensor it came from (after the cast to `dtype`), bit for bit."""
-    ours = dict(iter_params(model))
+    ours = flat_params(model)
     state = ref.state_dict()
     for e in param_table(cfg):
         want = state[e.torch_key].numpy()
@@ -115,8 +116,8 @@ def test_save_pretrained_writes_the_same_layout(tmp_path, tiny_cfg):
         d = str(tmp_path / fmt)
         model.save_pretrained(d, format=fmt, tokenizer=str(tmp_path / "tok"))
         assert {"config.json", "tokenizer.json", "vocab.txt"} <= set(os.listdir(d)), os.listdir(d)
-        back = dict(iter_params(RetriBertModel.from_pretrained(d)))
-        for p, a in iter_params(model):
+        back = flat_params(RetriBertModel.from_pretrained(d))
+        for p, a in flat_params(model).items():
             assert np.array_equal(np.asarray(a), np.asarray(back[p])), f"{fmt}: {p} differs after save/load"
         with pytest.raises(FileExistsError, match="already exists"):
             model.save_pretrained(d, format=fmt)
@@ -136,7 +137,8 @@ def test_loads_onto_a_sharding(tmp_path, tiny_cfg, fmt):
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     model = RetriBertModel.from_pretrained(d, sharding=replicated)
-    wrong = [p for p, a in iter_params(model) if a.sharding != replicated]
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    wrong = [p for p, v in state if v.get_value().sharding != replicated]
     assert not wrong, f"{len(wrong)} parameters not on the requested sharding, e.g. {wrong[:2]}"
 
 
@@ -158,8 +160,8 @@ def test_flax_directory_that_disagrees_with_its_config(tmp_path, tiny_cfg, fmt):
     """A Flax directory whose config.json was changed after saving is refused naming the parameter, by the loader
     and by export/re-conversion; from the command line that is one line on stderr and exit 2."""
     from retribert_jax import init_model
-    from retribert_jax.checkpoint import CheckpointError
-    from retribert_jax.flax_checkpoint import read_flax_params
+    from retribert_jax.checkpoint import read_flax_params
+    from retribert_jax.errors import CheckpointError
 
     d = tmp_path / "ckpt"
     init_model(tiny_cfg).save_pretrained(str(d), format=fmt)
@@ -178,7 +180,7 @@ def test_flax_directory_that_disagrees_with_its_config(tmp_path, tiny_cfg, fmt):
 
 def test_damaged_orbax_directory_names_it(tmp_path, tiny_cfg):
     from retribert_jax import init_model
-    from retribert_jax.checkpoint import CheckpointError
+    from retribert_jax.errors import CheckpointError
 
     good = tmp_path / "good"
     init_model(tiny_cfg).save_pretrained(str(good))
@@ -206,7 +208,7 @@ def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
     "never retrieved" reports pass until an orbax read has failed in the process, other records always pass."""
     import logging
 
-    from retribert_jax import cli, flax_checkpoint
+    from retribert_jax import cli, flax_files
 
     def record(msg: str) -> logging.LogRecord:
         return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
@@ -215,15 +217,15 @@ def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
              record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>")]
     other = record("Task was destroyed but it is pending!")
     keep = cli._AbandonedOrbaxReads()
-    monkeypatch.setattr(flax_checkpoint, "_orbax_failed", False)
+    monkeypatch.setattr(flax_files, "_orbax_failed", False)
     assert all(keep.filter(r) for r in [*never, other])
-    flax_checkpoint._orbax_error("x", ValueError("damaged"))
+    flax_files._orbax_error("x", ValueError("damaged"))
     assert not any(keep.filter(r) for r in never) and keep.filter(other)
 
 
 def test_damaged_flax_safetensors_names_it(tmp_path, tiny_cfg):
     from retribert_jax import init_model
-    from retribert_jax.checkpoint import CheckpointError
+    from retribert_jax.errors import CheckpointError
 
     good = tmp_path / "good"
     init_model(tiny_cfg).save_pretrained(str(good), format="safetensors")
@@ -238,10 +240,11 @@ def test_damaged_flax_safetensors_names_it(tmp_path, tiny_cfg):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_safetensors_load_reads_once_into_aligned_memory(tmp_path, tiny_cfg, dtype):
     """The safetensors reader's arrays are 64-byte-aligned views of one buffer, which the CPU device then uses in
-    place (no second copy); stored bfloat16 is cast, hence copied. Values are the saved ones either way."""
+    place (no second copy) for every tensor outside the encoder layers (those are stacked into one new buffer per
+    parameter); stored bfloat16 is cast, hence copied. Values are the saved ones either way."""
     from retribert_jax import init_model
     from retribert_jax.checkpoint import build_model
-    from retribert_jax.flax_checkpoint import _read_safetensors
+    from retribert_jax.flax_files import _read_safetensors
     from retribert_jax.modeling import abstract_model
 
     model = init_model(tiny_cfg)
@@ -256,10 +259,14 @@ def test_safetensors_load_reads_once_into_aligned_memory(tmp_path, tiny_cfg, dty
 
     owners = {owner(a) for a in arrays.values()}
     assert len(owners) == 1, f"expected views of one buffer, got {len(owners)} owners"
-    placed = dict(iter_params(build_model(abstract_model(tiny_cfg), arrays, alias_host=True)))
-    in_place = [p for p, a in arrays.items() if placed[p].unsafe_buffer_pointer() == a.ctypes.data]
-    assert len(in_place) == (len(arrays) if dtype == "float32" else 0), f"{len(in_place)} of {len(arrays)} in place"
-    for p, a in iter_params(model):
+    built = build_model(abstract_model(tiny_cfg), arrays, alias_host=True)
+    state = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(built, nnx.Param))}
+    unstacked = [e.flax_path for e in param_table(tiny_cfg) if e.layer is None]
+    in_place = [p for p in unstacked if state[p].unsafe_buffer_pointer() == arrays[p].ctypes.data]
+    assert len(in_place) == (len(unstacked) if dtype == "float32" else 0), \
+        f"{len(in_place)} of {len(unstacked)} in place"
+    placed = flat_params(built)
+    for p, a in flat_params(model).items():
         want = np.asarray(a).astype(jax.numpy.dtype(dtype)).astype(np.float32)
         np.testing.assert_array_equal(np.asarray(placed[p]), want, err_msg=str(p))
 

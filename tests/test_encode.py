@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
-from retribert_jax.encode import Encoder, bucket_length
+from retribert_jax.compilation import CompileCost, bucket_length, candidate_lengths, fit_buckets
+from retribert_jax.encode import Encoder
+from retribert_jax.modeling import flops_per_sequence
 from tests.conftest import hf_reference, save_hf
 from tests.embed_helpers import random_texts, tiny_vocab
 
@@ -111,9 +113,53 @@ def test_few_programs_for_many_batches(hf_and_dir):
 
 
 def test_bucket_length():
-    assert [bucket_length(n, 128) for n in (1, 17, 32, 33, 64, 65, 97, 128)] == [16, 32, 32, 48, 64, 80, 112, 128]
-    assert [bucket_length(n, 512) for n in (129, 200, 257, 449, 512)] == [160, 224, 320, 512, 512]
-    assert bucket_length(40, 48) == 48  # max_length is a bucket of its own
+    c128, c512 = candidate_lengths(128), candidate_lengths(512)
+    assert [bucket_length(n, c128) for n in (1, 17, 32, 33, 64, 65, 97, 128)] == [16, 32, 32, 48, 64, 80, 112, 128]
+    assert [bucket_length(n, c512) for n in (129, 200, 257, 449, 512)] == [160, 224, 320, 512, 512]
+    assert bucket_length(40, candidate_lengths(48)) == 48  # max_length is a bucket of its own
+
+
+def _job_seconds(buckets, longest, rows, flops, cost, compiled=()):
+    pad = sum(rows * flops(bucket_length(n, buckets)) for n in longest) / cost.flops_per_second
+    return pad + cost.compile_seconds * len(set(buckets) - set(compiled))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fitted_buckets_are_the_cheapest_subset(seed):
+    """fit_buckets' dynamic programme against brute force over every subset of the candidates (max_length 64)."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    cfg = RetriBertConfig()
+    cost = CompileCost(compile_seconds=float(rng.uniform(0.1, 3)), flops_per_second=1e11)
+    longest = sorted(rng.integers(2, 65, size=int(rng.integers(1, 30))).tolist(), reverse=True)
+    compiled = [32] if seed % 2 else []
+
+    def flops(n):
+        return flops_per_sequence(cfg, n)
+
+    got = fit_buckets(longest, 8, 64, flops, cost, compiled=compiled)
+    cands = candidate_lengths(64)
+    subsets = [b for r in range(1, len(cands) + 1) for b in itertools.combinations(cands, r) if b[-1] >= max(longest)]
+    best = min(_job_seconds(b, longest, 8, flops, cost, compiled) for b in subsets)
+    assert abs(_job_seconds(got, longest, 8, flops, cost, compiled) - best) <= 1e-9 * best, \
+        f"fit_buckets chose {got} ({_job_seconds(got, longest, 8, flops, cost, compiled):.4f} s), best {best:.4f} s"
+    assert got == tuple(sorted(got)) and all(n <= got[-1] for n in longest)
+
+
+def test_small_jobs_compile_few_programs_and_large_ones_keep_fine_buckets():
+    cfg = RetriBertConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)
+    cost = CompileCost.for_platform("cpu")
+    rng = np.random.default_rng(0)
+
+    def fitted(n_texts):
+        lengths = np.minimum(rng.lognormal(4.0, 0.6, size=n_texts).astype(int) + 2, 128)
+        longest = np.sort(lengths)[::-1][::32].tolist()  # each batch of 32 (sorted) starts at its longest
+        return fit_buckets(longest, 32, 128, lambda n: flops_per_sequence(cfg, n), cost)
+
+    small, large = fitted(100), fitted(100_000)
+    assert len(small) <= 2 < len(large), f"100 texts -> {small}, 100k texts -> {large}"
+    assert len(large) >= 6, f"a large corpus should keep fine buckets, got {large}"
 
 
 def test_bfloat16_close_to_float32(hf_and_dir, encoder):

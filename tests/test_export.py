@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from retribert_jax import RetriBertConfig, cli
-from retribert_jax.export import export_pytorch
-from retribert_jax.flax_checkpoint import convert_checkpoint
+from retribert_jax.checkpoint import convert_checkpoint, export_pytorch
 from tests.conftest import hf_reference, save_hf
 
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from retribert_jax import RetriBertConfig, RetriBertModel
-from retribert_jax.params import param_table, path_str
+from retribert_jax.params import flat_params, param_table, path_str
 from tests.conftest import hf_reference, random_batch, save_hf
 
 torch = pytest.importorskip("torch")
@@ -67,7 +67,7 @@ def test_one_layer_and_encoder_and_pooler(pair):
             pooled = ref_bert.pooler(t(enc)).numpy()
         m = jnp.asarray(mask, bool)
         # Padded query rows see the same keys as HF's, so every row is compared, padding included.
-        assert_close(our_bert.encoder.layer[0](jnp.asarray(x), m), layer0, f"{name} layer 0")
+        assert_close(our_bert.encoder.layer_at(0)(jnp.asarray(x), m), layer0, f"{name} layer 0")
         assert_close(our_bert.encoder(jnp.asarray(x), m), enc, f"{name} encoder")
         assert_close(our_bert.pooler(jnp.asarray(enc)), pooled, f"{name} pooler")
 
@@ -116,7 +116,7 @@ def _losses_and_grads(cfg, ref, ours, batch, cbs):
         return nnx.merge(graphdef, state)(qi, qm, ai, am, cbs)
 
     loss, grads = jax.value_and_grad(loss_fn)(state)
-    return float(ref_loss.detach()), ref_grads, float(loss), dict(nnx.to_flat_state(grads))
+    return float(ref_loss.detach()), ref_grads, float(loss), flat_params(grads, cfg)
 
 
 @pytest.mark.parametrize("batch,cbs", [(3, -1), (4, -1), (5, 2), (4, 4)])
@@ -129,7 +129,7 @@ def test_loss_and_every_gradient(pair, batch, cbs):
     global_norm = np.sqrt(sum(np.sum(np.square(g)) for g in ref_grads.values()))
     worst = (0.0, "")
     for e in table:
-        g = np.asarray(grads[e.flax_path].get_value())
+        g = np.asarray(grads[e.flax_path])
         r = ref_grads[e.torch_key]
         r = r.T if e.transpose else r
         if e.torch_key.endswith("attention.self.key.bias"):
@@ -149,7 +149,7 @@ def test_batch_of_one_has_zero_loss_and_gradients(pair):
     ref_loss, ref_grads, loss, grads = _losses_and_grads(cfg, ref, ours, 1, -1)
     assert loss == 0.0 and ref_loss == 0.0, f"loss {loss}, reference {ref_loss}"
     assert all(not np.any(g) for g in ref_grads.values()), "reference gradients are not all zero"
-    nonzero = [path_str(p) for p, v in grads.items() if np.any(np.asarray(v.get_value()))]
+    nonzero = [path_str(p) for p, v in grads.items() if np.any(np.asarray(v))]
     assert not nonzero, f"non-zero gradients for a batch of one: {nonzero[:3]}"
 
 
@@ -196,7 +196,7 @@ def test_bfloat16_compute_stays_close_to_float32(tmp_path, tiny_cfg):
 
 def test_random_init_matches_hf_statistics(tiny_cfg):
     model = RetriBertModel(tiny_cfg, rngs=nnx.Rngs(0))
-    w = np.asarray(model.bert_query.encoder.layer[0].attention.self.query.kernel.get_value())
+    w = np.asarray(model.bert_query.encoder.layer.attention.self.query.kernel.get_value()[0])
     assert abs(w.std() - tiny_cfg.initializer_range) < 0.005, f"kernel std {w.std():.4f}"
     np.testing.assert_array_equal(np.asarray(model.bert_query.pooler.dense.bias.get_value()), 0.0)
 

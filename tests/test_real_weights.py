@@ -19,9 +19,9 @@ ANSWERS = [
 def test_minilm_retribert_matches_pytorch(minilm_checkpoint):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.RetriBertConfig.from_pretrained(minilm_checkpoint)
-    config.position_embedding_type = "absolute"
-    ref = transformers.RetriBertModel.from_pretrained(minilm_checkpoint, config=config).eval()
+    from retribert_jax.verify import torch_reference
+
+    ref = torch_reference(minilm_checkpoint)
     hf_tok = transformers.BertTokenizerFast.from_pretrained(minilm_checkpoint)
 
     model = RetriBertModel.from_pretrained(minilm_checkpoint)

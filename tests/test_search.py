@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from retribert_jax import RetriBertConfig
-from retribert_jax.search import Index, read_manifest
+from retribert_jax.embedding_dir import read_manifest
+from retribert_jax.search import Index
 from tests.conftest import REPO
 
 
@@ -160,7 +161,7 @@ def test_cli_search_matches_brute_force(tmp_path):
     passages = [" ".join(f"w{i}" for i in rng.choice(100, 6)) for _ in range(30)]
     questions = [" ".join(f"w{i}" for i in rng.choice(100, 3)) for _ in range(3)]
     graphdef, state = nnx.split(model)
-    p = np.asarray(embed(graphdef, state, **tok(passages, max_length=32), kind="answers"))
+    p = np.asarray(embed(graphdef, state, **tok(passages, max_length=32), kind="passages"))
     d = write_index(tmp_path / "idx", p, 8, texts=passages, config_hash=cfg.architecture_hash())
     qfile = tmp_path / "q.txt"
     qfile.write_text(questions[2] + "\n")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from retribert_jax import torch_zip
-from retribert_jax.checkpoint import CheckpointError, read_weight_file
+from retribert_jax.errors import CheckpointError
+from retribert_jax.hf_files import read_weight_file
 from tests.conftest import REPO
 
 torch = pytest.importorskip("torch")
@@ -138,7 +139,7 @@ def test_reads_a_checkpoint_without_torch_installed(saved, tmp_path):
     out = tmp_path / "arrays.npz"
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\n"
-            "from retribert_jax.checkpoint import read_weight_file\n"
+            "from retribert_jax.hf_files import read_weight_file\n"
             f"arrs = read_weight_file({path!r})\n"
             "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
             f"np.savez({str(out)!r}, **{{k: np.asarray(v, dtype=np.float64) for k, v in arrs.items()}})\n")

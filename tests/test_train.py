@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer, init_model
-from retribert_jax.params import param_table
-from retribert_jax.train import (
+from retribert_jax.params import flat_params, param_table
+from retribert_jax.training import (
     TrainConfig,
     loss_and_grads,
     lr_schedule,
@@ -31,8 +31,9 @@ from tests.conftest import REPO, hf_reference, random_batch, save_hf
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def flat(state) -> dict:
-    return {p: np.asarray(v.get_value() if hasattr(v, "get_value") else v) for p, v in nnx.to_flat_state(state)}
+def flat(state, cfg) -> dict:
+    """Flax path -> numpy array, one per HF tensor (the stacked layers split), of parameters or gradients."""
+    return {p: np.asarray(v) for p, v in flat_params(state, cfg).items()}
 
 
 def make_vocab(directory, n_words: int = 100) -> str:
@@ -67,7 +68,7 @@ def write_jsonl(path, pairs) -> str:
 def batch_of(rng, cfg, b: int = 8):
     qi, qm = random_batch(rng, b, 10, cfg.vocab_size, pad_rows=3)
     ai, am = random_batch(rng, b, 14, cfg.vocab_size, pad_rows=3)
-    return {"q_ids": qi, "q_mask": qm, "a_ids": ai, "a_mask": am}
+    return {"q_ids": qi, "q_mask": qm, "p_ids": ai, "p_mask": am}
 
 
 def rel_errors(ours: dict, ref: dict) -> dict:
@@ -92,7 +93,7 @@ def test_accumulated_gradients_equal_full_batch():
     l1, g1 = full(params, batch)
     l2, g2 = acc(params, batch)
     assert abs(float(l1) - float(l2)) <= 1e-6 * abs(float(l1)), f"loss {float(l1)} vs accumulated {float(l2)}"
-    errs = rel_errors(flat(g2), flat(g1))
+    errs = rel_errors(flat(g2, cfg), flat(g1, cfg))
     worst = max(errs, key=errs.get)
     print(f"accumulated vs full batch: worst gradient relative error {errs[worst]:.3g} ({worst})")
     # Measured worst: ~1e-5 (fp32 round-off of a differently ordered sum).
@@ -133,7 +134,7 @@ def test_one_step_matches_pytorch(tmp_path):
     table = param_table(cfg)
 
     def torch_loss():
-        return ref(tb["q_ids"], tb["q_mask"], tb["a_ids"], tb["a_mask"], checkpoint_batch_size=-1)
+        return ref(tb["q_ids"], tb["q_mask"], tb["p_ids"], tb["p_mask"], checkpoint_batch_size=-1)
 
     # Loss and every gradient, dropout off, same weights and batch.
     ref.zero_grad()
@@ -146,7 +147,7 @@ def test_one_step_matches_pytorch(tmp_path):
     loss, grads = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, None))(params, batch)
     assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), \
         f"loss {float(loss)} vs PyTorch {loss_ref.item()}"
-    errs = rel_errors(flat(grads), g_ref)
+    errs = rel_errors(flat(grads, cfg), g_ref)
     worst = max(errs, key=errs.get)
     print(f"vs PyTorch: loss {float(loss):.7f} / {loss_ref.item():.7f}, worst gradient {errs[worst]:.3g} ({worst})")
     assert errs[worst] <= 1e-4, f"gradient of {worst} differs from PyTorch by {errs[worst]:.3g} (relative)"
@@ -169,7 +170,7 @@ def test_one_step_matches_pytorch(tmp_path):
     assert abs(lr0 - tcfg.learning_rate) <= 1e-7 * tcfg.learning_rate, f"first-step lr {lr0}, not {tcfg.learning_rate}"
     named = {k: v.detach().numpy() for k, v in ref.named_parameters()}
     p_ref = {e.flax_path: (named[e.torch_key].T if e.transpose else named[e.torch_key]) for e in table}
-    p_ours = flat(params)
+    p_ours = flat(params, cfg)
     # The attention key bias has an analytically zero gradient (softmax ignores a per-query constant), so Adam's
     # first update of it, lr * g / (|g| + eps), is lr times the sign pattern of round-off on either side: it is
     # bounded by 2 * lr per entry rather than compared relatively.
@@ -192,7 +193,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from retribert_jax import RetriBertConfig, init_model
-from retribert_jax.train import data_mesh, loss_and_grads
+from retribert_jax.mesh import data_mesh
+from retribert_jax.training import loss_and_grads
 from tests.test_train import batch_of, flat, rel_errors
 assert jax.device_count() == 8, jax.device_count()
 cfg = RetriBertConfig.tiny()
@@ -209,7 +211,7 @@ for micro in (None, 8):
                     in_shardings=(rep, bs))
         b = {k: jax.device_put(v, bs) for k, v in batch.items()}
         loss, grads = f(jax.device_put(params, rep), b)
-        res[n] = (float(loss), flat(grads), len(b["q_ids"].sharding.device_set))
+        res[n] = (float(loss), flat(grads, cfg), len(b["q_ids"].sharding.device_set))
     assert res[8][2] == 8, f"batch spans {res[8][2]} devices"
     dl = abs(res[8][0] - res[1][0]) / abs(res[1][0])
     errs = rel_errors(res[8][1], res[1][1])
@@ -317,14 +319,14 @@ def test_final_model_loads_and_exports_to_pytorch(tmp_path):
     tcfg = TrainConfig(batch_size=8, max_length=16, num_epochs=1, max_steps=2, checkpoint_batch_size=-1)
     result = train(init_model(cfg), tok, topic_pairs(16, 0), str(tmp_path / "out"), tcfg, progress=False)
     loaded = RetriBertModel.from_pretrained(str(tmp_path / "out" / "model"))
-    a = flat(nnx.state(result.model, nnx.Param))
-    b = flat(nnx.state(loaded, nnx.Param))
+    a = flat(nnx.state(result.model, nnx.Param), cfg)
+    b = flat(nnx.state(loaded, nnx.Param), cfg)
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst == 0.0, f"reloaded final model differs by {worst}"
-    hf_cfg = transformers.RetriBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
-    hf_cfg.position_embedding_type = "absolute"
-    hf = transformers.RetriBertModel(hf_cfg).eval()
+    from retribert_jax.verify import hf_torch_config
+
+    hf = transformers.RetriBertModel(hf_torch_config(cfg)).eval()
     hf.load_state_dict({k: torch.tensor(np.array(v)) for k, v in flax_to_torch(b, cfg).items()}, strict=True)
     ids = np.array([[2, 10, 11, 3]], np.int32)
     mask = np.ones_like(ids)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from retribert_jax import cli
-from retribert_jax.flax_checkpoint import convert_checkpoint
+from retribert_jax.checkpoint import convert_checkpoint
 from tests.conftest import REPO, hf_reference, save_hf
 
 pytest.importorskip("torch")

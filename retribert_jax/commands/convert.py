@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from retribert_jax.commands import verify as verify_cmd
-    from retribert_jax.flax_checkpoint import convert_checkpoint
+    from retribert_jax import verify as verify_lib
+    from retribert_jax.checkpoint import convert_checkpoint
+    from retribert_jax.errors import MissingDependency
 
     before_commit = None
     if args.verify:
@@ -39,13 +40,12 @@ def run(args: argparse.Namespace) -> int:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
-            from retribert_jax.cli import UserError
-
-            raise UserError(verify_cmd.TORCH_MISSING) from None
+            raise MissingDependency(verify_lib.TORCH_MISSING) from None
 
         def before_commit(tmp: str) -> None:
             # The reference reads SRC itself when it is an HF directory, so the check covers the conversion.
-            from retribert_jax.checkpoint import find_hf_weights, resolve_checkpoint
+            from retribert_jax.hf_files import find_hf_weights
+            from retribert_jax.hub import resolve_checkpoint
 
             ref, local = None, resolve_checkpoint(args.src)  # a hub id is in the cache by now
             if os.path.isdir(local):
@@ -54,19 +54,19 @@ def run(args: argparse.Namespace) -> int:
                     ref = local
                 except ValueError:
                     pass
-            atol = verify_cmd.DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
-            result = verify_cmd.verify_checkpoint(tmp, reference=ref, atol=atol, min_agreement=args.min_agreement,
+            atol = verify_lib.DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
+            result = verify_lib.verify_checkpoint(tmp, reference=ref, atol=atol, min_agreement=args.min_agreement,
                                                   max_length=args.max_length)
-            print(verify_cmd.report(result, atol, args.min_agreement))
+            print(verify_lib.report(result, atol, args.min_agreement))
             if not result["ok"]:
-                raise verify_cmd.VerificationFailed("verification failed")
+                raise verify_lib.VerificationFailed("verification failed")
 
     start = time.perf_counter()
     try:
         out, warnings = convert_checkpoint(args.src, args.out, config=args.config, format=args.format,
                                            dtype=args.dtype, overwrite=args.overwrite, tokenizer=args.tokenizer,
                                            before_commit=before_commit)
-    except verify_cmd.VerificationFailed:
+    except verify_lib.VerificationFailed:
         print(f"retribert-jax convert: verification failed; {args.out} was not written", file=sys.stderr)
         return 1
     for w in warnings:

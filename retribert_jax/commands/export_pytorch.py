@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retribert_jax.export import export_pytorch
+    from retribert_jax.checkpoint import export_pytorch
 
     out = export_pytorch(args.src, args.out, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {out}: load it with transformers.RetriBertModel.from_pretrained({out!r})")

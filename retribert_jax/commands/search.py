@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
                    help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
     p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+    p.add_argument("--recall-target", type=float,
+                   help="jax backend: approximate top-k (jax.lax.approx_max_k) with this recall target, which only a "
+                        "TPU uses; default exact")
 
 
 def _questions(args: argparse.Namespace) -> list[str]:
@@ -42,25 +45,29 @@ def _questions(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retribert_jax.search import Index
-
     if args.k <= 0:
         raise ValueError(f"-k must be positive, got {args.k}")
     questions = _questions(args)
-    index = Index(args.index, backend=args.backend, block_size=args.block_size)
-    if index.manifest["kind"] != "passages":
-        raise ValueError(f"{args.index}: holds {index.manifest['kind']} embeddings; searching needs passages")
-
-    from retribert_jax.modeling import RetriBertModel
-    from retribert_jax.tokenizer import RetriBertTokenizer
-
-    model = RetriBertModel.from_pretrained(args.model)
-    index.check_model(model.config)
-    from retribert_jax.encode import Encoder
-
-    encoder = Encoder(model, RetriBertTokenizer.from_pretrained(args.model))
+    timings = args.timings
+    with timings.phase("import"):
+        from retribert_jax import RetriBertModel, RetriBertTokenizer
+        from retribert_jax.encode import Encoder
+        from retribert_jax.search import Index
+    with timings.phase("open index"):
+        index = Index(args.index, backend=args.backend, block_size=args.block_size, recall_target=args.recall_target)
+        if index.manifest["kind"] != "passages":
+            raise ValueError(f"{args.index}: holds {index.manifest['kind']} embeddings; searching needs passages")
+    with timings.phase("load model"):
+        model = RetriBertModel.from_pretrained(args.model)
+        index.check_model(model.config)
+    with timings.phase("load tokenizer"):
+        tokenizer = RetriBertTokenizer.from_pretrained(args.model)
+    with timings.phase("place parameters"):
+        encoder = Encoder(model, tokenizer)
     max_length = args.max_length or min(128, model.config.max_position_embeddings)
-    results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=max_length)
+    with timings.phase("encode and search"):
+        results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=max_length)
+    timings.report()
     for question, hits in zip(questions, results, strict=True):
         if args.json:
             print(json.dumps({"question": question, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False))

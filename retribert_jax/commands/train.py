@@ -11,7 +11,8 @@ HELP = "train a RetriBERT retriever on JSONL question/answer pairs (resumes from
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
                    help="a checkpoint directory to start from, or a config.json for a randomly initialised model")
-    p.add_argument("data", metavar="DATA", help='JSONL file of {"question": ..., "answer": ...} objects')
+    p.add_argument("data", metavar="DATA", help='JSONL file of {"question": ..., "answer": ...} objects, optionally '
+                                                'with "negatives": [...] (e.g. from `retribert-jax mine`)')
     p.add_argument("out", metavar="OUT", help="output directory: checkpoints/, metrics.jsonl, final model/")
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or vocab.txt (default: MODEL's own)")
     d = _defaults()
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step (%(default)s)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="gradient accumulation: micro-batches of this size, in-batch negatives still over the batch")
+    p.add_argument("--negatives-per-question", type=int, default=d.num_negatives,
+                   help="hard negatives per question, sampled each epoch from the pair's negatives; 0 ignores them "
+                        "(%(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="truncation length (%(default)s)")
     p.add_argument("--checkpoint-batch-size", type=int, default=d.checkpoint_batch_size,
                    help="encode in chunks of this size under gradient checkpointing; -1 for none (%(default)s)")
@@ -37,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _defaults():
-    from retribert_jax.train import TrainConfig
+    from retribert_jax.config import TrainConfig
 
     return TrainConfig()
 
@@ -64,12 +68,14 @@ def _load_start(path: str, tokenizer_path: str | None, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from retribert_jax.train import TrainConfig, read_pairs, train
+    from retribert_jax.config import TrainConfig
+    from retribert_jax.training import read_pairs, train
 
     tcfg = TrainConfig(learning_rate=args.learning_rate, adam_eps=args.adam_eps, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, batch_size=args.batch_size, max_length=args.max_length,
                        checkpoint_batch_size=args.checkpoint_batch_size, num_epochs=args.epochs,
                        max_steps=args.max_steps, micro_batch_size=args.micro_batch_size, grad_clip=args.grad_clip,
+                       num_negatives=args.negatives_per_question,
                        dropout=not args.no_dropout, seed=args.seed, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every)
     pairs = read_pairs(args.data)

@@ -1,0 +1,228 @@
+"""The embedding directory that `retribert-jax embed` writes and `search`, `evaluate` and `mine` read.
+
+Layout: shard i holds records [i * shard_size, (i + 1) * shard_size) of the input, as
+  - `embeddings-{i:05d}.npy`: float32 or float16 [n, projection_dim];
+  - `ids-{i:05d}.jsonl`: one JSON value per line, the record's id (or its 0-based record number);
+  - `texts-{i:05d}.jsonl` (when the run stored texts): one JSON string per line;
+and `manifest.json` (the run's settings, `num_shards` and `count`) once every shard exists. While a run is unfinished,
+`.embed-settings.json` holds its settings, so that a resume with other settings is refused before any work.
+
+Each file is written under a temporary name and renamed, the embeddings last, so a shard whose embeddings file exists
+is complete. Everything about this layout (names, keys, checks) lives in this module.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from retribert_jax.io import atomic_file
+
+MANIFEST = "manifest.json"
+RUN_SETTINGS = ".embed-settings.json"
+FORMAT = "retribert_jax.embeddings"
+VERSION = 1
+DTYPES = ("float32", "float16")
+# The manifest's keys and their types (a run's settings plus num_shards and count; a few more are informational).
+MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str, "kind": str, "dtype": str,
+                 "max_length": int, "projection_dim": int, "normalized": bool, "shard_size": int, "num_shards": int,
+                 "count": int, "has_text": bool}
+
+
+def shard_paths(directory: str, i: int) -> dict[str, str]:
+    """The three files of shard i: {"embeddings", "ids", "texts"} -> path."""
+    return {name: os.path.join(directory, f"{name}-{i:05d}.{ext}")
+            for name, ext in (("embeddings", "npy"), ("ids", "jsonl"), ("texts", "jsonl"))}
+
+
+def shard_done(directory: str, i: int) -> bool:
+    """Whether shard i is complete (its embeddings file, written last, exists)."""
+    return os.path.isfile(shard_paths(directory, i)["embeddings"])
+
+
+def _write_lines(path: str, values: Sequence[Any]) -> None:
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        for v in values:
+            f.write(json.dumps(v, ensure_ascii=False, default=str) + "\n")
+
+
+def write_shard(directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarray,
+                texts: Sequence[str] | None = None) -> None:
+    """Writes shard i: ids, texts (if given), then the embeddings file that marks it complete.
+
+    Args:
+      directory: the embedding directory.
+      i: the shard number.
+      ids: one JSON-serialisable id per row.
+      embeddings: [len(ids), projection_dim] in the run's stored dtype.
+      texts: the rows' texts, or None.
+    """
+    if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
+        raise ValueError(f"shard {i}: {len(ids)} ids, {embeddings.shape[0]} embeddings"
+                         + ("" if texts is None else f", {len(texts)} texts"))
+    paths = shard_paths(directory, i)
+    _write_lines(paths["ids"], ids)
+    if texts is not None:
+        _write_lines(paths["texts"], texts)
+    with atomic_file(paths["embeddings"], "wb") as f:
+        np.save(f, embeddings, allow_pickle=False)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); remove it or use another directory") from None
+
+
+def start_run(directory: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Opens `directory` for a run with these settings.
+
+    Returns:
+      The manifest when the directory already holds this very run, finished (nothing to do); else None, after
+      recording the settings (a resumed run finds them and goes on).
+
+    Raises:
+      ValueError: the directory holds embeddings made with other settings (named, with both values).
+      NotADirectoryError: `directory` is a file.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory}: exists and is not a directory")
+    for name in (MANIFEST, RUN_SETTINGS):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        old = _read_json(path)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            desc = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"{directory}: holds embeddings made with other settings ({desc}); use another OUT")
+        if name == MANIFEST:
+            return old
+    os.makedirs(directory, exist_ok=True)
+    with atomic_file(os.path.join(directory, RUN_SETTINGS), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    return None
+
+
+def missing_shards(directory: str, num_shards: int) -> list[int]:
+    """The shards of [0, num_shards) not complete yet."""
+    return [i for i in range(num_shards) if not shard_done(directory, i)]
+
+
+def finish_run(directory: str, settings: dict[str, Any], count: int, num_shards: int) -> dict[str, Any]:
+    """Writes the manifest once every shard is complete (the caller checked), removes the run's settings and the
+    temporary files of killed runs (nothing is writing any more). Returns the manifest."""
+    for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")):
+        os.remove(tmp)
+    manifest = {**settings, "format": FORMAT, "version": VERSION, "num_shards": num_shards, "count": count}
+    with atomic_file(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.remove(os.path.join(directory, RUN_SETTINGS))
+    return manifest
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of a finished embedding directory, checked key by key.
+
+    Raises:
+      FileNotFoundError: no directory, or no manifest (an unfinished run).
+      ValueError: a manifest that is not valid JSON, lacks a key, has a wrong type, format, version or dtype.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such index directory")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; is {directory} a finished `retribert-jax embed` output?")
+    m = _read_json(path)
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for key, typ in MANIFEST_KEYS.items():
+        if key not in m:
+            raise ValueError(f"{path}: key {key!r} is missing")
+        if not isinstance(m[key], typ) or (typ is int and isinstance(m[key], bool)):
+            raise ValueError(f"{path}: key {key!r} should be {typ.__name__}, got {m[key]!r}")
+    if m["format"] != FORMAT:
+        raise ValueError(f"{path}: format is {m['format']!r}, expected {FORMAT!r}")
+    if m["version"] != VERSION:
+        raise ValueError(f"{path}: version {m['version']} is not supported (expected {VERSION})")
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"{path}: dtype {m['dtype']!r} is neither float32 nor float16")
+    return m
+
+
+def open_shards(directory: str, manifest: dict[str, Any]) -> list[np.ndarray]:
+    """Every shard's embeddings, memory-mapped, each checked against the manifest (shape, dtype, row count).
+
+    Raises:
+      FileNotFoundError: a shard is missing.
+      ValueError: a shard that is not a .npy file or disagrees with the manifest, named.
+    """
+    m, shards = manifest, []
+    for i in range(m["num_shards"]):
+        path = shard_paths(directory, i)["embeddings"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: shard {i} of {m['num_shards']} is missing")
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+        if emb.ndim != 2 or emb.shape[1] != m["projection_dim"]:
+            raise ValueError(f"{path}: shape {emb.shape}, expected [n, {m['projection_dim']}]")
+        if emb.dtype != np.dtype(m["dtype"]):
+            raise ValueError(f"{path}: dtype {emb.dtype}, but the manifest says {m['dtype']}")
+        expected = min(m["shard_size"], m["count"] - i * m["shard_size"])
+        if emb.shape[0] != expected:
+            raise ValueError(f"{path}: {emb.shape[0]} rows, expected {expected}")
+        shards.append(emb)
+    total = sum(s.shape[0] for s in shards)
+    if total != m["count"]:
+        raise ValueError(f"{os.path.join(directory, MANIFEST)}: count {m['count']}, but the shards hold {total}")
+    return shards
+
+
+class Lines:
+    """Random access to the JSON values of one ids or texts file, by row, through byte offsets found on first use."""
+
+    def __init__(self, path: str, count: int):
+        self.path, self.count = path, count
+        self._offsets: np.ndarray | None = None
+
+    def _index(self) -> np.ndarray:
+        if self._offsets is None:
+            offsets = [0]
+            with open(self.path, "rb") as f:
+                for line in f:
+                    offsets.append(offsets[-1] + len(line))
+            if len(offsets) - 1 != self.count:
+                raise ValueError(f"{self.path}: {len(offsets) - 1} lines, expected {self.count}")
+            self._offsets = np.asarray(offsets, dtype=np.int64)
+        return self._offsets
+
+    def get(self, rows: Sequence[int]) -> list[Any]:
+        """The values of these rows (0-based, in this file), in the order given."""
+        offsets = self._index()
+        out = []
+        with open(self.path, "rb") as f:
+            for r in rows:
+                f.seek(int(offsets[r]))
+                line = f.read(int(offsets[r + 1] - offsets[r]))
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{r + 1}: not valid JSON ({e})") from None
+        return out
+
+
+def row_files(directory: str, manifest: dict[str, Any], name: str) -> list[Lines]:
+    """Per shard, random access to its `name` file ("ids" or "texts")."""
+    m = manifest
+    return [Lines(shard_paths(directory, i)[name], min(m["shard_size"], m["count"] - i * m["shard_size"]))
+            for i in range(m["num_shards"])]

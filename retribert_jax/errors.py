@@ -1,0 +1,16 @@
+"""The package's own errors. Each message is written for a person: it names the file, line, key or shape that is
+wrong, or what to install; the command line prints it as one line and exits with status 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in a command's input that no built-in exception type describes; the message is all the user needs."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a RetriBERT; the message names the file and what is wrong."""
+
+
+class MissingDependency(ImportError):
+    """An optional dependency a feature needs is not installed; the message says what to `pip install`."""

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from retribert_jax.corpus import BadRecord, read_lines
 from retribert_jax.modeling import RetriBertModel, in_batch_loss
 from retribert_jax.tokenizer import RetriBertTokenizer
 
@@ -214,25 +215,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
-    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped)."""
+    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped).
+
+    Lines are those of `corpus.read_lines` (split at \n only, CRLF and a byte-order mark allowed), so a line number
+    in an error is the one an editor or `wc -l` shows. Raises ValueError naming file and line for a bad line.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for field in ("question", "answer"):
-                if not isinstance(rec.get(field), str):
-                    got = "missing" if field not in rec else type(rec[field]).__name__
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string ({got})")
-            pairs.append((rec["question"], rec["answer"]))
+    for lineno, line in read_lines(path):
+        if isinstance(line, BadRecord):
+            raise line
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        for field in ("question", "answer"):
+            if not isinstance(rec.get(field), str):
+                got = "missing" if field not in rec else type(rec[field]).__name__
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string ({got})")
+        pairs.append((rec["question"], rec["answer"]))
     if not pairs:
         raise ValueError(f"{path}: no question/answer pairs")
     return pairs

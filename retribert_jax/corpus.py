@@ -27,7 +27,11 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One input record: its 1-based line (or parquet row), its id (None: use the record number) and its text."""
+    """One input record: its 1-based line (or parquet row), its id and its text.
+
+    The id is None exactly when no id field was asked for (the record number is the id then); a record whose id
+    field is null, absent or empty is a BadRecord, never a Record.
+    """
 
     line: int
     id: Any
@@ -103,6 +107,9 @@ def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record 
         if id_field is not None and id_field not in obj:
             yield BadRecord(f"{path}:{n}: missing id field {id_field!r}")
             continue
+        if id_field is not None and obj[id_field] is None:
+            yield BadRecord(f"{path}:{n}: id field {id_field!r} is null")
+            continue
         yield Record(n, obj[id_field] if id_field is not None else None, text)
 
 
@@ -130,6 +137,10 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
         if len(fields) != len(columns):
             yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")
             continue
+        if ii is not None and not fields[ii]:
+            # An empty field is how TSV writes a missing value (pandas reads it as NaN).
+            yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
+            continue
         yield Record(n, fields[ii] if ii is not None else None, fields[ti])
 
 
@@ -156,6 +167,9 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
             if not isinstance(text, str):
                 yield BadRecord(f"{path}:row {row}: text column {text_field!r} is "
                                 f"{'null' if text is None else type(text).__name__}, not a string")
+                continue
+            if id_field is not None and id_ is None:
+                yield BadRecord(f"{path}:row {row}: id column {id_field!r} is null")
                 continue
             yield Record(row, id_, text)
 

@@ -150,3 +150,38 @@ def test_byte_order_mark_is_not_data(tmp_path, monkeypatch):
     pairs = tmp_path / "p.jsonl"
     pairs.write_bytes(BOM + b'{"question": "q1", "answer": "a1"}\r\n')
     assert read_pairs(str(pairs)) == [(r["question"], r["answer"]) for r in pyarrow_jsonl(pairs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ids are never invented (item 5)
+
+def test_null_ids_are_bad_records(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": 7, "text": "a"}\n{"id": null, "text": "b"}\n{"id": 1, "text": "c"}\n')
+    ids = [r["id"] for r in pyarrow_jsonl(jsonl)]
+    assert ids == [7, None, 1]
+    with pytest.raises(BadRecord, match=r"c.jsonl:2: id field 'id' is null"):
+        records(jsonl, id_field="id")
+    log = io.StringIO()
+    assert [i for _, i, _ in records(jsonl, id_field="id", skip_bad_lines=True, log=log)] == \
+        [i for i in ids if i is not None]
+    assert "c.jsonl:2: id field 'id' is null" in log.getvalue()
+    # Without --id-field the id key is not read at all, null or not.
+    assert [i for _, i, _ in records(jsonl)] == [None, None, None]
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [7, None, 1], "text": ["a", "b", "c"]}), str(parquet))
+    ids = pq.read_table(str(parquet)).column("id").to_pylist()
+    with pytest.raises(BadRecord, match=r"c.parquet:row 2: id column 'id' is null"):
+        records(parquet, id_field="id")
+    assert [i for _, i, _ in records(parquet, id_field="id", skip_bad_lines=True, log=io.StringIO())] == \
+        [i for i in ids if i is not None]
+
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("id\ttext\n7\ta\n\tb\n1\tc\n")
+    with pytest.raises(BadRecord, match=r"c.tsv:3: id field 'id' is empty"):
+        records(tsv, id_field="id")
+    assert [i for _, i, _ in records(tsv, id_field="id", skip_bad_lines=True, log=io.StringIO())] == ["7", "1"]

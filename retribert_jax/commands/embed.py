@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         texts = [r.text for r in records]
         emb = encoder.encode(texts, args.kind, batch_size=args.batch_size, max_length=args.max_length,
                              normalize=args.normalize).astype(out_dtype)
-        ids = [r.id if r.id is not None else i * args.shard_size + k for k, r in enumerate(records)]
+        ids = [r.id if args.id_field is not None else i * args.shard_size + k for k, r in enumerate(records)]
         _write_shard(args.out, i, ids, texts if args.store_text else None, emb)
         embedded += len(records)
         bar.update(len(records))

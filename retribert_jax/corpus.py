@@ -50,9 +50,9 @@ def detect_format(path: str) -> str:
 def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, str | BadRecord]]:
     """The lines of a UTF-8 text file, one item a line, as `wc -l` counts them.
 
-    Lines end at b"\n" only: not at a lone \r, \f, \v, \x1c-\x1e, \x85, U+2028 or U+2029, which `str.splitlines`
-    and Python's text mode also take for line ends. One trailing \r (CRLF files) is dropped, and so is a byte-order
-    mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it).
+    Lines end at b"\n" only: not at \f, \v, \x1c-\x1e, \x85, U+2028 or U+2029, where `str.splitlines` ends them
+    too, nor at a lone \r, where Python's text mode does. One trailing \r (CRLF files) is dropped, and so is a
+    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it).
 
     Args:
       path: the file; with `file`, only its name for messages.

@@ -7,12 +7,14 @@ numbers (the default ids) count only the records kept, so they are the row numbe
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 FORMATS = ("text", "jsonl", "tsv", "parquet")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -25,7 +27,11 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One input record: its 1-based line (or parquet row), its id (None: use the record number) and its text."""
+    """One input record: its 1-based line (or parquet row), its id and its text.
+
+    The id is None exactly when no id field was asked for (the record number is the id then); a record whose id
+    field is null, absent or empty is a BadRecord, never a Record.
+    """
 
     line: int
     id: Any
@@ -41,11 +47,29 @@ def detect_format(path: str) -> str:
     return _EXTENSIONS[ext]
 
 
-def _lines(path: str) -> Iterator[tuple[int, str | BadRecord]]:
-    # Binary read and per-line decode: one invalid byte costs one line, reported with its number.
-    with open(path, "rb") as f:
+def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, str | BadRecord]]:
+    """The lines of a UTF-8 text file, one item a line, as `wc -l` counts them.
+
+    Lines end at b"\n" only: not at \f, \v, \x1c-\x1e, \x85, U+2028 or U+2029, where `str.splitlines` ends them
+    too, nor at a lone \r, where Python's text mode does. One trailing \r (CRLF files) is dropped, and so is a
+    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it).
+
+    Args:
+      path: the file; with `file`, only its name for messages.
+      file: an open binary file to read instead (`sys.stdin.buffer` for stdin).
+
+    Yields:
+      (1-based line number, the line's text), or (line number, BadRecord) for a line that is not valid UTF-8: one
+      invalid byte costs one line, reported with its number.
+    """
+    with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
         for n, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -53,12 +77,12 @@ def _lines(path: str) -> Iterator[tuple[int, str | BadRecord]]:
 
 
 def _text(path: str, **_) -> Iterator[Record | BadRecord]:
-    for n, line in _lines(path):
+    for n, line in read_lines(path):
         yield line if isinstance(line, BadRecord) else Record(n, None, line)
 
 
 def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
-    for n, line in _lines(path):
+    for n, line in read_lines(path):
         if isinstance(line, BadRecord):
             yield line
             continue
@@ -83,12 +107,15 @@ def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record 
         if id_field is not None and id_field not in obj:
             yield BadRecord(f"{path}:{n}: missing id field {id_field!r}")
             continue
+        if id_field is not None and obj[id_field] is None:
+            yield BadRecord(f"{path}:{n}: id field {id_field!r} is null")
+            continue
         yield Record(n, obj[id_field] if id_field is not None else None, text)
 
 
 def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
     # A header line names the columns; fields are split on tabs with no quoting (passages may contain quotes).
-    lines = _lines(path)
+    lines = read_lines(path)
     first = next(lines, None)
     if first is None:
         return
@@ -109,6 +136,10 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
         fields = line.split("\t")
         if len(fields) != len(columns):
             yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")
+            continue
+        if ii is not None and not fields[ii]:
+            # An empty field is how TSV writes a missing value (pandas reads it as NaN).
+            yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
             continue
         yield Record(n, fields[ii] if ii is not None else None, fields[ti])
 
@@ -136,6 +167,9 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
             if not isinstance(text, str):
                 yield BadRecord(f"{path}:row {row}: text column {text_field!r} is "
                                 f"{'null' if text is None else type(text).__name__}, not a string")
+                continue
+            if id_field is not None and id_ is None:
+                yield BadRecord(f"{path}:row {row}: id column {id_field!r} is null")
                 continue
             yield Record(row, id_, text)
 

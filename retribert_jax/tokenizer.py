@@ -1,21 +1,47 @@
-"""RetriBertTokenizer: uncased BERT WordPiece on HF `tokenizers`, returning numpy int32 and no token_type_ids."""
+"""RetriBertTokenizer: BERT WordPiece on HF `tokenizers`, returning numpy int32 and no token_type_ids.
+
+A checkpoint directory is read as HF's `BertTokenizerFast.from_pretrained` reads it, so the ids are the ones the
+model gets under transformers:
+- `tokenizer.json`, else `vocab.txt`;
+- `tokenizer_config.json`'s `do_lower_case` / `strip_accents` / `tokenize_chinese_chars` (HF's defaults True / None /
+  True for absent keys or no file) rebuild tokenizer.json's BertNormalizer where it disagrees, as HF does;
+- the special tokens (`unk_token`, ..., `additional_special_tokens`) of `tokenizer_config.json`, overridden by
+  `special_tokens_map.json` unless the config has `added_tokens_decoder` (then HF reads neither that file nor
+  `added_tokens.json`), are registered as added tokens, so a `[MASK]` written in a text is one id.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 DEFAULT_MAX_LENGTH = 512
 # The files a checkpoint directory's tokenizer may consist of (copied verbatim when a checkpoint is converted).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+# HF's SPECIAL_TOKENS_ATTRIBUTES order: tokens absent from the vocabulary get new ids in this order.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                       "mask_token": "[MASK]"}
+# Every input holds these, so one missing from the vocabulary is an error rather than a new id past the embeddings.
+_REQUIRED = ("pad_token", "unk_token", "cls_token", "sep_token")
+_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+Token = str | AddedToken
+
+
+def _content(token: Token) -> str:
+    return token.content if isinstance(token, AddedToken) else token
 
 
 def _read_vocab(path: str) -> dict[str, int]:
+    # Text mode splits lines as HF's `load_vocab` does (it reads vocab.txt with readlines()).
     vocab: dict[str, int] = {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -26,43 +52,86 @@ def _read_vocab(path: str) -> dict[str, int]:
                 vocab[token] = i
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
-        if special not in vocab:
-            raise ValueError(f"{path}: the vocabulary has no {special} token")
     return vocab
 
 
-def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True) -> Tokenizer:
-    """BERT's tokenizer from a `vocab.txt`: clean text, CJK splitting, lowercasing with accent stripping."""
+def _check_required(vocab: Mapping[str, int], special_tokens: Mapping[str, Token | None], where: str) -> None:
+    for key in _REQUIRED:
+        token = special_tokens.get(key)
+        if token is None:
+            raise ValueError(f"{where}: no {key} is set; BERT needs one")
+        if _content(token) not in vocab:
+            raise ValueError(f"{where}: the vocabulary has no {_content(token)} token (the {key})")
+
+
+def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True, *, strip_accents: bool | None = None,
+                         tokenize_chinese_chars: bool = True,
+                         special_tokens: Mapping[str, Token | None] | None = None) -> Tokenizer:
+    """BERT's tokenizer from a `vocab.txt`, as HF's BertConverter builds it (special tokens not yet registered).
+
+    Args:
+      vocab_file: one token a line; the line number (from 0) is the id.
+      lowercase: lowercase the text (BertNormalizer `lowercase`).
+      strip_accents: None follows `lowercase`, as BertTokenizer does.
+      tokenize_chinese_chars: put spaces around CJK ideographs.
+      special_tokens: HF's names (`unk_token`, `cls_token`, ...) -> token; default BERT's `[UNK]`, `[CLS]`, ...
+
+    Raises:
+      ValueError: a duplicate token (naming both lines), non-UTF-8 text, or no [PAD]/[UNK]/[CLS]/[SEP] token.
+    """
+    special_tokens = {**BERT_SPECIAL_TOKENS, **(special_tokens or {})}
     vocab = _read_vocab(vocab_file)
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    # strip_accents=None follows `lowercase`, as BertTokenizer does.
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=lowercase)
+    _check_required(vocab, special_tokens, vocab_file)
+    unk, cls, sep = (_content(special_tokens[k]) for k in ("unk_token", "cls_token", "sep_token"))
+    tok = Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
     return tok
 
 
 class RetriBertTokenizer:
-    """Uncased BERT WordPiece; `tok(texts)` gives numpy int32 `input_ids` and `attention_mask`."""
+    """BERT WordPiece; `tok(texts)` gives numpy int32 `input_ids` and `attention_mask`.
 
-    def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MAX_LENGTH):
+    The lowercasing, accent stripping and CJK splitting are those of the backend's normaliser (`do_lower_case`,
+    `strip_accents`, `tokenize_chinese_chars` read it back), so what `save_pretrained` writes is what it does.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MAX_LENGTH,
+                 special_tokens: Mapping[str, Any] | None = None):
+        """Wraps a `tokenizers.Tokenizer` and registers its special tokens as HF's PreTrainedTokenizerFast does.
+
+        Args:
+          tokenizer: a BERT WordPiece tokenizer (changed in place: truncation and padding off, specials added).
+          model_max_length: the default truncation length.
+          special_tokens: HF's names (`unk_token`, ..., `mask_token`, `additional_special_tokens`) -> token (a str
+            or an AddedToken for lstrip/rstrip); default BERT's. Those that are not yet added tokens of `tokenizer`
+            become special added tokens (a text's `[MASK]` is then one id), new ids past the vocabulary for those
+            it lacks.
+
+        Raises:
+          ValueError: the vocabulary lacks the pad, unk, cls or sep token.
+        """
+        specials = {**BERT_SPECIAL_TOKENS, **(special_tokens or {})}
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
         self.model_max_length = model_max_length
-        self.pad_token_id = self._token_id("[PAD]")
-        self.cls_token_id = self._token_id("[CLS]")
-        self.sep_token_id = self._token_id("[SEP]")
-
-    def _token_id(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise ValueError(f"the tokenizer's vocabulary has no {token} token")
-        return i
+        _check_required(self._tok.get_vocab(), specials, "the tokenizer")
+        additional = list(specials.pop("additional_special_tokens", None) or [])
+        unknown = set(specials) - set(SPECIAL_TOKEN_KEYS)
+        if unknown:
+            raise ValueError(f"unknown special token names {sorted(unknown)}; expected {SPECIAL_TOKEN_KEYS}")
+        self.special_tokens = {k: specials[k] for k in SPECIAL_TOKEN_KEYS if specials.get(k) is not None}
+        self.additional_special_tokens = additional
+        _add_tokens(self._tok, [*self.special_tokens.values(), *additional],
+                    _special_contents({**self.special_tokens, "additional_special_tokens": additional}))
+        self.pad_token_id = self._tok.token_to_id(_content(self.special_tokens["pad_token"]))
+        self.cls_token_id = self._tok.token_to_id(_content(self.special_tokens["cls_token"]))
+        self.sep_token_id = self._tok.token_to_id(_content(self.special_tokens["sep_token"]))
 
     @property
     def backend(self) -> Tokenizer:
@@ -72,14 +141,46 @@ class RetriBertTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def _normalizer_setting(self, name: str) -> Any:
+        n = self._tok.normalizer
+        return getattr(n, name) if isinstance(n, normalizers.BertNormalizer) else None
+
+    @property
+    def do_lower_case(self) -> bool | None:
+        """Whether the text is lowercased; None when the normaliser is not BERT's."""
+        return self._normalizer_setting("lowercase")
+
+    @property
+    def strip_accents(self) -> bool | None:
+        """True/False; None: strip accents exactly when lowercasing (also None for a normaliser not BERT's)."""
+        return self._normalizer_setting("strip_accents")
+
+    @property
+    def tokenize_chinese_chars(self) -> bool | None:
+        """Whether CJK ideographs become separate words; None when the normaliser is not BERT's."""
+        return self._normalizer_setting("handle_chinese_chars")
+
     @classmethod
-    def from_vocab_file(cls, vocab_file: str, lowercase: bool = True,
-                        model_max_length: int = DEFAULT_MAX_LENGTH) -> RetriBertTokenizer:
-        return cls(wordpiece_from_vocab(vocab_file, lowercase), model_max_length)
+    def from_vocab_file(cls, vocab_file: str, lowercase: bool = True, model_max_length: int = DEFAULT_MAX_LENGTH,
+                        *, strip_accents: bool | None = None, tokenize_chinese_chars: bool = True,
+                        special_tokens: Mapping[str, Any] | None = None) -> RetriBertTokenizer:
+        """HF's `BertTokenizerFast(vocab_file=..., do_lower_case=lowercase, ...)`; arguments as in
+        `wordpiece_from_vocab` and `__init__`."""
+        tok = wordpiece_from_vocab(vocab_file, lowercase, strip_accents=strip_accents,
+                                   tokenize_chinese_chars=tokenize_chinese_chars, special_tokens=special_tokens)
+        return cls(tok, model_max_length, special_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> RetriBertTokenizer:
-        """From a checkpoint directory (`tokenizer.json`, else `vocab.txt`), a file of either kind, or a hub id."""
+        """From a checkpoint directory, a lone `tokenizer.json` or `vocab.txt` file, or a hub id.
+
+        A directory is read as HF's BertTokenizerFast.from_pretrained reads it (see the module docstring). A lone
+        `tokenizer.json` is taken as it is (its normaliser says what it does), a lone `vocab.txt` as uncased BERT.
+
+        Raises:
+          FileNotFoundError: neither tokenizer.json nor vocab.txt in the directory.
+          ValueError: a malformed file, or a config key of the wrong type, naming the file and key.
+        """
         from retribert_jax.hub import resolve_checkpoint
 
         path = resolve_checkpoint(path)
@@ -87,30 +188,48 @@ class RetriBertTokenizer:
             if path.endswith(".json"):
                 return cls(_tokenizer_json(path))
             return cls.from_vocab_file(path)
-        settings = _tokenizer_config(path)
-        max_len = settings.get("model_max_length", DEFAULT_MAX_LENGTH)
-        if not isinstance(max_len, int) or max_len > 10**6:  # HF writes a huge sentinel for "no limit"
-            max_len = DEFAULT_MAX_LENGTH
+        s = _directory_settings(path)
         tok_json = os.path.join(path, "tokenizer.json")
-        if os.path.isfile(tok_json):
-            return cls(_tokenizer_json(tok_json), max_len)
         vocab = os.path.join(path, "vocab.txt")
-        if os.path.isfile(vocab):
-            return cls.from_vocab_file(vocab, settings.get("do_lower_case", True), max_len)
-        raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
+        if os.path.isfile(tok_json):
+            tok = _tokenizer_json(tok_json)
+            _configure_normalizer(tok, s["do_lower_case"], s["strip_accents"], s["tokenize_chinese_chars"])
+            _check_required(tok.get_vocab(), s["special_tokens"], tok_json)
+        elif os.path.isfile(vocab):
+            tok = wordpiece_from_vocab(vocab, s["do_lower_case"], strip_accents=s["strip_accents"],
+                                       tokenize_chinese_chars=s["tokenize_chinese_chars"],
+                                       special_tokens=s["special_tokens"])
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
+        _add_tokens(tok, s["added_tokens"], _special_contents(s["special_tokens"]))
+        tok.encode_special_tokens = s["split_special_tokens"]
+        return cls(tok, s["model_max_length"], s["special_tokens"])
 
     def save_pretrained(self, directory: str) -> None:
-        """Writes `tokenizer.json`, `vocab.txt` and a `tokenizer_config.json` HF's BertTokenizerFast reads."""
+        """Writes `tokenizer.json`, `vocab.txt`, `special_tokens_map.json` and a `tokenizer_config.json` stating this
+        tokenizer's settings, so that HF's BertTokenizerFast / AutoTokenizer load it to the same ids."""
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, "tokenizer.json"))
         vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
         with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token, _ in vocab)
-        config = {"tokenizer_class": "RetriBertTokenizer", "do_lower_case": True,
-                  "model_max_length": self.model_max_length, "unk_token": "[UNK]", "sep_token": "[SEP]",
-                  "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
+        specials: dict[str, Any] = {k: _content(v) for k, v in self.special_tokens.items()}
+        if self.additional_special_tokens:
+            specials["additional_special_tokens"] = [_content(t) for t in self.additional_special_tokens]
+        config: dict[str, Any] = {"tokenizer_class": "BertTokenizer"}
+        if isinstance(self._tok.normalizer, normalizers.BertNormalizer):
+            config.update(do_lower_case=self.do_lower_case, strip_accents=self.strip_accents,
+                          tokenize_chinese_chars=self.tokenize_chinese_chars)
+        config.update(model_max_length=self.model_max_length, **specials)
+        if self._tok.encode_special_tokens:
+            config["split_special_tokens"] = True
+        # HF takes the lstrip/rstrip/normalized flags of the special tokens from here.
+        config["added_tokens_decoder"] = {str(i): {"content": t.content, **{k: getattr(t, k) for k in _FLAGS}}
+                                          for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                json.dump(value, f, indent=2, ensure_ascii=False)
+                f.write("\n")
 
     def encode_lengths(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
         """Token counts (with [CLS] and [SEP], after truncation) without padding; for sorting by length."""
@@ -175,6 +294,39 @@ class RetriBertTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def _special_contents(special_tokens: Mapping[str, Any]) -> set[str]:
+    out = {_content(v) for k, v in special_tokens.items() if k in SPECIAL_TOKEN_KEYS and v is not None}
+    return out | {_content(t) for t in special_tokens.get("additional_special_tokens") or []}
+
+
+def _add_tokens(tok: Tokenizer, tokens: Sequence[Token], specials: set[str]) -> None:
+    """Adds the tokens that are not yet added tokens of `tok` (by content), in order, as HF's
+    PreTrainedTokenizerFast does: one in the vocabulary keeps its id, another gets the next free one."""
+    have = {t.content for t in tok.get_added_tokens_decoder().values()}
+    new = []
+    for t in tokens:
+        content = _content(t)
+        if content in have:
+            continue
+        have.add(content)
+        if isinstance(t, AddedToken):
+            new.append(AddedToken(content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                  normalized=t.normalized, special=t.special or content in specials))
+        else:
+            new.append(AddedToken(content, special=content in specials))
+    tok.add_tokens(new)
+
+
+def _configure_normalizer(tok: Tokenizer, lowercase: bool, strip_accents: bool | None, chinese: bool) -> None:
+    # BertTokenizerFast.__init__: a BertNormalizer that disagrees with the config is rebuilt from the config (other
+    # normalisers have none of these keys, so HF leaves them alone).
+    n = tok.normalizer
+    if isinstance(n, normalizers.BertNormalizer) and \
+            (n.lowercase, n.strip_accents, n.handle_chinese_chars) != (lowercase, strip_accents, chinese):
+        tok.normalizer = normalizers.BertNormalizer(clean_text=n.clean_text, handle_chinese_chars=chinese,
+                                                    strip_accents=strip_accents, lowercase=lowercase)
+
+
 def _tokenizer_json(path: str) -> Tokenizer:
     try:
         return Tokenizer.from_file(path)
@@ -182,8 +334,8 @@ def _tokenizer_json(path: str) -> Tokenizer:
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
-def _tokenizer_config(directory: str) -> dict:
-    path = os.path.join(directory, "tokenizer_config.json")
+def _json_object(path: str) -> dict:
+    """The JSON object in `path`, {} if there is no such file."""
     if not os.path.isfile(path):
         return {}
     try:
@@ -191,4 +343,74 @@ def _tokenizer_config(directory: str) -> dict:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return d if isinstance(d, dict) else {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _flag(d: dict, path: str, key: str, default: bool | None, allow_none: bool = False) -> bool | None:
+    v = d.get(key, default)
+    if isinstance(v, bool) or (v is None and allow_none):
+        return v
+    raise ValueError(f"{path}: key {key!r} is {v!r}, expected true or false" + (" or null" if allow_none else ""))
+
+
+def _token(value: Any, path: str, key: str, special: bool = True) -> Token | None:
+    """A token from a config value: a string, or HF's AddedToken object {"content": ..., "lstrip": ..., ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {k: bool(value[k]) for k in _FLAGS if k in value}
+        return AddedToken(value["content"], **{"special": special, **flags})
+    raise ValueError(f"{path}: key {key!r} is {value!r}, expected a token string or an AddedToken object")
+
+
+def _token_list(value: Any, path: str, key: str) -> list[Token]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: key {key!r} is {value!r}, expected a list of tokens")
+    return [_token(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _directory_settings(directory: str) -> dict[str, Any]:
+    """What HF's BertTokenizerFast.from_pretrained takes from a directory's tokenizer_config.json,
+    special_tokens_map.json and added_tokens.json, with its defaults for what they leave out."""
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    cfg = _json_object(cfg_path)
+    max_len = cfg.get("model_max_length", DEFAULT_MAX_LENGTH)
+    # HF writes a huge sentinel for "no limit"; BERT's position embeddings stop at 512 anyway.
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len > 10**6:
+        max_len = DEFAULT_MAX_LENGTH
+    specials: dict[str, Any] = dict(BERT_SPECIAL_TOKENS)
+    specials.update({k: _token(cfg[k], cfg_path, k) for k in SPECIAL_TOKEN_KEYS if k in cfg})
+    additional = _token_list(cfg.get("additional_special_tokens"), cfg_path, "additional_special_tokens")
+    added: list[Token] = []
+    if "added_tokens_decoder" in cfg:
+        decoder = cfg["added_tokens_decoder"]
+        if not isinstance(decoder, dict) or not all(isinstance(k, str) and k.isdigit() for k in decoder):
+            raise ValueError(f"{cfg_path}: key 'added_tokens_decoder' must map ids to AddedToken objects")
+        added = [_token(decoder[k], cfg_path, f"added_tokens_decoder[{k}]", special=False)
+                 for k in sorted(decoder, key=int)]
+    else:
+        # Only without added_tokens_decoder (HF's "legacy" branch) are these two files read.
+        stm_path = os.path.join(directory, "special_tokens_map.json")
+        for key, value in _json_object(stm_path).items():
+            if key in SPECIAL_TOKEN_KEYS:
+                specials[key] = _token(value, stm_path, key)
+            elif key == "additional_special_tokens":
+                seen = {_content(t) for t in additional}
+                additional += [t for t in _token_list(value, stm_path, key) if _content(t) not in seen]
+        at_path = os.path.join(directory, "added_tokens.json")
+        index = _json_object(at_path)
+        if not all(isinstance(v, int) for v in index.values()):
+            raise ValueError(f"{at_path}: expected an object of token -> id")
+        named = _special_contents({**specials, "additional_special_tokens": additional})
+        added = [AddedToken(t, normalized=t not in named, special=t in named)
+                 for t, _ in sorted(index.items(), key=lambda kv: kv[1])]
+    specials["additional_special_tokens"] = additional
+    return {"do_lower_case": _flag(cfg, cfg_path, "do_lower_case", True),
+            "strip_accents": _flag(cfg, cfg_path, "strip_accents", None, allow_none=True),
+            "tokenize_chinese_chars": _flag(cfg, cfg_path, "tokenize_chinese_chars", True),
+            "split_special_tokens": _flag(cfg, cfg_path, "split_special_tokens", False),
+            "model_max_length": max_len, "special_tokens": specials, "added_tokens": added}

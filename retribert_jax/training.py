@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
 from retribert_jax.config import TrainConfig
+from retribert_jax.corpus import BadRecord, read_lines
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in_batch_loss
 from retribert_jax.tokenizer import RetriBertTokenizer
@@ -208,30 +209,34 @@ def read_pairs(path: str) -> list[Pair]:
     with "negatives": [str, ...] (DPR / Tevatron style hard negatives). "answer" is the positive passage (ELI5's word
     for it); other keys are ignored.
 
+    Lines are those of `corpus.read_lines` (split at \\n only, CRLF and a byte-order mark allowed), so a line number
+    in an error is the one an editor or `wc -l` shows.
+
     Raises:
       FileNotFoundError, ValueError: naming the file and line.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for field in ("question", "answer"):
-                if not isinstance(rec.get(field), str):
-                    got = "missing" if field not in rec else type(rec[field]).__name__
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string ({got})")
-            negatives = rec.get("negatives", [])
-            if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-                raise ValueError(f"{path}:{lineno}: field 'negatives' must be a list of strings")
-            pairs.append(Pair(rec["question"], rec["answer"], tuple(negatives)))
+    for lineno, line in read_lines(path):
+        if isinstance(line, BadRecord):
+            raise line
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        for field in ("question", "answer"):
+            if not isinstance(rec.get(field), str):
+                got = "missing" if field not in rec else type(rec[field]).__name__
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string ({got})")
+        negatives = rec.get("negatives", [])
+        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+            raise ValueError(f"{path}:{lineno}: field 'negatives' must be a list of strings")
+        pairs.append(Pair(rec["question"], rec["answer"], tuple(negatives)))
     if not pairs:
         raise ValueError(f"{path}: no question/answer pairs")
     return pairs

@@ -175,3 +175,28 @@ def test_resume_after_kill9(model_dir, tmp_path):
     differing = [n for n in a if a[n] != b[n]]
     assert not differing, f"resumed output differs from an uninterrupted run in {differing}"
     assert not [n for n in os.listdir(killed) if n.startswith(".")], "temporary files left behind"
+
+
+def test_byte_order_mark_and_null_ids(model_dir, tmp_path):
+    """An Excel/Notepad JSONL file (byte-order mark, CRLF) with a null id: line 1 is a record, the null id is a bad
+    line, and no id is invented for it (pyarrow reads the same records and ids)."""
+    pa_json = pytest.importorskip("pyarrow.json")
+    path = tmp_path / "excel.jsonl"
+    rows = [{"id": 7, "text": "why is the sky blue"}, {"id": None, "text": "why does ice float"},
+            {"id": 1, "text": "why does bread rise"}]
+    path.write_bytes("\ufeff".encode() + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
+    want = pa_json.read_json(str(path)).to_pylist()
+    assert want == rows
+    r = run_cli(model_dir, str(path), str(tmp_path / "o1"), "--kind", "passages", "--id-field", "id",
+                "--no-progress")
+    assert r.returncode == 2 and f"{path}:2: id field 'id' is null" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    r = run_cli(model_dir, str(path), str(tmp_path / "o2"), "--kind", "passages", "--id-field", "id",
+                "--skip-bad-lines", "--store-text", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"{path}:2: id field 'id' is null" in r.stderr and f"{path}:1:" not in r.stderr, r.stderr
+    manifest, _, ids = load_all(str(tmp_path / "o2"))
+    kept = [w for w in want if w["id"] is not None]
+    assert manifest["count"] == len(kept) and ids == [w["id"] for w in kept]
+    with open(tmp_path / "o2" / "texts-00000.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == [w["text"] for w in kept]

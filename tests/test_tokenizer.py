@@ -1,5 +1,6 @@
 """Ids identical to HF's BertTokenizerFast on the real uncased vocabulary, from tokenizer.json or vocab.txt alone."""
 
+import json
 import os
 
 import numpy as np
@@ -96,3 +97,209 @@ def test_bad_vocab_and_inputs(tmp_path):
         RetriBertTokenizer.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         RetriBertTokenizer.from_pretrained(str(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Directories read as HF's BertTokenizerFast.from_pretrained reads them (issue #13 items 1-3)
+
+MULTILINGUAL = [
+    "The quick brown [MASK] jumps over [SEP] the [mask] dog[UNK]",
+    "Café naïve résumé — Ångström, façade; ÉCOLE.",
+    "北京大学 and 東京 are both in Asia; 한국어 too.",
+    "日本語のテキストとカタカナ",
+    "Москва ЁЛКА, Ελληνικά ΆΈΉ, Straße İstanbul",
+    "عربي עברית हिन्दी ไทย",
+    "ﬁ ligature Ⅻ and Ｆｕｌｌｗｉｄｔｈ",
+]
+
+
+def _hf():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _checkpoint_dir(directory, minilm, config, *, tokenizer_json: bool) -> str:
+    """A tokenizer directory: minilm's vocab.txt (and its uncased tokenizer.json) with the given config."""
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(os.path.join(minilm, "vocab.txt"), directory)
+    if tokenizer_json:
+        shutil.copy(os.path.join(minilm, "tokenizer.json"), directory)
+    if config is not None:
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+    return str(directory)
+
+
+def _assert_same_ids(ours: RetriBertTokenizer, hf, texts, what: str) -> None:
+    a = ours(texts, padding=True)["input_ids"].tolist()
+    b = hf(texts, padding=True, truncation=True)["input_ids"]
+    for i, text in enumerate(texts):
+        assert a[i] == b[i], f"{what}: text {i} {text[:40]!r}: ids differ\n ours   {a[i]}\n theirs {b[i]}"
+
+
+def test_special_tokens_in_text_are_one_token_without_tokenizer_json(minilm, tmp_path):
+    """The 2020-era layout (vocab.txt + tokenizer_config.json): `[MASK]` in a text is HF's one id, not `[ mask ]`."""
+    hf_fast = _hf().BertTokenizerFast
+    with open(os.path.join(minilm, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    d = _checkpoint_dir(tmp_path / "ckpt", minilm, config, tokenizer_json=False)
+    hf = hf_fast.from_pretrained(d)
+    text = "The quick brown [MASK] jumps"
+    assert hf.mask_token_id in hf(text)["input_ids"], "the reference does not keep [MASK] whole"
+    _assert_same_ids(RetriBertTokenizer.from_pretrained(d), hf, [text, *MULTILINGUAL], "directory, vocab.txt")
+    vocab = os.path.join(minilm, "vocab.txt")
+    hf_vocab = hf_fast(vocab_file=vocab)
+    _assert_same_ids(RetriBertTokenizer.from_pretrained(vocab), hf_vocab, MULTILINGUAL, "a lone vocab.txt")
+    _assert_same_ids(RetriBertTokenizer.from_vocab_file(vocab), hf_vocab, MULTILINGUAL, "from_vocab_file")
+    # Registered as HF registers them: special added tokens that skip normalisation ("[mask]" stays three words).
+    hf_added = {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+                for i, t in hf_vocab.backend_tokenizer.get_added_tokens_decoder().items()}
+    ours_added = {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+                  for i, t in RetriBertTokenizer.from_vocab_file(vocab).backend.get_added_tokens_decoder().items()}
+    assert ours_added == hf_added
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "<mask>", "[unused0]", "x"]
+EDGE_TEXT = "hello [MASK] <mask> [unused0] x <newmask> xhello [MASK]x Foo foo zz"
+
+
+@pytest.mark.parametrize("name, drop, config, special_map, added_json", [
+    ("mask absent from the vocabulary: a new id", "[MASK]", None, None, None),
+    ("config's mask_token replaces [MASK]", None, {"mask_token": "<mask>"}, None, None),
+    ("special_tokens_map.json overrides the config", None, {"mask_token": "<mask>"}, {"mask_token": "[unused0]"},
+     None),
+    ("a special token absent from the vocabulary", None, {"mask_token": "<newmask>"}, None, None),
+    ("additional_special_tokens of both files", None, {"additional_special_tokens": ["[unused0]"]},
+     {"additional_special_tokens": ["<newmask>"]}, None),
+    ("an AddedToken object with lstrip", None, {"mask_token": {
+        "__type": "AddedToken", "content": "[MASK]", "lstrip": True, "rstrip": True, "normalized": False,
+        "single_word": False}}, None, None),
+    ("cls_token changes the template", None, {"cls_token": "[unused0]"}, None, None),
+    ("added_tokens.json", None, {}, None, {"<newmask>": 9, "zz": 10}),
+    ("added_tokens_decoder wins over special_tokens_map.json", None, {"added_tokens_decoder": {
+        "4": {"content": "[MASK]", "lstrip": True, "rstrip": True, "normalized": False, "single_word": False,
+              "special": True},
+        "9": {"content": "Foo", "lstrip": False, "rstrip": False, "normalized": True, "single_word": False,
+              "special": False}}}, {"mask_token": "<mask>"}, None),
+    ("split_special_tokens", None, {"split_special_tokens": True}, None, None),
+])
+def test_special_token_configs_match_hf(tmp_path, name, drop, config, special_map, added_json):
+    transformers = _hf()
+    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB if t != drop))
+    for file, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
+                        ("added_tokens.json", added_json)):
+        if value is not None:
+            (tmp_path / file).write_text(json.dumps(value))
+    ours = RetriBertTokenizer.from_pretrained(str(tmp_path))
+    references = [transformers.BertTokenizerFast, transformers.BertTokenizer]
+    # Two cases where HF's slow tokenizer differs from its fast one, which we follow: the slow one matches the
+    # normalized added token "Foo" only as written (the fast one also as "foo"), and with split_special_tokens its
+    # BasicTokenizer still keeps a free-standing "[MASK]" whole.
+    if {"added_tokens_decoder", "split_special_tokens"} & set(config or {}):
+        references.pop()
+    for cls in references:
+        _assert_same_ids(ours, cls.from_pretrained(str(tmp_path)), [EDGE_TEXT, "hello x"], f"{name}, {cls.__name__}")
+
+
+NORMALIZER_CONFIGS = [
+    {"do_lower_case": lower, "tokenize_chinese_chars": chinese, **({} if strip == "absent" else
+                                                                  {"strip_accents": strip})}
+    for lower in (True, False) for strip in (True, False, "absent") for chinese in (True, False)]
+
+
+@pytest.mark.parametrize("tokenizer_json", [True, False], ids=["tokenizer.json", "vocab.txt"])
+def test_tokenizer_config_is_honoured_as_hf_does(minilm, tmp_path, tokenizer_json):
+    """do_lower_case x strip_accents x tokenize_chinese_chars: HF rebuilds tokenizer.json's normaliser from them."""
+    hf_fast = _hf().BertTokenizerFast
+    for i, config in enumerate(NORMALIZER_CONFIGS):
+        config = {**config, "model_max_length": 12}
+        d = _checkpoint_dir(tmp_path / f"c{i}", minilm, config, tokenizer_json=tokenizer_json)
+        ours, hf = RetriBertTokenizer.from_pretrained(d), hf_fast.from_pretrained(d)
+        _assert_same_ids(ours, hf, MULTILINGUAL, f"{config}")
+        assert ours.model_max_length == hf.model_max_length == 12
+        assert (ours.do_lower_case, ours.strip_accents, ours.tokenize_chinese_chars) == \
+            (config["do_lower_case"], config.get("strip_accents"), config["tokenize_chinese_chars"])
+    # The example of the report: uncased with strip_accents false keeps "é", which this vocabulary lacks.
+    d = _checkpoint_dir(tmp_path / "keep", minilm, {"do_lower_case": True, "strip_accents": False},
+                        tokenizer_json=tokenizer_json)
+    hf = hf_fast.from_pretrained(d)
+    assert hf("Café")["input_ids"] == [101, 100, 102]
+    _assert_same_ids(RetriBertTokenizer.from_pretrained(d), hf, ["Café"], "strip_accents false")
+
+
+def _cased_tokenizer_json(minilm, path) -> str:
+    from tokenizers import Tokenizer, normalizers
+
+    tok = Tokenizer.from_file(os.path.join(minilm, "tokenizer.json"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=None)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_cased_tokenizer_json_in_a_directory_without_do_lower_case(minilm, tmp_path):
+    """HF's do_lower_case defaults to True and overrides a cased tokenizer.json (with or without a config file)."""
+    hf_fast = _hf().BertTokenizerFast
+    for config in (None, {"tokenizer_class": "BertTokenizer"}):
+        d = tmp_path / ("no-config" if config is None else "config")
+        d.mkdir()
+        _cased_tokenizer_json(minilm, d / "tokenizer.json")
+        if config is not None:
+            (d / "tokenizer_config.json").write_text(json.dumps(config))
+        hf = hf_fast.from_pretrained(str(d))
+        assert hf("Hello")["input_ids"] == [101, 7592, 102], "the reference no longer lowercases here"
+        _assert_same_ids(RetriBertTokenizer.from_pretrained(str(d)), hf, MULTILINGUAL, f"config {config}")
+
+
+def _tokenizers_to_save(minilm, tmp_path) -> dict[str, RetriBertTokenizer]:
+    vocab = os.path.join(minilm, "vocab.txt")
+    cased_json = _cased_tokenizer_json(minilm, tmp_path / "cased.json")
+    return {
+        "uncased": RetriBertTokenizer.from_vocab_file(vocab),
+        "cased": RetriBertTokenizer.from_vocab_file(vocab, lowercase=False),
+        "accent-keeping": RetriBertTokenizer.from_vocab_file(vocab, strip_accents=False, model_max_length=64),
+        "no CJK split": RetriBertTokenizer.from_vocab_file(vocab, tokenize_chinese_chars=False),
+        # No config at all: the settings are read from the normaliser.
+        "lone cased tokenizer.json": RetriBertTokenizer.from_pretrained(cased_json),
+    }
+
+
+@pytest.mark.parametrize("loader", ["BertTokenizerFast", "AutoTokenizer"])
+def test_saved_tokenizers_read_back_by_hf(minilm, tmp_path, loader):
+    transformers = _hf()
+    for name, tok in _tokenizers_to_save(minilm, tmp_path).items():
+        out = tmp_path / f"saved-{name}"
+        tok.save_pretrained(str(out))
+        hf = getattr(transformers, loader).from_pretrained(str(out))
+        _assert_same_ids(tok, hf, MULTILINGUAL, f"{name} via {loader}")
+        assert hf.model_max_length == tok.model_max_length, name
+        again = RetriBertTokenizer.from_pretrained(str(out))
+        _assert_same_ids(again, hf, MULTILINGUAL, f"{name} reloaded by us")
+        # Without tokenizer.json HF builds the tokenizer from vocab.txt and the config alone.
+        os.remove(out / "tokenizer.json")
+        _assert_same_ids(tok, getattr(transformers, loader).from_pretrained(str(out)), MULTILINGUAL,
+                         f"{name} via {loader}, vocab.txt and config only")
+
+
+def test_settings_read_from_the_normaliser(minilm, tmp_path):
+    tok = RetriBertTokenizer.from_pretrained(_cased_tokenizer_json(minilm, tmp_path / "cased.json"))
+    assert (tok.do_lower_case, tok.strip_accents, tok.tokenize_chinese_chars) == (False, None, True)
+    tok.save_pretrained(str(tmp_path / "out"))
+    with open(tmp_path / "out" / "tokenizer_config.json") as f:
+        config = json.load(f)
+    assert {k: config[k] for k in ("do_lower_case", "strip_accents", "tokenize_chinese_chars")} == \
+        {"do_lower_case": False, "strip_accents": None, "tokenize_chinese_chars": True}
+
+
+def test_bad_tokenizer_config(tmp_path):
+    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
+    for config, match in (({"do_lower_case": "yes"}, "key 'do_lower_case' is 'yes', expected true or false"),
+                          ({"strip_accents": 1}, "key 'strip_accents' is 1, expected true or false or null"),
+                          ({"mask_token": 3}, "key 'mask_token' is 3, expected a token string"),
+                          ({"cls_token": "<s>"}, r"vocab.txt: the vocabulary has no <s> token \(the cls_token\)"),
+                          ([1], "expected a JSON object, got list")):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=match):
+            RetriBertTokenizer.from_pretrained(str(tmp_path))

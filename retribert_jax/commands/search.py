@@ -28,17 +28,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _questions(args: argparse.Namespace) -> list[str]:
+    from retribert_jax.corpus import BadRecord, read_lines
+
     questions = list(args.questions)
     if args.queries_file:
+        # One question a line as `embed` and `wc -l` count lines (not str.splitlines, which also splits at \f, \x85,
+        # U+2028 ...); blank lines are skipped.
         if args.queries_file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = read_lines("<stdin>", sys.stdin.buffer)
         else:
-            try:
-                with open(args.queries_file, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{args.queries_file}: no such queries file") from None
-        questions += [ln.strip() for ln in lines if ln.strip()]
+            lines = read_lines(args.queries_file)
+        try:
+            for _, line in lines:
+                if isinstance(line, BadRecord):
+                    raise line
+                if line.strip():
+                    questions.append(line.strip())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{args.queries_file}: no such queries file") from None
     if not questions:
         raise ValueError("no questions: give them as arguments or with --queries-file")
     return questions

@@ -23,6 +23,7 @@ COMMANDS = {
     "embed": "embed",
     "search": "search",
     "train": "train",
+    "evaluate": "evaluate",
 }
 
 

@@ -24,6 +24,7 @@ COMMANDS = {
     "search": "search",
     "train": "train",
     "evaluate": "evaluate",
+    "mine": "mine",
 }
 
 

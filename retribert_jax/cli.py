@@ -30,6 +30,8 @@ COMMANDS = {
     "embed": "embed",
     "search": "search",
     "train": "train",
+    "evaluate": "evaluate",
+    "mine": "mine",
 }
 CACHE_ENV = "RETRIBERT_JAX_COMPILATION_CACHE"
 _OFF = ("", "0", "off", "false", "no", "none")

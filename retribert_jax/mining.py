@@ -1,0 +1,439 @@
+"""Hard-negative mining: for each training pair, the passages of an index that rank high for its question but are not
+its answer, written back into the pair as `negatives`.
+
+The filters are those of sentence-transformers' `mine_hard_negatives` (`util/hard_negatives.py`), over one ranking:
+1. The index's hits for the question, best first, with the positive removed (a hit whose text equals the answer
+   after whitespace normalisation, or whose id equals the row's `positive_id_field` value, compared as strings) and
+   any passage whose normalised text already appeared higher up removed (a corpus may hold a passage twice; it is
+   one negative). Rank 0 is the best hit left.
+2. The rank window [range_min, range_max). Unlike sentence-transformers, which skips its `range_min` candidates after
+   the score filters, both bounds here are ranks of this list, so whether a passage is eligible depends on its own
+   rank and score alone. range_max defaults to range_min + num_negatives, or range_min + 10 * num_negatives when a
+   score filter is set (sentence-transformers' defaults).
+3. The score filters, with sentence-transformers' inequalities, `positive` being the inner product of the question's
+   and the answer's embeddings (`encode_passages`, truncated as the index was): a candidate is dropped when
+   `score + absolute_margin > positive`, `score > positive * (1 - relative_margin)` (meant for positive scores, as
+   with a normalised index), `score > max_score` or `score < min_score`.
+4. The first num_negatives candidates left ("top" sampling).
+The index is searched as deep as the window needs: when removing positives and duplicates leaves fewer than
+range_max candidates, the query is searched again twice as deep.
+
+A pair that ends with fewer negatives than asked keeps them (possibly none) and is counted: the filters run short on
+the hard questions (a crowded neighbourhood, or a positive the model scores low), so dropping such pairs would shrink
+the training set and take the hard ones out of it, while in-batch negatives still train them. `drop_incomplete`
+drops them instead (sentence-transformers' "n-tuple" output does so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from retribert_jax.evaluation import id_string, search_in_slices
+from retribert_jax.search import Hit, Index
+
+FILTERS = ("absolute_margin", "relative_margin", "max_score", "min_score")
+# Extra hits fetched beyond the window: room for the positive and a duplicate or two before a deeper search is needed.
+SLACK = 4
+# Pairs encoded and searched per call inside a chunk: the progress bar moves per step, memory stays small.
+STEP = 1024
+PARTS_FORMAT = "retribert_jax.mined"
+
+
+def normalize_whitespace(text: str) -> str:
+    """`text` with every run of whitespace turned into one space and none at either end."""
+    return " ".join(text.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningConfig:
+    """Which hits become negatives (see the module docstring for the order the filters apply in).
+
+    Attributes:
+      num_negatives: negatives per pair (at most).
+      range_min, range_max: the window of ranks (0-based, positives and duplicates removed) negatives come from.
+      max_score, min_score: bounds on a negative's inner product with the question.
+      absolute_margin, relative_margin: how far below the positive's own score a negative must be.
+      positive_id_field: the row key holding the positive's id in the index, for rows that have it.
+      include_scores: also write `negative_scores` and `positive_score` (float inner products).
+    """
+
+    num_negatives: int = 3
+    range_min: int = 0
+    range_max: int | None = None
+    max_score: float | None = None
+    min_score: float | None = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    positive_id_field: str | None = None
+    include_scores: bool = False
+
+    def __post_init__(self):
+        if self.num_negatives <= 0:
+            raise ValueError(f"num_negatives must be positive, got {self.num_negatives}")
+        if self.range_min < 0:
+            raise ValueError(f"range_min must be >= 0, got {self.range_min}")
+        if self.range_max is not None and self.range_max <= self.range_min:
+            raise ValueError(f"range_max ({self.range_max}) must exceed range_min ({self.range_min})")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise ValueError(f"relative_margin must be in [0, 1), got {self.relative_margin}")
+        if self.max_score is not None and self.min_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) exceeds max_score ({self.max_score})")
+
+    @property
+    def window_end(self) -> int:
+        """range_max, or its default."""
+        if self.range_max is not None:
+            return self.range_max
+        filtered = any(getattr(self, name) is not None for name in FILTERS)
+        return self.range_min + self.num_negatives * (10 if filtered else 1)
+
+    @property
+    def needs_positive_score(self) -> bool:
+        return self.absolute_margin is not None or self.relative_margin is not None or self.include_scores
+
+    def rejects(self, score: float, positive: float | None) -> str | None:
+        """The first filter that drops a candidate with this score, or None."""
+        if self.absolute_margin is not None and score + self.absolute_margin > positive:
+            return "absolute_margin"
+        if self.relative_margin is not None and score > positive * (1 - self.relative_margin):
+            return "relative_margin"
+        if self.max_score is not None and score > self.max_score:
+            return "max_score"
+        if self.min_score is not None and score < self.min_score:
+            return "min_score"
+        return None
+
+
+@dataclasses.dataclass
+class MiningStats:
+    """Counts over the mined pairs.
+
+    Attributes:
+      pairs: pairs mined (dropped ones included).
+      negatives: negatives written.
+      incomplete: pairs that got fewer than num_negatives.
+      dropped: incomplete pairs left out of the output (`drop_incomplete`).
+      with_positive_id: pairs that carried `positive_id_field`.
+      window: candidates inside the rank window, over all pairs.
+      skipped: filter name -> candidates of the window it dropped (each counted under the first filter that drops it).
+    """
+
+    pairs: int = 0
+    negatives: int = 0
+    incomplete: int = 0
+    dropped: int = 0
+    with_positive_id: int = 0
+    window: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, other: MiningStats) -> None:
+        for f in dataclasses.fields(self):
+            if f.name != "skipped":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name, n in other.skipped.items():
+            self.skipped[name] = self.skipped.get(name, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mined:
+    """The output rows (input keys kept, `negatives` and `negative_ids` set) and their counts."""
+
+    rows: list[dict[str, Any]]
+    stats: MiningStats
+
+
+def check_index(index: Index, model) -> None:
+    """Refuses an index without stored texts, of questions, or embedded by another architecture than `model`'s (a
+    model or an Encoder: anything with a `config`)."""
+    index.check_model(model.config)
+    if not index.manifest["has_text"]:
+        raise ValueError(f"{index.directory}: holds no passage texts; mining writes negatives as text, so embed the "
+                         f"corpus again with `retribert-jax embed ... --store-text`")
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in ("question", "answer"):
+        if not isinstance(row.get(field), str):
+            got = "missing" if field not in row else type(row[field]).__name__
+            raise ValueError(f"{where}: field {field!r} must be a string ({got})")
+
+
+def _candidates(hits: Sequence[Hit], answer: str, positive_id: str | None) -> list[Hit]:
+    """The hits, best first, without the positive and without passages whose normalised text came higher up."""
+    seen = {normalize_whitespace(answer)}
+    out = []
+    for h in hits:
+        text = normalize_whitespace(h.text)
+        if text in seen or (positive_id is not None and id_string(h.id) == positive_id):
+            continue
+        seen.add(text)
+        out.append(h)
+    return out
+
+
+def _search_deep(index: Index, q: np.ndarray, answers: list[str], positive_ids: list[str | None], depth: int
+                 ) -> list[list[Hit]]:
+    """Each query's candidates, at least `depth` of them unless the index runs out: searched `depth` + SLACK deep,
+    then twice as deep for the queries whose positives and duplicates took too many hits."""
+    out: list[list[Hit] | None] = [None] * len(answers)
+    todo = list(range(len(answers)))
+    k = min(len(index), depth + SLACK)
+    while todo:
+        results = search_in_slices(index, q[todo], k)
+        short = []
+        for i, hits in zip(todo, results, strict=True):
+            cands = _candidates(hits, answers[i], positive_ids[i])
+            if len(cands) < depth and k < len(index):
+                short.append(i)
+            else:
+                out[i] = cands
+        todo, k = short, min(len(index), 2 * k)
+    return out
+
+
+def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningConfig, batch_size: int,
+          max_length: int) -> Mined:
+    questions = [r["question"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    key = cfg.positive_id_field
+    positive_ids = [id_string(r[key]) if key is not None and key in r else None for r in rows]
+    stats = MiningStats(pairs=len(rows), with_positive_id=sum(p is not None for p in positive_ids))
+    if not rows:
+        return Mined([], stats)
+    normalize = index.manifest["normalized"]
+    q = encoder.encode_questions(questions, batch_size=batch_size, max_length=max_length, normalize=normalize)  # N P
+    positive = None
+    if cfg.needs_positive_score:
+        # Truncated as the index's passages were, so that the positive's score is comparable with theirs.
+        p = encoder.encode_passages(answers, batch_size=batch_size, max_length=index.manifest["max_length"],
+                                    normalize=normalize)  # N P
+        positive = np.einsum("np,np->n", q, p)  # N
+    candidates = _search_deep(index, q, answers, positive_ids, cfg.window_end)
+    out = []
+    for i, row in enumerate(rows):
+        pos = None if positive is None else float(positive[i])
+        window = candidates[i][cfg.range_min:cfg.window_end]
+        chosen = []
+        for h in window:
+            reason = cfg.rejects(h.score, pos)
+            if reason is not None:
+                stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+            elif len(chosen) < cfg.num_negatives:
+                chosen.append(h)
+        stats.window += len(window)
+        stats.negatives += len(chosen)
+        stats.incomplete += len(chosen) < cfg.num_negatives
+        mined = {**row, "negatives": [h.text for h in chosen], "negative_ids": [h.id for h in chosen]}
+        if cfg.include_scores:
+            mined["negative_scores"] = [h.score for h in chosen]
+            mined["positive_score"] = pos
+        out.append(mined)
+    return Mined(out, stats)
+
+
+def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]], *, num_negatives: int = 3,
+                        range_min: int = 0, range_max: int | None = None, max_score: float | None = None,
+                        min_score: float | None = None, absolute_margin: float | None = None,
+                        relative_margin: float | None = None, positive_id_field: str | None = None,
+                        include_scores: bool = False, batch_size: int = 32, max_length: int = 128) -> Mined:
+    """Hard negatives for (question, answer) rows from an index of passages (see the module docstring).
+
+    Args:
+      index: an `Index` embedded with `--store-text` by `encoder`'s model (its config hash is checked).
+      encoder: a `retribert_jax.encode.Encoder`; questions go through `encode_questions`, answers (for the positive
+        score) through `encode_passages`, L2-normalised when the index is; scores are float32 inner products.
+      rows: mappings with string "question" and "answer" (the positive passage); other keys are copied through.
+      num_negatives, range_min, range_max, max_score, min_score, absolute_margin, relative_margin,
+        positive_id_field, include_scores: see `MiningConfig`.
+      batch_size, max_length: for `encode_questions` (max_length in tokens); answers use the index's max_length.
+
+    Returns:
+      `Mined`: one output row per input row, in order, each with "negatives" (passage texts, best first) and
+      "negative_ids" (their ids in the index, as stored), replacing any such keys of the input; and the counts.
+
+    Raises:
+      ValueError: a row without string question/answer, a bad setting, or an index without texts, of questions, or
+        of another architecture.
+    """
+    cfg = MiningConfig(num_negatives=num_negatives, range_min=range_min, range_max=range_max, max_score=max_score,
+                       min_score=min_score, absolute_margin=absolute_margin, relative_margin=relative_margin,
+                       positive_id_field=positive_id_field, include_scores=include_scores)
+    check_index(index, encoder)
+    for i, row in enumerate(rows):
+        _check_row(row, f"row {i}")
+    return _mine(index, encoder, rows, cfg, batch_size, max_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: JSONL in, JSONL out, in resumable chunks
+
+
+def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line, row) for each non-blank line of a JSONL pairs file, as `retribert-jax train` reads it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such pairs file")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            _check_row(row, f"{path}:{n}")
+            yield n, row
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _count_rows(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _part(parts: str, i: int, ext: str) -> str:
+    return os.path.join(parts, f"part-{i:05d}.{ext}")
+
+
+def _open_parts(parts: str, settings: dict[str, Any], overwrite: bool) -> None:
+    """Makes `parts` hold this run's settings; keeps an earlier run's parts only when its settings were the same."""
+    from retribert_jax.io import atomic_file
+
+    path = os.path.join(parts, "settings.json")
+    if os.path.isdir(parts) and os.listdir(parts) and not os.path.isfile(path):
+        # Never remove a directory this module did not make.
+        raise ValueError(f"{parts}: exists and is not an unfinished `retribert-jax mine` run; move it away")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); remove {parts} to start again") from None
+        if old == settings:
+            return
+        if not overwrite:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in sorted(settings.items())
+                             if old.get(k) != v)
+            raise ValueError(f"{parts}: holds an unfinished run with other settings ({diff}); pass --overwrite to "
+                             f"start again")
+    if os.path.exists(parts):
+        shutil.rmtree(parts)
+    os.makedirs(parts)
+    with atomic_file(path, "wb") as f:
+        f.write(json.dumps(settings, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def _write_part(parts: str, i: int, rows: list[dict[str, Any]], stats: MiningStats) -> None:
+    from retribert_jax.io import atomic_file
+
+    # The rows file marks the part done, so it is renamed into place after its counts.
+    with atomic_file(_part(parts, i, "stats.json"), "wb") as f:
+        f.write(json.dumps(stats.to_dict()).encode("utf-8"))
+    with atomic_file(_part(parts, i, "jsonl"), "wb") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+
+
+def _read_part_stats(parts: str, i: int) -> MiningStats:
+    with open(_part(parts, i, "stats.json"), encoding="utf-8") as f:
+        return MiningStats(**json.load(f))
+
+
+def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig | None = None, *,
+              chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False, batch_size: int = 32,
+              max_length: int = 128, model_name: str | None = None, show_progress: bool = True) -> MiningStats:
+    """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
+
+    The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun
+    with the same settings skips the parts that exist. Once all exist they are joined into `out` (atomically) and
+    `{out}.parts` is removed.
+
+    Args:
+      index, encoder: as for `mine_hard_negatives`.
+      pairs: JSONL rows {"question": str, "answer": str, ...}; blank lines are skipped.
+      out: the output JSONL: each row with all its keys, plus "negatives" and "negative_ids".
+      config: the filters (default: `MiningConfig()`).
+      chunk_size: pairs per part (the work a kill can lose).
+      drop_incomplete: leave out pairs with fewer than `config.num_negatives` negatives (they are kept by default).
+      overwrite: replace an existing `out`, and discard an unfinished run with other settings.
+      batch_size, max_length: for `encode_questions`.
+      model_name: recorded in the run's settings, so that a resume with another checkpoint of the same architecture
+        is refused.
+      show_progress: a tqdm bar over the pairs.
+
+    Returns:
+      The counts over all pairs.
+
+    Raises:
+      FileExistsError: `out` exists and `overwrite` is False.
+      FileNotFoundError: no such pairs file.
+      ValueError: a bad line (file:line named), no pairs, or an unfinished run with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    from retribert_jax.io import atomic_file
+
+    config = config or MiningConfig()
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not os.path.isfile(pairs):
+        raise FileNotFoundError(f"{pairs}: no such pairs file")
+    check_index(index, encoder)
+    parts = out + ".parts"
+    settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": _file_sha256(pairs),
+                "index": os.path.abspath(index.directory), "index_config_hash": index.manifest["config_hash"],
+                "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
+                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length}
+    _open_parts(parts, settings, overwrite)
+    stats = MiningStats()
+    bar = tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress)
+    num_parts = 0
+    rows = read_pair_rows(pairs)
+    while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
+        i, num_parts = num_parts, num_parts + 1
+        if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run
+            stats.add(_read_part_stats(parts, i))
+            bar.update(len(chunk))
+            continue
+        kept, part_stats = [], MiningStats()
+        for s in range(0, len(chunk), STEP):
+            mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length)
+            part_stats.add(mined.stats)
+            for row in mined.rows:
+                if drop_incomplete and len(row["negatives"]) < config.num_negatives:
+                    part_stats.dropped += 1
+                else:
+                    kept.append(row)
+            bar.update(len(mined.rows))
+        _write_part(parts, i, kept, part_stats)
+        stats.add(part_stats)
+    bar.close()
+    if num_parts == 0:
+        raise ValueError(f"{pairs}: no question/answer pairs")
+    with atomic_file(out, "wb") as f:
+        for i in range(num_parts):
+            with open(_part(parts, i, "jsonl"), "rb") as part:
+                shutil.copyfileobj(part, f)
+    shutil.rmtree(parts)
+    return stats

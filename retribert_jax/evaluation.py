@@ -32,8 +32,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-import numpy as np
-
+from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 
 DEFAULT_METRICS = ("R@1", "R@5", "R@10", "R@100", "RR@10", "nDCG@10")
@@ -41,16 +40,18 @@ BEIR_QRELS_HEADER = ("query-id", "corpus-id", "score")
 QUERY_ID_COLUMNS = ("id", "_id", "qid", "query_id", "query-id")
 QUERY_TEXT_COLUMNS = ("text", "query", "question")
 INSTALL_HINT = "evaluation needs ir-measures: pip install 'retribert_jax[eval]'"
-# Queries searched per call: the jax backend holds a [queries, block_size] float32 score matrix, 64 MiB at 256 x 65536.
-SEARCH_SLICE = 256
 
 
 def require_ir_measures():
-    """The `ir_measures` module; ImportError with the install command when it is missing."""
+    """The `ir_measures` module.
+
+    Raises:
+      MissingDependency: with the install command, when it is not installed.
+    """
     try:
         import ir_measures
     except ImportError:
-        raise ImportError(INSTALL_HINT) from None
+        raise MissingDependency(INSTALL_HINT) from None
     return ir_measures
 
 
@@ -237,26 +238,6 @@ def parse_metrics(names: Sequence[str] | None, depth: int) -> list:
     return measures
 
 
-def search_in_slices(index: Index, queries: np.ndarray, k: int, *, slice_size: int = SEARCH_SLICE) -> list[list[Hit]]:
-    """`index.search_embeddings` over float32 [Q, projection_dim] queries, `slice_size` queries at a time.
-
-    A slice shorter than `slice_size` is padded with zero rows to a power of two, so that the jax backend compiles
-    a handful of query counts rather than one per slice length; the padding rows' hits are dropped.
-
-    Returns:
-      One list of `Hit`s per query, best first (at most k, and at most len(index)).
-    """
-    q = np.asarray(queries, dtype=np.float32)
-    out: list[list[Hit]] = []
-    for s in range(0, q.shape[0], slice_size):
-        part = q[s:s + slice_size]  # S P
-        rows = min(slice_size, 1 << max(0, (part.shape[0] - 1).bit_length()))
-        padded = np.zeros((rows, q.shape[1]), np.float32)
-        padded[:part.shape[0]] = part
-        out += index.search_embeddings(padded, k)[:part.shape[0]]
-    return out
-
-
 def _check_trec_token(what: str, value: str) -> None:
     if not value or value != "".join(value.split()):
         raise ValueError(f"{what} {value!r} is empty or holds whitespace, which a TREC run file cannot carry")
@@ -409,7 +390,7 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
                          f"qrels ids such as {list(qrels)[:3]})")
     q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
                                  show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
-    run = dict(zip(judged, search_in_slices(index, q, depth), strict=True))
+    run = dict(zip(judged, index.search_embeddings(q, depth), strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
     return Evaluation(metrics=aggregate, per_query=per_query, run=run,
                       skipped_queries=[qid for qid in queries if qid not in qrels],

@@ -27,7 +27,6 @@ drops them instead (sentence-transformers' "n-tuple" output does so).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -37,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from retribert_jax.evaluation import id_string, search_in_slices
+from retribert_jax.evaluation import id_string
+from retribert_jax.io import file_sha256
 from retribert_jax.search import Hit, Index
 
 FILTERS = ("absolute_margin", "relative_margin", "max_score", "min_score")
@@ -193,7 +193,7 @@ def _search_deep(index: Index, q: np.ndarray, answers: list[str], positive_ids: 
     todo = list(range(len(answers)))
     k = min(len(index), depth + SLACK)
     while todo:
-        results = search_in_slices(index, q[todo], k)
+        results = index.search_embeddings(q[todo], k)
         short = []
         for i, hits in zip(todo, results, strict=True):
             cands = _candidates(hits, answers[i], positive_ids[i])
@@ -298,14 +298,6 @@ def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, row
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _count_rows(path: str) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -401,7 +393,7 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
         raise FileNotFoundError(f"{pairs}: no such pairs file")
     check_index(index, encoder)
     parts = out + ".parts"
-    settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": _file_sha256(pairs),
+    settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": file_sha256(pairs),
                 "index": os.path.abspath(index.directory), "index_config_hash": index.manifest["config_hash"],
                 "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
                 "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length}

@@ -186,8 +186,18 @@ class Index:
         k = min(k, len(self))
         if q.shape[0] == 0 or k == 0:
             return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
-        search = self._search_faiss if self.backend == "faiss" else self._search_jax
-        parts = [search(q[s:s + QUERY_CHUNK], k) for s in range(0, q.shape[0], QUERY_CHUNK)]
+        parts = []
+        for s in range(0, q.shape[0], QUERY_CHUNK):
+            part = q[s:s + QUERY_CHUNK]  # S P
+            if self.backend == "faiss":
+                parts.append(self._search_faiss(part, k))
+                continue
+            # Padded to a power of two, so that any number of queries compiles a handful of programs.
+            rows = min(QUERY_CHUNK, 1 << max(0, (part.shape[0] - 1).bit_length()))
+            padded = np.zeros((rows, q.shape[1]), np.float32)
+            padded[:part.shape[0]] = part
+            top, idx = self._search_jax(padded, k)
+            parts.append((top[:part.shape[0]], idx[:part.shape[0]]))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
     def rows(self, rows: Sequence[int], what: str = "ids") -> list[Any]:

@@ -13,7 +13,7 @@ from retribert_jax import RetriBertModel, RetriBertTokenizer, cli, mining
 from retribert_jax.encode import Encoder
 from retribert_jax.mining import MiningConfig, mine_file, mine_hard_negatives
 from retribert_jax.search import Index
-from retribert_jax.train import read_pairs
+from retribert_jax.training import read_pairs
 from tests.embed_helpers import random_texts, tiny_model_dir
 
 SHARD = 20
@@ -229,7 +229,8 @@ def test_mine_file_resumes_and_feeds_train(setup, tmp_path, monkeypatch):
     assert [{k: r[k] for k in row} for r, row in zip(back, rows, strict=True)] == rows
     assert all(set(r) - set(row) == {"negatives", "negative_ids", "negative_scores", "positive_score"}
                for r, row in zip(back, rows, strict=True))
-    assert read_pairs(whole) == [(r["question"], r["answer"]) for r in rows]
+    assert read_pairs(whole) == [(r["question"], r["answer"], tuple(m["negatives"])) for r, m in zip(rows, back,
+                                                                                                    strict=True)]
     direct = mine_hard_negatives(index, encoder, rows, num_negatives=2, positive_id_field="pid",
                                  include_scores=True)
     assert [r["negative_ids"] for r in back] == [r["negative_ids"] for r in direct.rows]

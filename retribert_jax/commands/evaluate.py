@@ -32,26 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_faiss(backend: str) -> None:
-    """The one-line install hint when --backend faiss is asked for and faiss is missing."""
-    if backend != "faiss":
-        return
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        from retribert_jax.cli import UserError
-
-        raise UserError("--backend faiss needs faiss: pip install 'retribert_jax[faiss]'") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from retribert_jax import evaluation
-    from retribert_jax.cli import UserError
 
-    try:
-        evaluation.require_ir_measures()
-    except ImportError as e:
-        raise UserError(str(e)) from None
+    evaluation.require_ir_measures()
     for name in ("depth", "batch_size", "block_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -59,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     evaluation.parse_metrics(args.metrics, args.depth)
     queries = evaluation.read_queries(args.queries, skip_bad_lines=args.skip_bad_lines)
     qrels = evaluation.read_qrels(args.qrels)
-    check_faiss(args.backend)
 
     from retribert_jax.encode import Encoder
     from retribert_jax.modeling import RetriBertModel

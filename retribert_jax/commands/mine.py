@@ -53,7 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retribert_jax.commands.evaluate import check_faiss
     from retribert_jax.mining import FILTERS, MiningConfig, mine_file
 
     for name in ("chunk_size", "batch_size", "block_size"):
@@ -63,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
                           max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
                           relative_margin=args.relative_margin, positive_id_field=args.positive_id_field,
                           include_scores=args.include_scores)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    from retribert_jax.io import check_overwrite
+
+    check_overwrite(args.out, args.overwrite)
     if not os.path.isfile(args.pairs):
         raise FileNotFoundError(f"{args.pairs}: no such pairs file")
-    check_faiss(args.backend)
 
     from retribert_jax.encode import Encoder
     from retribert_jax.mining import check_index

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,6 +121,7 @@ class RetriBertTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.model_max_length = model_max_length
+        self._warned_too_long = False
         _check_required(self._tok.get_vocab(), specials, "the tokenizer")
         additional = list(specials.pop("additional_special_tokens", None) or [])
         unknown = set(specials) - set(SPECIAL_TOKEN_KEYS)
@@ -247,9 +249,17 @@ class RetriBertTokenizer:
         else:
             self._tok.no_truncation()
         try:
-            return self._tok.encode_batch(list(texts), add_special_tokens=True)
+            enc = self._tok.encode_batch(list(texts), add_special_tokens=True)
         finally:
             self._tok.no_truncation()
+        longest = max((len(e.ids) for e in enc), default=0)
+        if longest > self.model_max_length and not self._warned_too_long:
+            # As HF's tokenizers do, once: the ids are returned, but a model with that many positions will refuse them.
+            self._warned_too_long = True
+            warnings.warn(f"a sequence of {longest} tokens is longer than this tokenizer's model_max_length "
+                          f"({self.model_max_length}); the model will refuse it: truncate with max_length <= "
+                          f"{self.model_max_length}", stacklevel=3)
+        return enc
 
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None, padding: bool | str = True,
                  truncation: bool = True, pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:

@@ -229,3 +229,24 @@ def test_cudnn_attention_needs_half_precision(tiny_cfg):
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         RetriBertModel(tiny_cfg, attention_impl="cudnn", rngs=nnx.Rngs(0))
     RetriBertModel(tiny_cfg, dtype=jnp.bfloat16, attention_impl="cudnn", rngs=nnx.Rngs(0))  # builds
+
+
+def test_longer_than_the_position_table_is_a_clear_error(tiny_cfg):
+    """Every entry point refuses L > max_position_embeddings by name (HF's embedding lookup fails on it too)."""
+    from retribert_jax.modeling import embed
+
+    model = RetriBertModel(tiny_cfg, rngs=nnx.Rngs(0))
+    limit = tiny_cfg.max_position_embeddings
+    ids = np.ones((2, limit + 1), np.int32)
+    graphdef, state = nnx.split(model)
+    calls = {"embed_questions": lambda: model.embed_questions(ids, ids),
+             "embed_answers": lambda: model.embed_answers(ids, ids),
+             "__call__": lambda: model(ids, ids, ids, ids),
+             "embed": lambda: embed(graphdef, state, ids, ids, kind="passages")}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"input length {limit + 1} is longer than the model's "
+                                             f"max_position_embeddings \\({limit}\\)"):
+            call()
+            pytest.fail(f"{name} accepted {limit + 1} tokens")
+    ok = np.ones((2, limit), np.int32)
+    assert model.embed_questions(ok, ok).shape == (2, tiny_cfg.projection_dim), "the limit itself must pass"

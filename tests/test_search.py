@@ -177,3 +177,52 @@ def test_cli_search_matches_brute_force(tmp_path):
         assert [h["text"] for h in o["hits"]] == [passages[r] for r in want_rows[i]]
         diff = np.abs(np.array([h["score"] for h in o["hits"]]) - want_scores[i]).max()
         assert diff <= 1e-4, f"question {i}: scores differ by {diff:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["jax", "faiss"])
+def test_ties_rank_by_row_and_top_k_is_a_prefix_of_top_K(tmp_path, backend):
+    """50 rows made of 4 distinct vectors: every query meets long runs of exactly equal scores. Both backends rank
+    by score, then by corpus row ascending (computed here with numpy's stable sort), and any k is a prefix of K."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    distinct = rng.standard_normal((4, 8)).astype(np.float32)
+    emb = distinct[rng.integers(0, 4, size=50)]
+    index = Index(write_index(tmp_path / "ties", emb, 16), backend=backend, block_size=7)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    scores_by_vector = q @ distinct.T  # Q 4: the exact scores a row can have
+    row_vector = np.array([int(np.flatnonzero((distinct == e).all(1))[0]) for e in emb])
+    for k in (1, 5, 13, 30, 50):
+        hits = index.search_embeddings(q, k=k)
+        for i in range(3):
+            # The reference order: rows by their vector's score (descending), stable in row number.
+            want = np.argsort(-scores_by_vector[i][row_vector], kind="stable")[:k].tolist()
+            assert [h.id for h in hits[i]] == want, f"{backend}, query {i}, k={k}: tie order differs"
+    top50 = index.search_embeddings(q, k=50)
+    for k in (1, 5, 13, 30):
+        assert [[h.id for h in r] for r in index.search_embeddings(q, k=k)] == [[h.id for h in r][:k] for r in top50]
+
+
+def test_both_backends_return_the_same_ties(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((4, 8)).astype(np.float32)[rng.integers(0, 4, size=50)]
+    d = write_index(tmp_path / "ties", emb, 50)
+    q = rng.standard_normal((6, 8)).astype(np.float32)
+    a = [[h.id for h in r] for r in Index(d).search_embeddings(q, k=20)]
+    b = [[h.id for h in r] for r in Index(d, backend="faiss").search_embeddings(q, k=20)]
+    assert a == b, "jax and faiss order equal scores differently"
+
+
+def test_approximate_top_k_is_exact_off_tpu(tmp_path):
+    """recall_target uses jax.lax.approx_max_k, which only a TPU approximates: on CPU it returns the exact top-k."""
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    d = write_index(tmp_path / "idx", emb, 128)
+    q = rng.standard_normal((7, 16)).astype(np.float32)
+    exact = Index(d, block_size=64).search_embeddings(q, k=10)
+    approx = Index(d, block_size=64, recall_target=0.9).search_embeddings(q, k=10)
+    want_rows, _ = brute_force(q, emb, 10)
+    assert [[h.id for h in r] for r in approx] == [[h.id for h in r] for r in exact] == want_rows.tolist()
+    with pytest.raises(ValueError, match="recall_target"):
+        Index(d, recall_target=1.5)

@@ -303,3 +303,17 @@ def test_bad_tokenizer_config(tmp_path):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=match):
             RetriBertTokenizer.from_pretrained(str(tmp_path))
+
+
+def test_warns_once_when_a_sequence_exceeds_model_max_length(minilm):
+    tok = RetriBertTokenizer.from_pretrained(minilm)
+    long_text = " ".join(["word"] * 700)
+    with pytest.warns(UserWarning, match=r"longer than this tokenizer's model_max_length \(512\)"):
+        out = tok([long_text], max_length=600)
+    assert out["input_ids"].shape[1] == 600, "the ids are still returned, as HF returns them"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok([long_text], max_length=600)  # once per tokenizer, as HF warns
+        tok([long_text], max_length=512)

@@ -58,17 +58,28 @@ def topic_pairs(n: int, seed: int, n_words: int = 100) -> list[tuple[str, str]]:
     return pairs
 
 
-def write_jsonl(path, pairs) -> str:
+def write_jsonl(path, pairs, negatives: int = 0) -> str:
+    """Pairs as training JSONL; with `negatives`, each pair takes the answers of the next pairs as hard negatives."""
     with open(path, "w") as f:
-        for q, a in pairs:
-            f.write(json.dumps({"question": q, "answer": a}) + "\n")
+        for i, (q, a) in enumerate(pairs):
+            rec = {"question": q, "answer": a}
+            if negatives:
+                rec["negatives"] = [pairs[(i + j) % len(pairs)][1] for j in range(1, negatives + 1)]
+            f.write(json.dumps(rec) + "\n")
     return str(path)
 
 
-def batch_of(rng, cfg, b: int = 8):
+def batch_of(rng, cfg, b: int = 8, negatives: int = 0):
+    """A batch of b pairs; with `negatives` m, also m hard negatives a question, a few slots of them empty."""
     qi, qm = random_batch(rng, b, 10, cfg.vocab_size, pad_rows=3)
     ai, am = random_batch(rng, b, 14, cfg.vocab_size, pad_rows=3)
-    return {"q_ids": qi, "q_mask": qm, "p_ids": ai, "p_mask": am}
+    batch = {"q_ids": qi, "q_mask": qm, "p_ids": ai, "p_mask": am}
+    if negatives:
+        ni, nm = random_batch(rng, b * negatives, 12, cfg.vocab_size, pad_rows=b)
+        valid = np.ones((b, negatives), bool)
+        valid[1, -1] = valid[b - 2, :] = False  # a question with one slot empty, one with none filled
+        batch.update(n_ids=ni.reshape(b, negatives, -1), n_mask=nm.reshape(b, negatives, -1), n_valid=valid)
+    return batch
 
 
 def rel_errors(ours: dict, ref: dict) -> dict:
@@ -84,10 +95,11 @@ def rel_errors(ours: dict, ref: dict) -> dict:
     return out
 
 
-def test_accumulated_gradients_equal_full_batch():
+@pytest.mark.parametrize("negatives", [0, 2], ids=["in-batch", "hard-negatives"])
+def test_accumulated_gradients_equal_full_batch(negatives):
     cfg = RetriBertConfig.tiny()
     graphdef, params = nnx.split(init_model(cfg, seed=1), nnx.Param)
-    batch = batch_of(np.random.default_rng(0), cfg)
+    batch = batch_of(np.random.default_rng(0), cfg, negatives=negatives)
     full = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, None))
     acc = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, None, micro_batch_size=2, checkpoint_batch_size=1))
     l1, g1 = full(params, batch)
@@ -184,6 +196,60 @@ def test_one_step_matches_pytorch(tmp_path):
     assert errs[worst] <= 1e-5, f"after one AdamW step {worst} differs from torch.optim.AdamW by {errs[worst]:.3g}"
 
 
+def test_hard_negative_loss_and_gradients_match_pytorch(tmp_path):
+    """The loss with hard negatives, written here in PyTorch on HF's RetriBertModel: questions against every positive
+    and every valid hard negative of the batch, passages against questions as in HF's loss."""
+    torch = pytest.importorskip("torch")
+    cfg = RetriBertConfig.tiny(share_encoders=False)
+    ref = hf_reference(cfg)
+    with torch.no_grad():  # as in test_one_step_matches_pytorch: away from the ln(B) plateau
+        for name, p in ref.named_parameters():
+            if name.startswith("project_") or ".pooler." in name:
+                p.mul_(10.0)
+    ours = RetriBertModel.from_pretrained(save_hf(ref, str(tmp_path / "hf")))
+    batch = batch_of(np.random.default_rng(4), cfg, negatives=3)
+    tb = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items() if k != "n_valid"}
+    b, m, ln = batch["n_ids"].shape
+
+    ref.zero_grad()
+    q = ref.embed_questions(tb["q_ids"], tb["q_mask"])
+    a = ref.embed_answers(tb["p_ids"], tb["p_mask"])
+    n = ref.embed_answers(tb["n_ids"].reshape(b * m, ln), tb["n_mask"].reshape(b * m, ln))
+    hard = (q @ n.T).masked_fill(~torch.tensor(batch["n_valid"].reshape(-1))[None, :], float("-inf"))
+    labels = torch.arange(b)
+    ce = torch.nn.functional.cross_entropy
+    loss_ref = (ce(torch.cat([q @ a.T, hard], dim=1), labels) + ce(a @ q.T, labels)) / 2
+    loss_ref.backward()
+    named = dict(ref.named_parameters())
+    g_ref = {e.flax_path: (named[e.torch_key].grad.numpy().T if e.transpose else named[e.torch_key].grad.numpy())
+             for e in param_table(cfg)}
+
+    graphdef, params = nnx.split(ours, nnx.Param)
+    loss, grads = jax.jit(lambda p, bt: loss_and_grads(graphdef, p, bt, None))(params, batch)
+    without = float(jax.jit(lambda p, bt: loss_and_grads(graphdef, p, bt, None)[0])(
+        params, {k: v for k, v in batch.items() if not k.startswith("n_")}))
+    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), \
+        f"loss {float(loss)} vs PyTorch {loss_ref.item()}"
+    assert float(loss) > without, f"hard negatives should raise the loss: {float(loss)} vs {without} without"
+    errs = rel_errors(flat(grads, cfg), g_ref)
+    worst = max(errs, key=errs.get)
+    print(f"hard negatives vs PyTorch: loss {float(loss):.7f} / {loss_ref.item():.7f}, worst gradient "
+          f"{errs[worst]:.3g} ({worst})")
+    assert errs[worst] <= 1e-4, f"gradient of {worst} differs from PyTorch by {errs[worst]:.3g} (relative)"
+
+
+def test_negatives_are_sampled_per_epoch_and_reproducibly():
+    from retribert_jax.training import Pair, sample_negatives
+
+    pairs = [Pair("q", "p", tuple(f"n{i}.{j}" for j in range(i))) for i in range(6)]  # 0 .. 5 negatives
+    rows = np.arange(6)
+    e0, e0_again, e1 = (sample_negatives(pairs, rows, 3, seed=1, epoch=e) for e in (0, 0, 1))
+    assert e0 == e0_again, "the same (seed, epoch) must give the same sample (resume)"
+    assert [len(x) for x in e0] == [0, 1, 2, 3, 3, 3], [len(x) for x in e0]
+    assert all(len(set(x)) == len(x) and set(x) <= set(p.negatives) for x, p in zip(e0, pairs, strict=True))
+    assert e0[3:] != e1[3:], "another epoch should draw another sample from the longer lists"
+
+
 DP_SCRIPT = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -199,7 +265,7 @@ from tests.test_train import batch_of, flat, rel_errors
 assert jax.device_count() == 8, jax.device_count()
 cfg = RetriBertConfig.tiny()
 graphdef, params = nnx.split(init_model(cfg, seed=2), nnx.Param)
-batch = batch_of(np.random.default_rng(5), cfg, b=16)
+batch = batch_of(np.random.default_rng(5), cfg, b=16, negatives=2)
 worst = 0.0
 for micro in (None, 8):
     res = {}
@@ -234,11 +300,12 @@ def test_data_parallel_8_devices_matches_1():
 
 
 def tiny_start(tmp_path) -> tuple[str, str]:
-    """A config.json beside a tokenizer, for a randomly initialised tiny model, and a training data file."""
+    """A config.json beside a tokenizer, for a randomly initialised tiny model, and a training data file whose pairs
+    carry hard negatives (so that resuming covers their per-epoch sampling too)."""
     start = tmp_path / "start"
     make_vocab(start)
     RetriBertConfig.tiny(vocab_size=len(SPECIALS) + 100).save_pretrained(str(start))
-    data = write_jsonl(tmp_path / "train.jsonl", topic_pairs(48, seed=0))
+    data = write_jsonl(tmp_path / "train.jsonl", topic_pairs(48, seed=0), negatives=3)
     return str(start / "config.json"), data
 
 
@@ -256,8 +323,9 @@ def final_params(out_dir: str) -> dict:
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     config, data = tiny_start(tmp_path)
-    common = ["--batch-size", "8", "--epochs", "2", "--save-every", "1", "--warmup-steps", "2", "--lr", "1e-3",
-              "--checkpoint-batch-size", "4", "--log-every", "1", "--no-progress"]
+    common = ["--batch-size", "8", "--epochs", "2", "--negatives-per-question", "2", "--save-every", "1",
+              "--warmup-steps", "2", "--lr", "1e-3", "--checkpoint-batch-size", "4", "--log-every", "1",
+              "--no-progress"]
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     p = cli("train", config, data, ref_out, *common)
     _, err = p.communicate(timeout=600)

@@ -136,16 +136,17 @@ def _drop_orbax_leftovers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None:  # run as the command, not called from Python
-        _without_ipython()
-        _drop_orbax_leftovers()
     args.timings = Timings(args.verbose)
+    with args.timings.phase("import jax and flax"):
+        if argv is None:  # run as the command, not called from Python
+            _without_ipython()
+            _drop_orbax_leftovers()
+        import flax.nnx  # noqa: F401 - every command needs it; timed here so that the phases below are our own
+
+    from retribert_jax.compilation import enable_compilation_cache
     from retribert_jax.errors import CheckpointError, MissingDependency, UserError
 
     try:
-        with args.timings.phase("import"):
-            from retribert_jax.compilation import enable_compilation_cache
-
         cache = compilation_cache_dir(args)
         if cache is not None:
             enable_compilation_cache(cache)

@@ -65,17 +65,6 @@ def _layer_norm(cfg: RetriBertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          bias_init=_init(nnx.initializers.zeros), rngs=rngs)
 
 
-def _fused_linear(x: Array, layers: tuple[nnx.Linear, ...]) -> tuple[Array, ...]:
-    """`tuple(layer(x) for layer in layers)` as one GEMM: the kernels are concatenated inside the forward, so the
-    parameters keep HF's layout (one Linear per projection) and one [D, n*D] matmul reads `x` once."""
-    dtype = layers[0].dtype
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)  # D nD
-    bias = jnp.concatenate([layer.bias[...] for layer in layers])  # nD
-    # The same promotion nnx.Linear does: inputs, kernel and bias all in the compute dtype.
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)  # B L nD
-    return tuple(jnp.split(y, len(layers), axis=-1))
-
-
 class BertEmbeddings(nnx.Module):
     """Word + position + token-type (always 0) embeddings, then LayerNorm and dropout."""
 
@@ -124,9 +113,9 @@ class BertSelfAttention(nnx.Module):
         if cls_only:
             # Every key and value, but only the [CLS] query: all the pooler reads from the last layer.
             q = self.query(x[:, :1])  # B 1 D
-            k, v = _fused_linear(x, (self.key, self.value))  # B L D each
         else:
-            q, k, v = _fused_linear(x, (self.query, self.key, self.value))  # B L D each
+            q = self.query(x)  # B L D
+        k, v = self.key(x), self.value(x)  # B L D each
         q = q.reshape(b, q.shape[1], self.num_heads, self.head_dim)  # B Lq H Dh
         k = k.reshape(b, length, self.num_heads, self.head_dim)  # B L H Dh
         v = v.reshape(b, length, self.num_heads, self.head_dim)

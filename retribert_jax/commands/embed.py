@@ -73,7 +73,7 @@ def _settings(args: argparse.Namespace, fmt: str, config) -> dict:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     timings = args.timings
-    with timings.phase("import"):
+    with timings.phase("import retribert_jax"):
         import jax
 
         if args.coordinator is not None:

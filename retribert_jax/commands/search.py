@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be positive, got {args.k}")
     questions = _questions(args)
     timings = args.timings
-    with timings.phase("import"):
+    with timings.phase("import retribert_jax"):
         from retribert_jax import RetriBertModel, RetriBertTokenizer
         from retribert_jax.encode import Encoder
         from retribert_jax.search import Index

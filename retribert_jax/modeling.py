@@ -121,7 +121,9 @@ class BertSelfAttention(nnx.Module):
         v = v.reshape(b, length, self.num_heads, self.head_dim)
         dropout_on = not self.dropout.deterministic and self.dropout.rate > 0
         if self.attention_impl == "cudnn" and not dropout_on:
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="cudnn")
+            # cuDNN takes the mask as a bias of the full [B, 1, Lq, L] shape (it does not broadcast over queries).
+            full = jnp.broadcast_to(mask[:, None, None, :], (b, 1, q.shape[1], length))
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=full, implementation="cudnn")
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # B H Lq L
             scores = scores / math.sqrt(self.head_dim)

@@ -203,7 +203,7 @@ def test_random_init_matches_hf_statistics(tiny_cfg):
 
 @pytest.mark.parametrize("cls_only", [False, True], ids=["all-queries", "cls-only"])
 def test_cudnn_branch_computes_the_same_attention(monkeypatch, tiny_cfg, cls_only):
-    """The GPU branch's call (layout B L H Dh, the padding mask broadcast as B 1 1 L) gives our einsum attention's
+    """The GPU branch's call (layout B L H Dh, the padding mask broadcast to B 1 Lq L) gives our einsum attention's
     numbers. Run here through JAX's XLA implementation of that very call, since this machine has no cuDNN."""
     from retribert_jax.modeling import BertSelfAttention
 

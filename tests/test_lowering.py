@@ -1,0 +1,169 @@
+"""The accelerator path, as far as a CPU can check it: the jitted embedding program and the train step lowered for
+CUDA and TPU (`jax.export`, cross-platform), and what matters read off the StableHLO: bf16 operands, f32 scores,
+one layer body whatever the depth, no host callback, the intended shardings over 8 devices, and the cuDNN call.
+
+What stays unchecked without a GPU/TPU: the device compilers themselves (XLA:GPU, cuDNN's acceptance of the fused
+attention call at compile time, XLA:TPU), and the numbers the devices compute; `benchmarks/run.py --device-check`
+measures those when a device is lent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax import export
+
+from retribert_jax import RetriBertConfig
+from retribert_jax.modeling import abstract_model, embed_batch
+from tests.conftest import REPO
+
+PLATFORMS = ("cuda", "tpu")
+
+
+def lowered_text(cfg: RetriBertConfig, dtype, kind: str = "passages", rows: int = 16, length: int = 48,
+                 platforms=PLATFORMS, attention_impl: str = "xla") -> str:
+    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, attention_impl=attention_impl))
+    spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    fn = jax.jit(functools.partial(embed_batch, graphdef, kind=kind))
+    if attention_impl == "cudnn":  # cuDNN's custom call has no serialization guarantee, so jax.export refuses it
+        return fn.trace(state, spec, spec).lower(lowering_platforms=tuple(platforms)).as_text()
+    exported = export.export(fn, platforms=platforms)(state, spec, spec)
+    assert exported.platforms == tuple(platforms)
+    return exported.mlir_module()
+
+
+def dots(text: str) -> list[tuple[list[str], str]]:
+    """(operand element types, result element type) of every distinct dot_general."""
+    out = set()
+    for m in re.finditer(r"stablehlo\.dot_general[^\n]*?: \(([^)]*)\) -> tensor<([^>]*)>", text):
+        operands = tuple(t.split("x")[-1] for t in re.findall(r"tensor<([^>]*)>", m.group(1)))
+        out.add((m.group(0), operands, m.group(2).split("x")[-1]))
+    return [(list(ops), res) for _, ops, res in sorted(out)]
+
+
+@pytest.mark.parametrize("kind", ["questions", "passages"])
+def test_bf16_program_multiplies_in_bf16_and_scores_in_f32(kind):
+    found = dots(lowered_text(RetriBertConfig.tiny(share_encoders=False), jnp.bfloat16, kind))
+    assert found, "no dot_general in the lowered program"
+    not_bf16 = [d for d in found if d[0] != ["bf16", "bf16"]]
+    assert not not_bf16, f"dot_generals with non-bf16 operands in bf16 mode: {not_bf16}"
+    scores = [d for d in found if d[1] == "f32"]
+    # Attention scores accumulate in f32 (preferred_element_type), in the scanned layers and the [CLS]-only last.
+    assert len(scores) == 2, f"expected the two QK^T products to give f32, got {scores}"
+
+
+def test_f32_program_stays_f32():
+    found = dots(lowered_text(RetriBertConfig.tiny(), jnp.float32))
+    assert found and all(d == (["f32", "f32"], "f32") for d in found), found
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layers are one scanned body: 2 and 6 layers lower to the same number of matmuls and the same ops."""
+    small, deep = (lowered_text(RetriBertConfig.tiny(num_hidden_layers=n), jnp.bfloat16) for n in (2, 6))
+    assert len(dots(small)) == len(dots(deep)), "more layers, more matmuls: the stack is unrolled"
+    ops = [len(re.findall(r"= stablehlo\.", t)) for t in (small, deep)]
+    # (Unrolled, 4 more layers would add hundreds of ops; the scan adds at most a constant or two.)
+    assert abs(ops[1] - ops[0]) <= 2, f"{ops[0]} ops for 2 layers, {ops[1]} for 6"
+    assert "stablehlo.while" in small, "no loop over the layers"
+
+
+def custom_calls(text: str) -> set[str]:
+    return {a or b for a, b in re.findall(r'custom_call @([\w$.]+)|call_target_name = "([^"]+)"', text)}
+
+
+def test_no_host_callback_on_any_platform():
+    text = lowered_text(RetriBertConfig.tiny(), jnp.bfloat16)
+    calls = custom_calls(text)
+    host = {c for c in calls if re.search(r"callback|host", c, re.I)}
+    assert not host, f"host round trips in the program: {host}"
+    assert not re.search(r"stablehlo\.(send|recv|outfeed|infeed)\b", text), "device-host transfer in the program"
+
+
+def test_cudnn_attention_lowers_to_the_fused_call(monkeypatch):
+    """JAX refuses to lower the cuDNN branch unless it finds cuDNN; standing in for a cuDNN 9.10 install checks our
+    call against JAX's own rules (layout, mask, dtypes, head dim) and that it becomes cuDNN's fused attention."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    text = lowered_text(RetriBertConfig.tiny(num_attention_heads=2), jnp.bfloat16, attention_impl="cudnn",
+                        platforms=("cuda",))
+    fused = {c for c in custom_calls(text) if c.startswith("__cudnn$fmha")}
+    assert fused, f"the cudnn branch did not lower to cuDNN's fused attention: {custom_calls(text)}"
+
+
+MULTI = r"""
+import functools, os, re
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp
+from flax import nnx
+from jax import export
+from retribert_jax import RetriBertConfig, TrainConfig
+from retribert_jax.mesh import batch_sharding, data_mesh, replicated
+from retribert_jax.modeling import abstract_model, embed, embed_batch, init_model
+from retribert_jax.training import make_optimizer, make_train_step
+
+DATA, REP = '[{"data"}, {}]', "[{}"
+
+
+def signature(text):
+    # (argument shardings, result shardings) of the exported main function, as Shardy writes them
+    head = text[text.index("func.func public @main"):]
+    head = head[:head.index("{\n")]
+    args, results = head.split(") -> (") if ") -> (" in head else (head, "")
+    pick = lambda part: re.findall(r"sdy\.sharding = #sdy\.sharding<@mesh, (\[[^>]*\])>", part)
+    return pick(args), pick(results)
+
+
+mesh = data_mesh()
+rep, data = replicated(mesh), batch_sharding(mesh)
+cfg = RetriBertConfig.tiny()
+graphdef, state = nnx.split(abstract_model(cfg, dtype=jnp.bfloat16))
+state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
+ids = jax.ShapeDtypeStruct((32, 48), jnp.int32, sharding=data)
+# The Encoder's program: modeling.embed with replicated parameters and the batch split over "data".
+fn = jax.jit(functools.partial(embed_batch, graphdef, kind="passages"), in_shardings=(rep, data, data))
+exp = export.export(fn, platforms=("cuda", "tpu"))(state, ids, ids)
+assert exp.nr_devices == 8, exp.nr_devices
+args, _ = signature(exp.mlir_module())
+# (jit drops the one parameter a kind does not use: project_query for passages.)
+assert args[-2:] == [DATA, DATA] and len(args) >= len(jax.tree.leaves(state)) + 1, args[-3:]
+assert all(a.startswith(REP) and '"data"' not in a for a in args[:-2]), "a parameter is not replicated"
+# The same program compiled here: the output stays split over "data" (the compiler's propagation).
+compiled = embed.lower(graphdef, state, ids, ids, kind="passages").compile()
+assert compiled.output_shardings.spec == jax.sharding.PartitionSpec("data"), compiled.output_shardings
+
+tcfg = TrainConfig(batch_size=32, max_length=48, checkpoint_batch_size=-1, micro_batch_size=16)
+model = init_model(cfg)
+model.train()
+g, params = nnx.split(model, nnx.Param)
+tx = make_optimizer(tcfg, 10)
+step = make_train_step(g, tx, tcfg, None, data, rep)
+abstract = lambda t, sh: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t)
+p_spec, o_spec = abstract(params, rep), abstract(jax.eval_shape(tx.init, params), rep)
+batch = {k: jax.ShapeDtypeStruct((32, 40), jnp.int32, sharding=data) for k in ("q_ids", "q_mask", "p_ids", "p_mask")}
+key = jax.eval_shape(lambda: jax.random.key(0))
+exp = export.export(step, platforms=("cuda", "tpu"))(p_spec, o_spec, batch, key, jax.ShapeDtypeStruct((), jnp.int32))
+text = exp.mlir_module()
+assert not any("callback" in c for c in re.findall(r'custom_call @([\w$.]+)', text)), "host callback"
+args, results = signature(text)
+n_state = len(jax.tree.leaves(params)) + len(jax.tree.leaves(o_spec))
+assert args.count(DATA) == 4 and all('"data"' not in a for a in args[:n_state]), args
+assert len(results) >= n_state and all('"data"' not in r for r in results[:n_state]), results[:3]
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_shardings_over_eight_devices_for_cuda_and_tpu():
+    proc = subprocess.run([sys.executable, "-c", MULTI], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -212,11 +212,14 @@ class BertEncoder(nnx.Module):
     [num_hidden_layers] axis: HF's `encoder.layer[i]` is row i (params.py maps the names both ways).
 
     The layers run as one `jax.lax.scan` over that axis, so a program compiles one layer body whatever the depth.
+    `scan_unroll` is the scan's `unroll`: 1 (default) compiles one body; True unrolls the whole stack, which only
+    analysis wants (XLA's `cost_analysis` counts a loop body once; `benchmarks/roofline.py` unrolls).
     """
 
     def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
         self.layer = _stack([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.num_layers = cfg.num_hidden_layers
+        self.scan_unroll: int | bool = 1
 
     def layer_at(self, i: int) -> BertLayer:
         """Layer i as a module of its own (HF's `encoder.layer[i]`); its parameters are copies."""
@@ -233,12 +236,12 @@ class BertEncoder(nnx.Module):
         graphdef, state = nnx.split(self.layer)
         # One dropout key per call, folded with the layer index, so every layer draws its own masks.
         key = rngs.dropout() if rngs is not None else None
-        return _run_layers(graphdef, state, x, mask, key, cls_only=cls_only)
+        return _run_layers(graphdef, state, x, mask, key, cls_only=cls_only, unroll=self.scan_unroll)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cls_only"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cls_only", "unroll"))
 def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array, key: Array | None,
-                cls_only: bool) -> Array:
+                cls_only: bool, unroll: int | bool = 1) -> Array:
     """The layer stack as one scan (`BertEncoder.__call__`). Jitted on its own so that a model called eagerly
     compiles it once per shape rather than tracing a new scan every call; inside another jit it is inlined."""
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -249,7 +252,7 @@ def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array,
         return layer(h, mask, rngs=layer_rngs, cls_only=last)
 
     scanned = num_layers - 1 if cls_only else num_layers
-    x, _ = jax.lax.scan(lambda h, i: (block(h, i), None), x, jnp.arange(scanned))  # B L D
+    x, _ = jax.lax.scan(lambda h, i: (block(h, i), None), x, jnp.arange(scanned), unroll=unroll)  # B L D
     if cls_only:
         x = block(x, num_layers - 1, last=True)  # B 1 D
     return x

@@ -119,3 +119,16 @@ def test_convert_benchmark_quick_run():
     assert all(abs(ld["import_s"] + ld["from_pretrained_s"] - ld["load_s"]) < 1e-6 for ld in res["load"].values())
     assert all(v > 0 for v in res["ratios"].values()), res["ratios"]
     assert "ratios vs HF" in format_table(res)
+
+
+def test_roofline_quick_run(tmp_path):
+    """roofline.py end to end on the tiny model: CPU predictions beside measurements, accelerator predictions."""
+    from benchmarks.roofline import ACCELERATORS, main
+
+    out = tmp_path / "roofline.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["cpu_matmul_peak_flops"] > 0 and r["cpu_copy_bandwidth"] > 0
+    assert r["cpu"] and all(row["flops"] > 0 and row["measured_seq_per_s"] > 0 and row["ratio"] > 0 for row in r["cpu"])
+    assert [a["device"] for a in r["accelerators"]] == list(ACCELERATORS)
+    assert all(a["binds"] in ("compute", "memory") and a["seq_per_s"] > 0 for a in r["accelerators"])

@@ -167,3 +167,27 @@ def test_shardings_over_eight_devices_for_cuda_and_tpu():
     proc = subprocess.run([sys.executable, "-c", MULTI], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_unrolled_stack_computes_the_same_and_lets_xla_count_every_layer():
+    """`scan_unroll=True` (what benchmarks/roofline.py compiles) gives the scanned program's numbers, and XLA's
+    cost_analysis of it grows by one layer's matmul FLOPs per added layer (a scan's body is counted once)."""
+    import numpy as np
+
+    from benchmarks.roofline import cost
+    from retribert_jax.modeling import embed, init_model
+
+    cfg = RetriBertConfig.tiny()
+    model = init_model(cfg)
+    graphdef, state = nnx.split(model)
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, size=(4, 12)).astype(np.int32)
+    scanned = np.asarray(embed(graphdef, state, ids, np.ones_like(ids), kind="questions"))
+    model.bert_query.encoder.scan_unroll = True
+    graphdef, state = nnx.split(model)
+    unrolled = np.asarray(embed(graphdef, state, ids, np.ones_like(ids), kind="questions"))
+    assert np.abs(scanned - unrolled).max() <= 1e-6, "the unrolled stack computes other numbers"
+    two, four = (cost(RetriBertConfig.tiny(num_hidden_layers=n), jnp.float32, 8, 32)["flops"] for n in (2, 4))
+    d, f, length = cfg.hidden_size, cfg.intermediate_size, 32
+    per_layer = 8 * length * (8 * d * d + 4 * d * f + 4 * length * d)  # 8 rows, matmul FLOPs of one full layer
+    assert 0.95 <= (four - two) / (2 * per_layer) <= 1.3, f"two more layers added {four - two:.3g} FLOPs, " \
+                                                            f"expected about {2 * per_layer:.3g}"

@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the shared random weights are saved (reused when complete); default under --out")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
     p.add_argument("--no-scaling", action="store_true", help="skip the batch/length sweep")
+    p.add_argument("--device-check", action="store_true",
+                   help="the accelerator run instead (benchmarks/device_check.py): peak, RetriBERT-base 1024 x 128 "
+                        "bf16 with cuDNN and XLA attention, batch scaling, fp32 parity against the CPU; < 5 min")
+    p.add_argument("--weights", help="--device-check: real weights for the parity check (see --prepare-weights)")
+    p.add_argument("--prepare-weights", metavar="DIR",
+                   help="write the real-weights model (MiniLM, float16 Flax safetensors, ~45 MB) to DIR and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -240,6 +246,17 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f)
         return 0
 
+    if args.prepare_weights:
+        from benchmarks.device_check import prepare_weights
+
+        print(f"wrote {prepare_weights(args.prepare_weights)}")
+        return 0
+    if args.device_check:
+        from benchmarks.device_check import report, run
+
+        print(report(run(args.out, quick=args.quick, weights=args.weights)))
+        print(f"wrote {args.out}/device_check.json and device_check.png")
+        return 0
     wanted = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     unknown = sorted(set(wanted) - set(FRAMEWORKS))
     if unknown:

@@ -132,3 +132,16 @@ def test_roofline_quick_run(tmp_path):
     assert r["cpu"] and all(row["flops"] > 0 and row["measured_seq_per_s"] > 0 and row["ratio"] > 0 for row in r["cpu"])
     assert [a["device"] for a in r["accelerators"]] == list(ACCELERATORS)
     assert all(a["binds"] in ("compute", "memory") and a["seq_per_s"] > 0 for a in r["accelerators"])
+
+
+def test_device_check_quick_run_on_cpu(tmp_path):
+    """The device run's steps at toy sizes on this CPU: every section filled, cuDNN skipped with a reason, JSON
+    and PNG written, fp32 parity between the default device and the CPU exact here (they are the same device)."""
+    from benchmarks.device_check import report, run
+
+    r = run(str(tmp_path), quick=True)
+    assert [h["attention_impl"] for h in r["headline"]] == ["xla"] and "cudnn" in r["skipped"]
+    assert r["headline"][0]["seq_per_s"] > 0 and len(r["scaling"]) == 2
+    assert r["parity_fp32"]["max_abs_diff"] <= 1e-6, r["parity_fp32"]
+    assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
+    assert "fp32 parity" in report(r)

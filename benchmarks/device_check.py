@@ -165,8 +165,9 @@ def report(results: dict[str, Any]) -> str:
              f"{results['peak']['peak_flops_bfloat16'] / 1e12:.1f} TFLOP/s bf16"]
     for r in results["headline"]:
         lines.append(f"{r['batch']} x {r['length']} {r['dtype']} {r['attention_impl']:>5}: "
-                     f"{r['seq_per_s']:9.0f} seq/s, compile {r['compile_s']:.1f} s, {r['share_of_measured_bf16_peak']:.0%} of the measured bf16 "
-                     f"peak, {r['share_of_h200_datasheet_peak']:.0%} of 989 TFLOP/s (nominal FLOPs)")
+                     f"{r['seq_per_s']:9.0f} seq/s, compile {r['compile_s']:.1f} s, "
+                     f"{r['share_of_measured_bf16_peak']:.0%} of the measured bf16 peak, "
+                     f"{r['share_of_h200_datasheet_peak']:.0%} of 989 TFLOP/s (nominal FLOPs)")
     lines.append("scaling: " + ", ".join(f"{p['batch']}: {p['seq_per_s']:.0f}" for p in results["scaling"]))
     p = results["parity_fp32"]
     lines.append(f"fp32 parity, device vs CPU ({p['weights']}, {p['texts']} texts): "

@@ -1,8 +1,9 @@
 """RetriBERT (the ELI5 dense retriever) in JAX/Flax NNX, with PyTorch checkpoint conversion.
 
 The public names, re-exported from the modules that define them: the model (`RetriBertConfig`, `RetriBertModel`,
-`RetriBertTokenizer`), batch embedding (`Encoder`), search (`Index`), training (`train`, `TrainConfig`) and the
-checkpoint verbs (`load_model`, `convert_checkpoint`, `export_pytorch`). Each is imported on first use, so that
+`RetriBertTokenizer`), batch embedding (`Encoder`), search (`Index`, `build_index`), the research loop (`train`,
+`TrainConfig`, `evaluate`, `mine_hard_negatives`) and the checkpoint verbs (`load_model`, `convert_checkpoint`,
+`export_pytorch`). Each is imported on first use, so that
 `import retribert_jax.cli` (and `retribert-jax --help`) does not pay for JAX and Flax.
 """
 
@@ -16,22 +17,25 @@ _EXPORTS = {
     "RetriBertModel": "modeling", "in_batch_loss": "modeling", "init_model": "modeling",
     "RetriBertTokenizer": "tokenizer",
     "Encoder": "encode",
-    "Hit": "search", "Index": "search",
+    "Hit": "search", "Index": "search", "build_index": "search",
+    "evaluate": "evaluation", "mine_hard_negatives": "mining",
     "Pair": "training", "TrainConfig": "config", "read_pairs": "training", "train": "training",
     "convert_checkpoint": "checkpoint", "export_pytorch": "checkpoint", "load_model": "checkpoint",
     "save_model": "checkpoint",
 }
 __all__ = ["Encoder", "Hit", "Index", "Pair", "RetriBertConfig", "RetriBertModel", "RetriBertTokenizer", "TrainConfig",
-           "convert_checkpoint", "export_pytorch", "in_batch_loss", "init_model", "load_model", "read_pairs",
-           "save_model", "train"]
+           "build_index", "convert_checkpoint", "evaluate", "export_pytorch", "in_batch_loss", "init_model",
+           "load_model", "mine_hard_negatives", "read_pairs", "save_model", "train"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from retribert_jax.checkpoint import convert_checkpoint, export_pytorch, load_model, save_model
     from retribert_jax.config import RetriBertConfig, TrainConfig
     from retribert_jax.encode import Encoder
+    from retribert_jax.evaluation import evaluate
+    from retribert_jax.mining import mine_hard_negatives
     from retribert_jax.modeling import RetriBertModel, in_batch_loss, init_model
-    from retribert_jax.search import Hit, Index
+    from retribert_jax.search import Hit, Index, build_index
     from retribert_jax.tokenizer import RetriBertTokenizer
     from retribert_jax.training import Pair, read_pairs, train
 

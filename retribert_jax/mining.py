@@ -382,13 +382,12 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     """
     from tqdm.auto import tqdm
 
-    from retribert_jax.io import atomic_file
+    from retribert_jax.io import atomic_file, check_overwrite
 
     config = config or MiningConfig()
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_overwrite(out, overwrite)
     if not os.path.isfile(pairs):
         raise FileNotFoundError(f"{pairs}: no such pairs file")
     check_index(index, encoder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -240,6 +241,53 @@ class Index:
                                      normalize=self.manifest["normalized"])
         hits = self.search_embeddings(np.atleast_2d(q), k)
         return hits[0] if single else hits
+
+
+def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequence[Any] | None = None,
+                store_text: bool = True, batch_size: int = 32, max_length: int = 128, normalize: bool = False,
+                shard_size: int = 100_000, overwrite: bool = False) -> Index:
+    """Embeds passages into an embedding directory (the layout `retribert-jax embed` writes) and opens it: the
+    in-memory path of `embed`, for corpora that fit in a Python list.
+
+    Args:
+      encoder: an `Encoder`; its model's config is recorded so that searching with another model is refused.
+      passages: the texts, in corpus order.
+      directory: where to write; an existing one is refused unless `overwrite`.
+      ids: one JSON-serialisable id per passage (default: 0-based row numbers).
+      store_text: keep the texts beside the embeddings (what `mine` and readable hits need).
+      batch_size, max_length, normalize: passed to `encoder.encode_passages`.
+      shard_size: rows per shard.
+
+    Returns:
+      The `Index` over the new directory (jax backend).
+
+    Raises:
+      FileExistsError: `directory` exists and `overwrite` is False.
+      ValueError: as many ids as passages are needed.
+    """
+    import shutil
+
+    from retribert_jax.io import check_overwrite
+
+    passages = list(passages)
+    ids = list(range(len(passages))) if ids is None else list(ids)
+    if len(ids) != len(passages):
+        raise ValueError(f"{len(ids)} ids for {len(passages)} passages")
+    check_overwrite(directory, overwrite)
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    cfg = encoder.config
+    settings = {"model": getattr(encoder, "name", "in-memory"), "config_hash": cfg.architecture_hash(),
+                "kind": "passages", "dtype": "float32", "max_length": max_length,
+                "projection_dim": cfg.projection_dim, "normalized": bool(normalize), "shard_size": shard_size,
+                "has_text": bool(store_text)}
+    embedding_dir.start_run(directory, settings)
+    for i, s in enumerate(range(0, max(len(passages), 1), shard_size)):
+        texts = passages[s:s + shard_size]
+        emb = encoder.encode_passages(texts, batch_size=batch_size, max_length=max_length, normalize=normalize)
+        embedding_dir.write_shard(directory, i, ids[s:s + shard_size], emb, texts if store_text else None)
+    embedding_dir.finish_run(directory, settings, len(passages), -(-len(passages) // shard_size))
+    return Index(directory)
 
 
 def _faiss():

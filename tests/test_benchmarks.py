@@ -145,3 +145,17 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     assert r["parity_fp32"]["max_abs_diff"] <= 1e-6, r["parity_fp32"]
     assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
     assert "fp32 parity" in report(r)
+
+
+@pytest.mark.slow
+def test_research_loop_example_runs_end_to_end(tmp_path):
+    """examples/research_loop.py at tiny size: train, embed, evaluate, mine, train with negatives, evaluate."""
+    pytest.importorskip("ir_measures")
+    from examples.research_loop import METRICS, run
+
+    results = run(str(tmp_path), quick=True)
+    assert list(results) == ["start", "in-batch negatives", "+ mined hard negatives"]
+    for name, metrics in results.items():
+        assert set(METRICS) <= set(metrics) and all(0.0 <= metrics[m] <= 1.0 for m in METRICS), (name, metrics)
+    mined = [json.loads(line) for line in open(tmp_path / "mined.jsonl", encoding="utf-8")]
+    assert mined and all("negatives" in r and r["answer"] not in r["negatives"] for r in mined)

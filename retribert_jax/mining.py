@@ -31,7 +31,7 @@ import itertools
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ import numpy as np
 from retribert_jax.evaluation import id_string
 from retribert_jax.io import file_sha256
 from retribert_jax.search import Hit, Index
+from retribert_jax.training import check_pair_row, read_pair_rows
 
 FILTERS = ("absolute_margin", "relative_margin", "max_score", "min_score")
 # Extra hits fetched beyond the window: room for the positive and a duplicate or two before a deeper search is needed.
@@ -163,15 +164,6 @@ def check_index(index: Index, model) -> None:
                          f"corpus again with `retribert-jax embed ... --store-text`")
 
 
-def _check_row(row: Any, where: str) -> None:
-    if not isinstance(row, Mapping):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("question", "answer"):
-        if not isinstance(row.get(field), str):
-            got = "missing" if field not in row else type(row[field]).__name__
-            raise ValueError(f"{where}: field {field!r} must be a string ({got})")
-
-
 def _candidates(hits: Sequence[Hit], answer: str, positive_id: str | None) -> list[Hit]:
     """The hits, best first, without the positive and without passages whose normalised text came higher up."""
     seen = {normalize_whitespace(answer)}
@@ -274,28 +266,12 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
                        positive_id_field=positive_id_field, include_scores=include_scores)
     check_index(index, encoder)
     for i, row in enumerate(rows):
-        _check_row(row, f"row {i}")
+        check_pair_row(row, f"row {i}")
     return _mine(index, encoder, rows, cfg, batch_size, max_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files: JSONL in, JSONL out, in resumable chunks
-
-
-def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, row) for each non-blank line of a JSONL pairs file, as `retribert-jax train` reads it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such pairs file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            _check_row(row, f"{path}:{n}")
-            yield n, row
 
 
 def _count_rows(path: str) -> int:

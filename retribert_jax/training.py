@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -204,10 +204,26 @@ class Pair(NamedTuple):
     negatives: tuple[str, ...] = ()
 
 
-def read_pairs(path: str) -> list[Pair]:
-    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped), each optionally
-    with "negatives": [str, ...] (DPR / Tevatron style hard negatives). "answer" is the positive passage (ELI5's word
-    for it); other keys are ignored.
+def check_pair_row(row: Any, where: str) -> None:
+    """Refuses a training row that is not {"question": str, "answer": str[, "negatives": [str, ...]], ...}.
+
+    Raises:
+      ValueError: naming `where` (file:line) and the field.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in ("question", "answer"):
+        if not isinstance(row.get(field), str):
+            got = "missing" if field not in row else type(row[field]).__name__
+            raise ValueError(f"{where}: field {field!r} must be a string ({got})")
+    negatives = row.get("negatives", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"{where}: field 'negatives' must be a list of strings")
+
+
+def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line, row) for every non-blank line of a JSONL training file, each row checked (`check_pair_row`)
+    and kept whole, other keys included (what `mine` writes back).
 
     Lines are those of `corpus.read_lines` (split at \\n only, CRLF and a byte-order mark allowed), so a line number
     in an error is the one an editor or `wc -l` shows.
@@ -217,26 +233,28 @@ def read_pairs(path: str) -> list[Pair]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    pairs = []
     for lineno, line in read_lines(path):
         if isinstance(line, BadRecord):
             raise line
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        for field in ("question", "answer"):
-            if not isinstance(rec.get(field), str):
-                got = "missing" if field not in rec else type(rec[field]).__name__
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string ({got})")
-        negatives = rec.get("negatives", [])
-        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-            raise ValueError(f"{path}:{lineno}: field 'negatives' must be a list of strings")
-        pairs.append(Pair(rec["question"], rec["answer"], tuple(negatives)))
+        check_pair_row(row, f"{path}:{lineno}")
+        yield lineno, row
+
+
+def read_pairs(path: str) -> list[Pair]:
+    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped), each optionally
+    with "negatives": [str, ...] (DPR / Tevatron style hard negatives). "answer" is the positive passage (ELI5's word
+    for it); other keys are ignored.
+
+    Raises:
+      FileNotFoundError, ValueError: naming the file and line (see `read_pair_rows`).
+    """
+    pairs = [Pair(row["question"], row["answer"], tuple(row.get("negatives", []))) for _, row in read_pair_rows(path)]
     if not pairs:
         raise ValueError(f"{path}: no question/answer pairs")
     return pairs

@@ -19,7 +19,6 @@ import numpy as np
 
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.io import atomic_directory
-from retribert_jax.modeling import flops_per_sequence  # noqa: F401 - the benchmarks' FLOP count
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Standard-library modules whose docstrings make the real-text corpus: English prose of every length, present on any

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.data import ModelDirs, bench_config, flops_per_sequence, real_texts
+from benchmarks.data import ModelDirs, bench_config, real_texts
+from retribert_jax.modeling import flops_per_sequence
 
 FRAMEWORKS = ("retribert_jax", "hf_torch", "hf_flax", "sentence_transformers")
 CLS_ID, SEP_ID = 101, 102

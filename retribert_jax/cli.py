@@ -1,4 +1,6 @@
-"""`retribert-jax`: one entry point, a subcommand per job (demo, convert, export-pytorch, verify, embed, search, train).
+"""`retribert-jax`: one entry point, a subcommand per job.
+
+The jobs: demo, convert, export-pytorch, verify, embed, search, train, evaluate, mine.
 
 Each subcommand lives in `retribert_jax/commands/<name>.py` with `HELP`, `add_arguments(parser)` and `run(args)`;
 heavy imports (jax, torch) happen inside `run`, so `--help` is instant. A user mistake (bad path, bad file, bad

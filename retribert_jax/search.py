@@ -277,7 +277,7 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
     if os.path.exists(directory):
         shutil.rmtree(directory)
     cfg = encoder.config
-    settings = {"model": getattr(encoder, "name", "in-memory"), "config_hash": cfg.architecture_hash(),
+    settings = {"model": "in-memory (build_index)", "config_hash": cfg.architecture_hash(),
                 "kind": "passages", "dtype": "float32", "max_length": max_length,
                 "projection_dim": cfg.projection_dim, "normalized": bool(normalize), "shard_size": shard_size,
                 "has_text": bool(store_text)}

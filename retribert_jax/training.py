@@ -36,7 +36,6 @@ from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 Batch = dict[str, jax.Array]  # q_ids, q_mask [B, Lq]; p_ids, p_mask [B, Lp]
-BATCH_KEYS = ("q_ids", "q_mask", "p_ids", "p_mask")
 
 
 # ----------------------------------------------------------------------------------------------------------------

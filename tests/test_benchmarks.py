@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.data import bench_config, build_model_dirs, flops_per_sequence, real_texts
+from benchmarks.data import bench_config, build_model_dirs, real_texts
 from benchmarks.peers import FRAMEWORKS, available
 from retribert_jax.config import RetriBertConfig
+from retribert_jax.modeling import flops_per_sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

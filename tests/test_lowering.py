@@ -56,8 +56,9 @@ def test_bf16_program_multiplies_in_bf16_and_scores_in_f32(kind):
     not_bf16 = [d for d in found if d[0] != ["bf16", "bf16"]]
     assert not not_bf16, f"dot_generals with non-bf16 operands in bf16 mode: {not_bf16}"
     scores = [d for d in found if d[1] == "f32"]
-    # Attention scores accumulate in f32 (preferred_element_type), in the scanned layers and the [CLS]-only last.
-    assert len(scores) == 2, f"expected the two QK^T products to give f32, got {scores}"
+    # Attention's two products (QK^T, and the weights times V before the softmax's division) accumulate in f32
+    # (preferred_element_type), in the scanned layers and in the [CLS]-only last one.
+    assert len(scores) == 4, f"expected the QK^T and PV products to give f32, got {scores}"
 
 
 def test_f32_program_stays_f32():

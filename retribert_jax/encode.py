@@ -1,25 +1,28 @@
-"""Fast batch embedding: tokenize once, sort by length, pack into (rows, length) buckets fitted to the job, run data
-parallel, compile ahead.
+"""Fast batch embedding: tokenize once, pack several texts into each row, run data parallel, compile ahead.
 
-Every batch that reaches the jitted forward (`modeling.embed`) has one of a few shapes: the row count is
-`batch_size` rounded up to a multiple of the device count (or a smaller power-of-two multiple of it for inputs
-shorter than one batch), and the length is one of the buckets `compilation.fit_buckets` chose for this job from its
-real lengths: a small job compiles few programs, a large corpus keeps fine buckets. The last, partial batch is
-padded rather than recompiled. Programs the job needs are compiled on a background thread in the order the batches
-need them, so compilation overlaps with the batches already running; JAX's persistent compilation cache, when on,
-turns a second run's compilations into loads.
+Texts are packed (`pack_rows`, best-fit decreasing) into rows of one length per job, the bucket that holds the
+longest text: a row holds as many texts as fit, each seeing only its own tokens with its own positions (the packed
+rows of `modeling`), so almost no compute goes to padding and a job needs one program, whatever its lengths. Every
+batch that reaches the jitted forward (`modeling.embed`) has `batch_size` rows (rounded up to a multiple of the
+device count), by default a platform's efficient number of tokens per call (`TOKENS_PER_CALL`); a last, partial
+batch pads to a program the job already has when that costs less than compiling one of its own (the smallest
+power-of-two multiple of the device count that holds it), as do later jobs on the same Encoder
+(`compilation.CompileCost`). Programs are compiled on a background thread in the order the batches need them, and
+JAX's persistent compilation cache, when on, turns a second run's compilations into loads.
 
 The batch is split over a 1-D "data" mesh of this process's devices (`mesh.data_mesh`), the parameters are
 replicated on it once, when the Encoder is built. Under `jax.distributed` the mesh is still the local devices: each
 process embeds its own texts and nothing crosses hosts.
 
-Padding never changes a row's numbers: padded keys get exactly zero attention weight and every other op is
-row-wise, so results agree with encoding each text alone (to float32 rounding of differently-shaped matmuls).
+Packing never changes a text's numbers: keys of other texts and of padding get exactly zero attention weight, and
+every other op is token-wise, so results agree with encoding each text alone (to float32 rounding of
+differently-shaped matmuls).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -30,12 +33,63 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retribert_jax.compilation import BUCKET_LENGTHS, CompileCost, bucket_length, cache_hits, fit_buckets
+from retribert_jax.compilation import BUCKET_LENGTHS, CompileCost, bucket_length, cache_hits, candidate_lengths
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import KINDS, RetriBertModel, abstract_model, embed, flops_per_sequence
 from retribert_jax.tokenizer import RetriBertTokenizer
 
-Plan = list[tuple[np.ndarray, int, int]]  # (row indices into the input, padded rows, padded length) per batch
+# Tokens per forward call and device when the caller gives no batch size. On a CPU, ~1024 keeps a layer's activations
+# in cache: MiniLM at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon (benchmarks/profile_rows.py).
+# Accelerators want large batches to fill their matrix units (a prediction until measured on one).
+TOKENS_PER_CALL = {"cpu": 1024}
+ACCELERATOR_TOKENS_PER_CALL = 16384
+
+# Per batch: its packed rows (each the indices of the texts it holds, in row order), padded rows, row length.
+Plan = list[tuple[list[list[int]], int, int]]
+
+
+def texts_per_row(length: int) -> int:
+    """The most texts one packed row of `length` tokens holds: the last layer and the pooler compute this many
+    [CLS] rows per packed row whether filled or not, so it stays a small fraction (1/8) of the row's tokens."""
+    return max(1, length // 8)
+
+
+def pack_rows(lengths: Sequence[int] | np.ndarray, row_length: int, max_per_row: int) -> list[list[int]]:
+    """Packs texts into rows: best-fit decreasing (each text, longest first, goes to the open row it leaves the
+    least room in, or starts a new row).
+
+    Args:
+      lengths: tokens of each text, each in [1, row_length].
+      row_length: tokens a row holds.
+      max_per_row: texts a row holds at most.
+
+    Returns:
+      The rows in the order they were opened (longest texts first), each a list of indices into `lengths`; every
+      index appears exactly once. Depends only on `lengths` and the limits (ties keep input order).
+
+    Raises:
+      ValueError: a length is outside [1, row_length].
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > row_length):
+        raise ValueError(f"text lengths must be in [1, {row_length}], got {lengths.min()}..{lengths.max()}")
+    rows: list[list[int]] = []
+    open_rows: list[list[int]] = [[] for _ in range(row_length + 1)]  # rows with room for more, by free tokens
+    smallest = int(lengths.min()) if len(lengths) else 1
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        for free in range(n, row_length + 1):
+            if open_rows[free]:
+                r = open_rows[free].pop()
+                break
+        else:
+            r, free = len(rows), row_length
+            rows.append([])
+        rows[r].append(i)
+        free -= n
+        if len(rows[r]) < max_per_row and free >= smallest:
+            open_rows[free].append(r)
+    return rows
 
 
 class Encoder:
@@ -46,11 +100,13 @@ class Encoder:
       tokenizer: the model's tokenizer.
       dtype: compute dtype, float32 or bfloat16 (parameters stay float32; outputs are float32).
       mesh: a 1-D mesh with a "data" axis; default: every local device of this process.
-      bucket_lengths: the padded lengths batches may have (plus `max_length`).
+      bucket_lengths: the row lengths a job may pack into (plus `max_length`); a job uses the smallest that holds
+        its longest text.
       compilation_cache_dir: turns on JAX's persistent compilation cache there (see
         `compilation.enable_compilation_cache`; off by default in the library, on by default on the command line).
-      compile_cost: what a new program costs against padded compute, for fitting buckets to a job; default:
-        `CompileCost.for_platform` of the mesh's devices.
+      compile_cost: what a new program costs against padded compute, for deciding when a program this Encoder
+        already has (longer rows, more rows) beats compiling one that fits; default: `CompileCost.for_platform` of
+        the mesh's devices.
     """
 
     def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = jnp.float32,
@@ -73,6 +129,8 @@ class Encoder:
         self.compile_cost = compile_cost or CompileCost.for_platform(mesh.devices.flat[0].platform,
                                                                      self.num_devices)
         self._data_sharding = batch_sharding(mesh)
+        platform = mesh.devices.flat[0].platform
+        self.tokens_per_call = TOKENS_PER_CALL.get(platform, ACCELERATOR_TOKENS_PER_CALL)
         _, state = nnx.split(model)
         attention_impl = model.bert_query.encoder.layer.attention.self.attention_impl
         # The compute dtype lives in the graph (the Linear layers' `dtype`), so another dtype is another graphdef over
@@ -97,8 +155,10 @@ class Encoder:
 
     def _compile(self, kind: str, rows: int, length: int):
         spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._data_sharding)
+        cls_spec = jax.ShapeDtypeStruct((rows, texts_per_row(length)), jnp.int32, sharding=self._data_sharding)
         start, hits = time.perf_counter(), cache_hits()
-        program = embed.lower(self._graphdef, self._state, spec, spec, kind=kind).compile()
+        program = embed.lower(self._graphdef, self._state, spec, spec, kind=kind, position_ids=spec,
+                              cls_index=cls_spec).compile()
         self.compile_seconds += time.perf_counter() - start
         self.programs_from_cache += cache_hits() > hits  # the hit counter is this (the compiling) thread's
         return program
@@ -110,13 +170,14 @@ class Encoder:
             self._programs[key] = self._compiler.submit(self._compile, *key)
         return self._programs[key]
 
-    def encode_questions(self, texts: str | Sequence[str], batch_size: int = 32, max_length: int = 128,
+    def encode_questions(self, texts: str | Sequence[str], batch_size: int | None = None, max_length: int = 128,
                          show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
         """Question embeddings through `bert_query` and `project_query`.
 
         Args:
           texts: one string or a list of strings (an empty string is embedded as [CLS] [SEP], as HF does).
-          batch_size: rows per forward call (rounded up to a multiple of the device count).
+          batch_size: packed rows per forward call (rounded up to a multiple of the device count); None: the
+            platform's `TOKENS_PER_CALL` per device, in rows of this job's row length.
           max_length: truncation length in tokens, [CLS] and [SEP] included.
           show_progress_bar: a tqdm bar over the texts.
           normalize: L2-normalise each vector.
@@ -126,7 +187,7 @@ class Encoder:
         """
         return self.encode(texts, "questions", batch_size, max_length, show_progress_bar, normalize)
 
-    def encode_passages(self, texts: str | Sequence[str], batch_size: int = 32, max_length: int = 128,
+    def encode_passages(self, texts: str | Sequence[str], batch_size: int | None = None, max_length: int = 128,
                         show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
         """Passage embeddings through the document encoder and `project_doc`; same arguments as `encode_questions`."""
         return self.encode(texts, "passages", batch_size, max_length, show_progress_bar, normalize)
@@ -145,32 +206,49 @@ class Encoder:
         finally:
             backend.no_truncation()
 
-    def plan(self, lengths: np.ndarray, batch_size: int, max_length: int, kind: str = "passages") -> Plan:
-        """Batches as (row indices into the input, padded rows, padded length), longest texts first.
+    def plan(self, lengths: np.ndarray, batch_size: int | None, max_length: int, kind: str = "passages") -> Plan:
+        """Batches of packed rows as (rows of text indices, padded rows, row length), longest texts first.
 
-        The lengths are fitted to the job (`compilation.fit_buckets`), counting programs this Encoder already has as
-        free; the plan depends only on the lengths, the arguments and those programs.
+        The row length is the bucket that holds the longest text, or a longer one this Encoder has already compiled
+        when its extra attention compute costs less than a compilation; a last, partial batch likewise reuses a
+        program with more rows when the padding costs less than a new program. The plan depends only on the
+        lengths, the arguments and the programs this Encoder has.
         """
-        n = len(lengths)
         ndev = self.num_devices
-        rows = max(ndev, math.ceil(batch_size / ndev) * ndev)
-        if n < rows:  # a short input: the smallest power-of-two multiple of the device count that holds it
-            rows = min(rows, ndev * 2 ** math.ceil(math.log2(max(1, math.ceil(n / ndev)))))
-        # Stable sort, longest first: equal lengths keep input order, so the plan depends only on the lengths.
-        order = np.argsort(-lengths, kind="stable")
-        groups = [order[s:s + rows] for s in range(0, n, rows)]
-        longest = [int(lengths[g[0]]) for g in groups]
-        have = [length for (k, r, length) in self._programs if k == kind and r == rows]
-        buckets = fit_buckets(longest, rows, max_length, lambda length: flops_per_sequence(self.config, length),
-                              self.compile_cost, compiled=have, candidates=self.bucket_lengths)
-        return [(g, rows, bucket_length(m, buckets)) for g, m in zip(groups, longest, strict=True)]
+        have = {(r, length) for (k, r, length) in self._programs if k == kind}
+        cost = self.compile_cost
+        tokens, longest = float(lengths.sum()), int(lengths.max())
+        length = bucket_length(longest, candidate_lengths(max_length, self.bucket_lengths))
+        longer = sorted(n for _, n in have if length < n <= max_length)
+        if longer and all(n != length for _, n in have):
+            # Per token, a longer row costs only its attention: QK^T and PV, 4 * L * D FLOPs a layer.
+            extra = tokens * self.config.num_hidden_layers * 4 * (longer[0] - length) * self.config.hidden_size
+            if extra / cost.flops_per_second < cost.compile_seconds:
+                length = longer[0]
+        if batch_size is None:
+            batch_size = ndev * max(1, self.tokens_per_call // length)
+        full = max(ndev, math.ceil(batch_size / ndev) * ndev)
+        packed = pack_rows(lengths, length, texts_per_row(length))
+        row_seconds = flops_per_sequence(self.config, length) / cost.flops_per_second
+        plan: Plan = []
+        for start in range(0, len(packed), full):
+            group = packed[start:start + full]
+            rows = full
+            if len(group) < full:
+                rows = min(full, ndev * 2 ** math.ceil(math.log2(math.ceil(len(group) / ndev))))
+                # Padding to a bigger program already planned or compiled, when that costs less than compiling one.
+                bigger = sorted(r for r, n in have | {(p[1], p[2]) for p in plan} if n == length and r > rows)
+                if (rows, length) not in have and bigger and (bigger[0] - rows) * row_seconds < cost.compile_seconds:
+                    rows = bigger[0]
+            plan.append((group, rows, length))
+        return plan
 
-    def encode(self, texts: str | Sequence[str], kind: str, batch_size: int = 32, max_length: int = 128,
+    def encode(self, texts: str | Sequence[str], kind: str, batch_size: int | None = None, max_length: int = 128,
                show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
         """`encode_questions` (kind="questions") or `encode_passages` (kind="passages")."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if batch_size <= 0:
+        if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 2 <= max_length <= self.config.max_position_embeddings:
             raise ValueError(f"max_length must be in [2, {self.config.max_position_embeddings}] (the model's "
@@ -194,24 +272,35 @@ class Encoder:
 
         def drain(keep: int) -> None:
             while len(pending) > keep:
-                rows_idx, result = pending.pop(0)
-                out[rows_idx] = np.asarray(result)[:len(rows_idx)]
+                index, result = pending.pop(0)
+                filled = index >= 0
+                out[index[filled]] = np.asarray(result)[filled]
                 if bar is not None:
-                    bar.update(len(rows_idx))
+                    bar.update(int(filled.sum()))
 
         pad_id = self.tokenizer.pad_token_id
-        for rows_idx, rows, length in batches:
+        put = functools.partial(jax.device_put, device=self._data_sharding)
+        for packed, rows, length in batches:
             input_ids = np.full((rows, length), pad_id, np.int32)
             mask = np.zeros((rows, length), np.int32)
-            for r, i in enumerate(rows_idx):
-                input_ids[r, :lengths[i]] = ids[i]
-                mask[r, :lengths[i]] = 1
-            # Padding rows attend to one token so that every row is well defined; their outputs are dropped.
-            mask[len(rows_idx):, 0] = 1
+            position_ids = np.zeros((rows, length), np.int32)
+            cls_index = np.zeros((rows, texts_per_row(length)), np.int32)
+            index = np.full(cls_index.shape, -1, np.int64)  # the text each [CLS] slot embeds; -1: none
+            for r, row in enumerate(packed):
+                start = 0
+                for j, i in enumerate(row):
+                    n = int(lengths[i])
+                    input_ids[r, start:start + n] = ids[i]
+                    mask[r, start:start + n] = 1
+                    position_ids[r, start:start + n] = np.arange(n)
+                    cls_index[r, j], index[r, j] = start, i
+                    start += n
+            # Empty padding rows attend to one token so that every row is well defined; their outputs are dropped.
+            mask[len(packed):, 0] = 1
             program = self._request((kind, rows, length)).result()
-            result = program(self._state, jax.device_put(input_ids, self._data_sharding),
-                             jax.device_put(mask, self._data_sharding))
-            pending.append((rows_idx, result))
+            result = program(self._state, put(input_ids), put(mask), position_ids=put(position_ids),
+                             cls_index=put(cls_index))
+            pending.append((index, result))
             # Dispatch is asynchronous: filling the next batch overlaps with this one's compute.
             drain(keep=1)
         drain(keep=0)

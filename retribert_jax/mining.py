@@ -197,7 +197,7 @@ def _search_deep(index: Index, q: np.ndarray, answers: list[str], positive_ids: 
     return out
 
 
-def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningConfig, batch_size: int,
+def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningConfig, batch_size: int | None,
           max_length: int) -> Mined:
     questions = [r["question"] for r in rows]
     answers = [r["answer"] for r in rows]
@@ -241,7 +241,8 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
                         range_min: int = 0, range_max: int | None = None, max_score: float | None = None,
                         min_score: float | None = None, absolute_margin: float | None = None,
                         relative_margin: float | None = None, positive_id_field: str | None = None,
-                        include_scores: bool = False, batch_size: int = 32, max_length: int = 128) -> Mined:
+                        include_scores: bool = False, batch_size: int | None = None,
+                        max_length: int = 128) -> Mined:
     """Hard negatives for (question, answer) rows from an index of passages (see the module docstring).
 
     Args:
@@ -327,8 +328,9 @@ def _read_part_stats(parts: str, i: int) -> MiningStats:
 
 
 def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig | None = None, *,
-              chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False, batch_size: int = 32,
-              max_length: int = 128, model_name: str | None = None, show_progress: bool = True) -> MiningStats:
+              chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False,
+              batch_size: int | None = None, max_length: int = 128, model_name: str | None = None,
+              show_progress: bool = True) -> MiningStats:
     """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
 
     The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun

@@ -7,6 +7,11 @@ Numerics: parameters are float32; `dtype` is the compute dtype of the matmuls (f
 softmax, the residual stream, the pooler's tanh and the projections' outputs stay in float32. GELU is the exact (erf)
 one when the config says "gelu". Masked attention logits are set to float32's most negative value, as HF's additive
 mask does, so padded keys get exactly zero weight.
+
+Packed rows: several sequences may share one row of `input_ids` (`encode.pack_rows` fills rows so), told apart as in
+HF's packed-sequence convention by `position_ids` that restart at 0 where each sequence starts. A token then attends
+only to the tokens of its own sequence, with its own positions, so every sequence gets the numbers it would get
+alone; `cls_index` [B, S] says where each row's sequences start, and the pooler reads those rows.
 """
 
 from __future__ import annotations
@@ -77,8 +82,9 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = _layer_norm(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
-    def __call__(self, input_ids: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        """int [B, L] token ids -> float32 [B, L, D].
+    def __call__(self, input_ids: Array, position_ids: Array | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> Array:
+        """int [B, L] token ids (and positions, default 0..L-1) -> float32 [B, L, D].
 
         Raises:
           ValueError: L is longer than the position table (`max_position_embeddings`).
@@ -89,7 +95,10 @@ class BertEmbeddings(nnx.Module):
             raise ValueError(f"input length {length} is longer than the model's max_position_embeddings ({limit}); "
                              f"truncate the input to at most {limit} tokens")
         x = self.word_embeddings(input_ids)  # B L D
-        x = x + self.position_embeddings.embedding[:length][None]  # + 1 L D
+        if position_ids is None:
+            x = x + self.position_embeddings.embedding[:length][None]  # + 1 L D
+        else:
+            x = x + self.position_embeddings(position_ids)  # + B L D
         # RetriBERT's tokenizer returns no token_type_ids: every token is type 0.
         x = x + self.token_type_embeddings.embedding[0][None, None]  # + 1 1 D
         return self.dropout(self.LayerNorm(x), rngs=rngs)
@@ -107,12 +116,18 @@ class BertSelfAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, deterministic=True)
         self.attention_impl = attention_impl
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
-        """Context vectors [B, L, D], or [B, 1, D] for the [CLS] query alone when `cls_only`."""
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
+                 cls_index: Array | None = None) -> Array:
+        """Context vectors [B, L, D] under `mask` (an attention mask [B, L], or `visible_keys`' bool [B, 1 or L, L]);
+        when `cls_only`, for the [CLS] queries alone: [B, 1, D], or [B, S, D] at `cls_index` [B, S]."""
         b, length, _ = x.shape
+        if mask.ndim == 2:
+            mask = visible_keys(mask)
         if cls_only:
-            # Every key and value, but only the [CLS] query: all the pooler reads from the last layer.
-            q = self.query(x[:, :1])  # B 1 D
+            # Every key and value, but only the [CLS] queries: all the pooler reads from the last layer.
+            q = self.query(cls_rows(x, cls_index))  # B Lq D
+            if mask.shape[1] > 1:
+                mask = cls_rows(mask, cls_index)  # B Lq L
         else:
             q = self.query(x)  # B L D
         k, v = self.key(x), self.value(x)  # B L D each
@@ -122,7 +137,7 @@ class BertSelfAttention(nnx.Module):
         dropout_on = not self.dropout.deterministic and self.dropout.rate > 0
         if self.attention_impl == "cudnn" and not dropout_on:
             # cuDNN takes the mask as a bias of the full [B, 1, Lq, L] shape (it does not broadcast over queries).
-            full = jnp.broadcast_to(mask[:, None, None, :], (b, 1, q.shape[1], length))
+            full = jnp.broadcast_to(mask[:, None], (b, 1, q.shape[1], length))
             ctx = jax.nn.dot_product_attention(q, k, v, mask=full, implementation="cudnn")
         else:
             # Heads-major operands, the mask as an additive bias, and the softmax's division applied to the [Lq, Dh]
@@ -134,7 +149,7 @@ class BertSelfAttention(nnx.Module):
             scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)  # B H Lq L
             # HF's additive mask (float32's most negative finite value, not -inf): a row with no unmasked key (a
             # padding row) gets uniform weights, not NaN.
-            bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+            bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # B 1 (1 or Lq) L
             scores = scores * (1.0 / math.sqrt(self.head_dim)) + bias
             weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
             total = weights.sum(axis=-1, keepdims=True)  # B H Lq 1
@@ -163,9 +178,11 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, dtype, attention_impl, rngs=rngs)
         self.output = BertSelfOutput(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
-        residual = x[:, :1] if cls_only else x
-        return self.output(self.self(x, mask, rngs=rngs, cls_only=cls_only), residual, rngs=rngs)
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
+                 cls_index: Array | None = None) -> Array:
+        residual = cls_rows(x, cls_index) if cls_only else x
+        ctx = self.self(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
+        return self.output(ctx, residual, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -199,9 +216,11 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, dtype, rngs=rngs)
         self.output = BertOutput(cfg, dtype, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
-        """[B, L, D] -> [B, L, D]; with `cls_only`, -> [B, 1, D], the [CLS] row alone (keys still see every token)."""
-        a = self.attention(x, mask, rngs=rngs, cls_only=cls_only)
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
+                 cls_index: Array | None = None) -> Array:
+        """[B, L, D] -> [B, L, D]; with `cls_only`, the [CLS] rows alone (keys still see every token): [B, 1, D], or
+        [B, S, D] at `cls_index` [B, S] for packed rows."""
+        a = self.attention(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
         return self.output(self.intermediate(a), a, rngs=rngs)
 
 
@@ -237,8 +256,10 @@ class BertEncoder(nnx.Module):
         graphdef, state = nnx.split(self.layer)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False) -> Array:
-        """Hidden states [B, L, D]; with `cls_only`, the last layer computes only the [CLS] row: [B, 1, D].
+    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
+                 cls_index: Array | None = None) -> Array:
+        """Hidden states [B, L, D] under `mask` ([B, L], or [B, 1 or L, L] from `visible_keys`); with `cls_only`,
+        the last layer computes only the [CLS] rows: [B, 1, D], or [B, S, D] at `cls_index` [B, S] (packed rows).
 
         Only the pooler's input is needed for embeddings, so the last layer, outside the scan, runs its queries,
         attention output and FFN on one row instead of L (about 11% fewer FLOPs for 8 layers); the numbers of that
@@ -247,12 +268,12 @@ class BertEncoder(nnx.Module):
         graphdef, state = nnx.split(self.layer)
         # One dropout key per call, folded with the layer index, so every layer draws its own masks.
         key = rngs.dropout() if rngs is not None else None
-        return _run_layers(graphdef, state, x, mask, key, cls_only=cls_only, unroll=self.scan_unroll)
+        return _run_layers(graphdef, state, x, mask, key, cls_index, cls_only=cls_only, unroll=self.scan_unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cls_only", "unroll"))
 def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array, key: Array | None,
-                cls_only: bool, unroll: int | bool = 1) -> Array:
+                cls_index: Array | None, cls_only: bool, unroll: int | bool = 1) -> Array:
     """The layer stack as one scan (`BertEncoder.__call__`). Jitted on its own so that a model called eagerly
     compiles it once per shape rather than tracing a new scan every call; inside another jit it is inlined."""
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -260,12 +281,12 @@ def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array,
     def block(h: Array, i: Array | int, last: bool = False) -> Array:
         layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
         layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
-        return layer(h, mask, rngs=layer_rngs, cls_only=last)
+        return layer(h, mask, rngs=layer_rngs, cls_only=last, cls_index=cls_index)
 
     scanned = num_layers - 1 if cls_only else num_layers
     x, _ = jax.lax.scan(lambda h, i: (block(h, i), None), x, jnp.arange(scanned), unroll=unroll)  # B L D
     if cls_only:
-        x = block(x, num_layers - 1, last=True)  # B 1 D
+        x = block(x, num_layers - 1, last=True)  # B 1 D, or B S D
     return x
 
 
@@ -287,14 +308,43 @@ class BertModel(nnx.Module):
         self.encoder = BertEncoder(cfg, dtype, attention_impl, rngs=rngs)
         self.pooler = BertPooler(cfg, dtype, rngs=rngs)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        """Returns the pooler output [B, D]."""
-        h = self.encoder(self.embeddings(input_ids, rngs=rngs), attention_mask.astype(bool), rngs=rngs, cls_only=True)
-        return self.pooler(h)
+    def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None,
+                 cls_index: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
+        """The pooler output: float32 [B, D]; for packed rows (`cls_index` int [B, S] given, with the
+        `position_ids` [B, L] that mark where sequences start), [B, S, D], one per packed sequence."""
+        h = self.embeddings(input_ids, position_ids, rngs=rngs)
+        return self.pooled(h, visible_keys(attention_mask, position_ids), cls_index, rngs=rngs)
+
+    def pooled(self, h: Array, mask: Array, cls_index: Array | None = None, *,
+               rngs: nnx.Rngs | None = None) -> Array:
+        """The encoder and pooler over embedded tokens `h` [B, L, D] (see `__call__`)."""
+        h = self.encoder(h, mask, rngs=rngs, cls_only=True, cls_index=cls_index)  # B 1 D, or B S D
+        b, s, d = h.shape
+        pooled = self.pooler(h.reshape(b * s, 1, d))
+        return pooled if cls_index is None else pooled.reshape(b, s, d)
 
 
-def _encode_chunk(bert: BertModel, rngs: nnx.Rngs | None, h: Array, mask: Array) -> Array:
-    return bert.pooler(bert.encoder(h, mask, rngs=rngs, cls_only=True))
+def visible_keys(attention_mask: Array, position_ids: Array | None = None) -> Array:
+    """Which keys each query may attend to: bool [B, 1, L] (every query alike) from an int or bool [B, L] attention
+    mask, or [B, L, L] for packed rows, where `position_ids` [B, L] restart at 0 where each sequence starts and a
+    token sees only its own sequence's tokens."""
+    valid = attention_mask.astype(bool)[:, None, :]  # B 1 L
+    if position_ids is None:
+        return valid
+    sequence = jnp.cumsum(position_ids == 0, axis=1)  # B L: which packed sequence each token belongs to
+    return valid & (sequence[:, :, None] == sequence[:, None, :])
+
+
+def cls_rows(x: Array, cls_index: Array | None) -> Array:
+    """The [CLS] rows of `x` [B, L, ...]: [B, 1, ...] (position 0), or [B, S, ...] at `cls_index` int [B, S]."""
+    if cls_index is None:
+        return x[:, :1]
+    index = cls_index.reshape(cls_index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _encode_chunk(bert: BertModel, rngs: nnx.Rngs | None, h: Array, mask: Array, cls_index: Array | None) -> Array:
+    return bert.pooled(h, mask, cls_index, rngs=rngs)
 
 
 class RetriBertModel(nnx.Module):
@@ -337,20 +387,23 @@ class RetriBertModel(nnx.Module):
         save_model(self, directory, **kwargs)
 
     def embed_sentences_checkpointed(self, input_ids: Array, attention_mask: Array | None, sent_encoder: BertModel,
-                                     checkpoint_batch_size: int = -1, *, rngs: nnx.Rngs | None = None) -> Array:
-        """Pooler outputs [B, D]; with `checkpoint_batch_size` > 0 and B >= it, chunk-wise under remat as in HF."""
+                                     checkpoint_batch_size: int = -1, *, rngs: nnx.Rngs | None = None,
+                                     position_ids: Array | None = None, cls_index: Array | None = None) -> Array:
+        """Pooler outputs [B, D] ([B, S, D] for packed rows, see `BertModel`); with `checkpoint_batch_size` > 0 and
+        B >= it, chunk-wise under remat as in HF."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, dtype=bool)
-        mask = attention_mask.astype(bool)
         n = input_ids.shape[0]
         if checkpoint_batch_size <= 0 or n < checkpoint_batch_size:
-            return sent_encoder(input_ids, mask, rngs=rngs)
+            return sent_encoder(input_ids, attention_mask, position_ids, cls_index, rngs=rngs)
         # Embeddings once for the whole batch, then the encoder and pooler chunk by chunk, with activations
         # recomputed in the backward pass instead of stored.
-        h = sent_encoder.embeddings(input_ids, rngs=rngs)  # B L D
+        h = sent_encoder.embeddings(input_ids, position_ids, rngs=rngs)  # B L D
+        mask = visible_keys(attention_mask, position_ids)
         chunk = nnx.remat(_encode_chunk)
-        pooled = [chunk(sent_encoder, rngs, h[s:s + checkpoint_batch_size], mask[s:s + checkpoint_batch_size])
-                  for s in range(0, n, checkpoint_batch_size)]
+        end = checkpoint_batch_size
+        pooled = [chunk(sent_encoder, rngs, h[s:s + end], mask[s:s + end],
+                        None if cls_index is None else cls_index[s:s + end]) for s in range(0, n, end)]
         return jnp.concatenate(pooled, axis=0)
 
     @property
@@ -358,7 +411,8 @@ class RetriBertModel(nnx.Module):
         return self.bert_query if self.bert_doc is None else self.bert_doc
 
     def embed_questions(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
-                        *, rngs: nnx.Rngs | None = None) -> Array:
+                        *, rngs: nnx.Rngs | None = None, position_ids: Array | None = None,
+                        cls_index: Array | None = None) -> Array:
         """Question embeddings.
 
         Args:
@@ -366,19 +420,24 @@ class RetriBertModel(nnx.Module):
           attention_mask: [B, L], 1 for real tokens, 0 for padding; None means all ones.
           checkpoint_batch_size: > 0 encodes in chunks of that size under gradient checkpointing.
           rngs: dropout randomness; used only in training mode.
+          position_ids: int [B, L] positions, default 0..L-1; for packed rows, restarting at 0 where each packed
+            sequence starts (which is what tells the sequences apart, as in HF's packed-sequence convention).
+          cls_index: int [B, S], packed rows only: the position of each packed sequence's [CLS] (its first token);
+            unused slots may hold any position, and their outputs mean nothing.
 
         Returns:
-          float32 [B, projection_dim], not normalised.
+          float32 [B, projection_dim], not normalised; [B, S, projection_dim] with `cls_index`.
         """
         reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.bert_query, checkpoint_batch_size,
-                                                 rngs=rngs)
+                                                 rngs=rngs, position_ids=position_ids, cls_index=cls_index)
         return self.project_query(reps).astype(jnp.float32)
 
     def embed_answers(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
-                      *, rngs: nnx.Rngs | None = None) -> Array:
+                      *, rngs: nnx.Rngs | None = None, position_ids: Array | None = None,
+                      cls_index: Array | None = None) -> Array:
         """Answer (passage) embeddings through `bert_doc` when present; same arguments as `embed_questions`."""
         reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.doc_encoder, checkpoint_batch_size,
-                                                 rngs=rngs)
+                                                 rngs=rngs, position_ids=position_ids, cls_index=cls_index)
         return self.project_doc(reps).astype(jnp.float32)
 
     def __call__(self, input_ids_query: Array, attention_mask_query: Array | None, input_ids_doc: Array,
@@ -459,7 +518,7 @@ KINDS = ("questions", "passages")
 
 
 def embed_batch(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
-                kind: str) -> Array:
+                kind: str, position_ids: Array | None = None, cls_index: Array | None = None) -> Array:
     """Embeddings of one batch, as a pure function of the model's split state (jit it with `graphdef` and `kind`
     static: `embed` is that jitted function).
 
@@ -467,16 +526,16 @@ def embed_batch(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, atte
       graphdef, state: `nnx.split(model)`.
       input_ids, attention_mask: int [B, L].
       kind: "questions" (`embed_questions`) or "passages" (`embed_answers`).
+      position_ids, cls_index: packed rows, as in `RetriBertModel.embed_questions`.
 
     Returns:
-      float32 [B, projection_dim].
+      float32 [B, projection_dim]; [B, S, projection_dim] with `cls_index`.
     """
     model = nnx.merge(graphdef, state)
-    if kind == "questions":
-        return model.embed_questions(input_ids, attention_mask)
-    if kind == "passages":
-        return model.embed_answers(input_ids, attention_mask)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    fn = model.embed_questions if kind == "questions" else model.embed_answers
+    return fn(input_ids, attention_mask, position_ids=position_ids, cls_index=cls_index)
 
 
 embed = jax.jit(embed_batch, static_argnames=("graphdef", "kind"))

@@ -222,7 +222,7 @@ class Index:
         texts = self.rows(rows, "texts") if self._texts else [None] * len(ids)
         return [Hit(id=i, score=float(s), text=t) for i, s, t in zip(ids, scores, texts, strict=True)]
 
-    def search(self, encoder, questions: str | Sequence[str], k: int = 10, *, batch_size: int = 32,
+    def search(self, encoder, questions: str | Sequence[str], k: int = 10, *, batch_size: int | None = None,
                max_length: int = 128) -> list[Hit] | list[list[Hit]]:
         """Encodes questions with `encoder.encode_questions` (in batches) and searches.
 
@@ -244,7 +244,7 @@ class Index:
 
 
 def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequence[Any] | None = None,
-                store_text: bool = True, batch_size: int = 32, max_length: int = 128, normalize: bool = False,
+                store_text: bool = True, batch_size: int | None = None, max_length: int = 128, normalize: bool = False,
                 shard_size: int = 100_000, overwrite: bool = False) -> Index:
     """Embeds passages into an embedding directory (the layout `retribert-jax embed` writes) and opens it: the
     in-memory path of `embed`, for corpora that fit in a Python list.

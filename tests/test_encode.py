@@ -1,4 +1,4 @@
-"""Encoder: results independent of batching, order and bucketing; parity with HF PyTorch; few compilations."""
+"""Encoder: results independent of batching, order and packing; parity with HF PyTorch; few compilations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
 from retribert_jax.compilation import CompileCost, bucket_length, candidate_lengths, fit_buckets
-from retribert_jax.encode import Encoder
-from retribert_jax.modeling import flops_per_sequence
+from retribert_jax.encode import Encoder, pack_rows, texts_per_row
+from retribert_jax.modeling import embed, flops_per_sequence
 from tests.conftest import hf_reference, save_hf
 from tests.embed_helpers import random_texts, tiny_vocab
 
@@ -104,12 +104,106 @@ def test_few_programs_for_many_batches(hf_and_dir):
     enc = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d))
     texts = random_texts(200, seed=5, max_words=100)
     enc.encode_passages(texts, batch_size=8, max_length=128)
-    lengths = {length for _, _, length in enc.shapes_seen}
-    assert enc.compile_count <= 8, f"{enc.compile_count} programs for one corpus: {sorted(enc.shapes_seen)}"
-    assert lengths <= {16, 32, 48, 64, 80, 96, 112, 128}, f"lengths outside the buckets: {lengths}"
-    before = enc.compile_count
-    enc.encode_passages(texts[:37], batch_size=8, max_length=128)  # a partial last batch is padded, not recompiled
-    assert enc.compile_count == before, f"re-encoding a subset compiled {enc.compile_count - before} new programs"
+    # Packed rows of one length: one program for the job, its partial last batch padded rather than recompiled.
+    assert enc.compile_count == 1, f"{enc.compile_count} programs for one corpus: {sorted(enc.shapes_seen)}"
+    enc.encode_passages(texts[:37], batch_size=8, max_length=128)
+    enc.encode_passages(texts[100:103], max_length=128)  # fewer texts than one batch, default batch size
+    assert enc.compile_count == 1, f"re-encoding subsets compiled new programs: {sorted(enc.shapes_seen)}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pack_rows_places_every_text_once_within_the_limits(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.lognormal(3.8, 0.7, size=int(rng.integers(1, 3000))).astype(int) + 2, 128)
+    rows = pack_rows(lengths, 128, 16)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths))), "a text is missing from the rows or packed twice"
+    assert all(sum(lengths[i] for i in row) <= 128 and 1 <= len(row) <= 16 for row in rows)
+    assert rows == pack_rows(lengths, 128, 16), "packing is not deterministic"
+    # Best-fit decreasing on real-like lengths stays within a few rows of the bound no packing can beat.
+    bound = -(-int(lengths.sum()) // 128)
+    assert len(rows) <= 1.02 * bound + 1, f"{len(rows)} rows for {bound} rows' worth of tokens"
+
+
+def test_pack_rows_respects_max_per_row_and_rejects_bad_lengths():
+    rows = pack_rows(np.full(40, 3), 128, 4)
+    assert [len(r) for r in rows] == [4] * 10
+    with pytest.raises(ValueError, match=r"\[1, 16\]"):
+        pack_rows([3, 17], 16, 2)
+    assert pack_rows([], 16, 2) == []
+
+
+@pytest.mark.parametrize("kind", ["questions", "passages"])
+def test_packed_rows_match_hf_pytorch_text_by_text(hf_and_dir, encoder, kind):
+    """Texts packed several to a row (positions restarting at each [CLS]) embed as HF embeds each text alone."""
+    torch = pytest.importorskip("torch")
+    import jax
+
+    ref, d = hf_and_dir
+    texts = random_texts(9, seed=7, max_words=20)
+    ids = encoder.tokenize(texts, 48)
+    rows, length = pack_rows([len(x) for x in ids], 48, texts_per_row(48)), 48
+    assert max(len(r) for r in rows) > 1, "the texts should share rows"
+    shape = (len(rows), length)
+    input_ids, mask, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    cls_index = np.zeros((len(rows), texts_per_row(length)), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for j, i in enumerate(row):
+            n = len(ids[i])
+            input_ids[r, start:start + n], mask[r, start:start + n] = ids[i], 1
+            positions[r, start:start + n], cls_index[r, j] = np.arange(n), start
+            start += n
+    model = RetriBertModel.from_pretrained(d)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(embed(graphdef, state, input_ids, mask, kind=kind, position_ids=positions,
+                               cls_index=cls_index))
+        fn = model.embed_questions if kind == "questions" else model.embed_answers
+        chunked = np.asarray(fn(input_ids, mask, checkpoint_batch_size=1, position_ids=positions,
+                                cls_index=cls_index))
+    assert got.shape == (len(rows), texts_per_row(length), 16)
+    encoder_pt = ref.bert_query if kind == "questions" else ref.bert_doc
+    project = ref.project_query if kind == "questions" else ref.project_doc
+    for r, row in enumerate(rows):
+        for j, i in enumerate(row):
+            t = torch.tensor([ids[i]])
+            with torch.no_grad():
+                want = project(ref.embed_sentences_checkpointed(t, torch.ones_like(t), encoder_pt))[0].numpy()
+            diff = np.abs(got[r, j] - want).max()
+            assert diff <= TOL, f"{kind}: text {i} packed in row {r} slot {j} differs from HF by {diff:.3g}"
+    used = np.zeros(cls_index.shape, bool)
+    for r, row in enumerate(rows):
+        used[r, :len(row)] = True
+    assert np.abs(chunked[used] - got[used]).max() <= TOL, "checkpoint_batch_size changed packed embeddings"
+
+
+def test_plan_fills_batches_and_reuses_programs(hf_and_dir):
+    _, d = hf_and_dir
+    encoder = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 100, size=300)
+    plan = encoder.plan(lengths, 8, 100, "passages")
+    assert {length for _, _, length in plan} == {bucket_length(int(lengths.max()), candidate_lengths(100))}
+    assert all(rows == 8 for _, rows, _ in plan), "the partial last batch should pad to the job's program"
+    assert sorted(i for group, _, _ in plan for row in group for i in row) == list(range(300))
+    # Fewer rows than one batch: the smallest power of two that holds them; the default batch size is the
+    # platform's tokens per call in rows of the job's length.
+    small = encoder.plan(np.array([5, 6, 4]), 8, 100, "questions")  # rows of 16 tokens, 2 texts each
+    assert [(len(g), rows, n) for g, rows, n in small] == [(2, 2, 16)]
+    length = plan[0][2]
+    default = encoder.plan(lengths, None, 100, "passages")
+    assert {rows for _, rows, _ in default} == {max(1, encoder.tokens_per_call // length)}
+    # A later job reuses a longer program it has when that costs less than compiling one of its own, and its own
+    # length when it has that.
+    encoder.encode_questions([" ".join(["word"] * 30)], max_length=100)
+    (longer,) = {n for k, _, n in encoder.shapes_seen if k == "questions"}
+    assert longer > 16
+    assert {n for _, _, n in encoder.plan(np.array([5, 6, 4]), 8, 100, "questions")} == {longer}
+    encoder.encode_questions(["a b c"], max_length=16)
+    assert {n for _, _, n in encoder.plan(np.array([5, 6, 4]), 8, 100, "questions")} == {16}
 
 
 def test_bucket_length():

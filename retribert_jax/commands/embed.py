@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="log bad lines (invalid JSON or UTF-8, missing field, null id) and go on instead of stopping")
     p.add_argument("--shard-size", type=int, default=100_000, help="records per shard (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
     p.add_argument("--max-length", type=int, default=128, help="truncation length in tokens (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="dtype the embeddings are stored in (default: %(default)s)")
@@ -49,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("shard_size", "batch_size", "max_length"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     distributed = [args.coordinator, args.num_processes, args.process_id]
     if any(v is not None for v in distributed) and any(v is None for v in distributed):

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE", help="write the measures (and per-query values) as JSON")
     p.add_argument("--run-file", metavar="FILE", help="write the run in TREC format: qid Q0 docid rank score tag")
     p.add_argument("--run-tag", default="retribert_jax", help="the run file's tag column (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="queries encoded per batch (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
     p.add_argument("--max-length", type=int,
                    help="query truncation length (default: 128, or the model's max_position_embeddings if less)")
     p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     evaluation.require_ir_measures()
     for name in ("depth", "batch_size", "block_size"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     # The cheap inputs first: a bad line or name should not wait for the model to load.
     evaluation.parse_metrics(args.metrics, args.depth)

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out pairs with fewer negatives than asked (default: keep them, and count them)")
     p.add_argument("--chunk-size", type=int, default=10_000,
                    help="pairs per resumable part (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts encoded per batch (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
     p.add_argument("--max-length", type=int,
                    help="question truncation length (default: 128, or the model's max_position_embeddings if less); "
                         "answers are truncated as the index's passages were")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from retribert_jax.mining import FILTERS, MiningConfig, mine_file
 
     for name in ("chunk_size", "batch_size", "block_size"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     config = MiningConfig(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
                           max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,

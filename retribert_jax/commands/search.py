@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries-file", help="more questions, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=10, help="passages per question (%(default)s)")
     p.add_argument("--json", action="store_true", help='print one JSON object per question: {"question", "hits"}')
-    p.add_argument("--batch-size", type=int, default=32, help="questions encoded per batch (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
     p.add_argument("--max-length", type=int,
                    help="question truncation length (default: 128, or the model's max_position_embeddings if less)")
     p.add_argument("--backend", choices=("jax", "faiss"), default="jax",

@@ -113,7 +113,9 @@ def build_retribert_jax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int,
     encoder = Encoder(model, tok, dtype=_jax_dtype(dtype))
 
     def e2e(texts: list[str]) -> np.ndarray:
-        return encoder.encode_passages(texts, batch_size=e2e_batch, max_length=max_length)
+        # The Encoder's batch_size counts packed rows (several texts each), not texts: it runs at its default, the
+        # platform's tokens per call, as a user of the command line does.
+        return encoder.encode_passages(texts, max_length=max_length)
 
     return fixed, e2e, {"attention_impl": impl, "encoder": "retribert_jax.encode.Encoder"}
 

@@ -1,10 +1,12 @@
 """Which programs a job compiles, and compiling each only once.
 
 Every batch that reaches a jitted forward has a (rows, length) shape, and each new shape is one more XLA program to
-compile. The one bucket policy of the package lives here: a job's padded lengths are chosen from its real length
-histogram (`fit_buckets`), trading the compute spent on padding against the time a new program takes to compile,
-for the Encoder and for training alike. Compiled programs are kept across processes by JAX's persistent compilation
-cache (`enable_compilation_cache`), and `cache_hits` tells a program loaded from it from one compiled afresh.
+compile. The package's padded lengths come from one list (`BUCKET_LENGTHS`, `bucket_length`) and one price of a
+program against padded compute (`CompileCost`): the Encoder packs texts into rows of one bucket length per job and
+reuses programs when padding costs less than compiling (`encode.Encoder.plan`); training fits a job's padded
+lengths to its real length histogram (`fit_buckets`). Compiled programs are kept across processes by JAX's
+persistent compilation cache (`enable_compilation_cache`), and `cache_hits` tells a program loaded from it from one
+compiled afresh.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 # The padded lengths a batch may take: steps of 16 tokens up to 128, then 32 and 64 (multiples of 16 suit TPU/GPU
-# tiles), plus max_length itself. `fit_buckets` picks the ones a job uses.
+# tiles), plus max_length itself. A job uses one (packing) or a fitted few (training).
 BUCKET_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 

@@ -9,7 +9,6 @@ measures those when a device is lent.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
@@ -29,13 +28,15 @@ PLATFORMS = ("cuda", "tpu")
 
 
 def lowered_text(cfg: RetriBertConfig, dtype, kind: str = "passages", rows: int = 16, length: int = 48,
-                 platforms=PLATFORMS, attention_impl: str = "xla") -> str:
+                 platforms=PLATFORMS, attention_impl: str = "xla", packed: bool = False) -> str:
+    """The embedding program's StableHLO; `packed`: the Encoder's, with position_ids and cls_index (6 texts a row)."""
     graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, attention_impl=attention_impl))
     spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-    fn = jax.jit(functools.partial(embed_batch, graphdef, kind=kind))
+    args = (state, spec, spec) + ((spec, jax.ShapeDtypeStruct((rows, 6), jnp.int32)) if packed else ())
+    fn = jax.jit(lambda *a: embed_batch(graphdef, *a[:3], kind, *a[3:]))
     if attention_impl == "cudnn":  # cuDNN's custom call has no serialization guarantee, so jax.export refuses it
-        return fn.trace(state, spec, spec).lower(lowering_platforms=tuple(platforms)).as_text()
-    exported = export.export(fn, platforms=platforms)(state, spec, spec)
+        return fn.trace(*args).lower(lowering_platforms=tuple(platforms)).as_text()
+    exported = export.export(fn, platforms=platforms)(*args)
     assert exported.platforms == tuple(platforms)
     return exported.mlir_module()
 
@@ -61,8 +62,9 @@ def test_bf16_program_multiplies_in_bf16_and_scores_in_f32(kind):
     assert len(scores) == 4, f"expected the QK^T and PV products to give f32, got {scores}"
 
 
-def test_f32_program_stays_f32():
-    found = dots(lowered_text(RetriBertConfig.tiny(), jnp.float32))
+@pytest.mark.parametrize("packed", [False, True])
+def test_f32_program_stays_f32(packed):
+    found = dots(lowered_text(RetriBertConfig.tiny(), jnp.float32, packed=packed))
     assert found and all(d == (["f32", "f32"], "f32") for d in found), found
 
 
@@ -88,14 +90,15 @@ def test_no_host_callback_on_any_platform():
     assert not re.search(r"stablehlo\.(send|recv|outfeed|infeed)\b", text), "device-host transfer in the program"
 
 
-def test_cudnn_attention_lowers_to_the_fused_call(monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_attention_lowers_to_the_fused_call(monkeypatch, packed):
     """JAX refuses to lower the cuDNN branch unless it finds cuDNN; standing in for a cuDNN 9.10 install checks our
     call against JAX's own rules (layout, mask, dtypes, head dim) and that it becomes cuDNN's fused attention."""
     from jax._src.cudnn import fused_attention_stablehlo
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
     text = lowered_text(RetriBertConfig.tiny(num_attention_heads=2), jnp.bfloat16, attention_impl="cudnn",
-                        platforms=("cuda",))
+                        platforms=("cuda",), packed=packed)
     fused = {c for c in custom_calls(text) if c.startswith("__cudnn$fmha")}
     assert fused, f"the cudnn branch did not lower to cuDNN's fused attention: {custom_calls(text)}"
 
@@ -130,16 +133,17 @@ cfg = RetriBertConfig.tiny()
 graphdef, state = nnx.split(abstract_model(cfg, dtype=jnp.bfloat16))
 state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
 ids = jax.ShapeDtypeStruct((32, 48), jnp.int32, sharding=data)
-# The Encoder's program: modeling.embed with replicated parameters and the batch split over "data".
-fn = jax.jit(functools.partial(embed_batch, graphdef, kind="passages"), in_shardings=(rep, data, data))
-exp = export.export(fn, platforms=("cuda", "tpu"))(state, ids, ids)
+cls = jax.ShapeDtypeStruct((32, 6), jnp.int32, sharding=data)
+# The Encoder's program: modeling.embed on packed rows, replicated parameters, the batch split over "data".
+fn = jax.jit(lambda *a: embed_batch(graphdef, *a[:3], "passages", *a[3:]), in_shardings=(rep,) + (data,) * 4)
+exp = export.export(fn, platforms=("cuda", "tpu"))(state, ids, ids, ids, cls)
 assert exp.nr_devices == 8, exp.nr_devices
 args, _ = signature(exp.mlir_module())
 # (jit drops the one parameter a kind does not use: project_query for passages.)
-assert args[-2:] == [DATA, DATA] and len(args) >= len(jax.tree.leaves(state)) + 1, args[-3:]
-assert all(a.startswith(REP) and '"data"' not in a for a in args[:-2]), "a parameter is not replicated"
+assert args[-4:] == [DATA] * 4 and len(args) >= len(jax.tree.leaves(state)) + 3, args[-5:]
+assert all(a.startswith(REP) and '"data"' not in a for a in args[:-4]), "a parameter is not replicated"
 # The same program compiled here: the output stays split over "data" (the compiler's propagation).
-compiled = embed.lower(graphdef, state, ids, ids, kind="passages").compile()
+compiled = embed.lower(graphdef, state, ids, ids, kind="passages", position_ids=ids, cls_index=cls).compile()
 assert compiled.output_shardings.spec == jax.sharding.PartitionSpec("data"), compiled.output_shardings
 
 tcfg = TrainConfig(batch_size=32, max_length=48, checkpoint_batch_size=-1, micro_batch_size=16)

@@ -14,7 +14,9 @@ the median reported, in three situations:
 With `--baseline REV` (a git revision, e.g. the last commit before the scanned layers and the cache), the same
 commands run from a worktree of REV as a third column, and the programs each side compiles, and the seconds per
 program, are compared; compile seconds of the RetriBERT-base program at (32, 128) are measured alone for both, in
-fresh processes. Writes results.json under --out and prints the table README quotes.
+fresh processes. Then the fixed costs of short commands, ours only, each phase as `--verbose` reports it (median):
+`search` for one question against a 10k-passage index, and `embed` of 10 passages, both with a warm compilation
+cache. Writes results.json under --out and prints the table README quotes.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def timed(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, str]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return seconds, proc.stderr
+
+
+def phases(stderr: str) -> dict[str, float]:
+    """The `timings:` line that --verbose prints, as {phase: seconds}."""
+    line = next((ln for ln in stderr.splitlines() if ln.startswith("timings: ")), "timings: ")
+    parts = (part.rsplit(" ", 1) for part in line[len("timings: "):].split(", ") if part)
+    return {name: float(seconds.rstrip("s")) for name, seconds in parts}
 
 
 def programs(stderr: str) -> dict[str, float]:
@@ -167,12 +176,48 @@ def main(argv: list[str] | None = None) -> int:
                                       capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
                  for _ in range(args.repeats)]
         results["compile_s_base_32x128"][tool] = statistics.median(times)
+    results["fixed_costs"] = fixed_costs(model, work, env, caches["ours"], args.repeats)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     print(report(results))
     if args.baseline:
         subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", trees["before"]], capture_output=True)
     return 0
+
+
+def fixed_costs(model: str, work: str, env: dict[str, str], cache: str, repeats: int) -> dict[str, Any]:
+    """Whole-process wall time and --verbose phases of two short commands (ours), after one priming run each."""
+    from benchmarks.data import real_texts
+
+    cli = [sys.executable, "-m", "retribert_jax.cli"]
+    corpus, small = os.path.join(work, "passages-10k.txt"), os.path.join(work, "passages-10.txt")
+    texts = [" ".join(t.split()) + "\n" for t in real_texts(10_000, seed=1)]
+    for path, lines in ((corpus, texts), (small, texts[:10])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    index = os.path.join(work, "index-10k")
+    timed(cli + ["embed", model, corpus, index, "--kind", "passages", "--no-progress", "--compilation-cache", cache],
+          env, work)
+    commands = {
+        "search: 1 question, 10k-passage index": cli + ["search", index, model, "what does a context manager do?",
+                                                        "-k", "10"],
+        "embed: 10 passages": cli + ["embed", model, small, "OUT", "--kind", "passages", "--no-progress"],
+    }
+    out: dict[str, Any] = {}
+    fresh = iter(range(10**6))
+
+    def run(cmd: list[str]) -> tuple[float, str]:
+        # Every embed writes a new directory (an existing complete one would be skipped).
+        return timed([os.path.join(work, f"out-10-{next(fresh)}") if a == "OUT" else a for a in cmd], env, work)
+
+    for name, cmd in commands.items():
+        cmd = cmd + ["--compilation-cache", cache, "-v"]
+        run(cmd)  # prime: programs into the cache
+        runs = [run(cmd) for _ in range(repeats)]
+        walls, parts = [r[0] for r in runs], [phases(r[1]) for r in runs]
+        out[name] = {"wall_s": statistics.median(walls),
+                     "phases_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+    return out
 
 
 def report(results: dict[str, Any]) -> str:
@@ -192,6 +237,9 @@ def report(results: dict[str, Any]) -> str:
     c = results["compile_s_base_32x128"]
     lines.append("compile seconds, RetriBERT-base program at (32, 128), alone: "
                  + ", ".join(f"{t} {s:.2f}" for t, s in c.items()))
+    for name, row in results.get("fixed_costs", {}).items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_s"].items())
+        lines.append(f"{name}: {row['wall_s']:.2f} s wall; {parts}")
     return "\n".join(lines)
 
 

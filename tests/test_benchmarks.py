@@ -160,3 +160,22 @@ def test_research_loop_example_runs_end_to_end(tmp_path):
         assert set(METRICS) <= set(metrics) and all(0.0 <= metrics[m] <= 1.0 for m in METRICS), (name, metrics)
     mined = [json.loads(line) for line in open(tmp_path / "mined.jsonl", encoding="utf-8")]
     assert mined and all("negatives" in r and r["answer"] not in r["negatives"] for r in mined)
+
+
+def test_job_benchmark_reads_what_the_commands_print():
+    """bench_jobs parses the --verbose timings line and embed's summary line as the command line writes them."""
+    import io
+
+    from benchmarks.bench_jobs import phases, programs
+    from retribert_jax.cli import Timings
+
+    timings, out = Timings(verbose=True), io.StringIO()
+    for name in ("import jax and flax", "import retribert_jax", "place parameters"):
+        with timings.phase(name):
+            pass
+    timings.report(file=out)
+    assert list(phases(out.getvalue())) == ["import jax and flax", "import retribert_jax", "place parameters"]
+    assert phases("no timings here") == {}
+    line = ("process 0/1: embedded 500 passages (140.0/s), skipped 0 (finished earlier or another process's); "
+            "1 programs (1 from the compilation cache), compiled in 0.2s")
+    assert programs(line) == {"programs": 1, "from_cache": 1, "compile_s": 0.2}

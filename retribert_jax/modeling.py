@@ -8,10 +8,11 @@ softmax, the residual stream, the pooler's tanh and the projections' outputs sta
 one when the config says "gelu". Masked attention logits are set to float32's most negative value, as HF's additive
 mask does, so padded keys get exactly zero weight.
 
-Packed rows: several sequences may share one row of `input_ids` (`encode.pack_rows` fills rows so), told apart as in
-HF's packed-sequence convention by `position_ids` that restart at 0 where each sequence starts. A token then attends
-only to the tokens of its own sequence, with its own positions, so every sequence gets the numbers it would get
-alone; `cls_index` [B, S] says where each row's sequences start, and the pooler reads those rows.
+Packed rows (Krell et al., 2021, "Efficient Sequence Packing without Cross-contamination"): several sequences may
+share one row of `input_ids` (`encode.pack_rows` fills rows so), told apart as in HF's packed-sequence convention by
+`position_ids` that restart at 0 where each sequence starts. A token then attends only to the tokens of its own
+sequence, with its own positions, so every sequence gets the numbers it would get alone; `cls_index` [B, S] says
+where each row's sequences start, and the pooler reads those rows.
 """
 
 from __future__ import annotations

@@ -215,6 +215,8 @@ class Encoder:
         program with more rows when the padding costs less than a new program. The plan depends only on the
         lengths, the arguments and the programs this Encoder has.
         """
+        if len(lengths) == 0:
+            return []
         ndev = self.num_devices
         have = {(r, length) for (k, r, length) in self._programs if k == kind}
         cost = self.compile_cost

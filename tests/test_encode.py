@@ -191,6 +191,7 @@ def test_plan_fills_batches_and_reuses_programs(hf_and_dir):
     assert sorted(i for group, _, _ in plan for row in group for i in row) == list(range(300))
     # Fewer rows than one batch: the smallest power of two that holds them; the default batch size is the
     # platform's tokens per call in rows of the job's length.
+    assert encoder.plan(np.array([], np.int64), 8, 100, "questions") == []
     small = encoder.plan(np.array([5, 6, 4]), 8, 100, "questions")  # rows of 16 tokens, 2 texts each
     assert [(len(g), rows, n) for g, rows, n in small] == [(2, 2, 16)]
     length = plan[0][2]

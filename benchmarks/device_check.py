@@ -4,7 +4,9 @@
 
 Measures, on the default device: the dense matmul peak (fp32, bf16); RetriBERT-base (random weights, kind
 "passages") at batch 1024 x 128 in bf16 with cuDNN's fused attention and with XLA's attention (seq/s, share of the
-measured bf16 peak and of the published 989 TFLOP/s counted on nominal FLOPs); throughput over batch size; and
+measured bf16 peak and of the published 989 TFLOP/s counted on nominal FLOPs); throughput over batch size; the
+Encoder on real text (packed rows, bf16) at its default tokens per call and at other row counts, which settles
+`encode.ACCELERATOR_TOKENS_PER_CALL` (a prediction until then); and
 parity of the device's fp32 (highest matmul precision) against this package's CPU fp32 forward on the same weights
 and real text (`--weights`, e.g. the all-MiniLM-L6-v2 RetriBERT stored as float16 Flax safetensors to travel light;
 the CPU forward is the one the test suite holds to HF PyTorch at 1e-5). Writes device_check.json and
@@ -25,9 +27,32 @@ H200_BF16_PEAK = 989e12  # dense, NVIDIA's data sheet; issue 14's goal is 40% of
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"batch": 8, "length": 32, "batches": [2, 8], "min_time": 0.0, "iters": 2, "texts": 16}
+        return {"batch": 8, "length": 32, "batches": [2, 8], "min_time": 0.0, "iters": 2, "texts": 16,
+                "encoder_texts": 32, "encoder_rows": [None, 4]}
     return {"batch": 1024, "length": 128, "batches": [64, 256, 1024, 2048], "min_time": 1.0, "iters": 20,
-            "texts": 256}
+            "texts": 256, "encoder_texts": 20_000, "encoder_rows": [None, 32, 512, 1024]}
+
+
+def _encoder_rows(cfg, sz: dict[str, Any]) -> list[dict[str, Any]]:
+    """Texts/s of the Encoder (bf16, packed rows of real text, max_length 128) per rows-per-call setting."""
+    import jax.numpy as jnp
+
+    from benchmarks.data import real_texts
+    from retribert_jax import RetriBertTokenizer, init_model
+    from retribert_jax.encode import Encoder
+    from retribert_jax.minilm import minilm_dir
+
+    texts = real_texts(sz["encoder_texts"], seed=4)
+    enc = Encoder(init_model(cfg), RetriBertTokenizer.from_pretrained(minilm_dir()), dtype=jnp.bfloat16)
+    out = []
+    for rows in sz["encoder_rows"]:
+        enc.encode_passages(texts, batch_size=rows)  # compile
+        start = time.perf_counter()
+        enc.encode_passages(texts, batch_size=rows)
+        seconds = time.perf_counter() - start
+        plan = enc.plan(enc.tokenizer.encode_lengths(texts, 128), rows, 128)
+        out.append({"batch_size": rows, "rows_per_call": plan[0][1], "texts_per_s": len(texts) / seconds})
+    return out
 
 
 def _throughput(cfg, dtype: str, impl: str, batch: int, length: int, sz: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +176,8 @@ def run(out: str, quick: bool = False, weights: str | None = None) -> dict[str, 
     for b in sz["batches"]:
         results["scaling"].append(_throughput(cfg, "bfloat16", impl, b, sz["length"], sz))
         save()
+    results["encoder_rows"] = _encoder_rows(cfg, sz)
+    save()
     results["parity_fp32"] = _parity(weights, quick, sz["texts"])
     results["wall_s"] = time.perf_counter() - start
     save()
@@ -169,6 +196,9 @@ def report(results: dict[str, Any]) -> str:
                      f"{r['share_of_measured_bf16_peak']:.0%} of the measured bf16 peak, "
                      f"{r['share_of_h200_datasheet_peak']:.0%} of 989 TFLOP/s (nominal FLOPs)")
     lines.append("scaling: " + ", ".join(f"{p['batch']}: {p['seq_per_s']:.0f}" for p in results["scaling"]))
+    lines.append("Encoder, real text, bf16: " + ", ".join(
+        f"{r['rows_per_call']} rows{' (default)' if r['batch_size'] is None else ''}: {r['texts_per_s']:.0f} texts/s"
+        for r in results.get("encoder_rows", [])))
     p = results["parity_fp32"]
     lines.append(f"fp32 parity, device vs CPU ({p['weights']}, {p['texts']} texts): "
                  f"max |diff| {p['max_abs_diff']:.3g}, worst cosine {p['worst_cosine']:.7f}")

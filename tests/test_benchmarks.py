@@ -144,8 +144,10 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     assert [h["attention_impl"] for h in r["headline"]] == ["xla"] and "cudnn" in r["skipped"]
     assert r["headline"][0]["seq_per_s"] > 0 and len(r["scaling"]) == 2
     assert r["parity_fp32"]["max_abs_diff"] <= 1e-6, r["parity_fp32"]
+    assert [e["rows_per_call"] for e in r["encoder_rows"]][1:] == [4] and all(
+        e["texts_per_s"] > 0 for e in r["encoder_rows"]), r["encoder_rows"]
     assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
-    assert "fp32 parity" in report(r)
+    assert "fp32 parity" in report(r) and "Encoder, real text" in report(r)
 
 
 @pytest.mark.slow

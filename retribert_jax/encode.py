@@ -127,11 +127,10 @@ class Encoder:
         self.dtype, self.mesh = dtype, mesh
         self.bucket_lengths = tuple(sorted(bucket_lengths))
         self.num_devices = mesh.shape["data"]
-        self.compile_cost = compile_cost or CompileCost.for_platform(mesh.devices.flat[0].platform,
-                                                                     self.num_devices)
-        self._data_sharding = batch_sharding(mesh)
         platform = mesh.devices.flat[0].platform
+        self.compile_cost = compile_cost or CompileCost.for_platform(platform, self.num_devices)
         self.tokens_per_call = TOKENS_PER_CALL.get(platform, ACCELERATOR_TOKENS_PER_CALL)
+        self._data_sharding = batch_sharding(mesh)
         _, state = nnx.split(model)
         attention_impl = model.bert_query.encoder.layer.attention.self.attention_impl
         # The compute dtype lives in the graph (the Linear layers' `dtype`), so another dtype is another graphdef over

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 # The padded lengths a batch may take: steps of 16 tokens up to 128, then 32 and 64 (multiples of 16 suit TPU/GPU
 # tiles), plus max_length itself. A job uses one (packing) or a fitted few (training).
@@ -27,21 +28,43 @@ BUCKET_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384
 @dataclasses.dataclass(frozen=True)
 class CompileCost:
     """What a new program costs against the compute padding wastes, in seconds: `compile_seconds` for one program,
-    `flops_per_second` sustained on padded rows. Fixed per platform rather than measured, so that the same job
-    always plans the same programs (a second run then finds every one in the persistent cache)."""
+    `flops_per_second` sustained on padded rows, and `trim_seconds`, the part of a program's compilation that the
+    [CLS]-only last layer adds (`BertEncoder.trim_last_layer`: its kernels are shaped unlike the scanned layer's).
+    Fixed per platform rather than measured, so that the same job always plans the same programs (a second run
+    then finds every one in the persistent cache)."""
 
     compile_seconds: float
     flops_per_second: float
+    trim_seconds: float = 0.0
 
     @classmethod
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
-        compute 2-4 orders of magnitude faster."""
+        compute 2-4 orders of magnitude faster. The trimmed last layer is ~30% of a CPU compilation (measured:
+        `benchmarks/bench_jobs.py`); on accelerators the same share is a prediction."""
         if platform == "cpu":
-            return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices)
+            return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
         if platform == "tpu":
-            return cls(compile_seconds=10.0, flops_per_second=1e14 * num_devices)
-        return cls(compile_seconds=5.0, flops_per_second=2e14 * num_devices)
+            return cls(compile_seconds=10.0, flops_per_second=1e14 * num_devices, trim_seconds=3.0)
+        return cls(compile_seconds=5.0, flops_per_second=2e14 * num_devices, trim_seconds=1.5)
+
+
+# XLA:CPU's loop emitter that predates its MLIR fusion emitters generates kernels as fast for our programs (the
+# same numbers; tests/test_encode.py) and compiles a program ~17% sooner (`benchmarks/bench_jobs.py`).
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+
+
+def compile_lowered(lowered: Any, platform: str) -> Any:
+    """`lowered.compile()` (a `jax.stages.Lowered`) with `CPU_COMPILER_OPTIONS` on a CPU; a jaxlib that no longer
+    knows one of those options compiles with XLA's defaults instead (they only change compile time)."""
+    if platform != "cpu":
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception as e:  # jax.errors.JaxRuntimeError: INVALID_ARGUMENT: No such compile option: '...'
+        if "No such compile option" not in str(e):
+            raise
+        return lowered.compile()
 
 
 def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:

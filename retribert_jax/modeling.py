@@ -245,12 +245,18 @@ class BertEncoder(nnx.Module):
     The layers run as one `jax.lax.scan` over that axis, so a program compiles one layer body whatever the depth.
     `scan_unroll` is the scan's `unroll`: 1 (default) compiles one body; True unrolls the whole stack, which only
     analysis wants (XLA's `cost_analysis` counts a loop body once; `benchmarks/roofline.py` unrolls).
+
+    `trim_last_layer` (default True): when only the [CLS] rows are wanted (`cls_only`), the last layer runs outside
+    the scan on those rows alone. False runs it in the scan on every row and then takes the [CLS] rows: the same
+    numbers, more compute, and a program with fewer distinct kernels, which XLA:CPU compiles ~30% faster
+    (`benchmarks/bench_jobs.py`); the Encoder turns it off for jobs too short to repay that compilation.
     """
 
     def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
         self.layer = _stack([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.num_layers = cfg.num_hidden_layers
         self.scan_unroll: int | bool = 1
+        self.trim_last_layer = True
 
     def layer_at(self, i: int) -> BertLayer:
         """Layer i as a module of its own (HF's `encoder.layer[i]`); its parameters are copies."""
@@ -262,14 +268,16 @@ class BertEncoder(nnx.Module):
         """Hidden states [B, L, D] under `mask` ([B, L], or [B, 1 or L, L] from `visible_keys`); with `cls_only`,
         the last layer computes only the [CLS] rows: [B, 1, D], or [B, S, D] at `cls_index` [B, S] (packed rows).
 
-        Only the pooler's input is needed for embeddings, so the last layer, outside the scan, runs its queries,
-        attention output and FFN on one row instead of L (about 11% fewer FLOPs for 8 layers); the numbers of that
-        row are unchanged.
+        Only the pooler's input is needed for embeddings, so (with `trim_last_layer`) the last layer, outside the
+        scan, runs its queries, attention output and FFN on one row instead of L (about 11% fewer FLOPs for 8
+        layers); the numbers of that row are unchanged.
         """
         graphdef, state = nnx.split(self.layer)
         # One dropout key per call, folded with the layer index, so every layer draws its own masks.
         key = rngs.dropout() if rngs is not None else None
-        return _run_layers(graphdef, state, x, mask, key, cls_index, cls_only=cls_only, unroll=self.scan_unroll)
+        trim = cls_only and self.trim_last_layer
+        x = _run_layers(graphdef, state, x, mask, key, cls_index, cls_only=trim, unroll=self.scan_unroll)
+        return cls_rows(x, cls_index) if cls_only and not trim else x
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cls_only", "unroll"))

@@ -139,7 +139,10 @@ def test_bad_lines(model_dir, tmp_path):
         assert f"{path}:{line}: {why}" in r.stderr, f"line {line} ({why}) not reported in:\n{r.stderr}"
     manifest, emb, ids = load_all(str(tmp_path / "o2"))
     assert manifest["count"] == 2 and ids == [0, 1]
-    assert np.array_equal(emb[0], emb[1]), "the two identical good lines got different embeddings"
+    # Packed at different offsets of one row, identical texts agree to float32 rounding (measured ~4e-9), not bit
+    # for bit: the attention's sums over keys group their terms by position.
+    diff = np.abs(emb[0] - emb[1]).max()
+    assert diff <= 1e-6, f"the two identical good lines got embeddings {diff:.3g} apart"
 
 
 def test_resume_after_kill9(model_dir, tmp_path):

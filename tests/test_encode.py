@@ -75,6 +75,62 @@ def test_matches_hf_pytorch(hf_and_dir, encoder):
         assert diff <= TOL, f"{name}: Encoder vs HF PyTorch differ by {diff:.3g}"
 
 
+@pytest.mark.parametrize("trim", [True, False])
+def test_trimmed_and_untrimmed_last_layer_match_hf_pytorch(hf_and_dir, trim):
+    """Both programs the Encoder may choose (last layer on the [CLS] rows alone, or on every row) give HF's numbers."""
+    torch = pytest.importorskip("torch")
+    ref, d = hf_and_dir
+    # trim_seconds 0: trimming always pays; infinite: never.
+    cost = CompileCost(compile_seconds=1.0, flops_per_second=1e11, trim_seconds=0.0 if trim else float("inf"))
+    enc = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), compile_cost=cost)
+    texts = random_texts(12, seed=3)
+    batch = enc.tokenizer(texts, max_length=64)
+    ids, mask = torch.tensor(batch["input_ids"], dtype=torch.long), torch.tensor(batch["attention_mask"])
+    with torch.no_grad():
+        want = ref.project_doc(ref.embed_sentences_checkpointed(ids, mask, ref.bert_doc)).numpy()
+    got = enc.encode_passages(texts, batch_size=2, max_length=64)
+    assert {key[3] for key in enc._programs} == {trim}
+    diff = np.abs(got - want).max()
+    assert diff <= TOL, f"last layer trimmed={trim}: Encoder vs HF PyTorch differ by {diff:.3g}"
+
+
+def test_short_jobs_compile_the_untrimmed_program(hf_and_dir):
+    """The [CLS]-only last layer costs compilation; a job too short to repay it runs the last layer on every row,
+    a long one trims it, and a later job reuses whichever program of its shape the Encoder has."""
+    _, d = hf_and_dir
+    cost = CompileCost(compile_seconds=1.0, flops_per_second=1e11, trim_seconds=0.3)
+    enc = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), compile_cost=cost)
+    cfg = enc.config
+    saved_per_call = 2 * (32 - texts_per_row(32)) * (4 * cfg.hidden_size ** 2 + 4 * cfg.hidden_size
+                                                     * cfg.intermediate_size + 4 * 32 * cfg.hidden_size)
+    calls = int(cost.trim_seconds * cost.flops_per_second / saved_per_call)  # the most calls that do not repay it
+    assert enc._trim_last_layer("passages", 2, 32, calls) is False
+    assert enc._trim_last_layer("passages", 2, 32, calls + 1) is True
+    enc.encode_passages(["one two"], max_length=32)
+    (key,) = enc._programs
+    assert key[3] is False, f"a one-text job compiled the trimmed program {key}"
+    assert enc._trim_last_layer(key[0], key[1], key[2], 10**9) is False, "an existing program was not reused"
+
+
+def test_compile_options_keep_the_numbers_and_unknown_ones_are_dropped(monkeypatch):
+    import jax
+
+    from retribert_jax import compilation
+
+    def f(x):
+        return jnp.tanh(x @ x.T).sum(axis=1) + jax.nn.gelu(x, approximate=False).max(axis=1)
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32)), jnp.float32)
+    lowered = jax.jit(f).lower(x)
+    want = np.asarray(lowered.compile()(x))
+    # Measured equal bit for bit here; float32 rounding allowed for other CPUs' vector widths.
+    np.testing.assert_allclose(np.asarray(compilation.compile_lowered(lowered, "cpu")(x)), want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(compilation, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_here": True})
+    assert np.array_equal(np.asarray(compilation.compile_lowered(lowered, "cpu")(x)), want)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_here"):
+        lowered.compile(compiler_options=compilation.CPU_COMPILER_OPTIONS)
+
+
 def test_empty_text_is_cls_sep(hf_and_dir, encoder):
     torch = pytest.importorskip("torch")
     ref, d = hf_and_dir

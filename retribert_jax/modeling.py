@@ -287,15 +287,24 @@ def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array,
     compiles it once per shape rather than tracing a new scan every call; inside another jit it is inlined."""
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
-    def block(h: Array, i: Array | int, last: bool = False) -> Array:
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    def block(h: Array, layer_state: nnx.State, i: Array | int | None, last: bool = False) -> Array:
+        layer = nnx.merge(graphdef, layer_state)
         layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
         return layer(h, mask, rngs=layer_rngs, cls_only=last, cls_index=cls_index)
 
-    scanned = num_layers - 1 if cls_only else num_layers
-    x, _ = jax.lax.scan(lambda h, i: (block(h, i), None), x, jnp.arange(scanned), unroll=unroll)  # B L D
-    if cls_only:
-        x = block(x, num_layers - 1, last=True)  # B 1 D, or B S D
+    # The layer index only seeds dropout: without a key the scan carries none.
+    index = jnp.arange(num_layers) if key is not None else None
+    if not cls_only:
+        # The stacked parameters are the scan's xs: it hands the body one layer's slice, with no indexing of every
+        # parameter to trace and compile.
+        x, _ = jax.lax.scan(lambda h, xs: (block(h, xs[1], xs[0]), None), x, (index, state), unroll=unroll)
+        return x  # B L D
+    # The last layer runs apart, so the scan indexes the first num_layers - 1 rows of the stack (slicing them off as
+    # xs would copy them every call).
+    x, _ = jax.lax.scan(lambda h, i: (block(h, jax.tree.map(lambda a: a[i], state), i), None), x,
+                        jnp.arange(num_layers - 1), unroll=unroll)  # B L D
+    last = num_layers - 1
+    x = block(x, jax.tree.map(lambda a: a[last], state), last, last=True)  # B 1 D, or B S D
     return x
 
 

@@ -181,3 +181,16 @@ def test_job_benchmark_reads_what_the_commands_print():
     line = ("process 0/1: embedded 500 passages (140.0/s), skipped 0 (finished earlier or another process's); "
             "1 programs (1 from the compilation cache), compiled in 0.2s")
     assert programs(line) == {"programs": 1, "from_cache": 1, "compile_s": 0.2}
+
+
+def test_compile_profile_quick_run():
+    """profile_compile.py on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
+    leaves XLA fewer loop kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
+    r = subprocess.run([sys.executable, "benchmarks/profile_compile.py", "--minilm", "--rows", "2", "--length", "16",
+                        "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr
+    rows = {line[:34].strip(): line[34:].split() for line in r.stdout.splitlines()[2:]}
+    assert len(rows) == 4 and all(len(v) == 6 and float(v[3]) > 0 for v in rows.values()), r.stdout
+    loop = {name: int(v[4]) for name, v in rows.items()}
+    assert loop["last layer untrimmed, ours"] < loop["last layer trimmed, ours"], r.stdout

@@ -164,10 +164,15 @@ def test_checkpointed_path_gives_same_gradients_as_plain(pair):
         assert_close(a.get_value(), b.get_value(), f"gradient of {path_str(path)}, plain vs checkpointed", atol=1e-6)
 
 
-def test_dropout_only_in_training_mode_with_rngs(tiny_cfg):
+@pytest.mark.parametrize("trim", [True, False])
+def test_dropout_only_in_training_mode_with_rngs(tiny_cfg, trim):
+    """Both forms of the last layer (`trim_last_layer`): the same evaluation numbers, dropout only in training."""
     model = RetriBertModel(tiny_cfg, rngs=nnx.Rngs(0))
     ids, mask = random_batch(np.random.default_rng(5), 2, 8, tiny_cfg.vocab_size)
+    trimmed = model.embed_questions(ids, mask)
+    model.bert_query.encoder.trim_last_layer = trim
     eval_a, eval_b = model.embed_questions(ids, mask), model.embed_questions(ids, mask)
+    assert_close(eval_a, trimmed, "last layer on every row vs on the [CLS] rows alone", atol=1e-6)
     np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b), "evaluation is not deterministic")
     model.train()
     with pytest.raises(ValueError, match="rngs"):

@@ -4,9 +4,11 @@ Every batch that reaches a jitted forward has a (rows, length) shape, and each n
 compile. The package's padded lengths come from one list (`BUCKET_LENGTHS`, `bucket_length`) and one price of a
 program against padded compute (`CompileCost`): the Encoder packs texts into rows of one bucket length per job and
 reuses programs when padding costs less than compiling (`encode.Encoder.plan`); training fits a job's padded
-lengths to its real length histogram (`fit_buckets`). Compiled programs are kept across processes by JAX's
-persistent compilation cache (`enable_compilation_cache`), and `cache_hits` tells a program loaded from it from one
-compiled afresh.
+lengths to its real length histogram (`fit_buckets`). A program's own compile time is cut where its kernels come
+from: on a CPU, XLA's loop emitter (`CPU_COMPILER_OPTIONS`, `compile_lowered`), and for short jobs a last layer
+shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profile_compile.py` shows the split).
+Compiled programs are kept across processes by JAX's persistent compilation cache (`enable_compilation_cache`), and
+`cache_hits` tells a program loaded from it from one compiled afresh.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ class Encoder:
       compilation_cache_dir: turns on JAX's persistent compilation cache there (see
         `compilation.enable_compilation_cache`; off by default in the library, on by default on the command line).
       compile_cost: what a new program costs against padded compute, for deciding when a program this Encoder
-        already has (longer rows, more rows) beats compiling one that fits; default: `CompileCost.for_platform` of
-        the mesh's devices.
+        already has (longer rows, more rows) beats compiling one that fits, and whether a job's program trims its
+        last layer to the [CLS] rows; default: `CompileCost.for_platform` of the mesh's devices.
     """
 
     def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = jnp.float32,

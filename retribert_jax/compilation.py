@@ -42,8 +42,8 @@ class CompileCost:
     @classmethod
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
-        compute 2-4 orders of magnitude faster. The trimmed last layer is ~30% of a CPU compilation (measured:
-        `benchmarks/bench_jobs.py`); on accelerators the same share is a prediction."""
+        compute 2-4 orders of magnitude faster. The trimmed last layer is ~40% of a CPU compilation (measured:
+        `benchmarks/profile_compile.py`); on accelerators a like share is a prediction."""
         if platform == "cpu":
             return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
         if platform == "tpu":
@@ -52,7 +52,7 @@ class CompileCost:
 
 
 # XLA:CPU's loop emitter that predates its MLIR fusion emitters generates kernels as fast for our programs (the
-# same numbers; tests/test_encode.py) and compiles a program ~17% sooner (`benchmarks/bench_jobs.py`).
+# same numbers; tests/test_encode.py) and compiles a program ~14% sooner (`benchmarks/profile_compile.py`).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
 

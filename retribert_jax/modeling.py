@@ -248,7 +248,7 @@ class BertEncoder(nnx.Module):
 
     `trim_last_layer` (default True): when only the [CLS] rows are wanted (`cls_only`), the last layer runs outside
     the scan on those rows alone. False runs it in the scan on every row and then takes the [CLS] rows: the same
-    numbers, more compute, and a program with fewer distinct kernels, which XLA:CPU compiles ~30% faster
+    numbers, more compute, and a program with fewer distinct kernels, which XLA:CPU compiles ~40% faster
     (`benchmarks/bench_jobs.py`); the Encoder turns it off for jobs too short to repay that compilation.
     """
 

@@ -42,8 +42,8 @@ class CompileCost:
     @classmethod
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
-        compute 2-4 orders of magnitude faster. The trimmed last layer is ~40% of a CPU compilation (measured:
-        `benchmarks/profile_compile.py`); on accelerators a like share is a prediction."""
+        compute 2-4 orders of magnitude faster. The trimmed last layer adds ~0.2-0.3 s to a CPU compilation, ~40% of it
+        (measured: `benchmarks/profile_compile.py`); on accelerators a like share is a prediction."""
         if platform == "cpu":
             return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
         if platform == "tpu":

@@ -28,9 +28,14 @@ PLATFORMS = ("cuda", "tpu")
 
 
 def lowered_text(cfg: RetriBertConfig, dtype, kind: str = "passages", rows: int = 16, length: int = 48,
-                 platforms=PLATFORMS, attention_impl: str = "xla", packed: bool = False) -> str:
-    """The embedding program's StableHLO; `packed`: the Encoder's, with position_ids and cls_index (6 texts a row)."""
-    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, attention_impl=attention_impl))
+                 platforms=PLATFORMS, attention_impl: str = "xla", packed: bool = False, trim: bool = True) -> str:
+    """The embedding program's StableHLO; `packed`: the Encoder's, with position_ids and cls_index (6 texts a row);
+    `trim`: the last layer on the [CLS] rows alone (False: on every row, what the Encoder compiles for short jobs)."""
+    model = abstract_model(cfg, dtype=dtype, attention_impl=attention_impl)
+    for bert in (model.bert_query, model.bert_doc):
+        if bert is not None:
+            bert.encoder.trim_last_layer = trim
+    graphdef, state = nnx.split(model)
     spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     args = (state, spec, spec) + ((spec, jax.ShapeDtypeStruct((rows, 6), jnp.int32)) if packed else ())
     fn = jax.jit(lambda *a: embed_batch(graphdef, *a[:3], kind, *a[3:]))
@@ -60,6 +65,18 @@ def test_bf16_program_multiplies_in_bf16_and_scores_in_f32(kind):
     # Attention's two products (QK^T, and the weights times V before the softmax's division) accumulate in f32
     # (preferred_element_type), in the scanned layers and in the [CLS]-only last one.
     assert len(scores) == 4, f"expected the QK^T and PV products to give f32, got {scores}"
+
+
+def test_untrimmed_program_is_one_loop_with_bf16_matmuls_and_f32_scores():
+    """The program a short job compiles (every layer in the scan, no layer index without dropout) lowers for CUDA and
+    TPU with the same precision split, and stays one scanned body whatever the depth."""
+    small, deep = (lowered_text(RetriBertConfig.tiny(num_hidden_layers=n), jnp.bfloat16, packed=True, trim=False)
+                   for n in (2, 6))
+    found = dots(small)
+    assert [d for d in found if d[0] != ["bf16", "bf16"]] == [], found
+    assert len([d for d in found if d[1] == "f32"]) == 2, f"expected only the scanned QK^T and PV in f32: {found}"
+    ops = [len(re.findall(r"= stablehlo\.", t)) for t in (small, deep)]
+    assert abs(ops[1] - ops[0]) <= 2 and "stablehlo.while" in small, f"{ops[0]} ops for 2 layers, {ops[1]} for 6"
 
 
 @pytest.mark.parametrize("packed", [False, True])

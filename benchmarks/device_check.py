@@ -6,7 +6,8 @@ Measures, on the default device: the dense matmul peak (fp32, bf16); RetriBERT-b
 "passages") at batch 1024 x 128 in bf16 with cuDNN's fused attention and with XLA's attention (seq/s, share of the
 measured bf16 peak and of the published 989 TFLOP/s counted on nominal FLOPs); throughput over batch size; the
 Encoder on real text (packed rows, bf16) at its default tokens per call and at other row counts, which settles
-`encode.ACCELERATOR_TOKENS_PER_CALL` (a prediction until then); and
+`encode.ACCELERATOR_TOKENS_PER_CALL` (a prediction until then); the compile and call seconds of the Encoder's
+program with the last layer trimmed to the [CLS] rows and not, which settle `CompileCost.trim_seconds`; and
 parity of the device's fp32 (highest matmul precision) against this package's CPU fp32 forward on the same weights
 and real text (`--weights`, e.g. the all-MiniLM-L6-v2 RetriBERT stored as float16 Flax safetensors to travel light;
 the CPU forward is the one the test suite holds to HF PyTorch at 1e-5). Writes device_check.json and
@@ -52,6 +53,46 @@ def _encoder_rows(cfg, sz: dict[str, Any]) -> list[dict[str, Any]]:
         seconds = time.perf_counter() - start
         plan = enc.plan(enc.tokenizer.encode_lengths(texts, 128), rows, 128)
         out.append({"batch_size": rows, "rows_per_call": plan[0][1], "texts_per_s": len(texts) / seconds})
+    return out
+
+
+def _compile_forms(cfg, sz: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compile seconds and per-call seconds of the Encoder's packed bf16 program at its default rows per call, with
+    the last layer trimmed to the [CLS] rows and not: what settles `CompileCost.trim_seconds` on this device."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.peers import time_calls
+    from retribert_jax.compilation import compile_lowered
+    from retribert_jax.encode import ACCELERATOR_TOKENS_PER_CALL, texts_per_row
+    from retribert_jax.modeling import abstract_model, embed
+
+    length = sz["length"]
+    rows = sz["batch"] if jax.default_backend() == "cpu" else ACCELERATOR_TOKENS_PER_CALL // length
+    per_row = texts_per_row(length)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, cfg.vocab_size, (rows, length)), jnp.int32)
+    mask = jnp.ones((rows, length), jnp.int32)
+    positions = jnp.asarray(np.tile(np.arange(length) % (length // per_row), (rows, 1)), jnp.int32)
+    cls_index = jnp.asarray(np.tile(np.arange(per_row) * (length // per_row), (rows, 1)), jnp.int32)
+    _, shapes = nnx.split(abstract_model(cfg, dtype=jnp.bfloat16))
+    key = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(shapes))))
+    state = jax.tree.map(lambda s: 0.02 * jax.random.normal(next(key), s.shape, s.dtype), shapes)
+    out = []
+    for trim in (True, False):  # the same parameters; the form of the last layer lives in the graph
+        model = abstract_model(cfg, dtype=jnp.bfloat16)
+        model.doc_encoder.encoder.trim_last_layer = trim
+        graphdef, _ = nnx.split(model)
+        jax.clear_caches()
+        start = time.perf_counter()
+        compiled = compile_lowered(embed.lower(graphdef, state, ids, mask, kind="passages", position_ids=positions,
+                                               cls_index=cls_index), jax.default_backend())
+        compile_s = time.perf_counter() - start
+        t = time_calls(lambda c=compiled: jax.block_until_ready(
+            c(state, ids, mask, position_ids=positions, cls_index=cls_index)), sz["min_time"], sz["iters"])
+        out.append({"trim_last_layer": trim, "rows": rows, "length": length, "compile_s": compile_s,
+                    "call_s": t["best_s"]})
     return out
 
 
@@ -178,6 +219,8 @@ def run(out: str, quick: bool = False, weights: str | None = None) -> dict[str, 
         save()
     results["encoder_rows"] = _encoder_rows(cfg, sz)
     save()
+    results["compile_forms"] = _compile_forms(cfg, sz)
+    save()
     results["parity_fp32"] = _parity(weights, quick, sz["texts"])
     results["wall_s"] = time.perf_counter() - start
     save()
@@ -199,6 +242,9 @@ def report(results: dict[str, Any]) -> str:
     lines.append("Encoder, real text, bf16: " + ", ".join(
         f"{r['rows_per_call']} rows{' (default)' if r['batch_size'] is None else ''}: {r['texts_per_s']:.0f} texts/s"
         for r in results.get("encoder_rows", [])))
+    lines.append("Encoder's program, last layer trimmed / not: " + ", ".join(
+        f"{'trimmed' if r['trim_last_layer'] else 'untrimmed'} {r['compile_s']:.2f} s to compile, "
+        f"{1000 * r['call_s']:.1f} ms a call of {r['rows']} x {r['length']}" for r in results.get("compile_forms", [])))
     p = results["parity_fp32"]
     lines.append(f"fp32 parity, device vs CPU ({p['weights']}, {p['texts']} texts): "
                  f"max |diff| {p['max_abs_diff']:.3g}, worst cosine {p['worst_cosine']:.7f}")

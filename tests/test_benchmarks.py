@@ -146,6 +146,8 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     assert r["parity_fp32"]["max_abs_diff"] <= 1e-6, r["parity_fp32"]
     assert [e["rows_per_call"] for e in r["encoder_rows"]][1:] == [4] and all(
         e["texts_per_s"] > 0 for e in r["encoder_rows"]), r["encoder_rows"]
+    assert [f["trim_last_layer"] for f in r["compile_forms"]] == [True, False] and all(
+        f["compile_s"] > 0 and f["call_s"] > 0 for f in r["compile_forms"]), r["compile_forms"]
     assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
     assert "fp32 parity" in report(r) and "Encoder, real text" in report(r)
 

@@ -351,8 +351,7 @@ class Evaluation:
 
 def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str | Mapping[str, Mapping[str, int]],
              *, depth: int = 100, metrics: Sequence[str] | None = None, batch_size: int | None = None,
-             max_length: int = 128,
-             skip_bad_lines: bool = False, show_progress: bool = False) -> Evaluation:
+             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False) -> Evaluation:
     """Encodes the judged queries, retrieves the top `depth` passages of each and measures the run with ir-measures.
 
     Args:

@@ -251,6 +251,9 @@ def _read_orbax(path: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtyp
     """
     import orbax.checkpoint as ocp
 
+    # orbax-checkpoint reads no item metadata from a relative path (and logs, then returns None): give it an
+    # absolute one, whatever the caller's working directory.
+    path = os.path.abspath(path)
     stored = _orbax_stored(path)
     _check(stored, expected, path)
     target = {p: np.empty(s.shape, dtype or s.dtype) for p, s in stored.items()}

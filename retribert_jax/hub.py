@@ -14,9 +14,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     Raises:
       FileNotFoundError: neither a local path nor a downloadable hub id (offline, unknown repo, ...).
     """
-    path = os.fspath(path_or_id)
+    path = os.path.expanduser(os.fspath(path_or_id))
     if os.path.exists(path):
-        return path
+        return os.path.abspath(path)
     if path.count("/") > 1 or path.startswith((".", "/", "~")) or os.sep in path.replace("/", ""):
         raise FileNotFoundError(f"{path}: no such file or directory")
     try:

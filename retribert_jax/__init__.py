@@ -1,10 +1,10 @@
 """RetriBERT (the ELI5 dense retriever) in JAX/Flax NNX, with PyTorch checkpoint conversion.
 
-The public names, re-exported from the modules that define them: the model (`RetriBertConfig`, `RetriBertModel`,
-`RetriBertTokenizer`), batch embedding (`Encoder`), search (`Index`, `build_index`), the research loop (`train`,
-`TrainConfig`, `evaluate`, `mine_hard_negatives`) and the checkpoint verbs (`load_model`, `convert_checkpoint`,
-`export_pytorch`). Each is imported on first use, so that
-`import retribert_jax.cli` (and `retribert-jax --help`) does not pay for JAX and Flax.
+The public names, re-exported from the modules that define them: the model (`RetriBertConfig`, `RunConfig`,
+`RetriBertModel`, `RetriBertTokenizer`), batch embedding (`Encoder`), search (`Index`, `build_index`), the research
+loop (`train`, `TrainConfig`, `evaluate`, `mine_hard_negatives`) and the checkpoint verbs (`load_model`,
+`convert_checkpoint`, `export_pytorch`). Each is imported on first use, so that `import retribert_jax.cli` (and
+`retribert-jax --help`) does not pay for JAX and Flax.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "RetriBertConfig": "config",
+    "RetriBertConfig": "config", "RunConfig": "config",
     "RetriBertModel": "modeling", "in_batch_loss": "modeling", "init_model": "modeling",
     "RetriBertTokenizer": "tokenizer",
     "Encoder": "encode",
@@ -23,14 +23,15 @@ _EXPORTS = {
     "convert_checkpoint": "checkpoint", "export_pytorch": "checkpoint", "load_model": "checkpoint",
     "save_model": "checkpoint",
 }
-__all__ = ["Encoder", "Hit", "Index", "Pair", "RetriBertConfig", "RetriBertModel", "RetriBertTokenizer", "TrainConfig",
+__all__ = ["Encoder", "Hit", "Index", "Pair", "RetriBertConfig", "RetriBertModel", "RetriBertTokenizer", "RunConfig",
+           "TrainConfig",
            "build_index", "convert_checkpoint", "evaluate", "export_pytorch", "in_batch_loss", "init_model",
            "load_model", "mine_hard_negatives", "read_pairs", "save_model", "train"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from retribert_jax.checkpoint import convert_checkpoint, export_pytorch, load_model, save_model
-    from retribert_jax.config import RetriBertConfig, TrainConfig
+    from retribert_jax.config import RetriBertConfig, RunConfig, TrainConfig
     from retribert_jax.encode import Encoder
     from retribert_jax.evaluation import evaluate
     from retribert_jax.mining import mine_hard_negatives

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from retribert_jax import flax_files, hf_files
-from retribert_jax.config import RetriBertConfig
+from retribert_jax.config import RetriBertConfig, RunConfig
 from retribert_jax.errors import CheckpointError
 from retribert_jax.hub import resolve_checkpoint
 from retribert_jax.io import check_overwrite
@@ -49,7 +49,7 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
     """A model from Flax path -> array (one per HF tensor), cast to the parameter dtype (float32) and placed.
 
     Args:
-      abstract: the model's structure, from `abstract_model(cfg, dtype=..., attention_impl=...)`.
+      abstract: the model's structure, from `abstract_model(cfg, run_config=...)`.
       arrays: Flax path -> numpy array, e.g. from `params.torch_to_flax`; every name and shape is checked.
       source: what to call the checkpoint in error messages.
       sharding: where to place the parameters (e.g. replicated over a mesh); default device otherwise.
@@ -87,14 +87,14 @@ def _stack_aligned(rows: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, dtype: Any = jnp.float32,
-                       attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, run_config: RunConfig | None = None,
+                       sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
     """An HF RetriBERT checkpoint (directory, or a single weight file with `config`) as a RetriBertModel."""
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(path)
         config = RetriBertConfig.from_pretrained(config_dir)
     tensors, source = hf_files.read_torch_state_dict(path)
-    abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
+    abstract = abstract_model(config, run_config=run_config)
     try:
         arrays = torch_to_flax(tensors, config, checkpoint_shapes(model_shapes(abstract), config), source=source)
     except ValueError as e:
@@ -102,15 +102,14 @@ def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, dtyp
     return build_model(abstract, arrays, source=source, sharding=sharding)
 
 
-def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
-                    attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_flax_model(directory: str, config: RetriBertConfig | None = None, *, run_config: RunConfig | None = None,
+                    sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
     """Loads a directory written by `save_model` / `retribert-jax convert`; needs no torch.
 
     Args:
       directory: the checkpoint directory.
       config: overrides its config.json.
-      dtype: compute dtype; parameters are float32 on device whatever dtype they were stored in.
-      attention_impl: "xla" or "cudnn".
+      run_config: how the model runs; parameters are float32 on device whatever dtype they were stored in.
       sharding: where to place the parameters; default device otherwise.
 
     Returns:
@@ -118,21 +117,25 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, dtype
     """
     directory = os.fspath(directory)
     config = config or RetriBertConfig.from_pretrained(directory)
-    abstract = abstract_model(config, dtype=dtype, attention_impl=attention_impl)
+    abstract = abstract_model(config, run_config=run_config)
     expected = checkpoint_shapes(model_shapes(abstract), config)
     _, arrays = flax_files.read_flax_arrays(directory, expected, dtype=jnp.float32)
     return build_model(abstract, arrays, source=directory, sharding=sharding, alias_host=True)
 
 
-def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None, dtype: Any = jnp.float32,
-               attention_impl: str = "xla", sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None, run_config: RunConfig | None = None,
+               dtype: Any = None, precision: Any = None, attention_impl: str | None = None,
+               sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
     """Loads a RetriBertModel (what `RetriBertModel.from_pretrained` does).
 
     Args:
       path: a directory (HF checkpoint or one written by `save_model`/`retribert-jax convert`), a single
         `.safetensors`/`.bin` file (then `config` is needed unless a config.json sits beside it), or a hub id.
       config: overrides the directory's config.json.
-      dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+      run_config: how the model runs (`RunConfig`: compute and residual dtypes, matmul precision, attention
+        kernel); default float32 at JAX's default precision with XLA attention.
+      dtype: compute dtype, "float32" or "bfloat16" (overrides `run_config.dtype`); parameters stay float32.
+      precision: matmul precision, "default", "high" or "highest" (overrides `run_config.precision`).
       attention_impl: "xla" (portable) or "cudnn" (GPU flash attention, bfloat16 only).
       sharding: where to place the parameters; by default the default device.
 
@@ -142,9 +145,11 @@ def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None
     Raises:
       FileNotFoundError: no such path (and no downloadable hub id).
       CheckpointError: a file that is not a RetriBERT checkpoint, or one that disagrees with its config.
+      ValueError: a run setting outside its choices.
     """
+    run = (run_config or RunConfig()).with_overrides(dtype=dtype, precision=precision, attention_impl=attention_impl)
     local = resolve_checkpoint(path)
-    kwargs = dict(dtype=dtype, attention_impl=attention_impl, sharding=sharding)
+    kwargs = dict(run_config=run, sharding=sharding)
     if os.path.isdir(local) and flax_files.has_flax_weights(local):
         return load_flax_model(local, config=config, **kwargs)
     return load_hf_checkpoint(local, config=config, **kwargs)

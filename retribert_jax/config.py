@@ -1,9 +1,11 @@
-"""The configs: `RetriBertConfig` (every field of HF's RetriBertConfig, with a lossless `config.json` round trip)
-and `TrainConfig` (training's hyper-parameters). Plain dataclasses: importing them costs nothing."""
+"""The configs: `RetriBertConfig` (every field of HF's RetriBertConfig, with a lossless `config.json` round trip),
+`RunConfig` (how a model runs: dtypes, matmul precision, attention kernel, compiler options) and `TrainConfig`
+(training's hyper-parameters). Plain dataclasses: importing them costs nothing."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -11,6 +13,22 @@ from typing import Any
 
 # The activations HF BERT accepts under these names; "gelu" is the exact (erf) one.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# jax.lax.Precision's names, and the aliases JAX accepts for them ("float32" is HIGHEST, and so on).
+PRECISIONS = ("default", "high", "highest")
+_PRECISION_ALIASES = {"bfloat16": "default", "fastest": "default", "tensorfloat32": "high", "float32": "highest"}
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+# XLA options per platform for every program compiled for a model (`compilation.compile_lowered` applies them).
+# cpu: the loop emitter that predates XLA:CPU's fusion emitters makes kernels as fast for our programs and compiles
+#   them ~14% sooner (`benchmarks/profile_compile.py`).
+# gpu: cuBLAS for every GEMM instead of XLA's Triton GEMM fusions: +13% forward throughput and half the first
+#   training step's compile time on an H200 (README, "The accelerator path").
+COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+    "cpu": {"xla_cpu_use_fusion_emitters": False},
+    "gpu": {"xla_gpu_enable_triton_gemm": False},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +154,94 @@ class RetriBertConfig:
         base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     max_position_embeddings=64, projection_dim=16)
         return cls(**{**base, **changes})
+
+
+def _dtype_name(value: Any, what: str) -> str:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    import numpy as np
+
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        raise ValueError(f"{what} must be one of {COMPUTE_DTYPES}, got {value!r}") from None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{what} must be one of {COMPUTE_DTYPES}, got {name}")
+    return name
+
+
+def precision_name(value: Any) -> str | None:
+    """"default", "high" or "highest" for a `jax.lax.Precision`, its name or an alias JAX accepts ("float32",
+    "tensorfloat32", "bfloat16"); None for None. Raises ValueError for anything else."""
+    if value is None:
+        return None
+    name = str(getattr(value, "name", value)).lower()
+    name = _PRECISION_ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (or None for JAX's default), got {value!r}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a model runs, held by the model (`RetriBertModel.run_config`) and read by every program built for it, on
+    whichever thread compiles it: the Encoder's, search's and the training step's. Changing it changes no parameter.
+
+    Fields:
+      dtype: compute dtype of the matmuls, "float32" or "bfloat16". Parameters stay float32 in memory.
+      residual_dtype: dtype of the residual stream and the LayerNorm outputs; None: the compute dtype (bf16 mode
+        then keeps activations in bf16 between blocks, as a bf16 PyTorch model does). LayerNorm statistics, the
+        softmax, the pooler's tanh and the embeddings are computed in float32 whatever it is.
+      precision: matmul precision, "default", "high" or "highest" (`jax.lax.Precision`); None: JAX's default where
+        the call is made (`jax.default_matmul_precision(...)` around it, or `jax_default_matmul_precision`). The
+        Encoder reads that default on the calling thread and compiles with it, even on its compile thread.
+      attention_impl: "xla" (portable) or "cudnn" (GPU flash attention, bfloat16 only).
+      trim_last_layer: when only the [CLS] rows are wanted, the last layer computes them alone (see
+        `modeling.BertEncoder`); False runs it on every row: same numbers, fewer kernels to compile.
+      scan_unroll: the layer scan's `unroll`, an int >= 1 (the depth unrolls it fully). Booleans are refused: a graph
+        compares its static attributes with ==, so True would share programs with 1.
+
+    Raises:
+      ValueError: a field outside its choices, named.
+    """
+
+    dtype: str = "float32"
+    residual_dtype: str | None = None
+    precision: str | None = None
+    attention_impl: str = "xla"
+    trim_last_layer: bool = True
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("dtype", _dtype_name(self.dtype, "dtype"))
+        if self.residual_dtype is not None:
+            set_("residual_dtype", _dtype_name(self.residual_dtype, "residual_dtype"))
+        set_("precision", precision_name(self.precision))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+            # cuDNN's fused attention has no float32 kernel; say so here, not in a GPU compile error.
+            raise ValueError(f"attention_impl='cudnn' needs the bfloat16 compute dtype, got {self.dtype}")
+        if not isinstance(self.trim_last_layer, bool):
+            raise ValueError(f"trim_last_layer must be True or False, got {self.trim_last_layer!r}")
+        if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
+
+    @property
+    def stream_dtype(self) -> str:
+        """The residual stream's dtype: `residual_dtype`, or the compute dtype when that is None."""
+        return self.residual_dtype or self.dtype
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, **changes) -> RunConfig:
+        """`replace` with the changes that are not None (keyword arguments a caller left unset)."""
+        return self.replace(**{k: v for k, v in changes.items() if v is not None})
+
+    def compiler_options(self, platform: str) -> dict[str, Any]:
+        """The XLA options for programs compiled on `platform` ("cpu", "gpu", "tpu"): `COMPILER_OPTIONS`."""
+        return dict(COMPILER_OPTIONS.get(platform, {}))
 
 
 @dataclasses.dataclass(frozen=True)

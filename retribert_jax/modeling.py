@@ -3,10 +3,15 @@
 The module tree mirrors HF transformers' PyTorch one name for name (`bert_query.encoder.layer[i].attention.self.query`)
 so that `params.py` is a plain table and the two codes can be read side by side.
 
-Numerics: parameters are float32; `dtype` is the compute dtype of the matmuls (float32 or bfloat16). LayerNorm,
-softmax, the residual stream, the pooler's tanh and the projections' outputs stay in float32. GELU is the exact (erf)
-one when the config says "gelu". Masked attention logits are set to float32's most negative value, as HF's additive
-mask does, so padded keys get exactly zero weight.
+How a model runs is one `config.RunConfig`, held by the model (`run_config`) and handed to every block: the
+compute dtype of the matmuls, the residual stream's dtype, the matmul precision (given to every dot, so that a
+program compiled on any thread has it), the attention kernel, the last layer's trimming and the scan's unroll.
+
+Numerics: parameters are float32. In float32 mode everything is float32. In bfloat16 mode the matmuls take bfloat16
+operands; the residual stream and LayerNorm outputs are bfloat16 too unless `residual_dtype="float32"`; LayerNorm
+statistics, the embeddings' sum, attention scores and softmax, the pooler's tanh and the projections' outputs are
+float32. GELU is the exact (erf) one when the config says "gelu". Masked attention logits are set to float32's most
+negative value, as HF's additive mask does, so padded keys get exactly zero weight.
 
 Packed rows (Krell et al., 2021, "Efficient Sequence Packing without Cross-contamination"): several sequences may
 share one row of `input_ids` (`encode.pack_rows` fills rows so), told apart as in HF's packed-sequence convention by
@@ -26,10 +31,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from retribert_jax.config import RetriBertConfig
+from retribert_jax.config import RetriBertConfig, RunConfig
 
 Array = jax.Array
-ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def activation(name: str):
@@ -59,33 +63,36 @@ def _normal(cfg: RetriBertConfig):
     return _init(nnx.initializers.normal(cfg.initializer_range))
 
 
-def _linear(cfg: RetriBertConfig, din: int, dout: int, dtype, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=_normal(cfg), bias_init=_init(nnx.initializers.zeros), rngs=rngs)
+def _linear(cfg: RetriBertConfig, din: int, dout: int, run: RunConfig, *, rngs: nnx.Rngs,
+            use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=jnp.dtype(run.dtype), param_dtype=jnp.float32,
+                      precision=run.precision, kernel_init=_normal(cfg), bias_init=_init(nnx.initializers.zeros),
+                      rngs=rngs)
 
 
-def _layer_norm(cfg: RetriBertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2.
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32,
-                         param_dtype=jnp.float32, scale_init=_init(nnx.initializers.ones),
-                         bias_init=_init(nnx.initializers.zeros), rngs=rngs)
+def _layer_norm(cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2. Flax computes the
+    # statistics and the normalisation in float32 whatever `dtype` is, and casts only the output to it.
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
+                         dtype=jnp.dtype(run.stream_dtype), param_dtype=jnp.float32,
+                         scale_init=_init(nnx.initializers.ones), bias_init=_init(nnx.initializers.zeros), rngs=rngs)
 
 
 class BertEmbeddings(nnx.Module):
     """Word + position + token-type (always 0) embeddings, then LayerNorm and dropout."""
 
-    def __init__(self, cfg: RetriBertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
         init = _normal(cfg)
         self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
         self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                                              rngs=rngs)
         self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
-        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, run, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
     def __call__(self, input_ids: Array, position_ids: Array | None = None, *,
                  rngs: nnx.Rngs | None = None) -> Array:
-        """int [B, L] token ids (and positions, default 0..L-1) -> float32 [B, L, D].
+        """int [B, L] token ids (and positions, default 0..L-1) -> [B, L, D] in the residual stream's dtype.
 
         Raises:
           ValueError: L is longer than the position table (`max_position_embeddings`).
@@ -108,14 +115,14 @@ class BertEmbeddings(nnx.Module):
 class BertSelfAttention(nnx.Module):
     """Multi-head scaled dot-product attention over the unmasked keys."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.query = _linear(cfg, d, d, dtype, rngs=rngs)
-        self.key = _linear(cfg, d, d, dtype, rngs=rngs)
-        self.value = _linear(cfg, d, d, dtype, rngs=rngs)
+        self.query = _linear(cfg, d, d, run, rngs=rngs)
+        self.key = _linear(cfg, d, d, run, rngs=rngs)
+        self.value = _linear(cfg, d, d, run, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, deterministic=True)
-        self.attention_impl = attention_impl
+        self.attention_impl, self.precision = run.attention_impl, run.precision
 
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
                  cls_index: Array | None = None) -> Array:
@@ -147,7 +154,8 @@ class BertSelfAttention(nnx.Module):
             # it splits into slow [B, H, L, L] passes). Dropout of the probabilities commutes with the per-row
             # division, so it drops the same entries of the unnormalised weights.
             qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # B H L Dh (Lq for q)
-            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)  # B H Lq L
+            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, precision=self.precision,
+                                preferred_element_type=jnp.float32)  # B H Lq L
             # HF's additive mask (float32's most negative finite value, not -inf): a row with no unmasked key (a
             # padding row) gets uniform weights, not NaN.
             bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # B 1 (1 or Lq) L
@@ -155,7 +163,8 @@ class BertSelfAttention(nnx.Module):
             weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
             total = weights.sum(axis=-1, keepdims=True)  # B H Lq 1
             weights = self.dropout(weights, rngs=rngs)
-            ctx = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+            ctx = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), vh, precision=self.precision,
+                             preferred_element_type=jnp.float32)
             ctx = (ctx / total).astype(v.dtype).transpose(0, 2, 1, 3)  # B Lq H Dh
         return ctx.reshape(b, q.shape[1], -1)  # B Lq D
 
@@ -163,9 +172,9 @@ class BertSelfAttention(nnx.Module):
 class BertSelfOutput(nnx.Module):
     """Attention output projection, dropout, residual and LayerNorm."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
-        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, dtype, rngs=rngs)
-        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, run, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, run, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
     def __call__(self, h: Array, residual: Array, *, rngs: nnx.Rngs | None = None) -> Array:
@@ -175,9 +184,9 @@ class BertSelfOutput(nnx.Module):
 class BertAttention(nnx.Module):
     """Self-attention followed by its output block."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
-        self.self = BertSelfAttention(cfg, dtype, attention_impl, rngs=rngs)
-        self.output = BertSelfOutput(cfg, dtype, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(cfg, run, rngs=rngs)
+        self.output = BertSelfOutput(cfg, run, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
                  cls_index: Array | None = None) -> Array:
@@ -189,8 +198,8 @@ class BertAttention(nnx.Module):
 class BertIntermediate(nnx.Module):
     """FFN up-projection and activation."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
-        self.dense = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, dtype, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, run, rngs=rngs)
         self.hidden_act = cfg.hidden_act  # a name, not a function, so that graphdefs of equal configs compare equal
 
     def __call__(self, x: Array) -> Array:
@@ -200,9 +209,9 @@ class BertIntermediate(nnx.Module):
 class BertOutput(nnx.Module):
     """FFN down-projection, dropout, residual and LayerNorm."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
-        self.dense = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, dtype, rngs=rngs)
-        self.LayerNorm = _layer_norm(cfg, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, run, rngs=rngs)
+        self.LayerNorm = _layer_norm(cfg, run, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
     def __call__(self, h: Array, residual: Array, *, rngs: nnx.Rngs | None = None) -> Array:
@@ -212,10 +221,10 @@ class BertOutput(nnx.Module):
 class BertLayer(nnx.Module):
     """One transformer block."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
-        self.attention = BertAttention(cfg, dtype, attention_impl, rngs=rngs)
-        self.intermediate = BertIntermediate(cfg, dtype, rngs=rngs)
-        self.output = BertOutput(cfg, dtype, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, run, rngs=rngs)
+        self.intermediate = BertIntermediate(cfg, run, rngs=rngs)
+        self.output = BertOutput(cfg, run, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
                  cls_index: Array | None = None) -> Array:
@@ -243,20 +252,19 @@ class BertEncoder(nnx.Module):
     [num_hidden_layers] axis: HF's `encoder.layer[i]` is row i (params.py maps the names both ways).
 
     The layers run as one `jax.lax.scan` over that axis, so a program compiles one layer body whatever the depth.
-    `scan_unroll` is the scan's `unroll`: 1 (default) compiles one body; True unrolls the whole stack, which only
-    analysis wants (XLA's `cost_analysis` counts a loop body once; `benchmarks/roofline.py` unrolls).
+    `RunConfig.scan_unroll` is the scan's `unroll`: 1 (default) compiles one body; the depth unrolls the whole stack,
+    which only analysis wants (XLA's `cost_analysis` counts a loop body once; `benchmarks/roofline.py` unrolls).
 
-    `trim_last_layer` (default True): when only the [CLS] rows are wanted (`cls_only`), the last layer runs outside
-    the scan on those rows alone. False runs it in the scan on every row and then takes the [CLS] rows: the same
-    numbers, more compute, and a program with fewer distinct kernels, which XLA:CPU compiles ~40% faster
+    `RunConfig.trim_last_layer` (default True): when only the [CLS] rows are wanted (`cls_only`), the last layer runs
+    outside the scan on those rows alone. False runs it in the scan on every row and then takes the [CLS] rows: the
+    same numbers, more compute, and a program with fewer distinct kernels, which XLA:CPU compiles ~40% faster
     (`benchmarks/bench_jobs.py`); the Encoder turns it off for jobs too short to repay that compilation.
     """
 
-    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
-        self.layer = _stack([BertLayer(cfg, dtype, attention_impl, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.layer = _stack([BertLayer(cfg, run, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.num_layers = cfg.num_hidden_layers
-        self.scan_unroll: int | bool = 1
-        self.trim_last_layer = True
+        self.scan_unroll, self.trim_last_layer = run.scan_unroll, run.trim_last_layer
 
     def layer_at(self, i: int) -> BertLayer:
         """Layer i as a module of its own (HF's `encoder.layer[i]`); its parameters are copies."""
@@ -311,8 +319,8 @@ def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array,
 class BertPooler(nnx.Module):
     """tanh(dense(h_CLS))."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, *, rngs: nnx.Rngs):
-        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, dtype, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, run, rngs=rngs)
 
     def __call__(self, h: Array) -> Array:
         return jnp.tanh(self.dense(h[:, 0]).astype(jnp.float32))  # B D
@@ -321,10 +329,10 @@ class BertPooler(nnx.Module):
 class BertModel(nnx.Module):
     """HF's BertModel (with pooler), as RetriBERT uses it."""
 
-    def __init__(self, cfg: RetriBertConfig, dtype, attention_impl: str, *, rngs: nnx.Rngs):
-        self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-        self.encoder = BertEncoder(cfg, dtype, attention_impl, rngs=rngs)
-        self.pooler = BertPooler(cfg, dtype, rngs=rngs)
+    def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
+        self.embeddings = BertEmbeddings(cfg, run, rngs=rngs)
+        self.encoder = BertEncoder(cfg, run, rngs=rngs)
+        self.pooler = BertPooler(cfg, run, rngs=rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None,
                  cls_index: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
@@ -370,23 +378,33 @@ class RetriBertModel(nnx.Module):
 
     Built in evaluation mode (dropout off), like a model HF's `from_pretrained` returns; `model.train()` turns
     dropout on, and a training call then needs `rngs`.
+
+    Args:
+      config: the architecture.
+      run_config: how it runs (`config.RunConfig`); default float32, JAX's default precision, XLA attention.
+      dtype, precision, attention_impl: shorthands that override those fields of `run_config` when given.
+      rngs: initialisation randomness.
+
+    Raises:
+      ValueError: a run setting outside its choices (see `RunConfig`).
     """
 
-    def __init__(self, config: RetriBertConfig, *, dtype: Any = jnp.float32, attention_impl: str = "xla",
-                 rngs: nnx.Rngs):
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
-        if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-            # cuDNN's fused attention has no float32 kernel; say so here, not in a GPU compile error.
-            raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, "
-                             f"got {jnp.dtype(dtype)}")
-        self.config = config
-        self.bert_query = BertModel(config, dtype, attention_impl, rngs=rngs)
-        self.bert_doc = None if config.share_encoders else BertModel(config, dtype, attention_impl, rngs=rngs)
-        self.project_query = _linear(config, config.hidden_size, config.projection_dim, dtype, use_bias=False,
+    def __init__(self, config: RetriBertConfig, *, run_config: RunConfig | None = None, dtype: Any = None,
+                 precision: Any = None, attention_impl: str | None = None, rngs: nnx.Rngs):
+        run = (run_config or RunConfig()).with_overrides(dtype=dtype, precision=precision,
+                                                          attention_impl=attention_impl)
+        self.config, self.run_config = config, run
+        self.bert_query = BertModel(config, run, rngs=rngs)
+        self.bert_doc = None if config.share_encoders else BertModel(config, run, rngs=rngs)
+        self.project_query = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False,
                                      rngs=rngs)
-        self.project_doc = _linear(config, config.hidden_size, config.projection_dim, dtype, use_bias=False,
+        self.project_doc = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False,
                                    rngs=rngs)
+
+    def with_run_config(self, run_config: RunConfig) -> RetriBertModel:
+        """The same parameters (shared, not copied) under another `RunConfig`: another graph, the same state."""
+        graphdef, _ = nnx.split(abstract_model(self.config, run_config=run_config))
+        return nnx.merge(graphdef, nnx.state(self))
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> RetriBertModel:
@@ -471,10 +489,11 @@ class RetriBertModel(nnx.Module):
         """
         q = self.embed_questions(input_ids_query, attention_mask_query, checkpoint_batch_size, rngs=rngs)
         a = self.embed_answers(input_ids_doc, attention_mask_doc, checkpoint_batch_size, rngs=rngs)
-        return in_batch_loss(q, a)
+        return in_batch_loss(q, a, precision=self.run_config.precision)
 
 
-def in_batch_loss(q: Array, a: Array, negatives: Array | None = None, negatives_valid: Array | None = None) -> Array:
+def in_batch_loss(q: Array, a: Array, negatives: Array | None = None, negatives_valid: Array | None = None, *,
+                  precision: Any = None) -> Array:
     """RetriBERT's bidirectional in-batch cross-entropy, `(CE(Q A^T, arange) + CE(A Q^T, arange)) / 2`, a float32
     scalar (HF's `RetriBertModel.forward`).
 
@@ -486,17 +505,18 @@ def in_batch_loss(q: Array, a: Array, negatives: Array | None = None, negatives_
       q, a: float [B, P], row i of `a` answering question i.
       negatives: float [M, P], the hard negatives of the whole batch (any order), or None.
       negatives_valid: bool [M]; False marks an empty slot, which takes no part in the softmax. None: all valid.
+      precision: of the score matmuls (the model's `RunConfig.precision`); None: JAX's default.
 
     Raises:
       ValueError: `q` and `a` have different batch sizes.
     """
     if q.shape[0] != a.shape[0]:
         raise ValueError(f"in-batch loss needs as many questions as answers, got {q.shape[0]} and {a.shape[0]}")
-    scores = q @ a.T  # B B
+    scores = jnp.matmul(q, a.T, precision=precision)  # B B
     labels = jnp.arange(scores.shape[0])
     loss_aq = optax.softmax_cross_entropy_with_integer_labels(scores.T, labels).mean()
     if negatives is not None:
-        hard = q @ negatives.T  # B M
+        hard = jnp.matmul(q, negatives.T, precision=precision)  # B M
         if negatives_valid is not None:
             hard = jnp.where(negatives_valid[None, :], hard, jnp.finfo(hard.dtype).min)
         scores = jnp.concatenate([scores, hard], axis=1)  # B (B + M)

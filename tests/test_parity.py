@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retribert_jax import RetriBertConfig, RetriBertModel
+from retribert_jax import RetriBertConfig, RetriBertModel, RunConfig
 from retribert_jax.params import flat_params, param_table, path_str
 from tests.conftest import hf_reference, random_batch, save_hf
 
@@ -220,8 +220,9 @@ def test_cudnn_branch_computes_the_same_attention(monkeypatch, tiny_cfg, cls_onl
         return real(*args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", via_xla)
-    xla = BertSelfAttention(tiny_cfg, jnp.float32, "xla", rngs=nnx.Rngs(0))
-    cudnn = BertSelfAttention(tiny_cfg, jnp.float32, "cudnn", rngs=nnx.Rngs(0))
+    xla = BertSelfAttention(tiny_cfg, RunConfig(), rngs=nnx.Rngs(0))
+    cudnn = BertSelfAttention(tiny_cfg, RunConfig(), rngs=nnx.Rngs(0))
+    cudnn.attention_impl = "cudnn"  # in float32, which RunConfig refuses for cuDNN: XLA runs that call here
     ids, mask = random_batch(np.random.default_rng(7), 3, 12, tiny_cfg.vocab_size)
     x = jax.random.normal(jax.random.key(1), (3, 12, tiny_cfg.hidden_size))
     mask = jnp.asarray(mask, bool)
@@ -231,7 +232,7 @@ def test_cudnn_branch_computes_the_same_attention(monkeypatch, tiny_cfg, cls_onl
 
 
 def test_cudnn_attention_needs_half_precision(tiny_cfg):
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
+    with pytest.raises(ValueError, match="needs the bfloat16 compute dtype"):
         RetriBertModel(tiny_cfg, attention_impl="cudnn", rngs=nnx.Rngs(0))
     RetriBertModel(tiny_cfg, dtype=jnp.bfloat16, attention_impl="cudnn", rngs=nnx.Rngs(0))  # builds
 

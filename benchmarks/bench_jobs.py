@@ -58,7 +58,8 @@ kind = "answers" if 'kind == "answers"' in open(m.__file__).read() else "passage
 model = m.abstract_model(RetriBertConfig())
 try:  # this version: the Encoder's compiler options, and the last layer trimmed (its default) or not
     from retribert_jax.compilation import compile_lowered
-    model.bert_query.encoder.trim_last_layer = sys.argv[2] == "trimmed"
+    from retribert_jax.config import RunConfig
+    model = model.with_run_config(RunConfig(trim_last_layer=sys.argv[2] == "trimmed"))
 except ImportError:  # an earlier version: plain jit
     def compile_lowered(lowered, platform):
         return lowered.compile()

@@ -3,7 +3,7 @@
     python benchmarks/profile_compile.py [--rows 32] [--length 128] [--rounds 3] [--minilm]
 
 RetriBERT-base's passage program at (--rows, --length) in the forms the Encoder compiles (the last layer trimmed to
-the [CLS] rows or not; XLA's defaults or `compilation.CPU_COMPILER_OPTIONS`), next to the smallest program XLA can
+the [CLS] rows or not; XLA's defaults or `config.COMPILER_OPTIONS['cpu']`), next to the smallest program XLA can
 compile (one elementwise op) as the floor. Rounds interleaved, caches cleared before each compilation, medians.
 "Loop kernels" counts the fusions XLA:CPU generates code for (identical ones are generated once), "library" those it
 hands to YNNPACK/oneDNN, which cost little to compile.
@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retribert_jax import RetriBertConfig  # noqa: E402
-from retribert_jax.compilation import CPU_COMPILER_OPTIONS  # noqa: E402
+from retribert_jax.config import COMPILER_OPTIONS, RunConfig  # noqa: E402
 from retribert_jax.modeling import abstract_model, embed  # noqa: E402
 
 
@@ -40,9 +40,7 @@ def main() -> None:
     spec = jax.ShapeDtypeStruct((args.rows, args.length), jnp.int32)
 
     def model_program(trim: bool):
-        model = abstract_model(cfg)
-        model.bert_query.encoder.trim_last_layer = trim
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(abstract_model(cfg, run_config=RunConfig(trim_last_layer=trim)))
         return lambda: embed.trace(graphdef, state, spec, spec, kind="passages")
 
     def one_op():
@@ -51,8 +49,8 @@ def main() -> None:
     forms = {  # name: (trace, compiler options)
         "one elementwise op (floor)": (one_op, {}),
         "last layer trimmed, XLA defaults": (model_program(True), {}),
-        "last layer trimmed, ours": (model_program(True), CPU_COMPILER_OPTIONS),
-        "last layer untrimmed, ours": (model_program(False), CPU_COMPILER_OPTIONS),
+        "last layer trimmed, ours": (model_program(True), COMPILER_OPTIONS["cpu"]),
+        "last layer untrimmed, ours": (model_program(False), COMPILER_OPTIONS["cpu"]),
     }
     for trace, options in forms.values():  # warm-up: the process's first compilation pays one-time set-up
         trace().lower().compile(compiler_options=options)

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retribert_jax import RetriBertConfig  # noqa: E402
-from retribert_jax.encode import texts_per_row  # noqa: E402
 from retribert_jax.modeling import embed, init_model  # noqa: E402
+from retribert_jax.packing import texts_per_row  # noqa: E402
 
 
 def main() -> None:

@@ -47,13 +47,12 @@ def cost(cfg, dtype, rows: int, length: int) -> dict[str, float]:
     import jax.numpy as jnp
     from flax import nnx
 
+    from retribert_jax.config import RunConfig
     from retribert_jax.modeling import abstract_model, embed
 
-    model = abstract_model(cfg, dtype=dtype)
-    for bert in (model.bert_query, model.bert_doc):
-        if bert is not None:
-            bert.encoder.scan_unroll = True
-    graphdef, state = nnx.split(model)
+    # Unrolled: XLA's cost analysis counts a loop body once.
+    run = RunConfig(dtype=dtype, scan_unroll=cfg.num_hidden_layers)
+    graphdef, state = nnx.split(abstract_model(cfg, run_config=run))
     spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     analysis = embed.lower(graphdef, state, spec, spec, kind="passages").compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis

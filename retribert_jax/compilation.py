@@ -5,7 +5,8 @@ compile. The package's padded lengths come from one list (`BUCKET_LENGTHS`, `buc
 program against padded compute (`CompileCost`): the Encoder packs texts into rows of one bucket length per job and
 reuses programs when padding costs less than compiling (`encode.Encoder.plan`); training fits a job's padded
 lengths to its real length histogram (`fit_buckets`). A program's own compile time is cut where its kernels come
-from: on a CPU, XLA's loop emitter (`CPU_COMPILER_OPTIONS`, `compile_lowered`), and for short jobs a last layer
+from: per platform, XLA's options (`config.COMPILER_OPTIONS` through `compile_lowered`: the loop emitter on a CPU,
+cuBLAS rather than Triton GEMMs on a GPU), and for short jobs a last layer
 shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profile_compile.py` shows the split).
 Compiled programs are kept across processes by JAX's persistent compilation cache (`enable_compilation_cache`), and
 `cache_hits` tells a program loaded from it from one compiled afresh.
@@ -21,6 +22,8 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from retribert_jax.config import COMPILER_OPTIONS
 
 # The padded lengths a batch may take: steps of 16 tokens up to 128, then 32 and 64 (multiples of 16 suit TPU/GPU
 # tiles), plus max_length itself. A job uses one (packing) or a fitted few (training).
@@ -51,18 +54,16 @@ class CompileCost:
         return cls(compile_seconds=5.0, flops_per_second=2e14 * num_devices, trim_seconds=1.5)
 
 
-# XLA:CPU's loop emitter that predates its MLIR fusion emitters generates kernels as fast for our programs (the
-# same numbers; tests/test_encode.py) and compiles a program ~14% sooner (`benchmarks/profile_compile.py`).
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
-
-
-def compile_lowered(lowered: Any, platform: str) -> Any:
-    """`lowered.compile()` (a `jax.stages.Lowered`) with `CPU_COMPILER_OPTIONS` on a CPU; a jaxlib that no longer
-    knows one of those options compiles with XLA's defaults instead (they only change compile time)."""
-    if platform != "cpu":
+def compile_lowered(lowered: Any, platform: str, options: dict[str, Any] | None = None) -> Any:
+    """`lowered.compile()` (a `jax.stages.Lowered`) with XLA `options` (default: `config.COMPILER_OPTIONS` for
+    `platform`, what `RunConfig.compiler_options` gives); a jaxlib that no longer knows one of them compiles with
+    XLA's defaults instead (they change only speed, never the numbers)."""
+    if options is None:
+        options = COMPILER_OPTIONS.get(platform, {})
+    if not options:
         return lowered.compile()
     try:
-        return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+        return lowered.compile(compiler_options=dict(options))
     except Exception as e:  # jax.errors.JaxRuntimeError: INVALID_ARGUMENT: No such compile option: '...'
         if "No such compile option" not in str(e):
             raise

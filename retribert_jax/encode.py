@@ -1,17 +1,20 @@
-"""Fast batch embedding: tokenize once, pack several texts into each row, run data parallel, compile ahead.
+"""Fast batch embedding: tokenize once, pack several texts into each row, run data parallel, keep the host off the
+device's critical path.
 
-Texts are packed (`pack_rows`, best-fit decreasing) into rows of one length per job, the bucket that holds the
-longest text: a row holds as many texts as fit, each seeing only its own tokens with its own positions (the packed
-rows of `modeling`), so almost no compute goes to padding and a job needs one program, whatever its lengths. Every
-batch that reaches the jitted forward (`modeling.embed`) has `batch_size` rows (rounded up to a multiple of the
-device count), by default a platform's efficient number of tokens per call (`TOKENS_PER_CALL`); a last, partial
-batch pads to a program the job already has when that costs less than compiling one of its own (the smallest
-power-of-two multiple of the device count that holds it), as do later jobs on the same Encoder
-(`compilation.CompileCost`). A job too short to repay the compilation of the [CLS]-only last layer runs that layer
-on every row instead (`BertEncoder.trim_last_layer`: same embeddings, a program ~40% quicker to compile on CPU).
-Programs are compiled on a background thread in the order the batches need them (on CPU with
-`compilation.CPU_COMPILER_OPTIONS`), and JAX's persistent compilation cache, when on, turns a second run's
-compilations into loads.
+Texts are tokenized in chunks on a background thread while the device runs the batches of the chunk before, and
+packed (`packing.pack_rows`, best-fit decreasing) into rows of one length per job, the bucket that holds the longest
+text of the first chunk (a later text too long for it goes to rows of `max_length`): a row holds as many texts as fit,
+each seeing only its own tokens with its own positions (the packed rows of `modeling`), so almost no compute goes to
+padding and a job needs one program, whatever its lengths. Rows left over from a chunk join the next chunk's, so only
+a job's last batch is partial. Every batch that reaches the jitted forward (`modeling.embed`) has `batch_size` rows
+(rounded up to a multiple of the device count), by default a platform's efficient number of tokens per call
+(`TOKENS_PER_CALL`); a last, partial batch pads to a program the job already has when that costs less than compiling
+one of its own (the smallest power-of-two multiple of the device count that holds it), as do later jobs on the same
+Encoder (`compilation.CompileCost`). A job too short to repay the compilation of the [CLS]-only last layer runs that
+layer on every row instead (`RunConfig.trim_last_layer`: same embeddings, a program ~40% quicker to compile on CPU).
+Programs are compiled on a background thread in the order the batches need them, each as the model's `RunConfig`
+says (its compiler options; its matmul precision, or else the one in force on the thread that called `encode`), and
+JAX's persistent compilation cache, when on, turns a second run's compilations into loads.
 
 The batch is split over a 1-D "data" mesh of this process's devices (`mesh.data_mesh`), the parameters are
 replicated on it once, when the Encoder is built. Under `jax.distributed` the mesh is still the local devices: each
@@ -19,17 +22,19 @@ process embeds its own texts and nothing crosses hosts.
 
 Packing never changes a text's numbers: keys of other texts and of padding get exactly zero attention weight, and
 every other op is token-wise, so results agree with encoding each text alone (to float32 rounding of
-differently-shaped matmuls).
+differently-shaped matmuls). The one exception is a text whose own numbers are not finite (a corrupted embedding
+row): 0 x NaN is NaN in the attention's matmul, so it would reach the other texts of its row; those texts are
+embedded again one to a row, and only the text that is NaN alone stays NaN.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -45,8 +50,10 @@ from retribert_jax.compilation import (
     candidate_lengths,
     compile_lowered,
 )
+from retribert_jax.config import precision_name
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import KINDS, RetriBertModel, abstract_model, embed, flops_per_sequence
+from retribert_jax.packing import PackedBatch, TokenIds, build_batch, pack_rows, texts_per_row
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 # Tokens per forward call and device when the caller gives no batch size. On a CPU, ~1024 keeps a layer's activations
@@ -54,63 +61,27 @@ from retribert_jax.tokenizer import RetriBertTokenizer
 # Accelerators want large batches to fill their matrix units (a prediction until measured on one).
 TOKENS_PER_CALL = {"cpu": 1024}
 ACCELERATOR_TOKENS_PER_CALL = 16384
+# Texts tokenized per chunk: a small first chunk so that the device starts soon, then larger ones.
+FIRST_CHUNK_TEXTS, CHUNK_TEXTS = 1024, 4096
 
 # Per batch: its packed rows (each the indices of the texts it holds, in row order), padded rows, row length.
 Plan = list[tuple[list[list[int]], int, int]]
 
 
-def texts_per_row(length: int) -> int:
-    """The most texts one packed row of `length` tokens holds: the last layer and the pooler compute this many
-    [CLS] rows per packed row whether filled or not, so it stays a small fraction (1/8) of the row's tokens."""
-    return max(1, length // 8)
-
-
-def pack_rows(lengths: Sequence[int] | np.ndarray, row_length: int, max_per_row: int) -> list[list[int]]:
-    """Packs texts into rows: best-fit decreasing (each text, longest first, goes to the open row it leaves the
-    least room in, or starts a new row), the bin-packing heuristic that Krell et al. (2021, "Efficient Sequence
-    Packing without Cross-contamination") pair with per-sequence attention masks and positions for BERT.
-
-    Args:
-      lengths: tokens of each text, each in [1, row_length].
-      row_length: tokens a row holds.
-      max_per_row: texts a row holds at most.
-
-    Returns:
-      The rows in the order they were opened (longest texts first), each a list of indices into `lengths`; every
-      index appears exactly once. Depends only on `lengths` and the limits (ties keep input order).
-
-    Raises:
-      ValueError: a length is outside [1, row_length].
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > row_length):
-        raise ValueError(f"text lengths must be in [1, {row_length}], got {lengths.min()}..{lengths.max()}")
-    rows: list[list[int]] = []
-    open_rows: list[list[int]] = [[] for _ in range(row_length + 1)]  # rows with room for more, by free tokens
-    smallest = int(lengths.min()) if len(lengths) else 1
-    for i in np.argsort(-lengths, kind="stable").tolist():
-        n = int(lengths[i])
-        for free in range(n, row_length + 1):
-            if open_rows[free]:
-                r = open_rows[free].pop()
-                break
-        else:
-            r, free = len(rows), row_length
-            rows.append([])
-        rows[r].append(i)
-        free -= n
-        if len(rows[r]) < max_per_row and free >= smallest:
-            open_rows[free].append(r)
-    return rows
-
-
 class Encoder:
     """Embeds questions and passages with a RetriBertModel, in the manner of sentence-transformers' `encode`.
+
+    The Encoder runs the model as its `RunConfig` says (compute and residual dtypes, matmul precision, attention
+    kernel, compiler options); `dtype` and `precision` change that for this Encoder alone, with a warning that says
+    so.
 
     Args:
       model: the model (its parameters are copied to the devices; the model itself is left as it is).
       tokenizer: the model's tokenizer.
-      dtype: compute dtype, float32 or bfloat16 (parameters stay float32; outputs are float32).
+      dtype: compute dtype, "float32" or "bfloat16"; None (default): the model's (`model.run_config.dtype`).
+      precision: matmul precision, "default", "high" or "highest"; None (default): the model's, and if that is None
+        too, JAX's default on the thread that calls `encode` (so `with jax.default_matmul_precision(...)` around a
+        call holds, though the programs compile on another thread).
       mesh: a 1-D mesh with a "data" axis; default: every local device of this process.
       bucket_lengths: the row lengths a job may pack into (plus `max_length`); a job uses the smallest that holds
         its longest text.
@@ -119,45 +90,48 @@ class Encoder:
       compile_cost: what a new program costs against padded compute, for deciding when a program this Encoder
         already has (longer rows, more rows) beats compiling one that fits, and whether a job's program trims its
         last layer to the [CLS] rows; default: `CompileCost.for_platform` of the mesh's devices.
+
+    Raises:
+      ValueError: a dtype or precision outside its choices, or a mesh without a "data" axis.
     """
 
-    def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = jnp.float32,
-                 mesh: jax.sharding.Mesh | None = None, bucket_lengths: Sequence[int] = BUCKET_LENGTHS,
-                 compilation_cache_dir: str | None = None, compile_cost: CompileCost | None = None):
+    def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = None,
+                 precision: Any = None, mesh: jax.sharding.Mesh | None = None,
+                 bucket_lengths: Sequence[int] = BUCKET_LENGTHS, compilation_cache_dir: str | None = None,
+                 compile_cost: CompileCost | None = None):
         if compilation_cache_dir:
             from retribert_jax.compilation import enable_compilation_cache
 
             enable_compilation_cache(compilation_cache_dir)
-        dtype = jnp.dtype(dtype)
-        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}")
+        own = model.run_config
+        run = own.with_overrides(dtype=dtype, precision=precision)
+        if run != own:
+            changed = ", ".join(f"{k} {getattr(run, k)!r} instead of its {getattr(own, k)!r}"
+                                for k in ("dtype", "precision") if getattr(run, k) != getattr(own, k))
+            warnings.warn(f"Encoder: running the model with {changed} (load the model with these settings to run "
+                          "it so everywhere)", stacklevel=2)
         mesh = mesh if mesh is not None else data_mesh(jax.local_devices())
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        self.dtype, self.mesh = dtype, mesh
+        self.run_config, self.mesh = run, mesh
+        self.dtype = jnp.dtype(run.dtype)
         self.bucket_lengths = tuple(sorted(bucket_lengths))
         self.num_devices = mesh.shape["data"]
         platform = self.platform = mesh.devices.flat[0].platform
         self.compile_cost = compile_cost or CompileCost.for_platform(platform, self.num_devices)
         self.tokens_per_call = TOKENS_PER_CALL.get(platform, ACCELERATOR_TOKENS_PER_CALL)
         self._data_sharding = batch_sharding(mesh)
-        _, state = nnx.split(model)
-        attention_impl = model.bert_query.encoder.layer.attention.self.attention_impl
-        # The compute dtype lives in the graph (the Linear layers' `dtype`), so another dtype is another graphdef over
+        self._state = jax.device_put(nnx.state(model), replicated(mesh))  # replicated, once
+        # A private copy of the tokenizer's backend: truncation is set per call, and the user's stays untouched.
+        self._backend = type(tokenizer.backend).from_str(tokenizer.backend.to_str())
+        # The run settings live in the graph, so each (trimmed last layer, precision) is a graphdef of its own over
         # the same parameters.
-        # The last layer trimmed to the [CLS] rows or not is another graph too (`_trim_last_layer`).
-        self._graphdefs = {}
-        for trim in (True, False):
-            structure = abstract_model(self.config, dtype=dtype, attention_impl=attention_impl)
-            for bert in (structure.bert_query, structure.bert_doc):
-                if bert is not None:
-                    bert.encoder.trim_last_layer = trim
-            self._graphdefs[trim], _ = nnx.split(structure)
-        self._state = jax.device_put(state, replicated(mesh))  # replicated, once
-        # Programs by (kind, rows, length, trimmed last layer), compiled ahead of need on one background thread.
-        self._programs: dict[tuple[str, int, int, bool], concurrent.futures.Future] = {}
+        self._graphdefs: dict[tuple[bool, str | None], nnx.GraphDef] = {}
+        # Programs by (kind, rows, length, trimmed last layer, precision), compiled ahead of need on one thread.
+        self._programs: dict[tuple[str, int, int, bool, str | None], concurrent.futures.Future] = {}
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tokenizer_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.compile_seconds = 0.0  # summed over programs (on the background thread, partly hidden by compute)
         self.programs_from_cache = 0
 
@@ -171,22 +145,35 @@ class Encoder:
         """Programs this Encoder has obtained (compiled, or loaded from the persistent cache): one per shape."""
         return len(self._programs)
 
-    def _compile(self, kind: str, rows: int, length: int, trim: bool):
+    def _precision(self) -> str | None:
+        """The matmul precision of this call's programs: the run config's, else the calling thread's default."""
+        return self.run_config.precision or precision_name(jax.config.jax_default_matmul_precision)
+
+    def _graphdef(self, trim: bool, precision: str | None) -> nnx.GraphDef:
+        if (trim, precision) not in self._graphdefs:
+            run = self.run_config.replace(trim_last_layer=trim, precision=precision)
+            self._graphdefs[trim, precision], _ = nnx.split(abstract_model(self.config, run_config=run))
+        return self._graphdefs[trim, precision]
+
+    def _compile(self, kind: str, rows: int, length: int, trim: bool, precision: str | None):
         spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._data_sharding)
         cls_spec = jax.ShapeDtypeStruct((rows, texts_per_row(length)), jnp.int32, sharding=self._data_sharding)
         start, hits = time.perf_counter(), cache_hits()
-        program = compile_lowered(embed.lower(self._graphdefs[trim], self._state, spec, spec, kind=kind,
-                                              position_ids=spec, cls_index=cls_spec), self.platform)
+        lowered = embed.lower(self._graphdef(trim, precision), self._state, spec, spec, kind=kind, position_ids=spec,
+                              cls_index=cls_spec)
+        program = compile_lowered(lowered, self.platform, self.run_config.compiler_options(self.platform))
         self.compile_seconds += time.perf_counter() - start
         self.programs_from_cache += cache_hits() > hits  # the hit counter is this (the compiling) thread's
         return program
 
     def _trim_last_layer(self, kind: str, rows: int, length: int, calls: int) -> bool:
         """Whether the program for `calls` batches of (rows, length) computes the last layer for the [CLS] rows
-        alone (`BertEncoder.trim_last_layer`): when that saves more compute than its extra compilation costs, or
+        alone (`RunConfig.trim_last_layer`): when that saves more compute than its extra compilation costs, or
         when this Encoder already has that program. Both give the same embeddings."""
+        if not self.run_config.trim_last_layer:
+            return False
         for trim in (True, False):
-            if (kind, rows, length, trim) in self._programs:
+            if any(key[:4] == (kind, rows, length, trim) for key in self._programs):
                 return trim
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -194,7 +181,7 @@ class Encoder:
         saved_flops = (length - texts_per_row(length)) * (4 * d * d + 4 * d * f + 4 * length * d)
         return calls * rows * saved_flops / self.compile_cost.flops_per_second > self.compile_cost.trim_seconds
 
-    def _request(self, key: tuple[str, int, int, bool]) -> concurrent.futures.Future:
+    def _request(self, key: tuple[str, int, int, bool, str | None]) -> concurrent.futures.Future:
         if key not in self._programs:
             if self._compiler is None:
                 self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retribert-compile")
@@ -223,58 +210,60 @@ class Encoder:
         """Passage embeddings through the document encoder and `project_doc`; same arguments as `encode_questions`."""
         return self.encode(texts, "passages", batch_size, max_length, show_progress_bar, normalize)
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
-        """Token ids per text, truncated to `max_length` with [CLS] and [SEP], unpadded."""
+    def token_ids(self, texts: Sequence[str], max_length: int) -> TokenIds:
+        """Token ids of `texts`, truncated to `max_length` with [CLS] and [SEP], unpadded (`packing.TokenIds`).
+
+        Raises:
+          TypeError: a text that is not a str, named by its index.
+        """
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
-        backend = self.tokenizer.backend
-        backend.enable_truncation(max_length)
-        try:
-            # encode_batch_fast skips the character offsets we do not use.
-            fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            return [e.ids for e in fast(list(texts), add_special_tokens=True)]
-        finally:
-            backend.no_truncation()
+        self._backend.enable_truncation(max_length)
+        # encode_batch_fast skips the character offsets we do not use.
+        fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return TokenIds.from_lists([e.ids for e in fast(list(texts), add_special_tokens=True)])
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids per text as lists (see `token_ids`)."""
+        ids = self.token_ids(texts, max_length)
+        return [ids.ids(i) for i in range(len(ids))]
+
+    def _chunks(self, texts: Sequence[str], max_length: int) -> Iterator[tuple[int, TokenIds]]:
+        """(first text's index, its chunk's token ids), in order, each chunk tokenized on a background thread while
+        the caller works on the one before (the tokenizer releases the GIL)."""
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retribert-tokenize")
+        bounds = [0, min(len(texts), FIRST_CHUNK_TEXTS)]
+        while bounds[-1] < len(texts):
+            bounds.append(min(len(texts), bounds[-1] + CHUNK_TEXTS))
+        spans = iter(zip(bounds[:-1], bounds[1:], strict=True))
+        ahead: collections.deque = collections.deque()
+
+        def submit(span: tuple[int, int] | None) -> None:
+            if span is not None:
+                a, b = span
+                ahead.append((a, self._tokenizer_thread.submit(self.token_ids, texts[a:b], max_length)))
+
+        submit(next(spans, None))
+        while ahead:
+            first, future = ahead.popleft()
+            submit(next(spans, None))  # the next chunk tokenizes while this one is planned and run
+            yield first, future.result()
 
     def plan(self, lengths: np.ndarray, batch_size: int | None, max_length: int, kind: str = "passages") -> Plan:
-        """Batches of packed rows as (rows of text indices, padded rows, row length), longest texts first.
+        """Batches of packed rows as (rows of text indices, padded rows, row length), longest texts first, for a
+        job whose texts have these token `lengths` (what `encode` runs when the job is one chunk).
 
         The row length is the bucket that holds the longest text, or a longer one this Encoder has already compiled
         when its extra attention compute costs less than a compilation; a last, partial batch likewise reuses a
         program with more rows when the padding costs less than a new program. The plan depends only on the
         lengths, the arguments and the programs this Encoder has.
         """
+        planner = _Planner(self, kind, batch_size, max_length, len(lengths))
         if len(lengths) == 0:
             return []
-        ndev = self.num_devices
-        have = {(r, length) for (k, r, length, _) in self._programs if k == kind}
-        cost = self.compile_cost
-        tokens, longest = float(lengths.sum()), int(lengths.max())
-        length = bucket_length(longest, candidate_lengths(max_length, self.bucket_lengths))
-        longer = sorted(n for _, n in have if length < n <= max_length)
-        if longer and all(n != length for _, n in have):
-            # Per token, a longer row costs only its attention: QK^T and PV, 4 * L * D FLOPs a layer.
-            extra = tokens * self.config.num_hidden_layers * 4 * (longer[0] - length) * self.config.hidden_size
-            if extra / cost.flops_per_second < cost.compile_seconds:
-                length = longer[0]
-        if batch_size is None:
-            batch_size = ndev * max(1, self.tokens_per_call // length)
-        full = max(ndev, math.ceil(batch_size / ndev) * ndev)
-        packed = pack_rows(lengths, length, texts_per_row(length))
-        row_seconds = flops_per_sequence(self.config, length) / cost.flops_per_second
-        plan: Plan = []
-        for start in range(0, len(packed), full):
-            group = packed[start:start + full]
-            rows = full
-            if len(group) < full:
-                rows = min(full, ndev * 2 ** math.ceil(math.log2(math.ceil(len(group) / ndev))))
-                # Padding to a bigger program already planned or compiled, when that costs less than compiling one.
-                bigger = sorted(r for r, n in have | {(p[1], p[2]) for p in plan} if n == length and r > rows)
-                if (rows, length) not in have and bigger and (bigger[0] - rows) * row_seconds < cost.compile_seconds:
-                    rows = bigger[0]
-            plan.append((group, rows, length))
-        return plan
+        return planner.add(np.asarray(lengths, np.int64), 0) + planner.finish()
 
     def encode(self, texts: str | Sequence[str], kind: str, batch_size: int | None = None, max_length: int = 128,
                show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
@@ -289,58 +278,169 @@ class Encoder:
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         out = np.zeros((len(texts), self.config.projection_dim), np.float32)
-        if not texts:
-            return out
-        ids = self.tokenize(texts, max_length)
-        lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-        batches = self.plan(lengths, batch_size, max_length, kind)
-        calls = collections.Counter((rows, length) for _, rows, length in batches)
-        trim = {shape: self._trim_last_layer(kind, *shape, n) for shape, n in calls.items()}
-        for _, rows, length in batches:  # in the order the batches need them
-            self._request((kind, rows, length, trim[rows, length]))
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
+        if texts:
+            bar = None
+            if show_progress_bar:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), unit=kind[:-1], desc=f"encoding {kind}")
-        pending: list[tuple[np.ndarray, jax.Array]] = []
-
-        def drain(keep: int) -> None:
-            while len(pending) > keep:
-                index, result = pending.pop(0)
-                filled = index >= 0
-                out[index[filled]] = np.asarray(result)[filled]
+                bar = tqdm(total=len(texts), unit=kind[:-1], desc=f"encoding {kind}")
+            try:
+                self._run_job(texts, kind, batch_size, max_length, out, bar)
+            finally:
                 if bar is not None:
-                    bar.update(int(filled.sum()))
-
-        pad_id = self.tokenizer.pad_token_id
-        put = functools.partial(jax.device_put, device=self._data_sharding)
-        for packed, rows, length in batches:
-            input_ids = np.full((rows, length), pad_id, np.int32)
-            mask = np.zeros((rows, length), np.int32)
-            position_ids = np.zeros((rows, length), np.int32)
-            cls_index = np.zeros((rows, texts_per_row(length)), np.int32)
-            index = np.full(cls_index.shape, -1, np.int64)  # the text each [CLS] slot embeds; -1: none
-            for r, row in enumerate(packed):
-                start = 0
-                for j, i in enumerate(row):
-                    n = int(lengths[i])
-                    input_ids[r, start:start + n] = ids[i]
-                    mask[r, start:start + n] = 1
-                    position_ids[r, start:start + n] = np.arange(n)
-                    cls_index[r, j], index[r, j] = start, i
-                    start += n
-            # Empty padding rows attend to one token so that every row is well defined; their outputs are dropped.
-            mask[len(packed):, 0] = 1
-            program = self._request((kind, rows, length, trim[rows, length])).result()
-            result = program(self._state, put(input_ids), put(mask), position_ids=put(position_ids),
-                             cls_index=put(cls_index))
-            pending.append((index, result))
-            # Dispatch is asynchronous: filling the next batch overlaps with this one's compute.
-            drain(keep=1)
-        drain(keep=0)
-        if bar is not None:
-            bar.close()
+                    bar.close()
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out[0] if single else out
+
+    def _run_job(self, texts: list[str], kind: str, batch_size: int | None, max_length: int, out: np.ndarray,
+                 bar: Any, alone: bool = False) -> None:
+        """Tokenizes, plans and runs `texts` into `out` (rows in input order); `alone`: one text per row."""
+        planner = _Planner(self, kind, batch_size, max_length, len(texts), alone=alone)
+        runner = _Runner(self, kind, self._precision(), out, bar)
+        kept: list[tuple[int, TokenIds]] = []  # the chunks that planned or pending rows still refer to
+        for first, chunk in self._chunks(texts, max_length):
+            kept.append((first, chunk))
+            plan = planner.add(chunk.lengths, first)
+            needed = min([first, planner.oldest_pending()] + [i for rows, _, _ in plan for row in rows for i in row])
+            kept = [(f, c) for f, c in kept if f + len(c) > needed]
+            ids = TokenIds.concatenate([c for _, c in kept])
+            for batch in plan:
+                runner.run(ids, kept[0][0], *batch, planner)
+        for batch in planner.finish():
+            runner.run(ids, kept[0][0], *batch, planner)
+        runner.drain(keep=0)
+        if not alone:
+            bad = np.flatnonzero(~np.isfinite(out).all(axis=1) & runner.texts_in_shared_rows)
+            if len(bad):
+                # Not finite perhaps only because a row-mate is (0 x NaN in attention): again, one text to a row.
+                again = np.zeros((len(bad), out.shape[1]), np.float32)
+                self._run_job([texts[i] for i in bad], kind, batch_size, max_length, again, None, alone=True)
+                out[bad] = again
+
+
+class _Planner:
+    """Turns a job's token lengths, chunk by chunk, into batches of packed rows (see `Encoder.plan`): rows of one
+    length per job where the texts allow, full batches as soon as they are full, partial ones at `finish`."""
+
+    def __init__(self, enc: Encoder, kind: str, batch_size: int | None, max_length: int, total_texts: int,
+                 alone: bool = False):
+        self.enc, self.kind, self.max_length, self.total = enc, kind, max_length, total_texts
+        self.batch_size, self.alone = batch_size, alone
+        self.length: int | None = None
+        self.pending: dict[int, list[list[int]]] = {}  # row length -> packed rows not yet in a batch
+        self.planned: set[tuple[int, int]] = set()  # (rows, length) of the batches handed out
+        self.trim: dict[tuple[int, int], bool] = {}
+        self.seen = 0
+
+    def _have(self) -> set[tuple[int, int]]:
+        return {(r, n) for (k, r, n, *_) in self.enc._programs if k == self.kind}
+
+    def _row_length(self, lengths: np.ndarray) -> int:
+        """The job's row length from its first chunk: the bucket of the longest text, or a longer program this
+        Encoder has when its extra attention costs less than a compilation."""
+        cfg, cost, have = self.enc.config, self.enc.compile_cost, self._have()
+        length = bucket_length(int(lengths.max()), candidate_lengths(self.max_length, self.enc.bucket_lengths))
+        longer = sorted(n for _, n in have if length < n <= self.max_length)
+        if longer and all(n != length for _, n in have):
+            tokens = float(lengths.sum()) * self.total / len(lengths)  # the whole job's, estimated
+            # Per token, a longer row costs only its attention: QK^T and PV, 4 * L * D FLOPs a layer.
+            extra = tokens * cfg.num_hidden_layers * 4 * (longer[0] - length) * cfg.hidden_size
+            if extra / cost.flops_per_second < cost.compile_seconds:
+                length = longer[0]
+        return length
+
+    def full(self, length: int) -> int:
+        """Rows of a full batch of `length`-token rows (a multiple of the device count)."""
+        ndev = self.enc.num_devices
+        batch_size = self.batch_size or ndev * max(1, self.enc.tokens_per_call // length)
+        return max(ndev, math.ceil(batch_size / ndev) * ndev)
+
+    def trimmed(self, rows: int, length: int, calls: int) -> bool:
+        if (rows, length) not in self.trim:
+            self.trim[rows, length] = self.enc._trim_last_layer(self.kind, rows, length, calls)
+        return self.trim[rows, length]
+
+    def add(self, lengths: np.ndarray, first: int) -> Plan:
+        """The full batches that the chunk of texts `first`, `first + 1`, ... (of these token lengths) completes."""
+        if self.length is None:
+            self.length = self._row_length(lengths)
+            full = self.full(self.length)
+            # The whole job's calls, estimated from this chunk, decide the last layer's form.
+            rows_per_text = len(pack_rows(lengths, self.length, self._per_row(self.length))) / len(lengths)
+            self.trimmed(full, self.length, math.ceil(self.total * rows_per_text / full))
+        self.seen += len(lengths)
+        # A later text too long for the job's rows goes to rows of max_length: one more program at most, and packing
+        # fills those rows all the same.
+        row_length = np.where(lengths <= self.length, self.length, self.max_length)
+        plan: Plan = []
+        for length in sorted(set(row_length.tolist())):
+            chosen = np.flatnonzero(row_length == length)
+            rows = pack_rows(lengths[chosen], length, self._per_row(length))
+            pending = self.pending.setdefault(length, [])
+            pending.extend([[int(chosen[i]) + first for i in row] for row in rows])
+            full = self.full(length)
+            while len(pending) >= full:
+                plan.append((pending[:full], full, length))
+                del pending[:full]
+        self.planned.update((rows, length) for _, rows, length in plan)
+        return plan
+
+    def oldest_pending(self) -> float:
+        """The smallest text index in a row not yet handed out (infinity if none)."""
+        return min((min(row) for rows in self.pending.values() for row in rows), default=math.inf)
+
+    def _per_row(self, length: int) -> int:
+        return 1 if self.alone else texts_per_row(length)
+
+    def finish(self) -> Plan:
+        """The partial batches left: each padded to the smallest power-of-two multiple of the device count that
+        holds it, or to a bigger program already planned or compiled when that costs less than compiling one."""
+        ndev, cost, plan = self.enc.num_devices, self.enc.compile_cost, []
+        have = self._have() | self.planned
+        for length, pending in sorted(self.pending.items()):
+            if not pending:
+                continue
+            rows = min(self.full(length), ndev * 2 ** math.ceil(math.log2(math.ceil(len(pending) / ndev))))
+            row_seconds = flops_per_sequence(self.enc.config, length) / cost.flops_per_second
+            bigger = sorted(r for r, n in have if n == length and r > rows)
+            if (rows, length) not in have and bigger and (bigger[0] - rows) * row_seconds < cost.compile_seconds:
+                rows = bigger[0]
+            plan.append((pending, rows, length))
+        self.pending = {}
+        return plan
+
+
+class _Runner:
+    """Runs planned batches on the device, one in flight while the next is built, and files each output row."""
+
+    def __init__(self, enc: Encoder, kind: str, precision: str | None, out: np.ndarray, bar: Any):
+        self.enc, self.kind, self.precision, self.out, self.bar = enc, kind, precision, out, bar
+        self.pending: collections.deque[tuple[np.ndarray, jax.Array]] = collections.deque()
+        self.texts_in_shared_rows = np.zeros(len(out), bool)
+
+    def run(self, ids: TokenIds, base: int, rows: list[list[int]], num_rows: int, length: int,
+            planner: _Planner) -> None:
+        """Dispatches one batch; `ids` holds the token ids of texts `base`, `base + 1`, ... (what `rows` index)."""
+        enc = self.enc
+        trim = planner.trimmed(num_rows, length, calls=1)  # a shape not decided yet is a job's last, partial batch
+        program = enc._request((self.kind, num_rows, length, trim, self.precision))
+        batch: PackedBatch = build_batch(ids, [[i - base for i in row] for row in rows], num_rows, length,
+                                         enc.tokenizer.pad_token_id)
+        text_index = np.where(batch.text_index >= 0, batch.text_index + base, -1)
+        shared = text_index[(text_index >= 0).sum(axis=1) > 1]
+        self.texts_in_shared_rows[shared[shared >= 0]] = True
+        arrays = jax.device_put([batch.input_ids, batch.attention_mask, batch.position_ids, batch.cls_index],
+                                enc._data_sharding)
+        result = program.result()(enc._state, arrays[0], arrays[1], position_ids=arrays[2], cls_index=arrays[3])
+        self.pending.append((text_index, result))
+        # Dispatch is asynchronous: building the next batch overlaps with this one's compute.
+        self.drain(keep=1)
+
+    def drain(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            index, result = self.pending.popleft()
+            filled = index >= 0
+            self.out[index[filled]] = np.asarray(result)[filled]
+            if self.bar is not None:
+                self.bar.update(int(filled.sum()))

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
-from retribert_jax.config import TrainConfig
+from retribert_jax.config import RunConfig, TrainConfig
 from retribert_jax.corpus import BadRecord, read_lines
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in_batch_loss
@@ -81,10 +81,10 @@ def _embed_batch(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: j
     return out
 
 
-def _batch_loss(emb: dict[str, jax.Array], batch: Batch) -> jax.Array:
+def _batch_loss(emb: dict[str, jax.Array], batch: Batch, precision: str | None) -> jax.Array:
     if "n" not in emb:
-        return in_batch_loss(emb["q"], emb["p"])
-    return in_batch_loss(emb["q"], emb["p"], emb["n"], batch["n_valid"].reshape(-1))
+        return in_batch_loss(emb["q"], emb["p"], precision=precision)
+    return in_batch_loss(emb["q"], emb["p"], emb["n"], batch["n_valid"].reshape(-1), precision=precision)
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, *,
@@ -107,9 +107,10 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
       (scalar loss, gradients shaped like `params`).
     """
     b = batch["q_ids"].shape[0]
+    precision = nnx.merge(graphdef, params).run_config.precision  # the model's, for the score matmuls too
     if micro_batch_size is None or micro_batch_size >= b:
         def loss_fn(p):
-            return _batch_loss(_embed_batch(graphdef, p, batch, key, checkpoint_batch_size), batch)
+            return _batch_loss(_embed_batch(graphdef, p, batch, key, checkpoint_batch_size), batch, precision)
 
         return jax.value_and_grad(loss_fn)(params)
 
@@ -145,7 +146,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     def loss_of(e):
         if "n" in e:
             e = {**e, "n": e["n"].reshape(-1, e["n"].shape[-1])}
-        return _batch_loss(e, batch)
+        return _batch_loss(e, batch, precision)
 
     loss, g_emb = jax.value_and_grad(loss_of)(full)
     g_emb = {k: split(v) for k, v in g_emb.items()}  # M m ...
@@ -164,11 +165,14 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tcfg: TrainConfig,
                     schedule: optax.Schedule | None = None, batch_sharding: NamedSharding | None = None,
-                    param_sharding: NamedSharding | None = None) -> Callable:
+                    param_sharding: NamedSharding | None = None, run_config: RunConfig | None = None) -> Callable:
     """The jitted step `(params, opt_state, batch, key, step) -> (params, opt_state, metrics)`.
 
     `key` is the step's dropout key (ignored when the graph is in eval mode); `step` only feeds the logged
-    learning rate. Params and optimizer state are donated.
+    learning rate. Params and optimizer state are donated. The step runs as the model's `RunConfig` says: the graph
+    carries its dtypes and matmul precision (`loss_and_grads` gives the loss's score matmuls the same), and
+    `run_config` (the model's: `model.run_config`) gives the compiler options for the platform of `param_sharding`'s
+    devices (default: JAX's default backend).
     """
     dropout = tcfg.dropout
 
@@ -187,7 +191,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     if param_sharding is not None and batch_sharding is not None:
         kwargs = dict(in_shardings=(param_sharding, param_sharding, batch_sharding, None, None),
                       out_shardings=(param_sharding, param_sharding, None))
-    return jax.jit(step_fn, donate_argnums=(0, 1), **kwargs)
+    platform = (param_sharding.mesh.devices.flat[0].platform if param_sharding is not None
+                else jax.default_backend())
+    options = (run_config or RunConfig()).compiler_options(platform)
+    return jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=options or None, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     log_path = os.path.join(out_dir, "metrics.jsonl")
     _rewrite_log(log_path, step)
     buckets = fit_train_buckets(tokenizer, pairs, tcfg, model.config)
-    train_step = make_train_step(graphdef, tx, tcfg, schedule, data, rep)
+    train_step = make_train_step(graphdef, tx, tcfg, schedule, data, rep, run_config=model.run_config)
 
     def batch_at(step: int) -> dict[str, jax.Array]:
         epoch, pos = divmod(step, steps_per_epoch)

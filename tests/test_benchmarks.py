@@ -136,20 +136,30 @@ def test_roofline_quick_run(tmp_path):
 
 
 def test_device_check_quick_run_on_cpu(tmp_path):
-    """The device run's steps at toy sizes on this CPU: every section filled, cuDNN skipped with a reason, JSON
-    and PNG written, fp32 parity between the default device and the CPU exact here (they are the same device)."""
+    """The device run's parts at toy sizes on this CPU, the PyTorch peers included: every row measured (none
+    failed), JSON and PNG written, the ratios printed, fp32 parity between the default device and the CPU exact
+    here (they are the same device), through the Encoder, the command line and the train step."""
+    pytest.importorskip("sentence_transformers")
     from benchmarks.device_check import report, run
 
     r = run(str(tmp_path), quick=True)
-    assert [h["attention_impl"] for h in r["headline"]] == ["xla"] and "cudnn" in r["skipped"]
-    assert r["headline"][0]["seq_per_s"] > 0 and len(r["scaling"]) == 2
-    assert r["parity_fp32"]["max_abs_diff"] <= 1e-6, r["parity_fp32"]
-    assert [e["rows_per_call"] for e in r["encoder_rows"]][1:] == [4] and all(
-        e["texts_per_s"] > 0 for e in r["encoder_rows"]), r["encoder_rows"]
-    assert [f["trim_last_layer"] for f in r["compile_forms"]] == [True, False] and all(
-        f["compile_s"] > 0 and f["call_s"] > 0 for f in r["compile_forms"]), r["compile_forms"]
+    for part in ("peak", "forward", "real_text", "train", "parity_fp32"):
+        assert "error" not in r[part], (part, r[part].get("traceback"))
+    for part, key in (("forward", "seq_per_s"), ("train", "pairs_per_s")):
+        failed = {name: row.get("error") for name, row in r[part]["rows"].items() if not row.get(key, 0) > 0}
+        assert not failed, (part, failed)
+    assert {"ours", "PyTorch eager (HF BertModel, sdpa, bf16)", "torch.compile"} <= set(r["forward"]["rows"])
+    assert "PyTorch AMP (bf16 autocast, fused AdamW)" in r["train"]["rows"]
+    text = r["real_text"]
+    assert [e["rows_per_call"] for e in text["encoder"]][1:] == [4] and all(e["texts_per_s"] > 0
+                                                                          for e in text["encoder"])
+    assert text["host"]["tokenizer_texts_per_s"] > 0 and text["sentence_transformers"][0]["texts_per_s"] > 0
+    p = r["parity_fp32"]
+    assert "cli_error" not in p, p["cli_error"]
+    assert max(p["encoder_max_abs_diff"], p["cli_max_abs_diff"], p["train_grad_max_abs_diff"]) <= 1e-6, p
     assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
-    assert "fp32 parity" in report(r) and "Encoder, real text" in report(r)
+    shown = report(r)
+    assert "ours / torch.compile" in shown and "/ PyTorch AMP" in shown and "fp32 parity" in shown
 
 
 @pytest.mark.slow

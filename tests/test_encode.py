@@ -8,8 +8,9 @@ import pytest
 
 from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
 from retribert_jax.compilation import CompileCost, bucket_length, candidate_lengths, fit_buckets
-from retribert_jax.encode import Encoder, pack_rows, texts_per_row
+from retribert_jax.encode import Encoder
 from retribert_jax.modeling import embed, flops_per_sequence
+from retribert_jax.packing import pack_rows, texts_per_row
 from tests.conftest import hf_reference, save_hf
 from tests.embed_helpers import random_texts, tiny_vocab
 
@@ -125,10 +126,10 @@ def test_compile_options_keep_the_numbers_and_unknown_ones_are_dropped(monkeypat
     want = np.asarray(lowered.compile()(x))
     # Measured equal bit for bit here; float32 rounding allowed for other CPUs' vector widths.
     np.testing.assert_allclose(np.asarray(compilation.compile_lowered(lowered, "cpu")(x)), want, rtol=1e-6, atol=1e-6)
-    monkeypatch.setattr(compilation, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_here": True})
-    assert np.array_equal(np.asarray(compilation.compile_lowered(lowered, "cpu")(x)), want)
+    unknown = {"xla_cpu_no_such_option_here": True}
+    assert np.array_equal(np.asarray(compilation.compile_lowered(lowered, "cpu", unknown)(x)), want)
     with pytest.raises(Exception, match="xla_cpu_no_such_option_here"):
-        lowered.compile(compiler_options=compilation.CPU_COMPILER_OPTIONS)
+        lowered.compile(compiler_options=unknown)
 
 
 def test_empty_text_is_cls_sep(hf_and_dir, encoder):
@@ -331,3 +332,41 @@ def test_bad_arguments(encoder):
         encoder.encode_passages(["a"], max_length=1000)
     with pytest.raises(TypeError, match="text 1"):
         encoder.encode_passages(["a", 3])
+
+
+def test_chunked_tokenization_gives_the_same_embeddings(hf_and_dir, encoder, monkeypatch):
+    """Texts tokenized chunk by chunk (on a background thread) and packed chunk by chunk, with rows carried over to
+    the next chunk, embed as in one chunk; a text longer than the first chunk's row length gets rows of its own."""
+    from retribert_jax import encode
+
+    texts = random_texts(40, seed=11)
+    texts.insert(30, " ".join(["bread"] * 70))  # longer than anything in the first chunk
+    whole = encoder.encode_passages(texts, batch_size=4, max_length=100)
+    monkeypatch.setattr(encode, "FIRST_CHUNK_TEXTS", 3)
+    monkeypatch.setattr(encode, "CHUNK_TEXTS", 5)
+    d = hf_and_dir[1]
+    fresh = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d))
+    chunked = fresh.encode_passages(texts, batch_size=4, max_length=100)
+    diff = np.abs(chunked - whole).max()
+    assert diff <= TOL, f"chunked vs whole-job embeddings differ by {diff:.3g}"
+    assert len({length for _, _, length in fresh.shapes_seen}) == 2, fresh.shapes_seen
+
+
+def test_a_nan_text_does_not_reach_its_row_mates(hf_and_dir):
+    """A corrupted (NaN) embedding row makes its own text NaN; the texts packed into the same row stay as they are
+    alone (0 x NaN is NaN in attention's matmul, so they are embedded again one to a row)."""
+    import jax.numpy as jnp
+
+    d = hf_and_dir[1]
+    model = RetriBertModel.from_pretrained(d)
+    tok = RetriBertTokenizer.from_pretrained(d)
+    cat = tok.backend.token_to_id("cat")
+    table = model.doc_encoder.embeddings.word_embeddings.embedding
+    table.set_value(table.get_value().at[cat].set(jnp.nan))
+    enc = Encoder(model, tok)
+    texts = ["the cat", "the sky is blue", "bread does rise", "why does ice float"]
+    packed = enc.encode_passages(texts, max_length=32)
+    alone = one_by_one(enc, texts, "passages", max_length=32)
+    assert np.isnan(packed[0]).all() and np.isnan(alone[0]).all()
+    assert np.isfinite(packed[1:]).all(), "the NaN text's row-mates were not kept clean"
+    np.testing.assert_allclose(packed[1:], alone[1:], atol=TOL)

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from retribert_jax import RetriBertConfig
+from retribert_jax import RetriBertConfig, RunConfig
 from retribert_jax.modeling import abstract_model, embed_batch
 from tests.conftest import REPO
 
@@ -31,11 +31,8 @@ def lowered_text(cfg: RetriBertConfig, dtype, kind: str = "passages", rows: int 
                  platforms=PLATFORMS, attention_impl: str = "xla", packed: bool = False, trim: bool = True) -> str:
     """The embedding program's StableHLO; `packed`: the Encoder's, with position_ids and cls_index (6 texts a row);
     `trim`: the last layer on the [CLS] rows alone (False: on every row, what the Encoder compiles for short jobs)."""
-    model = abstract_model(cfg, dtype=dtype, attention_impl=attention_impl)
-    for bert in (model.bert_query, model.bert_doc):
-        if bert is not None:
-            bert.encoder.trim_last_layer = trim
-    graphdef, state = nnx.split(model)
+    run = RunConfig(dtype=dtype, attention_impl=attention_impl, trim_last_layer=trim)
+    graphdef, state = nnx.split(abstract_model(cfg, run_config=run))
     spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     args = (state, spec, spec) + ((spec, jax.ShapeDtypeStruct((rows, 6), jnp.int32)) if packed else ())
     fn = jax.jit(lambda *a: embed_batch(graphdef, *a[:3], kind, *a[3:]))
@@ -204,8 +201,7 @@ def test_unrolled_stack_computes_the_same_and_lets_xla_count_every_layer():
     graphdef, state = nnx.split(model)
     ids = np.random.default_rng(0).integers(1, cfg.vocab_size, size=(4, 12)).astype(np.int32)
     scanned = np.asarray(embed(graphdef, state, ids, np.ones_like(ids), kind="questions"))
-    model.bert_query.encoder.scan_unroll = True
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(model.with_run_config(RunConfig(scan_unroll=cfg.num_hidden_layers)))
     unrolled = np.asarray(embed(graphdef, state, ids, np.ones_like(ids), kind="questions"))
     assert np.abs(scanned - unrolled).max() <= 1e-6, "the unrolled stack computes other numbers"
     two, four = (cost(RetriBertConfig.tiny(num_hidden_layers=n), jnp.float32, 8, 32)["flops"] for n in (2, 4))

@@ -170,7 +170,7 @@ def test_dropout_only_in_training_mode_with_rngs(tiny_cfg, trim):
     model = RetriBertModel(tiny_cfg, rngs=nnx.Rngs(0))
     ids, mask = random_batch(np.random.default_rng(5), 2, 8, tiny_cfg.vocab_size)
     trimmed = model.embed_questions(ids, mask)
-    model.bert_query.encoder.trim_last_layer = trim
+    model = model.with_run_config(RunConfig(trim_last_layer=trim))
     eval_a, eval_b = model.embed_questions(ids, mask), model.embed_questions(ids, mask)
     assert_close(eval_a, trimmed, "last layer on every row vs on the [CLS] rows alone", atol=1e-6)
     np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b), "evaluation is not deterministic")

@@ -1,0 +1,71 @@
+"""The host's rate: how fast the Encoder turns texts into embeddings when the model costs nothing, against the
+tokenizer alone on the same texts. What separates the two is the Encoder's own host work (packing, building the
+arrays, dispatch, filing the results), which should hide behind tokenization.
+
+    python benchmarks/host_rate.py [--texts 20000] [--repeats 3]
+
+Prints texts/s of HF `tokenizers` alone (`encode_batch_fast`, truncation at 128, the ids read out as the Encoder
+reads them) and of `Encoder.encode_passages` with a 1-layer, 32-wide RetriBERT (compute negligible), interleaved,
+best of `--repeats`, and their ratio. `device_check.py` runs the same measurement on an accelerator beside the
+device's own rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def host_rate(texts: list[str], tokenizer_dir: str, repeats: int = 3, max_length: int = 128) -> dict[str, Any]:
+    """Texts/s of the tokenizer alone and of the Encoder over a model of negligible compute, interleaved."""
+    from retribert_jax import RetriBertConfig, RetriBertTokenizer, init_model
+    from retribert_jax.encode import Encoder
+
+    tok = RetriBertTokenizer.from_pretrained(tokenizer_dir)
+    cfg = RetriBertConfig(vocab_size=tok.backend.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32, projection_dim=16)
+    enc = Encoder(init_model(cfg), tok)
+    backend = type(tok.backend).from_str(tok.backend.to_str())
+    backend.enable_truncation(max_length)
+
+    def tokenizer_alone() -> None:
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+        assert len(ids) == len(texts)
+
+    def encoder() -> None:
+        enc.encode_passages(texts, max_length=max_length)
+
+    encoder()  # compile
+    best = {"tokenizer": float("inf"), "encoder": float("inf")}
+    for _ in range(repeats):
+        for name, fn in (("tokenizer", tokenizer_alone), ("encoder", encoder)):
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {"texts": len(texts), "tokenizer_texts_per_s": len(texts) / best["tokenizer"],
+            "encoder_texts_per_s": len(texts) / best["encoder"], "ratio": best["tokenizer"] / best["encoder"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--texts", type=int, default=20_000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    from benchmarks.data import real_texts
+    from retribert_jax.minilm import minilm_dir
+
+    r = host_rate(real_texts(args.texts, seed=4), minilm_dir(), args.repeats)
+    print(f"{r['texts']} texts: tokenizer alone {r['tokenizer_texts_per_s']:.0f} texts/s, Encoder (negligible "
+          f"model) {r['encoder_texts_per_s']:.0f} texts/s: {r['ratio']:.2f}x the tokenizer's rate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,14 +53,18 @@ from retribert_jax.compilation import (
 from retribert_jax.config import precision_name
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import KINDS, RetriBertModel, abstract_model, embed, flops_per_sequence
-from retribert_jax.packing import PackedBatch, TokenIds, build_batch, pack_rows, texts_per_row
+from retribert_jax.packing import PackedBatch, TokenBuffer, TokenIds, build_batch, pack_rows, texts_per_row
 from retribert_jax.tokenizer import RetriBertTokenizer
 
-# Tokens per forward call and device when the caller gives no batch size. On a CPU, ~1024 keeps a layer's activations
-# in cache: MiniLM at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon (benchmarks/profile_rows.py).
-# Accelerators want large batches to fill their matrix units (a prediction until measured on one).
+# Tokens per forward call and device when the caller gives no batch size. On a CPU, a call's activations should stay
+# in cache: MiniLM (hidden 384) at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon
+# (benchmarks/profile_rows.py), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
+# model then takes more tokens a call rather than paying the call's fixed cost more often. Accelerators want large
+# batches to fill their matrix units and few calls: on an H200, RetriBERT-base on real text ran 20.1k / 26.1k / 27.6k
+# texts/s at 128 / 512 / 1024 rows of 128 tokens a call (README, "The accelerator path").
+CPU_ACTIVATIONS_PER_CALL = 1024 * 384
 TOKENS_PER_CALL = {"cpu": 1024}
-ACCELERATOR_TOKENS_PER_CALL = 16384
+ACCELERATOR_TOKENS_PER_CALL = 1024 * 128
 # Texts tokenized per chunk: a small first chunk so that the device starts soon, then larger ones.
 FIRST_CHUNK_TEXTS, CHUNK_TEXTS = 1024, 4096
 
@@ -121,6 +125,8 @@ class Encoder:
         platform = self.platform = mesh.devices.flat[0].platform
         self.compile_cost = compile_cost or CompileCost.for_platform(platform, self.num_devices)
         self.tokens_per_call = TOKENS_PER_CALL.get(platform, ACCELERATOR_TOKENS_PER_CALL)
+        if platform == "cpu":
+            self.tokens_per_call = max(self.tokens_per_call, CPU_ACTIVATIONS_PER_CALL // self.config.hidden_size)
         self._data_sharding = batch_sharding(mesh)
         self._state = jax.device_put(nnx.state(model), replicated(mesh))  # replicated, once
         # A private copy of the tokenizer's backend: truncation is set per call, and the user's stays untouched.
@@ -298,17 +304,13 @@ class Encoder:
         """Tokenizes, plans and runs `texts` into `out` (rows in input order); `alone`: one text per row."""
         planner = _Planner(self, kind, batch_size, max_length, len(texts), alone=alone)
         runner = _Runner(self, kind, self._precision(), out, bar)
-        kept: list[tuple[int, TokenIds]] = []  # the chunks that planned or pending rows still refer to
+        ids = TokenBuffer()
         for first, chunk in self._chunks(texts, max_length):
-            kept.append((first, chunk))
-            plan = planner.add(chunk.lengths, first)
-            needed = min([first, planner.oldest_pending()] + [i for rows, _, _ in plan for row in rows for i in row])
-            kept = [(f, c) for f, c in kept if f + len(c) > needed]
-            ids = TokenIds.concatenate([c for _, c in kept])
-            for batch in plan:
-                runner.run(ids, kept[0][0], *batch, planner)
+            ids.append(chunk)
+            for batch in planner.add(chunk.lengths, first):
+                runner.run(ids.view(), *batch, planner)
         for batch in planner.finish():
-            runner.run(ids, kept[0][0], *batch, planner)
+            runner.run(ids.view(), *batch, planner)
         runner.drain(keep=0)
         if not alone:
             bad = np.flatnonzero(~np.isfinite(out).all(axis=1) & runner.texts_in_shared_rows)
@@ -386,9 +388,6 @@ class _Planner:
         self.planned.update((rows, length) for _, rows, length in plan)
         return plan
 
-    def oldest_pending(self) -> float:
-        """The smallest text index in a row not yet handed out (infinity if none)."""
-        return min((min(row) for rows in self.pending.values() for row in rows), default=math.inf)
 
     def _per_row(self, length: int) -> int:
         return 1 if self.alone else texts_per_row(length)
@@ -419,15 +418,13 @@ class _Runner:
         self.pending: collections.deque[tuple[np.ndarray, jax.Array]] = collections.deque()
         self.texts_in_shared_rows = np.zeros(len(out), bool)
 
-    def run(self, ids: TokenIds, base: int, rows: list[list[int]], num_rows: int, length: int,
-            planner: _Planner) -> None:
-        """Dispatches one batch; `ids` holds the token ids of texts `base`, `base + 1`, ... (what `rows` index)."""
+    def run(self, ids: TokenIds, rows: list[list[int]], num_rows: int, length: int, planner: _Planner) -> None:
+        """Dispatches one batch; `ids` holds the token ids of the job's texts (what `rows` index)."""
         enc = self.enc
         trim = planner.trimmed(num_rows, length, calls=1)  # a shape not decided yet is a job's last, partial batch
         program = enc._request((self.kind, num_rows, length, trim, self.precision))
-        batch: PackedBatch = build_batch(ids, [[i - base for i in row] for row in rows], num_rows, length,
-                                         enc.tokenizer.pad_token_id)
-        text_index = np.where(batch.text_index >= 0, batch.text_index + base, -1)
+        batch: PackedBatch = build_batch(ids, rows, num_rows, length, enc.tokenizer.pad_token_id)
+        text_index = batch.text_index
         shared = text_index[(text_index >= 0).sum(axis=1) > 1]
         self.texts_in_shared_rows[shared[shared >= 0]] = True
         arrays = jax.device_put([batch.input_ids, batch.attention_mask, batch.position_ids, batch.cls_index],

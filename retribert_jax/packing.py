@@ -11,7 +11,9 @@ with a few numpy operations rather than a Python loop per text or token.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,10 +40,10 @@ class TokenIds:
     @classmethod
     def from_lists(cls, ids: Sequence[Sequence[int]]) -> TokenIds:
         """From one list of ids per text (as `tokenizers`' `Encoding.ids` gives them)."""
-        lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
         offsets = np.zeros(len(ids) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for x in ids for t in x), np.int32, count=int(offsets[-1]))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(offsets[-1]))
         return cls(flat, offsets)
 
     @classmethod
@@ -67,6 +69,33 @@ class TokenIds:
         return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
 
 
+class TokenBuffer:
+    """Token ids that grow chunk by chunk (a job tokenized in chunks), in buffers grown geometrically so that each
+    token is copied O(1) times; `view()` is the `TokenIds` of every text so far."""
+
+    def __init__(self):
+        self._flat, self._offsets = np.empty(1 << 16, np.int32), np.zeros(1 << 10, np.int64)
+        self._tokens = self._texts = 0
+
+    def append(self, chunk: TokenIds) -> None:
+        tokens, texts = self._tokens + len(chunk.flat), self._texts + len(chunk)
+        self._flat, self._offsets = _grown(self._flat, tokens), _grown(self._offsets, texts + 1)
+        self._flat[self._tokens:tokens] = chunk.flat
+        self._offsets[self._texts + 1:texts + 1] = chunk.offsets[1:] + self._tokens
+        self._tokens, self._texts = tokens, texts
+
+    def view(self) -> TokenIds:
+        return TokenIds(self._flat[:self._tokens], self._offsets[:self._texts + 1])
+
+
+def _grown(a: np.ndarray, size: int) -> np.ndarray:
+    if size <= len(a):
+        return a
+    out = np.empty(max(size, 2 * len(a)), a.dtype)
+    out[:len(a)] = a
+    return out
+
+
 def pack_rows(lengths: Sequence[int] | np.ndarray, row_length: int, max_per_row: int) -> list[list[int]]:
     """Packs texts into rows: best-fit decreasing (each text, longest first, goes to the open row it leaves the
     least room in, or starts a new row), the bin-packing heuristic that Krell et al. (2021, "Efficient Sequence
@@ -89,19 +118,24 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, row_length: int, max_per_row:
         raise ValueError(f"text lengths must be in [1, {row_length}], got {lengths.min()}..{lengths.max()}")
     rows: list[list[int]] = []
     open_rows: list[list[int]] = [[] for _ in range(row_length + 1)]  # rows with room for more, by free tokens
+    room: list[int] = []  # the free-token counts that have open rows, ascending
     smallest = int(lengths.min()) if len(lengths) else 1
-    for i in np.argsort(-lengths, kind="stable").tolist():
-        n = int(lengths[i])
-        for free in range(n, row_length + 1):
-            if open_rows[free]:
-                r = open_rows[free].pop()
-                break
+    order = np.argsort(-lengths, kind="stable")
+    for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        k = bisect.bisect_left(room, n)  # the tightest open row that holds the text
+        if k < len(room):
+            free = room[k]
+            r = open_rows[free].pop()
+            if not open_rows[free]:
+                del room[k]
         else:
             r, free = len(rows), row_length
             rows.append([])
         rows[r].append(i)
         free -= n
         if len(rows[r]) < max_per_row and free >= smallest:
+            if not open_rows[free]:
+                bisect.insort(room, free)
             open_rows[free].append(r)
     return rows
 

@@ -60,3 +60,46 @@ def test_build_batch_refuses_what_does_not_fit():
     long = TokenIds.from_lists([[2, *range(10, 18), 3]] * 2)
     with pytest.raises(ValueError, match="more than 16 tokens"):
         build_batch(long, [[0, 1]], 1, 16, 0)
+
+
+def best_fit_reference(lengths, row_length, max_per_row):
+    """Best-fit decreasing, spelled out: each text (longest first, ties in input order) goes to an open row with the
+    least room that holds it, found by scanning every room size upward (the latest row to reach that room first),
+    else to a new row."""
+    rows, by_room = [], {room: [] for room in range(row_length + 1)}
+    smallest = min(lengths, default=1)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n, r = lengths[i], None
+        for room in range(n, row_length + 1):
+            if by_room[room]:
+                r = by_room[room].pop()
+                break
+        if r is None:
+            rows.append([])
+            r, room = len(rows) - 1, row_length
+        rows[r].append(i)
+        if len(rows[r]) < max_per_row and room - n >= smallest:
+            by_room[room - n].append(r)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_rows_is_best_fit_decreasing(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, size=int(rng.integers(1, 200))).tolist()
+    got = pack_rows(lengths, 64, texts_per_row(64))
+    assert got == best_fit_reference(lengths, 64, texts_per_row(64))
+
+
+def test_token_buffer_grows_chunk_by_chunk():
+    from retribert_jax.packing import TokenBuffer
+
+    rng = np.random.default_rng(0)
+    chunks = [[rng.integers(0, 99, size=int(rng.integers(0, 9))).tolist() for _ in range(int(rng.integers(1, 900)))]
+              for _ in range(12)]
+    buffer = TokenBuffer()
+    for chunk in chunks:
+        buffer.append(TokenIds.from_lists(chunk))
+    everything = [ids for chunk in chunks for ids in chunk]
+    view = buffer.view()
+    assert len(view) == len(everything) and [view.ids(i) for i in range(len(view))] == everything

@@ -12,9 +12,10 @@ Ids are compared as strings: a JSON string id as it is, any other JSON value as 
 numbers (ints) match the qrels' "0", "1", ... and the int 7 and the string "7" are the same document.
 
 Which queries count (trec_eval's default, which BEIR's pytrec_eval loop follows too): only queries that have at
-least one qrels line, whatever its relevance, are encoded, searched and averaged over; queries without any are
+least one judgment, whatever its relevance, are encoded, searched and averaged over; queries without any (absent
+from the qrels, or given an empty set of judgments, as a mapping may after relevance-0 lines are dropped) are
 skipped and counted, and qrels for query ids absent from the queries file are ignored and counted. A judged query
-with no relevant document scores 0 on every measure.
+with no relevant document (every judgment 0) scores 0 on every measure, as trec_eval scores it.
 
 The measures come from ir-measures: R@k and nDCG@k from trec_eval (through pytrec_eval), RR@k from MS MARCO's
 script. Both re-sort a query's documents by score and ignore the run's rank column, and they break exact score ties
@@ -29,7 +30,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from retribert_jax.errors import MissingDependency
@@ -264,6 +265,12 @@ def write_trec_run(path: str, run: Mapping[str, Sequence[Hit]], tag: str = "retr
         f.write("".join(lines).encode("utf-8"))
 
 
+def judged_queries(queries: Iterable[str], qrels: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The ids of `queries`, in order, that have at least one judgment (of any relevance) in `qrels`: those trec_eval
+    and pytrec_eval score. A query absent from the qrels or mapped to no judgments is not among them."""
+    return [qid for qid in queries if qrels.get(qid)]
+
+
 def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mapping[str, int]],
                     metrics: Sequence[str] | None = None, *, depth: int = 100
                     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -277,16 +284,16 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
 
     Returns:
       ({measure name: mean over the judged queries}, {query id: {measure name: value}}), names as ir-measures
-      prints them ("MRR@10" comes back as "RR@10").
+      prints them ("MRR@10" comes back as "RR@10"). A query with an empty set of judgments is not judged.
 
     Raises:
       ValueError: a doc id twice in one query's hits (as strings), or no query of the run has qrels.
     """
     irm = require_ir_measures()
     measures = parse_metrics(metrics, depth)
-    judged = [qid for qid in run if qid in qrels]
+    judged = judged_queries(run, qrels)
     if not judged:
-        raise ValueError(f"no query of the run has qrels (ids compared as strings; run ids such as "
+        raise ValueError(f"no query of the run has judgments (ids compared as strings; run ids such as "
                          f"{list(run)[:3]}, qrels ids such as {list(qrels)[:3]})")
     docs = []
     for qid in judged:
@@ -298,8 +305,8 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
                                  f"(as strings) for evaluation")
             seen.add(doc)
             docs.append(irm.ScoredDoc(qid, doc, float(h.score)))
-    # ir-measures averages over every query of the qrels it is given (absent ones score 0); trec_eval's default,
-    # kept here, is the queries of both.
+    # ir-measures averages over every query of the qrels it is given (absent or unjudged ones score 0);
+    # trec_eval's default, kept here, is the queries of both that have a judgment.
     results = irm.evaluator(measures, {qid: dict(qrels[qid]) for qid in judged}).calc(docs)
     per_query: dict[str, dict[str, float]] = {qid: {} for qid in judged}
     for metric in results.per_query:
@@ -320,7 +327,7 @@ class Evaluation:
       metrics: measure name -> mean over the judged queries, in the order asked for.
       per_query: query id -> {measure name: value}, judged queries only.
       run: query id -> hits (best first, at most `depth`), judged queries only.
-      skipped_queries: ids of queries without any qrels line (not searched, not counted).
+      skipped_queries: ids of queries without any judgment (not searched, not counted).
       unmatched_qrels: qrels query ids with no query in the queries (ignored).
       depth: hits retrieved per query.
     """
@@ -384,14 +391,14 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     if isinstance(qrels, str):
         qrels = read_qrels(qrels)
     index.check_model(encoder.config)
-    judged = [qid for qid in queries if qid in qrels]
+    judged = judged_queries(queries, qrels)
     if not judged:
-        raise ValueError(f"no query has qrels (ids compared as strings; query ids such as {list(queries)[:3]}, "
+        raise ValueError(f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "
                          f"qrels ids such as {list(qrels)[:3]})")
     q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
                                  show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
     run = dict(zip(judged, index.search_embeddings(q, depth), strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
     return Evaluation(metrics=aggregate, per_query=per_query, run=run,
-                      skipped_queries=[qid for qid in queries if qid not in qrels],
+                      skipped_queries=[qid for qid in queries if not qrels.get(qid)],
                       unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth)

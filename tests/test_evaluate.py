@@ -101,6 +101,24 @@ def test_measures_equal_trec_eval_definitions():
         assert abs(aggregate[name] - mean) < 1e-9, f"{name}: aggregate {aggregate[name]} != mean {mean}"
 
 
+def test_empty_judgment_sets_are_skipped_as_pytrec_eval_does():
+    """A query mapped to no judgments (what dropping relevance-0 lines leaves) is not scored; one whose judgments are
+    all 0 is scored 0. Expected values: pytrec_eval averaged over the queries it returns, as BEIR averages."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    run = {"q1": hits_of(("d1", 0.9), ("x", 0.5)), "q2": hits_of(("d2", 0.9)),
+           "q3": hits_of(("x", 0.9), ("d3", 0.5)), "q4": hits_of(("n", 0.9))}
+    qrels = {"q1": {"d1": 1}, "q2": {}, "q3": {"d3": 1, "d9": 1}, "q4": {"n": 0}}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
+        {q: {str(h.id): h.score for h in hits} for q, hits in run.items()})
+    aggregate, per_query = compute_metrics(run, qrels, ["R@5", "nDCG@10"])
+    assert sorted(per_query) == sorted(theirs) == ["q1", "q3", "q4"], "q2 is skipped, q4 (all zeros) is judged"
+    for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(aggregate[ours] - want) < 1e-12, f"{ours}: ours {aggregate[ours]}, pytrec_eval's mean {want}"
+    with pytest.raises(ValueError, match="no query of the run has judgments"):
+        compute_metrics({"q2": run["q2"]}, qrels, ["R@5"])
+
+
 def test_duplicate_doc_in_a_query_is_refused():
     with pytest.raises(ValueError, match="retrieved twice"):
         compute_metrics({"q": hits_of((7, 0.9), ("7", 0.8))}, {"q": {"7": 1}}, ["R@10"])
@@ -231,6 +249,33 @@ def test_end_to_end_equals_ir_measures_on_the_run_file(tiny_index, tmp_path, cap
                    "--output", str(tmp_path / "beir.json"), "--no-progress"])
     assert rc == 0
     assert json.loads(open(tmp_path / "beir.json").read())["metrics"] == report["metrics"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_index):
+    from retribert_jax import Encoder, Index, RetriBertModel, RetriBertTokenizer
+
+    model_dir, index_dir, _ = tiny_index
+    return Index(index_dir), Encoder(RetriBertModel.from_pretrained(model_dir),
+                                     RetriBertTokenizer.from_pretrained(model_dir))
+
+
+def test_evaluate_skips_queries_with_empty_judgments(tiny_index, tiny_encoder):
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from retribert_jax.evaluation import evaluate
+
+    _, _, texts = tiny_index
+    index, encoder = tiny_encoder
+    queries = {f"q{i}": texts[i] for i in range(4)}
+    qrels = {"q0": {"p0": 1, "p9": 1}, "q1": {}, "q2": {"p2": 0}, "q3": {"p3": 2}}
+    result = evaluate(index, encoder, queries, qrels, depth=10, metrics=["R@5", "nDCG@10"])
+    assert result.skipped_queries == ["q1"] and list(result.run) == ["q0", "q2", "q3"]
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
+        {q: {str(h.id): h.score for h in hits} for q, hits in result.run.items()})
+    assert sorted(theirs) == ["q0", "q2", "q3"]
+    for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(result.metrics[ours] - want) < 1e-12, f"{ours}: ours {result.metrics[ours]}, pytrec_eval {want}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

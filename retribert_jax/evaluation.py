@@ -7,6 +7,7 @@ Inputs:
   read as JSONL when its first non-blank line starts with `{`.
 - qrels: TREC (`query-id iteration doc-id relevance`, whitespace separated) or BEIR's TSV (a header line
   `query-id<TAB>corpus-id<TAB>score`, then those three columns); the first line says which. Relevance is an integer.
+Both are read line by line as `corpus.read_lines` reads (a UTF-8 byte-order mark and CRLF line ends are not data).
 
 Ids are compared as strings: a JSON string id as it is, any other JSON value as its JSON text, so the index's record
 numbers (ints) match the qrels' "0", "1", ... and the int 7 and the string "7" are the same document.
@@ -33,6 +34,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
+from retribert_jax.corpus import read_corpus, read_lines
 from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 
@@ -65,19 +67,8 @@ def id_string(value: Any) -> str:
 # Reading queries and qrels
 
 
-def _numbered_lines(path: str) -> Iterator[tuple[int, str | ValueError]]:
-    """(1-based line number, line without its end of line), or a ValueError for a line that is not UTF-8."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
-            try:
-                yield n, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start}")
-
-
 def _first_line(path: str) -> str | None:
-    for _, line in _numbered_lines(path):
+    for _, line in read_lines(path):
         if isinstance(line, str) and line.strip():
             return line
     return None
@@ -94,8 +85,6 @@ def _queries_format(path: str) -> str:
 
 
 def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tuple[int, str, str]]:
-    from retribert_jax.corpus import read_corpus
-
     id_field = "id"
     try:
         first = json.loads(_first_line(path) or "null")
@@ -109,7 +98,7 @@ def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tup
 
 
 def _tsv_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tuple[int, str, str]]:
-    for n, line in _numbered_lines(path):
+    for n, line in read_lines(path):
         if isinstance(line, str) and not line.strip():
             continue
         if isinstance(line, str):
@@ -166,7 +155,7 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
     beir = None
-    for n, line in _numbered_lines(path):
+    for n, line in read_lines(path):
         if isinstance(line, ValueError):
             raise line
         if not line.strip():

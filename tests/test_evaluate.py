@@ -151,6 +151,27 @@ def test_qrels_trec_and_beir_read_the_same(tmp_path):
     assert read_qrels(beir) == want
 
 
+def test_byte_order_mark_and_crlf_are_not_data(tmp_path):
+    """Files saved by Excel or Notepad: a UTF-8 BOM and CRLF line ends. The qrels must read as ir-measures reads the
+    same judgments without them; the queries as without them."""
+    bom = "\ufeff"
+    trec = "q1 0 d1 1\r\nq1 0 d2 2\r\nq2 0 d1 0\r\n"
+    clean = write(tmp_path / "clean.txt", trec.replace("\r", ""))
+    want = {}
+    for q in irm.read_trec_qrels(clean):
+        want.setdefault(q.query_id, {})[q.doc_id] = q.relevance
+    assert read_qrels(write(tmp_path / "bom.txt", bom + trec)) == want
+    beir = bom + "query-id\tcorpus-id\tscore\r\n" + "".join(
+        "\t".join(ln.split()[i] for i in (0, 2, 3)) + "\r\n" for ln in trec.splitlines())
+    assert read_qrels(write(tmp_path / "bom.tsv", beir)) == want
+    queries = {"q1": "why is the sky blue", "q2": "does ice float"}
+    files = {"beir.jsonl": "".join(json.dumps({"_id": q, "text": t}) + "\r\n" for q, t in queries.items()),
+             "header.tsv": "qid\tquery\r\n" + "".join(f"{q}\t{t}\r\n" for q, t in queries.items()),
+             "plain.tsv": "".join(f"{q}\t{t}\r\n" for q, t in queries.items())}
+    for name, text in files.items():
+        assert read_queries(write(tmp_path / name, bom + text)) == queries, name
+
+
 @pytest.mark.parametrize("name,text,message", [
     ("qrels.txt", "q1 0 d1 1\nq1 d2 1\n", r"qrels.txt:2: 3 fields, expected 4"),
     ("qrels.txt", "q1 0 d1 yes\n", r"qrels.txt:1: relevance 'yes' is not an integer"),

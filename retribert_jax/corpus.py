@@ -1,8 +1,10 @@
 """Corpus readers: plain text, JSONL, TSV and parquet as a stream of (line, id, text) records.
 
 Every reader streams (a corpus need not fit in memory) and reports a bad record as `BadRecord` with the file and the
-1-based line (or parquet row) number. `read_corpus(..., skip_bad_lines=True)` logs bad records and goes on; record
-numbers (the default ids) count only the records kept, so they are the row numbers of the output.
+1-based line (or parquet row) number. Blank lines hold no record in JSONL (whitespace only) and TSV (empty), as
+pyarrow reads those formats; in plain text a line is a passage, so a blank one is an empty passage.
+`read_corpus(..., skip_bad_lines=True)` logs bad records and goes on; record numbers (the default ids) count only
+the records kept, so they are the row numbers of the output.
 """
 
 from __future__ import annotations
@@ -87,8 +89,7 @@ def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record 
             yield line
             continue
         if not line.strip():
-            yield BadRecord(f"{path}:{n}: empty line, expected a JSON object")
-            continue
+            continue  # as pyarrow, pandas and HF datasets read JSONL: a blank line holds no record
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -133,6 +134,8 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
         if isinstance(line, BadRecord):
             yield line
             continue
+        if not line:
+            continue  # pyarrow's CSV reader (ignore_empty_lines) and pandas skip an empty line
         fields = line.split("\t")
         if len(fields) != len(columns):
             yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")

@@ -97,10 +97,17 @@ def test_crlf_and_blank_lines(tmp_path, monkeypatch):
     pairs = tmp_path / "p.jsonl"
     pairs.write_bytes(b'{"question": "q1", "answer": "a1"}\r\n\r\n{"question": "q2", "answer": "a2"}\r\n')
     assert [p[:2] for p in read_pairs(str(pairs))] == [("q1", "a1"), ("q2", "a2")]
+    # In JSONL and TSV a blank line holds no record, as pyarrow reads them; the others keep their line numbers.
     jsonl = tmp_path / "c.jsonl"
-    jsonl.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
-    with pytest.raises(BadRecord, match=r"c.jsonl:2: empty line"):
-        records(jsonl)
+    jsonl.write_bytes(b'\n{"text": "a", "id": 1}\r\n\r\n  \t \n{"text": "b", "id": 2}\r\n\n')
+    want = pyarrow_jsonl(jsonl)
+    assert [(i, t) for _, i, t in records(jsonl, id_field="id")] == [(r["id"], r["text"]) for r in want]
+    assert [n for n, _, _ in records(jsonl)] == [2, 5]
+    tsv = tmp_path / "c.tsv"
+    tsv.write_bytes(b"id\ttext\r\nd1\ta\r\n\r\n\nd2\tb\n\n")
+    want = pyarrow_tsv(tsv)
+    assert [(i, t) for _, i, t in records(tsv, id_field="id")] == [(r["id"], r["text"]) for r in want]
+    assert [n for n, _, _ in records(tsv)] == [2, 5]
     # Only one \r goes with the \n: a second one is data.
     plain.write_bytes(b"two cr\r\r\n")
     assert records(plain) == [(1, None, "two cr\r")]

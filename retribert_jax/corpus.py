@@ -9,11 +9,16 @@ the records kept, so they are the row numbers of the output.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
+import gzip
+import io
 import json
+import lzma
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
@@ -21,6 +26,10 @@ from typing import Any, BinaryIO, TextIO
 FORMATS = ("text", "jsonl", "tsv", "parquet")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+# Whole-file compressions read as a stream, told by the file's first bytes (so `--format jsonl` works on any name):
+# name -> magic bytes. The suffixes are only stripped to find the format beneath ("corpus.jsonl.gz" is JSONL).
+COMPRESSIONS = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
+_COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd")
 
 
 class BadRecord(ValueError):
@@ -40,9 +49,45 @@ class Record:
     text: str
 
 
+def compression(path: str) -> str | None:
+    """"gzip", "bz2", "xz" or "zstd" when the file starts with that format's magic bytes, else None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((name for name, magic in COMPRESSIONS.items() if head.startswith(magic)), None)
+
+
+def open_input(path: str) -> BinaryIO:
+    """`path` opened for binary reading, decompressed on the fly when it is compressed (see `compression`): gzip,
+    bz2 and xz by the standard library, zstd by pyarrow.
+
+    Raises:
+      ValueError: a zstd file without pyarrow installed.
+    """
+    kind = compression(path)
+    if kind is None:
+        return open(path, "rb")
+    if kind == "zstd":
+        try:
+            import pyarrow as pa
+        except ImportError:
+            raise ValueError(f"{path}: zstd-compressed; reading it needs pyarrow (pip install 'retribert_jax[data]'), "
+                             f"or decompress it (zstd -d)") from None
+        return io.BufferedReader(pa.input_stream(path, compression="zstd"))
+    return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[kind](path, "rb")
+
+
+def format_extension(path: str) -> str:
+    """The lowercased extension that names the format, beneath a compression suffix: "c.jsonl.gz" -> ".jsonl"."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() in _COMPRESSED_SUFFIXES:
+        ext = os.path.splitext(root)[1]
+    return ext.lower()
+
+
 def detect_format(path: str) -> str:
-    """The input format from the file extension (`.txt`, `.jsonl`, `.tsv`, `.parquet`); ValueError otherwise."""
-    ext = os.path.splitext(path)[1].lower()
+    """The input format from the file extension (`.txt`, `.jsonl`, `.tsv`, `.parquet`, each also with `.gz`, `.bz2`,
+    `.xz` or `.zst` after it); ValueError otherwise."""
+    ext = format_extension(path)
     if ext not in _EXTENSIONS:
         raise ValueError(f"{path}: cannot tell the input format from the extension {ext!r}; pass --format "
                          f"({', '.join(FORMATS)})")
@@ -54,7 +99,8 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
 
     Lines end at b"\n" only: not at \f, \v, \x1c-\x1e, \x85, U+2028 or U+2029, where `str.splitlines` ends them
     too, nor at a lone \r, where Python's text mode does. One trailing \r (CRLF files) is dropped, and so is a
-    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it).
+    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it). A compressed
+    file is read decompressed (`open_input`).
 
     Args:
       path: the file; with `file`, only its name for messages.
@@ -63,9 +109,13 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
     Yields:
       (1-based line number, the line's text), or (line number, BadRecord) for a line that is not valid UTF-8: one
       invalid byte costs one line, reported with its number.
+
+    Raises:
+      ValueError: a file that cannot be read to its end, e.g. compressed data that is damaged or cut short (naming
+        the file and the last line read).
     """
-    with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
-        for n, raw in enumerate(f, start=1):
+    with open_input(path) if file is None else contextlib.nullcontext(file) as f:
+        for n, raw in _damage_named(path, enumerate(f, start=1)):
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
             if raw.endswith(b"\r"):
@@ -76,6 +126,19 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield n, BadRecord(f"{path}:{n}: invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r})")
+
+
+def _damage_named(path: str, lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """`lines`, with a read error (a compressed file damaged or cut short) turned into one line naming the file."""
+    n = 0
+    while True:
+        try:
+            n, raw = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # pyarrow's errors are ValueErrors
+            raise ValueError(f"{path}: cannot be read past line {n} ({type(e).__name__}: {e})") from None
+        yield n, raw
 
 
 def _text(path: str, **_) -> Iterator[Record | BadRecord]:
@@ -152,6 +215,10 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'retribert_jax[data]')") from None
+    kind = compression(path)
+    if kind is not None:
+        raise ValueError(f"{path}: a {kind}-compressed parquet file; parquet compresses its columns itself, so "
+                         f"decompress the file first")
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError... for non-parquet files
@@ -188,7 +255,7 @@ def count_records(path: str, fmt: str) -> int | None:
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(path).metadata.num_rows
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             n, last = 0, b"\n"
             while chunk := f.read(1 << 20):
                 n += chunk.count(b"\n")
@@ -206,6 +273,7 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
     Args:
       path: the input file.
       fmt: "text" (one passage a line), "jsonl", "tsv" (with a header line) or "parquet"; default from the extension.
+        Text, JSONL and TSV may be gzip, bz2, xz or zstd files (told by their first bytes, whatever their name).
       text_field: the JSON key / column holding the text.
       id_field: the JSON key / column holding the id; None: ids are 0-based record numbers.
       skip_bad_lines: log bad records to `log` (stderr by default) and go on, instead of raising BadRecord.

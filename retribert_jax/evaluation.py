@@ -7,7 +7,8 @@ Inputs:
   read as JSONL when its first non-blank line starts with `{`.
 - qrels: TREC (`query-id iteration doc-id relevance`, whitespace separated) or BEIR's TSV (a header line
   `query-id<TAB>corpus-id<TAB>score`, then those three columns); the first line says which. Relevance is an integer.
-Both are read line by line as `corpus.read_lines` reads (a UTF-8 byte-order mark and CRLF line ends are not data).
+Both are read line by line as `corpus.read_lines` reads: a UTF-8 byte-order mark and CRLF line ends are not data,
+and a gzip, bz2 or xz file is read decompressed (`queries.jsonl.gz` is JSONL).
 
 Ids are compared as strings: a JSON string id as it is, any other JSON value as its JSON text, so the index's record
 numbers (ints) match the qrels' "0", "1", ... and the int 7 and the string "7" are the same document.
@@ -34,7 +35,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from retribert_jax.corpus import read_corpus, read_lines
+from retribert_jax.corpus import format_extension, read_corpus, read_lines
 from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 
@@ -75,7 +76,7 @@ def _first_line(path: str) -> str | None:
 
 
 def _queries_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
+    ext = format_extension(path)
     if ext in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if ext == ".tsv":

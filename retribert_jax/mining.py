@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from retribert_jax.corpus import open_input
 from retribert_jax.evaluation import id_string
 from retribert_jax.io import file_sha256
 from retribert_jax.search import Hit, Index
@@ -276,7 +277,7 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
 
 
 def _count_rows(path: str) -> int:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         return sum(1 for line in f if line.strip())
 
 

@@ -192,3 +192,77 @@ def test_null_ids_are_bad_records(tmp_path):
     with pytest.raises(BadRecord, match=r"c.tsv:3: id field 'id' is empty"):
         records(tsv, id_field="id")
     assert [i for _, i, _ in records(tsv, id_field="id", skip_bad_lines=True, log=io.StringIO())] == ["7", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compressed inputs are read, as pyarrow and pyserini read them (issue 23, item 6)
+
+def _compress(data: bytes, kind: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    if kind == "zstd":
+        pa = pytest.importorskip("pyarrow")
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as f:
+            f.write(data)
+        return sink.getvalue().to_pybytes()
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind](data)
+
+
+@pytest.mark.parametrize("kind,suffix", [("gz", ".gz"), ("bz2", ".bz2"), ("xz", ".xz"), ("zstd", ".zst")])
+def test_compressed_inputs_read_as_their_content(tmp_path, monkeypatch, kind, suffix):
+    from retribert_jax.evaluation import read_qrels, read_queries
+    from retribert_jax.mining import _count_rows
+
+    jsonl = BOM + b'{"id": "d1", "text": "first"}\r\n\n{"id": "d2", "text": "second"}\n'
+    tsv = b"id\ttext\nd1\tfirst\nd2\tsecond\n"
+    text = b"first\nsecond\n"
+    for name, data, fmt in (("c.jsonl", jsonl, "jsonl"), ("c.tsv", tsv, "tsv"), ("c.txt", text, "text")):
+        plain, packed = tmp_path / name, tmp_path / (name + suffix)
+        plain.write_bytes(data)
+        packed.write_bytes(_compress(data, kind))
+        id_field = None if fmt == "text" else "id"
+        want = records(plain, id_field=id_field)
+        assert records(packed, id_field=id_field) == want, f"{packed.name}: the records differ from the plain file's"
+        # The format comes from the name beneath the suffix, or from --format whatever the name; the content is
+        # recognised by its first bytes.
+        anonymous = tmp_path / f"{name}.data"
+        anonymous.write_bytes(packed.read_bytes())
+        assert records(anonymous, fmt, id_field=id_field) == want
+        if kind in ("gz", "bz2", "zstd") and fmt != "text":  # pyarrow's readers take these by their extension
+            reference = pyarrow_jsonl(packed) if fmt == "jsonl" else pyarrow_tsv(packed)
+            assert [(i, t) for _, i, t in want] == [(r["id"], r["text"]) for r in reference]
+    assert questions_from(tmp_path / f"c.txt{suffix}") == ["first", "second"]
+    pairs = tmp_path / f"p.jsonl{suffix}"
+    pairs.write_bytes(_compress(b'{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": "a2"}\n', kind))
+    assert [p[:2] for p in read_pairs(str(pairs))] == [("q1", "a1"), ("q2", "a2")]
+    assert _count_rows(str(pairs)) == 2
+    queries = tmp_path / f"q.jsonl{suffix}"
+    queries.write_bytes(_compress(b'{"_id": "q1", "text": "why"}\n', kind))
+    assert read_queries(str(queries)) == {"q1": "why"}
+    queries = tmp_path / f"q.tsv{suffix}"
+    queries.write_bytes(_compress(b"q1\twhy\n", kind))
+    assert read_queries(str(queries)) == {"q1": "why"}
+    qrels = tmp_path / f"qrels.tsv{suffix}"
+    qrels.write_bytes(_compress(b"query-id\tcorpus-id\tscore\nq1\td1\t1\n", kind))
+    assert read_qrels(str(qrels)) == {"q1": {"d1": 1}}
+
+
+def test_damaged_compressed_input_is_one_line(tmp_path):
+    import gzip
+
+    data = gzip.compress(b"".join(b'{"text": "passage %d"}\n' % i for i in range(20000)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot be read past line \d+ \(EOFError"):
+        records(cut)
+    pa = pytest.importorskip("pyarrow")
+    parquet = tmp_path / "c.parquet.gz"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a"]}), str(tmp_path / "c.parquet"))
+    parquet.write_bytes(gzip.compress((tmp_path / "c.parquet").read_bytes()))
+    with pytest.raises(ValueError, match="c.parquet.gz: a gzip-compressed parquet file"):
+        records(parquet)

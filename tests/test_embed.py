@@ -203,3 +203,22 @@ def test_byte_order_mark_and_null_ids(model_dir, tmp_path):
     assert manifest["count"] == len(kept) and ids == [w["id"] for w in kept]
     with open(tmp_path / "o2" / "texts-00000.jsonl", encoding="utf-8") as f:
         assert [json.loads(line) for line in f] == [w["text"] for w in kept]
+
+
+def test_compressed_corpus_embeds_as_the_plain_one(model_dir, corpus, tmp_path):
+    """pyserini's encoder reads a corpus.jsonl.gz; so does embed, to the same shards as the plain file."""
+    import gzip
+
+    from retribert_jax import cli
+
+    _, path = corpus
+    packed = tmp_path / "c.jsonl.gz"
+    packed.write_bytes(gzip.compress(open(path, "rb").read()))
+    outs = []
+    for source in (path, str(packed)):
+        outs.append(str(tmp_path / ("out-" + os.path.basename(source))))
+        assert cli.main(["embed", model_dir, source, outs[-1], "--kind", "passages", "--text-field", "body",
+                         "--id-field", "pid", "--shard-size", str(SHARD), "--no-progress"]) == 0
+    (m1, e1, i1), (m2, e2, i2) = load_all(outs[0]), load_all(outs[1])
+    assert m2["count"] == m1["count"] == 250 and i2 == i1
+    np.testing.assert_array_equal(e2, e1)

@@ -118,7 +118,14 @@ def missing_shards(directory: str, num_shards: int) -> list[int]:
 
 def finish_run(directory: str, settings: dict[str, Any], count: int, num_shards: int) -> dict[str, Any]:
     """Writes the manifest once every shard is complete (the caller checked), removes the run's settings and the
-    temporary files of killed runs (nothing is writing any more). Returns the manifest."""
+    temporary files of killed runs (nothing is writing any more). Returns the manifest.
+
+    Raises:
+      ValueError: count is 0: an index of nothing would only fail later, where the cause is no longer visible.
+    """
+    if count == 0:
+        raise ValueError(f"{directory}: no records were embedded (the input holds none, or every line was skipped); "
+                         f"nothing to write")
     for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")):
         os.remove(tmp)
     manifest = {**settings, "format": FORMAT, "version": VERSION, "num_shards": num_shards, "count": count}
@@ -155,6 +162,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(f"{path}: version {m['version']} is not supported (expected {VERSION})")
     if m["dtype"] not in DTYPES:
         raise ValueError(f"{path}: dtype {m['dtype']!r} is neither float32 nor float16")
+    if m["count"] <= 0:
+        raise ValueError(f"{path}: the index holds no {m['kind']} (count {m['count']}); embed a non-empty corpus")
     return m
 
 

@@ -263,13 +263,15 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
 
     Raises:
       FileExistsError: `directory` exists and `overwrite` is False.
-      ValueError: as many ids as passages are needed.
+      ValueError: no passages, or not as many ids as passages.
     """
     import shutil
 
     from retribert_jax.io import check_overwrite
 
     passages = list(passages)
+    if not passages:
+        raise ValueError(f"{directory}: no passages to index")
     ids = list(range(len(passages))) if ids is None else list(ids)
     if len(ids) != len(passages):
         raise ValueError(f"{len(ids)} ids for {len(passages)} passages")
@@ -282,7 +284,7 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
                 "projection_dim": cfg.projection_dim, "normalized": bool(normalize), "shard_size": shard_size,
                 "has_text": bool(store_text)}
     embedding_dir.start_run(directory, settings)
-    for i, s in enumerate(range(0, max(len(passages), 1), shard_size)):
+    for i, s in enumerate(range(0, len(passages), shard_size)):
         texts = passages[s:s + shard_size]
         emb = encoder.encode_passages(texts, batch_size=batch_size, max_length=max_length, normalize=normalize)
         embedding_dir.write_shard(directory, i, ids[s:s + shard_size], emb, texts if store_text else None)

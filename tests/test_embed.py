@@ -222,3 +222,19 @@ def test_compressed_corpus_embeds_as_the_plain_one(model_dir, corpus, tmp_path):
     (m1, e1, i1), (m2, e2, i2) = load_all(outs[0]), load_all(outs[1])
     assert m2["count"] == m1["count"] == 250 and i2 == i1
     np.testing.assert_array_equal(e2, e1)
+
+
+def test_an_empty_input_is_refused(model_dir, tmp_path, capsys):
+    """An empty input (or one whose every line was skipped) made an index of 0 passages with exit 0."""
+    from retribert_jax import cli
+
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    bad.write_text('{"body": "no text field"}\n')
+    for path, extra, why in ((empty, [], "no passages to embed"),
+                             (bad, ["--skip-bad-lines"], "no passages to embed that could be read")):
+        out = str(tmp_path / ("out-" + path.stem))
+        assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"retribert-jax embed: error: {path}: {why}" + (" (see the skipped lines above)" if extra else "")
+        assert not os.path.isfile(os.path.join(out, "manifest.json"))

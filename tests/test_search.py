@@ -112,6 +112,29 @@ def test_bad_directories_are_named(tmp_path):
         read_manifest(d)
 
 
+def test_an_empty_index_is_refused_by_every_command(tmp_path, capsys):
+    """An index of 0 passages (as `embed` of an empty input wrote) made `evaluate` print zeros and `mine` say "k must
+    be positive, got 0", a parameter the user never gave: opening it is refused, naming it."""
+    from retribert_jax import cli
+    from retribert_jax.search import build_index
+
+    d = write_index(tmp_path / "empty", np.zeros((0, 8), np.float32), 4)
+    with pytest.raises(ValueError, match=r"manifest.json: the index holds no passages \(count 0\)"):
+        Index(d)
+    queries, qrels, pairs = tmp_path / "q.tsv", tmp_path / "qrels.txt", tmp_path / "pairs.jsonl"
+    queries.write_text("q1\twhy\n")
+    qrels.write_text("q1 0 d1 1\n")
+    pairs.write_text('{"question": "why", "answer": "because"}\n')
+    for argv in (["search", d, "model", "why"], ["evaluate", d, "model", str(queries), str(qrels)],
+                 ["mine", d, "model", str(pairs), str(tmp_path / "out.jsonl")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "the index holds no passages" in err and "\n" not in err and "k must be" not in err, err
+    with pytest.raises(ValueError, match="no passages to index"):
+        build_index(None, [], str(tmp_path / "new"))
+    assert not os.path.exists(tmp_path / "new")
+
+
 def test_check_model_refuses_other_models_and_question_indexes(tmp_path):
     cfg = RetriBertConfig.tiny()
     emb = np.zeros((3, cfg.projection_dim), np.float32)

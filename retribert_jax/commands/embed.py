@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if shard:
         flush(count // args.shard_size, shard)
     bar.close()
+    if count == 0:
+        raise UserError(f"{args.input}: no {args.kind} to embed" + (
+            " that could be read (see the skipped lines above)" if args.skip_bad_lines else ""))
     seconds = time.perf_counter() - start
     timings.report()
     cached = f" ({encoder.programs_from_cache} from the compilation cache)" if encoder.programs_from_cache else ""

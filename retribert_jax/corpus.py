@@ -19,7 +19,7 @@ import lzma
 import os
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
 
@@ -82,6 +82,42 @@ def format_extension(path: str) -> str:
     if ext.lower() in _COMPRESSED_SUFFIXES:
         ext = os.path.splitext(root)[1]
     return ext.lower()
+
+
+def id_string(value: Any) -> str:
+    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7").
+    The qrels of `evaluate` and a TREC run carry ids as text, so two ids are one exactly when these strings are."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class RepeatedIds:
+    """Finds an id that came earlier in a stream, keeping 64-bit hashes rather than the ids (a corpus of millions).
+
+    A hash seen before is confirmed by reading the stream again up to that point, so a hash collision is never
+    reported as a repeat.
+
+    Args:
+      reread: gives the stream again from its start, as (position, id) pairs in increasing position.
+    """
+
+    def __init__(self, reread: Callable[[], Iterable[tuple[int, Any]]]):
+        self._reread = reread
+        self._hashes: set[int] = set()
+
+    def first_position(self, position: int, value: Any) -> int | None:
+        """Where an id equal to `value` (as `id_string`s) came first, before `position`; None if it did not (then it
+        is recorded)."""
+        key = id_string(value)
+        h = hash(key)
+        if h not in self._hashes:
+            self._hashes.add(h)
+            return None
+        for p, v in self._reread():
+            if p >= position:
+                break
+            if id_string(v) == key:
+                return p
+        return None
 
 
 def detect_format(path: str) -> str:
@@ -267,7 +303,8 @@ def count_records(path: str, fmt: str) -> int | None:
 
 
 def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", id_field: str | None = None,
-                skip_bad_lines: bool = False, log: TextIO | None = None) -> Iterator[Record]:
+                skip_bad_lines: bool = False, log: TextIO | None = None, unique_ids: bool = True
+                ) -> Iterator[Record]:
     """Streams the records of `path`.
 
     Args:
@@ -277,9 +314,15 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
       text_field: the JSON key / column holding the text.
       id_field: the JSON key / column holding the id; None: ids are 0-based record numbers.
       skip_bad_lines: log bad records to `log` (stderr by default) and go on, instead of raising BadRecord.
+      unique_ids: refuse an id given to an earlier record, compared as `id_string`s (7 and "7" are one id). Not a
+        bad line that --skip-bad-lines skips: which of the two records the id names is not ours to guess.
 
     Yields:
       Records, in file order.
+
+    Raises:
+      BadRecord: a bad record (without skip_bad_lines).
+      ValueError: an id repeated (naming both lines), or an unreadable file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such input file")
@@ -289,10 +332,22 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
     if fmt == "text" and id_field is not None:
         raise ValueError(f"{path}: plain text input has no id field; drop --id-field or use JSONL/TSV/parquet")
     log = log or sys.stderr
+
+    def records():
+        return (r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field) if isinstance(r, Record))
+
+    repeats = RepeatedIds(lambda: ((r.line, r.id) for r in records()))
     for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field):
         if isinstance(rec, BadRecord):
             if not skip_bad_lines:
                 raise BadRecord(f"{rec} (pass --skip-bad-lines to skip bad lines)")
             print(f"skipping bad line: {rec}", file=log)
             continue
+        if unique_ids and id_field is not None:
+            first = repeats.first_position(rec.line, rec.id)
+            if first is not None:
+                unit = "row" if fmt == "parquet" else "line"
+                where = f"row {rec.line}" if fmt == "parquet" else str(rec.line)
+                raise ValueError(f"{path}:{where}: id {id_string(rec.id)!r} again (first on {unit} {first}); ids "
+                                 f"must be unique, and are compared as text (7 and \"7\" are one id)")
         yield rec

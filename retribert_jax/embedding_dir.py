@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -214,6 +214,15 @@ class Lines:
                 raise ValueError(f"{self.path}: {len(offsets) - 1} lines, expected {self.count}")
             self._offsets = np.asarray(offsets, dtype=np.int64)
         return self._offsets
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every row's value, in order, read sequentially."""
+        with open(self.path, "rb") as f:
+            for r, line in enumerate(f):
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{r + 1}: not valid JSON ({e})") from None
 
     def get(self, rows: Sequence[int]) -> list[Any]:
         """The values of these rows (0-based, in this file), in the order given."""

@@ -29,13 +29,14 @@ keeps the index's order (the lower row first).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from retribert_jax.corpus import format_extension, read_corpus, read_lines
+from retribert_jax.corpus import RepeatedIds, format_extension, id_string, read_corpus, read_lines
 from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 
@@ -57,11 +58,6 @@ def require_ir_measures():
     except ImportError:
         raise MissingDependency(INSTALL_HINT) from None
     return ir_measures
-
-
-def id_string(value: Any) -> str:
-    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7")."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +90,7 @@ def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tup
     except json.JSONDecodeError:
         pass  # read_corpus reports the line
     for rec in read_corpus(path, "jsonl", text_field="text", id_field=id_field, skip_bad_lines=skip_bad_lines,
-                           log=log):
+                           log=log, unique_ids=False):  # read_queries names a repeated query id itself
         yield rec.line, id_string(rec.id), rec.text
 
 
@@ -305,6 +301,35 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
     return aggregate, {qid: {str(m): per_query[qid][str(m)] for m in measures} for qid in judged}
 
 
+def judged_documents_in_index(index: Index, qrels: Mapping[str, Mapping[str, int]], judged: Sequence[str]
+                              ) -> tuple[int, int]:
+    """(judged documents found in the index, judged documents) over the judgments of the `judged` queries, in one
+    pass over the index's ids.
+
+    Raises:
+      ValueError: an id on two rows of the index (as text), which would make a hit count twice; or none of the
+        judged documents in the index (every measure would be 0: the ids of the index are not the qrels' ids).
+    """
+    wanted = {doc for qid in judged for doc in qrels[qid]}
+    found: set[str] = set()
+    repeats = RepeatedIds(lambda: enumerate(index.iter_ids()))
+    for row, value in enumerate(index.iter_ids()):
+        first = repeats.first_position(row, value)
+        if first is not None:
+            raise ValueError(f"{index.directory}: id {id_string(value)!r} is on rows {first} and {row}; evaluation "
+                             f"needs unique ids (compared as text); embed the corpus again")
+        key = id_string(value)
+        if key in wanted:
+            found.add(key)
+    if not found:
+        sample = list(itertools.islice(index.iter_ids(), 3))
+        raise ValueError(f"{index.directory}: none of the {len(wanted)} documents judged for the {len(judged)} "
+                         f"queries is in the index (ids compared as text; index ids such as {sample}, judged ids "
+                         f"such as {sorted(wanted)[:3]}); embed the corpus with its ids (--id-field, e.g. _id for "
+                         f"BEIR)")
+    return len(found), len(wanted)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -320,6 +345,8 @@ class Evaluation:
       skipped_queries: ids of queries without any judgment (not searched, not counted).
       unmatched_qrels: qrels query ids with no query in the queries (ignored).
       depth: hits retrieved per query.
+      judged_documents: distinct documents judged for the evaluated queries.
+      judged_documents_in_index: how many of those the index holds (the others can never be retrieved).
     """
 
     metrics: dict[str, float]
@@ -328,6 +355,8 @@ class Evaluation:
     skipped_queries: list[str]
     unmatched_qrels: list[str]
     depth: int
+    judged_documents: int = 0
+    judged_documents_in_index: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -335,7 +364,8 @@ class Evaluation:
 
     def to_dict(self, per_query: bool = True) -> dict[str, Any]:
         d = {"metrics": self.metrics, "num_queries": self.num_queries, "depth": self.depth,
-             "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels)}
+             "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels),
+             "judged_documents": self.judged_documents, "judged_documents_in_index": self.judged_documents_in_index}
         if per_query:
             d["per_query"] = self.per_query
         return d
@@ -369,8 +399,8 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
 
     Raises:
       ImportError: ir-measures is missing (the message gives the pip command).
-      ValueError: bad inputs (see `read_queries`, `read_qrels`, `parse_metrics`, `compute_metrics`), or no query
-        with qrels.
+      ValueError: bad inputs (see `read_queries`, `read_qrels`, `parse_metrics`, `compute_metrics`), no query
+        with judgments, no judged document in the index, or an id on two rows of the index.
     """
     require_ir_measures()
     if depth <= 0:
@@ -385,10 +415,12 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     if not judged:
         raise ValueError(f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "
                          f"qrels ids such as {list(qrels)[:3]})")
+    in_index, judged_docs = judged_documents_in_index(index, qrels, judged)
     q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
                                  show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
     run = dict(zip(judged, index.search_embeddings(q, depth), strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
     return Evaluation(metrics=aggregate, per_query=per_query, run=run,
                       skipped_queries=[qid for qid in queries if not qrels.get(qid)],
-                      unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth)
+                      unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth,
+                      judged_documents=judged_docs, judged_documents_in_index=in_index)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retribert_jax import embedding_dir
+from retribert_jax.corpus import RepeatedIds, id_string
 from retribert_jax.errors import MissingDependency
 
 BACKENDS = ("jax", "faiss")
@@ -217,6 +218,11 @@ class Index:
                 out[p] = v
         return out
 
+    def iter_ids(self) -> Iterator[Any]:
+        """Every row's id, in row order, read sequentially (what a pass over the whole index wants)."""
+        for f in self._ids:
+            yield from f
+
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         ids = self.rows(rows)
         texts = self.rows(rows, "texts") if self._texts else [None] * len(ids)
@@ -263,7 +269,7 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
 
     Raises:
       FileExistsError: `directory` exists and `overwrite` is False.
-      ValueError: no passages, or not as many ids as passages.
+      ValueError: no passages, not as many ids as passages, or an id given twice (as text: 7 and "7" are one).
     """
     import shutil
 
@@ -275,6 +281,12 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
     ids = list(range(len(passages))) if ids is None else list(ids)
     if len(ids) != len(passages):
         raise ValueError(f"{len(ids)} ids for {len(passages)} passages")
+    repeats = RepeatedIds(lambda: enumerate(ids))
+    for i, v in enumerate(ids):
+        first = repeats.first_position(i, v)
+        if first is not None:
+            raise ValueError(f"ids[{i}] ({id_string(v)!r}) repeats ids[{first}]; ids must be unique, and are compared "
+                             f"as text (7 and \"7\" are one id)")
     check_overwrite(directory, overwrite)
     if os.path.exists(directory):
         shutil.rmtree(directory)

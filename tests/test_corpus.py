@@ -266,3 +266,36 @@ def test_damaged_compressed_input_is_one_line(tmp_path):
     parquet.write_bytes(gzip.compress((tmp_path / "c.parquet").read_bytes()))
     with pytest.raises(ValueError, match="c.parquet.gz: a gzip-compressed parquet file"):
         records(parquet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An id names one record (issue 23, item 8): as text, as qrels and TREC runs carry ids, so 7 and "7" are one id
+
+def test_repeated_ids_are_refused_naming_both_lines(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": 7, "text": "a"}\n{"id": "d", "text": "b"}\n\n{"id": "7", "text": "c"}\n')
+    for kw in ({}, {"skip_bad_lines": True, "log": io.StringIO()}):
+        with pytest.raises(ValueError, match=r"c.jsonl:4: id '7' again \(first on line 1\)"):
+            records(jsonl, id_field="id", **kw)
+    assert [i for _, i, _ in records(jsonl)] == [None, None, None], "record numbers are ids that cannot repeat"
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("id\ttext\nd1\ta\nd2\tb\nd1\tc\n")
+    with pytest.raises(ValueError, match=r"c.tsv:4: id 'd1' again \(first on line 2\)"):
+        records(tsv, id_field="id")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 1], "text": ["a", "b", "c"]}), str(parquet))
+    with pytest.raises(ValueError, match=r"c.parquet:row 3: id '1' again \(first on row 1\)"):
+        records(parquet, id_field="id")
+
+
+def test_a_hash_collision_is_not_a_repeat(monkeypatch):
+    """Only hashes are kept; one seen before is confirmed against the ids themselves."""
+    import retribert_jax.corpus as corpus
+
+    monkeypatch.setattr(corpus, "hash", lambda key: 0, raising=False)  # every id collides
+    ids = ["a", "b", "c", "b"]
+    repeats = corpus.RepeatedIds(lambda: enumerate(ids))
+    assert [repeats.first_position(i, v) for i, v in enumerate(ids)] == [None, None, None, 1]

@@ -238,3 +238,20 @@ def test_an_empty_input_is_refused(model_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err == f"retribert-jax embed: error: {path}: {why}" + (" (see the skipped lines above)" if extra else "")
         assert not os.path.isfile(os.path.join(out, "manifest.json"))
+
+
+def test_repeated_ids_are_refused(model_dir, tmp_path, capsys):
+    """Duplicate ids (7 and "7" too) were accepted without a word, and evaluate then passed at -k 1 and failed at
+    -k 5 on the same inputs; embed refuses them, naming both lines, before writing a manifest."""
+    from retribert_jax import cli
+
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": 7, "text": "why is the sky blue"}\n{"id": "d1", "text": "why does ice float"}\n'
+                    '{"id": "7", "text": "why does bread rise"}\n')
+    for n, extra in enumerate(([], ["--skip-bad-lines"])):
+        out = str(tmp_path / f"out{n}")
+        assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--id-field", "id",
+                         "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"retribert-jax embed: error: {path}:3: id '7' again (first on line 1)"), err
+        assert not os.path.isfile(os.path.join(out, "manifest.json"))

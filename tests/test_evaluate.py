@@ -299,6 +299,45 @@ def test_evaluate_skips_queries_with_empty_judgments(tiny_index, tiny_encoder):
         assert abs(result.metrics[ours] - want) < 1e-12, f"{ours}: ours {result.metrics[ours]}, pytrec_eval {want}"
 
 
+def test_qrels_ids_not_in_the_index_are_counted_and_none_is_refused(tiny_index, tmp_path, capsys):
+    """A BEIR corpus embedded without --id-field _id has ids 0, 1, ... that no qrels line names: every measure is 0.
+    evaluate reports how many judged documents the index holds, and refuses when it holds none."""
+    model_dir, index_dir, texts = tiny_index
+    queries = write(tmp_path / "q.tsv", "".join(f"q{i}\t{texts[i]}\n" for i in range(3)))
+    none = write(tmp_path / "none.txt", "q0 0 doc-0 1\nq1 0 doc-1 1\nq2 0 doc-2 0\n")
+    rc = cli.main(["evaluate", index_dir, model_dir, queries, none, "-k", "5", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert f"{index_dir}: none of the 3 documents judged for the 3 queries is in the index" in err, err
+    some = write(tmp_path / "some.txt", "q0 0 p0 1\nq0 0 doc-0 1\nq1 0 p1 1\nq2 0 doc-2 0\n")
+    assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress"]) == 0
+    assert "3 queries with qrels evaluated" in capsys.readouterr().out
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress", "--output",
+                     str(out)]) == 0
+    assert "2 of their 4 judged documents in the index" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert (report["judged_documents"], report["judged_documents_in_index"]) == (4, 2)
+
+
+def test_an_index_with_a_repeated_id_is_refused_at_every_depth(tiny_encoder, tmp_path):
+    """An index written before embed refused repeated ids: evaluate passed at -k 1 and failed at -k 5."""
+    import numpy as np
+
+    from retribert_jax import Index
+    from retribert_jax.evaluation import evaluate
+    from tests.test_search import write_index
+
+    _, encoder = tiny_encoder
+    cfg = encoder.config
+    emb = np.random.default_rng(0).standard_normal((6, cfg.projection_dim)).astype(np.float32)
+    d = write_index(tmp_path / "dup", emb, 4, ids=["d0", 1, "d2", "1", "d4", "d5"],
+                    config_hash=cfg.architecture_hash())
+    for depth in (1, 5):
+        with pytest.raises(ValueError, match=r"dup: id '1' is on rows 1 and 3"):
+            evaluate(Index(d), encoder, {"q": "why"}, {"q": {"d0": 1}}, depth=depth, metrics=["R@1"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The CLI's errors: one line, exit status 2, before any model is loaded
 

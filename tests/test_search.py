@@ -135,6 +135,14 @@ def test_an_empty_index_is_refused_by_every_command(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "new")
 
 
+def test_build_index_refuses_repeated_ids(tmp_path):
+    from retribert_jax.search import build_index
+
+    with pytest.raises(ValueError, match=r"ids\[2\] \('7'\) repeats ids\[0\]"):
+        build_index(None, ["a", "b", "c"], str(tmp_path / "new"), ids=[7, "d", "7"])
+    assert not os.path.exists(tmp_path / "new")
+
+
 def test_check_model_refuses_other_models_and_question_indexes(tmp_path):
     cfg = RetriBertConfig.tiny()
     emb = np.zeros((3, cfg.projection_dim), np.float32)

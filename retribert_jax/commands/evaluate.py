@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                                  show_progress=not args.no_progress)
     print(f"{result.num_queries} queries with qrels evaluated at depth {args.depth}; "
           f"{len(result.skipped_queries)} queries without qrels skipped; "
-          f"{len(result.unmatched_qrels)} qrels query ids not among the queries ignored")
+          f"{len(result.unmatched_qrels)} qrels query ids not among the queries ignored; "
+          f"{result.judged_documents_in_index} of their {result.judged_documents} judged documents in the index")
     print(result.table())
     if args.run_file:
         evaluation.write_trec_run(args.run_file, result.run, tag=args.run_tag)

@@ -6,7 +6,8 @@ never loaded whole. Scores are plain inner products, as faiss' `IndexFlatIP` (th
 them; `backend="faiss"` runs that index itself when faiss is installed.
 
 Ranking is a total order: score descending, then corpus row ascending. Both backends return it, so equal scores come
-out in the same order from either, and the top k of a search is always a prefix of its top K.
+out in the same order from either, and the top k of a search is always a prefix of its top K. A NaN score is no
+score: a row with a NaN embedding is never a hit (faiss' rule), so a search may return fewer than k hits.
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ class Hit:
 @functools.partial(jax.jit, static_argnames=("k", "recall_target"))
 def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: jax.Array, k: int,
                 recall_target: float | None):
-    """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding."""
+    """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding. A NaN score (a NaN row
+    or query) is no score: that row is never a hit, as in faiss; a slot without a hit has row -1 and score -inf."""
     scores = jnp.einsum("qp,np->qn", queries, block.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)  # Q N
-    scores = jnp.where(jnp.arange(block.shape[0])[None, :] < valid, scores, -jnp.inf)
+    ok = (jnp.arange(block.shape[0])[None, :] < valid) & ~jnp.isnan(scores)  # Q N
+    scores = jnp.where(ok, scores, -jnp.inf)
     if recall_target is None:
         top, idx = jax.lax.top_k(scores, k)  # Q k; ties: lower row first
     else:
         top, idx = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
-    return top, idx + offset
+    return top, jnp.where(jnp.take_along_axis(ok, idx, axis=1), idx + offset, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -69,8 +72,10 @@ def _merge(s1: jax.Array, i1: jax.Array, s2: jax.Array, i2: jax.Array, k: int):
 
 
 def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's candidates in the total order (score descending, row ascending), the first k."""
-    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    """Each query's candidates in the total order (score descending, row ascending), the first k; a slot without a
+    hit (row -1) has score -inf and comes last."""
+    scores = np.where(rows < 0, -np.inf, scores)
+    order = np.lexsort((rows, rows < 0, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
@@ -153,7 +158,8 @@ class Index:
         depth = min(k + 1, len(self))
         scores, rows = self._faiss.search(q, depth)
         while depth < len(self):
-            open_tie = scores[:, -1] == scores[:, k - 1]
+            # faiss never returns a row whose score is NaN: its empty slots (row -1) are not a tie.
+            open_tie = (scores[:, -1] == scores[:, k - 1]) & (rows[:, -1] >= 0)
             if not open_tie.any():
                 break
             depth = min(2 * depth, len(self))
@@ -168,16 +174,19 @@ class Index:
           k: hits per query (capped at the corpus size).
 
         Returns:
-          One list of `Hit`s per query, in the index's total order (score descending, row ascending).
+          One list of `Hit`s per query, in the index's total order (score descending, row ascending). A row whose
+          score is NaN (a NaN embedding, or a NaN query) is never a hit, as faiss never returns one, so a query may
+          get fewer than k hits.
 
         Raises:
           ValueError: queries of the wrong width, or k <= 0.
         """
         scores, rows = self.search_rows(queries, k)
-        return [self._hits(r, s) for s, r in zip(scores, rows, strict=True)]
+        return [self._hits(r[r >= 0], s[r >= 0]) for s, r in zip(scores, rows, strict=True)]
 
     def search_rows(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search_embeddings`, as arrays: float32 scores [Q, k'] and int corpus rows [Q, k'], k' = min(k, N)."""
+        """Like `search_embeddings`, as arrays: float32 scores [Q, k'] and int corpus rows [Q, k'], k' = min(k, N);
+        where a query has fewer than k' hits (NaN scores), the slots left have row -1 and score -inf, last."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]

@@ -91,6 +91,30 @@ def test_faiss_backend_gives_identical_topk(tmp_path):
         assert diff <= 1e-5, f"query {i}: scores differ from faiss by {diff:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["jax", "faiss"])
+def test_nan_rows_are_never_hits_as_in_faiss(tmp_path, backend):
+    """A corrupted (NaN) embedding row was ranked first by the jax backend, and the faiss backend died with an
+    IndexError on faiss' empty slots. Expected: faiss' own IndexFlatIP on the same arrays, which never returns a row
+    whose score is NaN (and returns nothing for a NaN query)."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((30, 8)).astype(np.float32)
+    emb[[2, 17, 18]] = np.nan
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    q[3] = np.nan
+    reference = faiss.IndexFlatIP(8)
+    reference.add(emb)
+    index = Index(write_index(tmp_path / "idx", emb, 8), backend=backend, block_size=5)
+    for k in (5, 27, 30):  # 27 finite rows: k = 30 leaves empty slots
+        scores, rows = reference.search(q, k)
+        hits = index.search_embeddings(q, k=k)
+        for i in range(4):
+            want = [int(r) for r in rows[i] if r >= 0]
+            assert [h.id for h in hits[i]] == want, f"k={k}, query {i}: {[h.id for h in hits[i]]} != faiss {want}"
+            assert all(np.isfinite(h.score) for h in hits[i])
+        assert hits[3] == [], "a NaN query has no hits"
+
+
 def test_bad_directories_are_named(tmp_path):
     rng = np.random.default_rng(3)
     emb = rng.standard_normal((10, 8)).astype(np.float32)

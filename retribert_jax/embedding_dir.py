@@ -61,10 +61,21 @@ def write_shard(directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarr
       ids: one JSON-serialisable id per row.
       embeddings: [len(ids), projection_dim] in the run's stored dtype.
       texts: the rows' texts, or None.
+
+    Raises:
+      ValueError: counts that disagree, or a row that is not finite (NaN, or too large for float16), naming the
+        ids of such rows.
     """
     if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
         raise ValueError(f"shard {i}: {len(ids)} ids, {embeddings.shape[0]} embeddings"
                          + ("" if texts is None else f", {len(texts)} texts"))
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        # A NaN row is never found by a search and spoils every measure: an index must not hold one.
+        names = ", ".join(json.dumps(ids[r], ensure_ascii=False, default=str) for r in bad[:5])
+        raise ValueError(f"{directory}: the model gave {bad.size} record(s) NaN or infinite embeddings (in the stored "
+                         f"dtype {embeddings.dtype}), ids {names}{', ...' if bad.size > 5 else ''}; are its weights "
+                         f"damaged (retribert-jax verify MODEL)? shard {i} was not written")
     paths = shard_paths(directory, i)
     _write_lines(paths["ids"], ids)
     if texts is not None:

@@ -255,3 +255,29 @@ def test_repeated_ids_are_refused(model_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"retribert-jax embed: error: {path}:3: id '7' again (first on line 1)"), err
         assert not os.path.isfile(os.path.join(out, "manifest.json"))
+
+
+def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
+    """A checkpoint with one corrupted (NaN) word-embedding row: embed exited 0 with NaN rows in the index. It
+    refuses now, naming the ids of the passages that hold the word."""
+    from safetensors.numpy import load_file, save_file
+
+    from retribert_jax import cli
+    from tests.embed_helpers import tiny_vocab
+
+    model = tiny_model_dir(str(tmp_path / "model"))
+    path = os.path.join(model, "model.safetensors")
+    tensors = load_file(path)
+    for name in ("bert_doc.embeddings.word_embeddings.weight", "bert_query.embeddings.word_embeddings.weight"):
+        tensors[name][tiny_vocab().index("blue")] = np.nan
+    save_file(tensors, path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (
+        ("p-ice", "why does ice float"), ("p-blue", "why is the sky blue"), ("p-cat", "the cat and bread"))))
+    out = str(tmp_path / "out")
+    assert cli.main(["embed", model, str(corpus), out, "--kind", "passages", "--id-field", "id",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"retribert-jax embed: error: {out}: the model gave "), err
+    assert "NaN or infinite embeddings" in err and '"p-blue"' in err, err
+    assert not os.path.exists(os.path.join(out, "embeddings-00000.npy"))

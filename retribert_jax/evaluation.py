@@ -347,6 +347,8 @@ class Evaluation:
       depth: hits retrieved per query.
       judged_documents: distinct documents judged for the evaluated queries.
       judged_documents_in_index: how many of those the index holds (the others can never be retrieved).
+      identical_ids: queries that retrieved a document under their own id (dropped with `ignore_identical_ids`,
+        counted either way).
     """
 
     metrics: dict[str, float]
@@ -357,6 +359,7 @@ class Evaluation:
     depth: int
     judged_documents: int = 0
     judged_documents_in_index: int = 0
+    identical_ids: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -365,7 +368,8 @@ class Evaluation:
     def to_dict(self, per_query: bool = True) -> dict[str, Any]:
         d = {"metrics": self.metrics, "num_queries": self.num_queries, "depth": self.depth,
              "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels),
-             "judged_documents": self.judged_documents, "judged_documents_in_index": self.judged_documents_in_index}
+             "judged_documents": self.judged_documents, "judged_documents_in_index": self.judged_documents_in_index,
+             "identical_ids": self.identical_ids}
         if per_query:
             d["per_query"] = self.per_query
         return d
@@ -378,7 +382,8 @@ class Evaluation:
 
 def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str | Mapping[str, Mapping[str, int]],
              *, depth: int = 100, metrics: Sequence[str] | None = None, batch_size: int | None = None,
-             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False) -> Evaluation:
+             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False,
+             ignore_identical_ids: bool = False) -> Evaluation:
     """Encodes the judged queries, retrieves the top `depth` passages of each and measures the run with ir-measures.
 
     Args:
@@ -393,6 +398,10 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
       batch_size, max_length: for `encode_questions` (max_length in tokens, [CLS] and [SEP] included).
       skip_bad_lines: passed to `read_queries`.
       show_progress: a tqdm bar while encoding.
+      ignore_identical_ids: BEIR's rule (`EvaluateRetrieval.evaluate`, on by default there) for datasets whose
+        queries are also documents under the same id (Quora, ArguAna, CQADupStack): a hit whose id equals its
+        query's id (as text) is dropped. As BEIR's exact search does, the top `depth` + 1 are retrieved, the
+        identical one dropped, and the first `depth` left kept; the qrels are left as they are.
 
     Returns:
       An `Evaluation`.
@@ -418,9 +427,14 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     in_index, judged_docs = judged_documents_in_index(index, qrels, judged)
     q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
                                  show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
-    run = dict(zip(judged, index.search_embeddings(q, depth), strict=True))
+    # An id names one row (checked above), so one hit at most is dropped: depth + 1 is deep enough.
+    found = index.search_embeddings(q, depth + 1 if ignore_identical_ids else depth)
+    identical = sum(any(id_string(h.id) == qid for h in hits[:depth]) for qid, hits in zip(judged, found, strict=True))
+    if ignore_identical_ids:
+        found = [[h for h in hits if id_string(h.id) != qid][:depth] for qid, hits in zip(judged, found, strict=True)]
+    run = dict(zip(judged, found, strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
     return Evaluation(metrics=aggregate, per_query=per_query, run=run,
                       skipped_queries=[qid for qid in queries if not qrels.get(qid)],
                       unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth,
-                      judged_documents=judged_docs, judged_documents_in_index=in_index)
+                      judged_documents=judged_docs, judged_documents_in_index=in_index, identical_ids=identical)

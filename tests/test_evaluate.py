@@ -338,6 +338,57 @@ def test_an_index_with_a_repeated_id_is_refused_at_every_depth(tiny_encoder, tmp
             evaluate(Index(d), encoder, {"q": "why"}, {"q": {"d0": 1}}, depth=depth, metrics=["R@1"])
 
 
+def test_ignore_identical_ids_follows_beir(tiny_index, tiny_encoder, tmp_path, capsys):
+    """BEIR's rule, from its source: `DenseRetrievalExactSearch.search` takes the top `top_k + 1` by score, skips a
+    hit whose corpus id equals the query id and keeps `top_k`; `EvaluateRetrieval.evaluate(ignore_identical_ids=
+    True)` pops any left, leaves the qrels alone, and averages pytrec_eval's values over the queries it returns."""
+    import numpy as np
+
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from retribert_jax.evaluation import evaluate
+
+    model_dir, index_dir, texts = tiny_index
+    index, encoder = tiny_encoder
+    # Queries that are also documents under the same id (Quora, ArguAna).
+    queries = {f"p{i}": texts[i] for i in range(6)}
+    qrels = {f"p{i}": {f"p{(i + 1) % 48}": 1, f"p{(i + 7) % 48}": 2, f"p{i}": 1} for i in range(6)}
+    depth = 10
+    q = encoder.encode_questions(list(queries.values()))
+    docs = np.concatenate([np.asarray(s, np.float32) for s in index.shards])
+    ids = list(index.iter_ids())
+    scores = q @ docs.T
+    beir, identical = {}, 0
+    for qid, row in zip(queries, scores, strict=True):
+        top = np.argsort(-row, kind="stable")[:depth + 1]
+        identical += qid in [ids[r] for r in top[:depth]]
+        beir[qid] = {ids[r]: float(row[r]) for r in top if ids[r] != qid}
+        beir[qid] = dict(sorted(beir[qid].items(), key=lambda kv: -kv[1])[:depth])
+    assert all(qid not in beir[qid] for qid in beir) and all(len(v) == depth for v in beir.values())
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(beir)
+
+    ours = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"],
+                    ignore_identical_ids=True)
+    assert {qid: [str(h.id) for h in hits] for qid, hits in ours.run.items()} == \
+        {qid: list(v) for qid, v in beir.items()}, "the run differs from BEIR's"
+    for name, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(ours.metrics[name] - want) < 1e-12, f"{name}: ours {ours.metrics[name]}, BEIR's rule {want}"
+    assert identical >= 1, "the case must bite: some query retrieves itself within the depth"
+    assert ours.identical_ids == identical
+    kept = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"])
+    assert sum(qid in [str(h.id) for h in hits] for qid, hits in kept.run.items()) == identical, \
+        "by default (trec_eval's rule) the hit is kept"
+    assert kept.identical_ids == identical and kept.metrics["nDCG@10"] != ours.metrics["nDCG@10"]
+
+    qfile = write(tmp_path / "q.tsv", "".join(f"{k}\t{v}\n" for k, v in queries.items()))
+    qrels_file = write(tmp_path / "qrels.txt", "".join(f"{k} 0 {d} {r}\n" for k, v in qrels.items()
+                                                       for d, r in v.items()))
+    for flag, word in (([], "kept; BEIR drops them"), (["--ignore-identical-ids"], "dropped")):
+        assert cli.main(["evaluate", index_dir, model_dir, qfile, qrels_file, "-k", "10", "--no-progress",
+                         *flag]) == 0
+        assert f"{identical} queries retrieved a document under their own id: {word}" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The CLI's errors: one line, exit status 2, before any model is loaded
 

@@ -229,7 +229,7 @@ class Encoder:
         if bad is not None:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
         backend = self.tokenizer.backend
-        backend.enable_truncation(max_length)
+        self.tokenizer.enable_truncation(max_length)  # on the tokenizer's side (truncation_side "left" keeps the end)
         try:
             # encode_batch_fast skips the character offsets we do not use.
             fast = getattr(backend, "encode_batch_fast", backend.encode_batch)

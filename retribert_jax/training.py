@@ -95,7 +95,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     Args:
       graphdef, params: `nnx.split(model, nnx.Param)` (the graph in train mode for dropout).
       batch: q_ids, q_mask [B, Lq], p_ids, p_mask [B, Lp]; with hard negatives also n_ids, n_mask [B, m, Ln] and
-        n_valid bool [B, m] (False: an empty slot of a question with fewer than m negatives).
+        n_valid bool [B, m] (False: an empty slot of a question with fewer than m negatives); JAX or numpy arrays.
       key: the dropout key of this step (None with dropout off).
       checkpoint_batch_size: encode in chunks of this size under remat (as HF); -1 for none.
       micro_batch_size: None for one pass; else gradient cache (Gao et al., 2021, "Scaling Deep Contrastive
@@ -114,6 +114,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
         return jax.value_and_grad(loss_fn)(params)
 
     n_micro = b // micro_batch_size
+    # As JAX arrays: a micro-batch is taken by a traced index inside the scans below, which numpy cannot do.
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     # Row r = i * n_micro + j goes to micro-batch j: the leading axis stays the sharded one, so every micro-batch
     # is spread over all devices instead of living on one.
     def split(x):

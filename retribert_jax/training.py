@@ -334,11 +334,19 @@ def tokenize_batch(tok: RetriBertTokenizer, pairs: Sequence[Pair], max_length: i
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the trained model, the step reached and the last logged loss."""
+    """What `train` returns: the trained model, the step reached, the last loss logged by this call (None when it
+    trained no step), and the step it started from (above 0 when it resumed; equal to `step` when the run had
+    already finished)."""
 
     model: RetriBertModel
     step: int
     loss: float | None
+    start_step: int = 0
+
+    @property
+    def steps_trained(self) -> int:
+        """Steps this call trained (0 for a rerun of a finished run)."""
+        return self.step - self.start_step
 
 
 def _rewrite_log(path: str, upto_step: int) -> None:
@@ -468,6 +476,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     ckpts = _Checkpoints(out_dir, tcfg, rep)
     params, opt_state, step, base_key = ckpts.restore(params, jax.device_put(tx.init(params), rep),
                                                       jax.random.key(tcfg.seed))
+    start_step = step
     log_path = os.path.join(out_dir, "metrics.jsonl")
     _rewrite_log(log_path, step)
     buckets = fit_train_buckets(tokenizer, pairs, tcfg, model.config)
@@ -508,7 +517,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     model.eval()
     if save_final:
         model.save_pretrained(os.path.join(out_dir, "model"), overwrite=True, tokenizer=tokenizer)
-    return TrainResult(model=model, step=step, loss=loss_value)
+    return TrainResult(model=model, step=step, loss=loss_value, start_step=start_step)
 
 
 def recall_at_1(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[Pair | tuple],

@@ -427,3 +427,18 @@ def test_cli_rejects_bad_data(tmp_path):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2, f"exit {p.returncode}: {err[-1000:]}"
     assert f"{bad}:2: field 'answer'" in err and "Traceback" not in err, err
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
+    """A rerun of a finished `train` printed "trained 30 steps" though it trained none."""
+    from retribert_jax import cli as command_line
+
+    config, data = tiny_start(tmp_path)
+    out = str(tmp_path / "out")
+    argv = ["train", config, data, out, "--batch-size", "8", "--max-steps", "3", "--max-length", "16",
+            "--negatives-per-question", "0", "--checkpoint-batch-size", "-1", "--no-progress"]
+    assert command_line.main(argv) == 0
+    assert "trained 3 steps to step 3 (last loss " in capsys.readouterr().out
+    assert command_line.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: already trained to step 3; nothing to train" in printed and "trained 3 steps" not in printed

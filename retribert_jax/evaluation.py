@@ -8,7 +8,7 @@ Inputs:
 - qrels: TREC (`query-id iteration doc-id relevance`, whitespace separated) or BEIR's TSV (a header line
   `query-id<TAB>corpus-id<TAB>score`, then those three columns); the first line says which. Relevance is an integer.
 Both are read line by line as `corpus.read_lines` reads: a UTF-8 byte-order mark and CRLF line ends are not data,
-and a gzip, bz2 or xz file is read decompressed (`queries.jsonl.gz` is JSONL).
+and a gzip, bz2, xz or zstd file is read decompressed (`queries.jsonl.gz` is JSONL).
 
 Ids are compared as strings: a JSON string id as it is, any other JSON value as its JSON text, so the index's record
 numbers (ints) match the qrels' "0", "1", ... and the int 7 and the string "7" are the same document.

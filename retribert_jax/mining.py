@@ -43,8 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from retribert_jax.corpus import open_input
-from retribert_jax.evaluation import id_string
+from retribert_jax.corpus import id_string, open_input
 from retribert_jax.io import file_sha256
 from retribert_jax.search import Hit, Index
 from retribert_jax.training import check_pair_row, read_pair_rows
@@ -70,7 +69,7 @@ class MiningConfig:
       num_negatives: negatives per pair (at most).
       range_min, range_max: the window of ranks (0-based, positives and duplicates removed) negatives come from.
       max_score, min_score: bounds on a negative's inner product with the question.
-      absolute_margin, relative_margin: how far below the positive's own score a negative must be.
+      absolute_margin, relative_margin: how far below the question's lowest positive score a negative must be.
       positive_id_field: the row key holding the positive's id in the index, for rows that have it.
       include_scores: also write `negative_scores` and `positive_score` (float inner products; the positive score
         is the row's own answer's).
@@ -180,9 +179,12 @@ class Positives:
 
     answers: list[str] = dataclasses.field(default_factory=list)
     ids: set[str] = dataclasses.field(default_factory=set)
+    _texts: set[str] = dataclasses.field(default_factory=set, repr=False)  # the answers, normalised
 
     def add(self, row: Mapping[str, Any], positive_id_field: str | None) -> None:
-        if normalize_whitespace(row["answer"]) not in {normalize_whitespace(a) for a in self.answers}:
+        text = normalize_whitespace(row["answer"])
+        if text not in self._texts:
+            self._texts.add(text)
             self.answers.append(row["answer"])
         if positive_id_field is not None and positive_id_field in row:
             self.ids.add(id_string(row[positive_id_field]))
@@ -210,7 +212,7 @@ def shared_positives(rows: Callable[[], Iterable[Mapping[str, Any]]], positive_i
 def _candidates(hits: Sequence[Hit], positives: Positives) -> list[Hit]:
     """The hits, best first, without the question's positives and without passages whose normalised text came
     higher up."""
-    seen = {normalize_whitespace(a) for a in positives.answers}
+    seen = set(positives._texts)
     out = []
     for h in hits:
         text = normalize_whitespace(h.text)

@@ -1,24 +1,35 @@
 """Corpus readers: plain text, JSONL, TSV and parquet as a stream of (line, id, text) records.
 
 Every reader streams (a corpus need not fit in memory) and reports a bad record as `BadRecord` with the file and the
-1-based line (or parquet row) number. `read_corpus(..., skip_bad_lines=True)` logs bad records and goes on; record
-numbers (the default ids) count only the records kept, so they are the row numbers of the output.
+1-based line (or parquet row) number. Blank lines hold no record in JSONL (whitespace only) and TSV (empty), as
+pyarrow reads those formats; in plain text a line is a passage, so a blank one is an empty passage.
+`read_corpus(..., skip_bad_lines=True)` logs bad records and goes on; record numbers (the default ids) count only
+the records kept, so they are the row numbers of the output.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
+import gzip
+import io
 import json
+import lzma
 import os
 import sys
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
 
 FORMATS = ("text", "jsonl", "tsv", "parquet")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+# Whole-file compressions read as a stream, told by the file's first bytes (so `--format jsonl` works on any name):
+# name -> magic bytes. The suffixes are only stripped to find the format beneath ("corpus.jsonl.gz" is JSONL).
+COMPRESSIONS = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
+_COMPRESSED_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd")
 
 
 class BadRecord(ValueError):
@@ -38,9 +49,81 @@ class Record:
     text: str
 
 
+def compression(path: str) -> str | None:
+    """"gzip", "bz2", "xz" or "zstd" when the file starts with that format's magic bytes, else None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((name for name, magic in COMPRESSIONS.items() if head.startswith(magic)), None)
+
+
+def open_input(path: str) -> BinaryIO:
+    """`path` opened for binary reading, decompressed on the fly when it is compressed (see `compression`): gzip,
+    bz2 and xz by the standard library, zstd by pyarrow.
+
+    Raises:
+      ValueError: a zstd file without pyarrow installed.
+    """
+    kind = compression(path)
+    if kind is None:
+        return open(path, "rb")
+    if kind == "zstd":
+        try:
+            import pyarrow as pa
+        except ImportError:
+            raise ValueError(f"{path}: zstd-compressed; reading it needs pyarrow (pip install 'retribert_jax[data]'), "
+                             f"or decompress it (zstd -d)") from None
+        return io.BufferedReader(pa.input_stream(path, compression="zstd"))
+    return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[kind](path, "rb")
+
+
+def format_extension(path: str) -> str:
+    """The lowercased extension that names the format, beneath a compression suffix: "c.jsonl.gz" -> ".jsonl"."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() in _COMPRESSED_SUFFIXES:
+        ext = os.path.splitext(root)[1]
+    return ext.lower()
+
+
+def id_string(value: Any) -> str:
+    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7").
+    The qrels of `evaluate` and a TREC run carry ids as text, so two ids are one exactly when these strings are."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class RepeatedIds:
+    """Finds an id that came earlier in a stream, keeping 64-bit hashes rather than the ids (a corpus of millions).
+
+    A hash seen before is confirmed by reading the stream again up to that point, so a hash collision is never
+    reported as a repeat.
+
+    Args:
+      reread: gives the stream again from its start, as (position, id) pairs in increasing position.
+    """
+
+    def __init__(self, reread: Callable[[], Iterable[tuple[int, Any]]]):
+        self._reread = reread
+        self._hashes: set[int] = set()
+
+    def first_position(self, position: int, value: Any) -> int | None:
+        """Where an id equal to `value` (as `id_string`s) came first, before `position`; None if it did not (then it
+        is recorded)."""
+        key = id_string(value)
+        h = hash(key)
+        if h not in self._hashes:
+            self._hashes.add(h)
+            return None
+        for p, v in self._reread():
+            if p >= position:
+                break
+            if id_string(v) == key:
+                return p
+        return None
+
+
 def detect_format(path: str) -> str:
-    """The input format from the file extension (`.txt`, `.jsonl`, `.tsv`, `.parquet`); ValueError otherwise."""
-    ext = os.path.splitext(path)[1].lower()
+    """The input format from the file extension (`.txt`, `.jsonl`, `.tsv`, `.parquet`, each also with `.gz`, `.bz2`,
+    `.xz` or `.zst` after it); ValueError otherwise."""
+    ext = format_extension(path)
     if ext not in _EXTENSIONS:
         raise ValueError(f"{path}: cannot tell the input format from the extension {ext!r}; pass --format "
                          f"({', '.join(FORMATS)})")
@@ -52,7 +135,8 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
 
     Lines end at b"\n" only: not at \f, \v, \x1c-\x1e, \x85, U+2028 or U+2029, where `str.splitlines` ends them
     too, nor at a lone \r, where Python's text mode does. One trailing \r (CRLF files) is dropped, and so is a
-    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it).
+    byte-order mark at the start of the file (Excel and Notepad write one; pyarrow and pandas skip it). A compressed
+    file is read decompressed (`open_input`).
 
     Args:
       path: the file; with `file`, only its name for messages.
@@ -61,9 +145,13 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
     Yields:
       (1-based line number, the line's text), or (line number, BadRecord) for a line that is not valid UTF-8: one
       invalid byte costs one line, reported with its number.
+
+    Raises:
+      ValueError: a file that cannot be read to its end, e.g. compressed data that is damaged or cut short (naming
+        the file and the last line read).
     """
-    with open(path, "rb") if file is None else contextlib.nullcontext(file) as f:
-        for n, raw in enumerate(f, start=1):
+    with open_input(path) if file is None else contextlib.nullcontext(file) as f:
+        for n, raw in _damage_named(path, enumerate(f, start=1)):
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
             if raw.endswith(b"\r"):
@@ -74,6 +162,19 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield n, BadRecord(f"{path}:{n}: invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r})")
+
+
+def _damage_named(path: str, lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """`lines`, with a read error (a compressed file damaged or cut short) turned into one line naming the file."""
+    n = 0
+    while True:
+        try:
+            n, raw = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:  # pyarrow's errors are ValueErrors
+            raise ValueError(f"{path}: cannot be read past line {n} ({type(e).__name__}: {e})") from None
+        yield n, raw
 
 
 def _text(path: str, **_) -> Iterator[Record | BadRecord]:
@@ -87,8 +188,7 @@ def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record 
             yield line
             continue
         if not line.strip():
-            yield BadRecord(f"{path}:{n}: empty line, expected a JSON object")
-            continue
+            continue  # as pyarrow, pandas and HF datasets read JSONL: a blank line holds no record
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -133,6 +233,8 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
         if isinstance(line, BadRecord):
             yield line
             continue
+        if not line:
+            continue  # pyarrow's CSV reader (ignore_empty_lines) and pandas skip an empty line
         fields = line.split("\t")
         if len(fields) != len(columns):
             yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")
@@ -149,6 +251,10 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'retribert_jax[data]')") from None
+    kind = compression(path)
+    if kind is not None:
+        raise ValueError(f"{path}: a {kind}-compressed parquet file; parquet compresses its columns itself, so "
+                         f"decompress the file first")
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError... for non-parquet files
@@ -185,7 +291,7 @@ def count_records(path: str, fmt: str) -> int | None:
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(path).metadata.num_rows
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             n, last = 0, b"\n"
             while chunk := f.read(1 << 20):
                 n += chunk.count(b"\n")
@@ -197,18 +303,26 @@ def count_records(path: str, fmt: str) -> int | None:
 
 
 def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", id_field: str | None = None,
-                skip_bad_lines: bool = False, log: TextIO | None = None) -> Iterator[Record]:
+                skip_bad_lines: bool = False, log: TextIO | None = None, unique_ids: bool = True
+                ) -> Iterator[Record]:
     """Streams the records of `path`.
 
     Args:
       path: the input file.
       fmt: "text" (one passage a line), "jsonl", "tsv" (with a header line) or "parquet"; default from the extension.
+        Text, JSONL and TSV may be gzip, bz2, xz or zstd files (told by their first bytes, whatever their name).
       text_field: the JSON key / column holding the text.
       id_field: the JSON key / column holding the id; None: ids are 0-based record numbers.
       skip_bad_lines: log bad records to `log` (stderr by default) and go on, instead of raising BadRecord.
+      unique_ids: refuse an id given to an earlier record, compared as `id_string`s (7 and "7" are one id). Not a
+        bad line that --skip-bad-lines skips: which of the two records the id names is not ours to guess.
 
     Yields:
       Records, in file order.
+
+    Raises:
+      BadRecord: a bad record (without skip_bad_lines).
+      ValueError: an id repeated (naming both lines), or an unreadable file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such input file")
@@ -218,10 +332,22 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
     if fmt == "text" and id_field is not None:
         raise ValueError(f"{path}: plain text input has no id field; drop --id-field or use JSONL/TSV/parquet")
     log = log or sys.stderr
+
+    def records():
+        return (r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field) if isinstance(r, Record))
+
+    repeats = RepeatedIds(lambda: ((r.line, r.id) for r in records()))
     for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field):
         if isinstance(rec, BadRecord):
             if not skip_bad_lines:
                 raise BadRecord(f"{rec} (pass --skip-bad-lines to skip bad lines)")
             print(f"skipping bad line: {rec}", file=log)
             continue
+        if unique_ids and id_field is not None:
+            first = repeats.first_position(rec.line, rec.id)
+            if first is not None:
+                unit = "row" if fmt == "parquet" else "line"
+                where = f"row {rec.line}" if fmt == "parquet" else str(rec.line)
+                raise ValueError(f"{path}:{where}: id {id_string(rec.id)!r} again (first on {unit} {first}); ids "
+                                 f"must be unique, and are compared as text (7 and \"7\" are one id)")
         yield rec

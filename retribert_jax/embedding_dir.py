@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,10 +61,21 @@ def write_shard(directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarr
       ids: one JSON-serialisable id per row.
       embeddings: [len(ids), projection_dim] in the run's stored dtype.
       texts: the rows' texts, or None.
+
+    Raises:
+      ValueError: counts that disagree, or a row that is not finite (NaN, or too large for float16), naming the
+        ids of such rows.
     """
     if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
         raise ValueError(f"shard {i}: {len(ids)} ids, {embeddings.shape[0]} embeddings"
                          + ("" if texts is None else f", {len(texts)} texts"))
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        # A NaN row is never found by a search and spoils every measure: an index must not hold one.
+        names = ", ".join(json.dumps(ids[r], ensure_ascii=False, default=str) for r in bad[:5])
+        raise ValueError(f"{directory}: the model gave {bad.size} record(s) NaN or infinite embeddings (in the stored "
+                         f"dtype {embeddings.dtype}), ids {names}{', ...' if bad.size > 5 else ''}; are its weights "
+                         f"damaged (retribert-jax verify MODEL)? shard {i} was not written")
     paths = shard_paths(directory, i)
     _write_lines(paths["ids"], ids)
     if texts is not None:
@@ -118,7 +129,14 @@ def missing_shards(directory: str, num_shards: int) -> list[int]:
 
 def finish_run(directory: str, settings: dict[str, Any], count: int, num_shards: int) -> dict[str, Any]:
     """Writes the manifest once every shard is complete (the caller checked), removes the run's settings and the
-    temporary files of killed runs (nothing is writing any more). Returns the manifest."""
+    temporary files of killed runs (nothing is writing any more). Returns the manifest.
+
+    Raises:
+      ValueError: count is 0: an index of nothing would only fail later, where the cause is no longer visible.
+    """
+    if count == 0:
+        raise ValueError(f"{directory}: no records were embedded (the input holds none, or every line was skipped); "
+                         f"nothing to write")
     for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")):
         os.remove(tmp)
     manifest = {**settings, "format": FORMAT, "version": VERSION, "num_shards": num_shards, "count": count}
@@ -155,6 +173,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(f"{path}: version {m['version']} is not supported (expected {VERSION})")
     if m["dtype"] not in DTYPES:
         raise ValueError(f"{path}: dtype {m['dtype']!r} is neither float32 nor float16")
+    if m["count"] <= 0:
+        raise ValueError(f"{path}: the index holds no {m['kind']} (count {m['count']}); embed a non-empty corpus")
     return m
 
 
@@ -205,6 +225,15 @@ class Lines:
                 raise ValueError(f"{self.path}: {len(offsets) - 1} lines, expected {self.count}")
             self._offsets = np.asarray(offsets, dtype=np.int64)
         return self._offsets
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every row's value, in order, read sequentially."""
+        with open(self.path, "rb") as f:
+            for r, line in enumerate(f):
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{r + 1}: not valid JSON ({e})") from None
 
     def get(self, rows: Sequence[int]) -> list[Any]:
         """The values of these rows (0-based, in this file), in the order given."""

@@ -225,7 +225,8 @@ class Encoder:
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
-        self._backend.enable_truncation(max_length)
+        # On the tokenizer's side: truncation_side "left" keeps a long text's end, as HF does.
+        self._backend.enable_truncation(max_length, direction=self.tokenizer.truncation_side)
         # encode_batch_fast skips the character offsets we do not use.
         fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         return TokenIds.from_lists([e.ids for e in fast(list(texts), add_special_tokens=True)])

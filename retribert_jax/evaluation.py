@@ -7,14 +7,17 @@ Inputs:
   read as JSONL when its first non-blank line starts with `{`.
 - qrels: TREC (`query-id iteration doc-id relevance`, whitespace separated) or BEIR's TSV (a header line
   `query-id<TAB>corpus-id<TAB>score`, then those three columns); the first line says which. Relevance is an integer.
+Both are read line by line as `corpus.read_lines` reads: a UTF-8 byte-order mark and CRLF line ends are not data,
+and a gzip, bz2, xz or zstd file is read decompressed (`queries.jsonl.gz` is JSONL).
 
 Ids are compared as strings: a JSON string id as it is, any other JSON value as its JSON text, so the index's record
 numbers (ints) match the qrels' "0", "1", ... and the int 7 and the string "7" are the same document.
 
 Which queries count (trec_eval's default, which BEIR's pytrec_eval loop follows too): only queries that have at
-least one qrels line, whatever its relevance, are encoded, searched and averaged over; queries without any are
+least one judgment, whatever its relevance, are encoded, searched and averaged over; queries without any (absent
+from the qrels, or given an empty set of judgments, as a mapping may after relevance-0 lines are dropped) are
 skipped and counted, and qrels for query ids absent from the queries file are ignored and counted. A judged query
-with no relevant document scores 0 on every measure.
+with no relevant document (every judgment 0) scores 0 on every measure, as trec_eval scores it.
 
 The measures come from ir-measures: R@k and nDCG@k from trec_eval (through pytrec_eval), RR@k from MS MARCO's
 script. Both re-sort a query's documents by score and ignore the run's rank column, and they break exact score ties
@@ -26,12 +29,14 @@ keeps the index's order (the lower row first).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
+from retribert_jax.corpus import RepeatedIds, format_extension, id_string, read_corpus, read_lines
 from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 
@@ -55,35 +60,19 @@ def require_ir_measures():
     return ir_measures
 
 
-def id_string(value: Any) -> str:
-    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7")."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reading queries and qrels
 
 
-def _numbered_lines(path: str) -> Iterator[tuple[int, str | ValueError]]:
-    """(1-based line number, line without its end of line), or a ValueError for a line that is not UTF-8."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
-            try:
-                yield n, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start}")
-
-
 def _first_line(path: str) -> str | None:
-    for _, line in _numbered_lines(path):
+    for _, line in read_lines(path):
         if isinstance(line, str) and line.strip():
             return line
     return None
 
 
 def _queries_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
+    ext = format_extension(path)
     if ext in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if ext == ".tsv":
@@ -93,8 +82,6 @@ def _queries_format(path: str) -> str:
 
 
 def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tuple[int, str, str]]:
-    from retribert_jax.corpus import read_corpus
-
     id_field = "id"
     try:
         first = json.loads(_first_line(path) or "null")
@@ -103,12 +90,12 @@ def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tup
     except json.JSONDecodeError:
         pass  # read_corpus reports the line
     for rec in read_corpus(path, "jsonl", text_field="text", id_field=id_field, skip_bad_lines=skip_bad_lines,
-                           log=log):
+                           log=log, unique_ids=False):  # read_queries names a repeated query id itself
         yield rec.line, id_string(rec.id), rec.text
 
 
 def _tsv_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tuple[int, str, str]]:
-    for n, line in _numbered_lines(path):
+    for n, line in read_lines(path):
         if isinstance(line, str) and not line.strip():
             continue
         if isinstance(line, str):
@@ -165,7 +152,7 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
     beir = None
-    for n, line in _numbered_lines(path):
+    for n, line in read_lines(path):
         if isinstance(line, ValueError):
             raise line
         if not line.strip():
@@ -264,6 +251,12 @@ def write_trec_run(path: str, run: Mapping[str, Sequence[Hit]], tag: str = "retr
         f.write("".join(lines).encode("utf-8"))
 
 
+def judged_queries(queries: Iterable[str], qrels: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The ids of `queries`, in order, that have at least one judgment (of any relevance) in `qrels`: those trec_eval
+    and pytrec_eval score. A query absent from the qrels or mapped to no judgments is not among them."""
+    return [qid for qid in queries if qrels.get(qid)]
+
+
 def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mapping[str, int]],
                     metrics: Sequence[str] | None = None, *, depth: int = 100
                     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -277,16 +270,16 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
 
     Returns:
       ({measure name: mean over the judged queries}, {query id: {measure name: value}}), names as ir-measures
-      prints them ("MRR@10" comes back as "RR@10").
+      prints them ("MRR@10" comes back as "RR@10"). A query with an empty set of judgments is not judged.
 
     Raises:
       ValueError: a doc id twice in one query's hits (as strings), or no query of the run has qrels.
     """
     irm = require_ir_measures()
     measures = parse_metrics(metrics, depth)
-    judged = [qid for qid in run if qid in qrels]
+    judged = judged_queries(run, qrels)
     if not judged:
-        raise ValueError(f"no query of the run has qrels (ids compared as strings; run ids such as "
+        raise ValueError(f"no query of the run has judgments (ids compared as strings; run ids such as "
                          f"{list(run)[:3]}, qrels ids such as {list(qrels)[:3]})")
     docs = []
     for qid in judged:
@@ -298,14 +291,43 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
                                  f"(as strings) for evaluation")
             seen.add(doc)
             docs.append(irm.ScoredDoc(qid, doc, float(h.score)))
-    # ir-measures averages over every query of the qrels it is given (absent ones score 0); trec_eval's default,
-    # kept here, is the queries of both.
+    # ir-measures averages over every query of the qrels it is given (absent or unjudged ones score 0);
+    # trec_eval's default, kept here, is the queries of both that have a judgment.
     results = irm.evaluator(measures, {qid: dict(qrels[qid]) for qid in judged}).calc(docs)
     per_query: dict[str, dict[str, float]] = {qid: {} for qid in judged}
     for metric in results.per_query:
         per_query[metric.query_id][str(metric.measure)] = float(metric.value)
     aggregate = {str(m): float(results.aggregated[m]) for m in measures}
     return aggregate, {qid: {str(m): per_query[qid][str(m)] for m in measures} for qid in judged}
+
+
+def judged_documents_in_index(index: Index, qrels: Mapping[str, Mapping[str, int]], judged: Sequence[str]
+                              ) -> tuple[int, int]:
+    """(judged documents found in the index, judged documents) over the judgments of the `judged` queries, in one
+    pass over the index's ids.
+
+    Raises:
+      ValueError: an id on two rows of the index (as text), which would make a hit count twice; or none of the
+        judged documents in the index (every measure would be 0: the ids of the index are not the qrels' ids).
+    """
+    wanted = {doc for qid in judged for doc in qrels[qid]}
+    found: set[str] = set()
+    repeats = RepeatedIds(lambda: enumerate(index.iter_ids()))
+    for row, value in enumerate(index.iter_ids()):
+        first = repeats.first_position(row, value)
+        if first is not None:
+            raise ValueError(f"{index.directory}: id {id_string(value)!r} is on rows {first} and {row}; evaluation "
+                             f"needs unique ids (compared as text); embed the corpus again")
+        key = id_string(value)
+        if key in wanted:
+            found.add(key)
+    if not found:
+        sample = list(itertools.islice(index.iter_ids(), 3))
+        raise ValueError(f"{index.directory}: none of the {len(wanted)} documents judged for the {len(judged)} "
+                         f"queries is in the index (ids compared as text; index ids such as {sample}, judged ids "
+                         f"such as {sorted(wanted)[:3]}); embed the corpus with its ids (--id-field, e.g. _id for "
+                         f"BEIR)")
+    return len(found), len(wanted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,9 +342,13 @@ class Evaluation:
       metrics: measure name -> mean over the judged queries, in the order asked for.
       per_query: query id -> {measure name: value}, judged queries only.
       run: query id -> hits (best first, at most `depth`), judged queries only.
-      skipped_queries: ids of queries without any qrels line (not searched, not counted).
+      skipped_queries: ids of queries without any judgment (not searched, not counted).
       unmatched_qrels: qrels query ids with no query in the queries (ignored).
       depth: hits retrieved per query.
+      judged_documents: distinct documents judged for the evaluated queries.
+      judged_documents_in_index: how many of those the index holds (the others can never be retrieved).
+      identical_ids: queries that retrieved a document under their own id (dropped with `ignore_identical_ids`,
+        counted either way).
     """
 
     metrics: dict[str, float]
@@ -331,6 +357,9 @@ class Evaluation:
     skipped_queries: list[str]
     unmatched_qrels: list[str]
     depth: int
+    judged_documents: int = 0
+    judged_documents_in_index: int = 0
+    identical_ids: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -338,7 +367,9 @@ class Evaluation:
 
     def to_dict(self, per_query: bool = True) -> dict[str, Any]:
         d = {"metrics": self.metrics, "num_queries": self.num_queries, "depth": self.depth,
-             "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels)}
+             "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels),
+             "judged_documents": self.judged_documents, "judged_documents_in_index": self.judged_documents_in_index,
+             "identical_ids": self.identical_ids}
         if per_query:
             d["per_query"] = self.per_query
         return d
@@ -351,7 +382,8 @@ class Evaluation:
 
 def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str | Mapping[str, Mapping[str, int]],
              *, depth: int = 100, metrics: Sequence[str] | None = None, batch_size: int | None = None,
-             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False) -> Evaluation:
+             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False,
+             ignore_identical_ids: bool = False) -> Evaluation:
     """Encodes the judged queries, retrieves the top `depth` passages of each and measures the run with ir-measures.
 
     Args:
@@ -366,14 +398,18 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
       batch_size, max_length: for `encode_questions` (max_length in tokens, [CLS] and [SEP] included).
       skip_bad_lines: passed to `read_queries`.
       show_progress: a tqdm bar while encoding.
+      ignore_identical_ids: BEIR's rule (`EvaluateRetrieval.evaluate`, on by default there) for datasets whose
+        queries are also documents under the same id (Quora, ArguAna, CQADupStack): a hit whose id equals its
+        query's id (as text) is dropped. As BEIR's exact search does, the top `depth` + 1 are retrieved, the
+        identical one dropped, and the first `depth` left kept; the qrels are left as they are.
 
     Returns:
       An `Evaluation`.
 
     Raises:
       ImportError: ir-measures is missing (the message gives the pip command).
-      ValueError: bad inputs (see `read_queries`, `read_qrels`, `parse_metrics`, `compute_metrics`), or no query
-        with qrels.
+      ValueError: bad inputs (see `read_queries`, `read_qrels`, `parse_metrics`, `compute_metrics`), no query
+        with judgments, no judged document in the index, or an id on two rows of the index.
     """
     require_ir_measures()
     if depth <= 0:
@@ -384,14 +420,21 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     if isinstance(qrels, str):
         qrels = read_qrels(qrels)
     index.check_model(encoder.config)
-    judged = [qid for qid in queries if qid in qrels]
+    judged = judged_queries(queries, qrels)
     if not judged:
-        raise ValueError(f"no query has qrels (ids compared as strings; query ids such as {list(queries)[:3]}, "
+        raise ValueError(f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "
                          f"qrels ids such as {list(qrels)[:3]})")
+    in_index, judged_docs = judged_documents_in_index(index, qrels, judged)
     q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
                                  show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
-    run = dict(zip(judged, index.search_embeddings(q, depth), strict=True))
+    # An id names one row (checked above), so one hit at most is dropped: depth + 1 is deep enough.
+    found = index.search_embeddings(q, depth + 1 if ignore_identical_ids else depth)
+    identical = sum(any(id_string(h.id) == qid for h in hits[:depth]) for qid, hits in zip(judged, found, strict=True))
+    if ignore_identical_ids:
+        found = [[h for h in hits if id_string(h.id) != qid][:depth] for qid, hits in zip(judged, found, strict=True)]
+    run = dict(zip(judged, found, strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
     return Evaluation(metrics=aggregate, per_query=per_query, run=run,
-                      skipped_queries=[qid for qid in queries if qid not in qrels],
-                      unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth)
+                      skipped_queries=[qid for qid in queries if not qrels.get(qid)],
+                      unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth,
+                      judged_documents=judged_docs, judged_documents_in_index=in_index, identical_ids=identical)

@@ -1,17 +1,23 @@
 """Hard-negative mining: for each training pair, the passages of an index that rank high for its question but are not
 its answer, written back into the pair as `negatives`.
 
+A question may be written on several rows, one per positive passage (sentence-transformers' format for several
+positives): as in sentence-transformers, rows whose questions are the same text (here after whitespace
+normalisation, which the model cannot see) are one question, every row's answer is a positive of it, and all its
+rows are mined alike. "The question's positives" below are all of them, across the whole input.
+
 The filters are those of sentence-transformers' `mine_hard_negatives` (`util/hard_negatives.py`), over one ranking:
-1. The index's hits for the question, best first, with the positive removed (a hit whose text equals the answer
-   after whitespace normalisation, or whose id equals the row's `positive_id_field` value, compared as strings) and
-   any passage whose normalised text already appeared higher up removed (a corpus may hold a passage twice; it is
-   one negative). Rank 0 is the best hit left.
+1. The index's hits for the question, best first, with the question's positives removed (a hit whose text equals one
+   of their answers after whitespace normalisation, or whose id equals one of their `positive_id_field` values,
+   compared as strings) and any passage whose normalised text already appeared higher up removed (a corpus may hold
+   a passage twice; it is one negative). Rank 0 is the best hit left.
 2. The rank window [range_min, range_max). Unlike sentence-transformers, which skips its `range_min` candidates after
    the score filters, both bounds here are ranks of this list, so whether a passage is eligible depends on its own
    rank and score alone. range_max defaults to range_min + num_negatives, or range_min + 10 * num_negatives when a
    score filter is set (sentence-transformers' defaults).
-3. The score filters, with sentence-transformers' inequalities, `positive` being the inner product of the question's
-   and the answer's embeddings (`encode_passages`, truncated as the index was): a candidate is dropped when
+3. The score filters, with sentence-transformers' inequalities, `positive` being the lowest inner product of the
+   question's embedding with its positives' (`encode_passages`, truncated as the index was; the lowest, as
+   sentence-transformers takes, "to be on the safe side"): a candidate is dropped when
    `score + absolute_margin > positive`, `score > positive * (1 - relative_margin)` (meant for positive scores, as
    with a normalised index), `score > max_score` or `score < min_score`.
 4. The first num_negatives candidates left ("top" sampling).
@@ -26,17 +32,18 @@ drops them instead (sentence-transformers' "n-tuple" output does so).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from retribert_jax.evaluation import id_string
+from retribert_jax.corpus import id_string, open_input
 from retribert_jax.io import file_sha256
 from retribert_jax.search import Hit, Index
 from retribert_jax.training import check_pair_row, read_pair_rows
@@ -62,9 +69,10 @@ class MiningConfig:
       num_negatives: negatives per pair (at most).
       range_min, range_max: the window of ranks (0-based, positives and duplicates removed) negatives come from.
       max_score, min_score: bounds on a negative's inner product with the question.
-      absolute_margin, relative_margin: how far below the positive's own score a negative must be.
+      absolute_margin, relative_margin: how far below the question's lowest positive score a negative must be.
       positive_id_field: the row key holding the positive's id in the index, for rows that have it.
-      include_scores: also write `negative_scores` and `positive_score` (float inner products).
+      include_scores: also write `negative_scores` and `positive_score` (float inner products; the positive score
+        is the row's own answer's).
     """
 
     num_negatives: int = 3
@@ -164,31 +172,68 @@ def check_index(index: Index, model) -> None:
                          f"corpus again with `retribert-jax embed ... --store-text`")
 
 
-def _candidates(hits: Sequence[Hit], answer: str, positive_id: str | None) -> list[Hit]:
-    """The hits, best first, without the positive and without passages whose normalised text came higher up."""
-    seen = {normalize_whitespace(answer)}
+@dataclasses.dataclass
+class Positives:
+    """Everything that is a positive of one question: its answers (first seen first, one per normalised text) and
+    the ids given for them (as strings)."""
+
+    answers: list[str] = dataclasses.field(default_factory=list)
+    ids: set[str] = dataclasses.field(default_factory=set)
+    _texts: set[str] = dataclasses.field(default_factory=set, repr=False)  # the answers, normalised
+
+    def add(self, row: Mapping[str, Any], positive_id_field: str | None) -> None:
+        text = normalize_whitespace(row["answer"])
+        if text not in self._texts:
+            self._texts.add(text)
+            self.answers.append(row["answer"])
+        if positive_id_field is not None and positive_id_field in row:
+            self.ids.add(id_string(row[positive_id_field]))
+
+
+def question_key(question: str) -> str:
+    """What makes two rows one question: the same text after whitespace normalisation."""
+    return normalize_whitespace(question)
+
+
+def shared_positives(rows: Callable[[], Iterable[Mapping[str, Any]]], positive_id_field: str | None
+                     ) -> dict[str, Positives]:
+    """The positives of every question asked on more than one row, by `question_key`, in two passes over `rows`
+    (a callable giving them again): a question's rows may lie anywhere in a file mined chunk by chunk. Only hashes
+    are kept for the questions asked once (the most of a large file)."""
+    counts = collections.Counter(hash(question_key(r["question"])) for r in rows())
+    shared: dict[str, Positives] = {}
+    for r in rows():
+        key = question_key(r["question"])
+        if counts[hash(key)] > 1:  # a hash collision only makes a group of one row
+            shared.setdefault(key, Positives()).add(r, positive_id_field)
+    return shared
+
+
+def _candidates(hits: Sequence[Hit], positives: Positives) -> list[Hit]:
+    """The hits, best first, without the question's positives and without passages whose normalised text came
+    higher up."""
+    seen = set(positives._texts)
     out = []
     for h in hits:
         text = normalize_whitespace(h.text)
-        if text in seen or (positive_id is not None and id_string(h.id) == positive_id):
+        if text in seen or id_string(h.id) in positives.ids:
             continue
         seen.add(text)
         out.append(h)
     return out
 
 
-def _search_deep(index: Index, q: np.ndarray, answers: list[str], positive_ids: list[str | None], depth: int
-                 ) -> list[list[Hit]]:
+def _search_deep(index: Index, q: np.ndarray, positives: list[Positives], depth: int) -> list[list[Hit]]:
     """Each query's candidates, at least `depth` of them unless the index runs out: searched `depth` + SLACK deep,
     then twice as deep for the queries whose positives and duplicates took too many hits."""
-    out: list[list[Hit] | None] = [None] * len(answers)
-    todo = list(range(len(answers)))
-    k = min(len(index), depth + SLACK)
+    out: list[list[Hit] | None] = [None] * len(positives)
+    todo = list(range(len(positives)))
+    k = min(len(index), depth + SLACK + max(len(p.answers) for p in positives) - 1)
     while todo:
         results = index.search_embeddings(q[todo], k)
         short = []
         for i, hits in zip(todo, results, strict=True):
-            cands = _candidates(hits, answers[i], positive_ids[i])
+            cands = _candidates(hits, positives[i])
             if len(cands) < depth and k < len(index):
                 short.append(i)
             else:
@@ -197,27 +242,47 @@ def _search_deep(index: Index, q: np.ndarray, answers: list[str], positive_ids: 
     return out
 
 
+def _row_positives(rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Positives], key: str | None
+                   ) -> list[Positives]:
+    """Each row's question's positives: the shared ones of a question asked on several rows, else the row's own."""
+    out = []
+    for r in rows:
+        own = Positives()
+        own.add(r, key)
+        out.append(shared.get(question_key(r["question"]), own))
+    return out
+
+
+def _positive_scores(encoder, q: np.ndarray, rows: Sequence[Mapping[str, Any]], positives: list[Positives],
+                     batch_size: int | None, max_length: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's own answer's score, the lowest score of its question's positives), float [N] each."""
+    texts = list(dict.fromkeys([r["answer"] for r in rows] + [a for p in positives for a in p.answers]))
+    # Truncated as the index's passages were, so that the positives' scores are comparable with theirs.
+    emb = encoder.encode_passages(texts, batch_size=batch_size, max_length=max_length, normalize=normalize)  # T P
+    row_of = {t: i for i, t in enumerate(texts)}
+    own = np.array([q[i] @ emb[row_of[r["answer"]]] for i, r in enumerate(rows)])  # N
+    lowest = np.array([min(q[i] @ emb[row_of[a]] for a in p.answers) for i, p in enumerate(positives)])  # N
+    return own, lowest
+
+
 def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningConfig, batch_size: int | None,
-          max_length: int) -> Mined:
+          max_length: int, shared: Mapping[str, Positives]) -> Mined:
     questions = [r["question"] for r in rows]
-    answers = [r["answer"] for r in rows]
     key = cfg.positive_id_field
-    positive_ids = [id_string(r[key]) if key is not None and key in r else None for r in rows]
-    stats = MiningStats(pairs=len(rows), with_positive_id=sum(p is not None for p in positive_ids))
+    stats = MiningStats(pairs=len(rows), with_positive_id=sum(key is not None and key in r for r in rows))
     if not rows:
         return Mined([], stats)
+    positives = _row_positives(rows, shared, key)
     normalize = index.manifest["normalized"]
     q = encoder.encode_questions(questions, batch_size=batch_size, max_length=max_length, normalize=normalize)  # N P
-    positive = None
+    own = lowest = None
     if cfg.needs_positive_score:
-        # Truncated as the index's passages were, so that the positive's score is comparable with theirs.
-        p = encoder.encode_passages(answers, batch_size=batch_size, max_length=index.manifest["max_length"],
-                                    normalize=normalize)  # N P
-        positive = np.einsum("np,np->n", q, p)  # N
-    candidates = _search_deep(index, q, answers, positive_ids, cfg.window_end)
+        own, lowest = _positive_scores(encoder, q, rows, positives, batch_size, index.manifest["max_length"],
+                                       normalize)
+    candidates = _search_deep(index, q, positives, cfg.window_end)
     out = []
     for i, row in enumerate(rows):
-        pos = None if positive is None else float(positive[i])
+        pos = None if lowest is None else float(lowest[i])
         window = candidates[i][cfg.range_min:cfg.window_end]
         chosen = []
         for h in window:
@@ -232,7 +297,7 @@ def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningC
         mined = {**row, "negatives": [h.text for h in chosen], "negative_ids": [h.id for h in chosen]}
         if cfg.include_scores:
             mined["negative_scores"] = [h.score for h in chosen]
-            mined["positive_score"] = pos
+            mined["positive_score"] = float(own[i])
         out.append(mined)
     return Mined(out, stats)
 
@@ -250,6 +315,7 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
       encoder: a `retribert_jax.encode.Encoder`; questions go through `encode_questions`, answers (for the positive
         score) through `encode_passages`, L2-normalised when the index is; scores are float32 inner products.
       rows: mappings with string "question" and "answer" (the positive passage); other keys are copied through.
+        Rows with the same question (whitespace aside) are one question whose positives are all their answers.
       num_negatives, range_min, range_max, max_score, min_score, absolute_margin, relative_margin,
         positive_id_field, include_scores: see `MiningConfig`.
       batch_size, max_length: for `encode_questions` (max_length in tokens); answers use the index's max_length.
@@ -268,7 +334,7 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
     check_index(index, encoder)
     for i, row in enumerate(rows):
         check_pair_row(row, f"row {i}")
-    return _mine(index, encoder, rows, cfg, batch_size, max_length)
+    return _mine(index, encoder, rows, cfg, batch_size, max_length, shared_positives(lambda: rows, positive_id_field))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,7 +342,7 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
 
 
 def _count_rows(path: str) -> int:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -375,6 +441,7 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
                 "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
                 "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length}
     _open_parts(parts, settings, overwrite)
+    shared = shared_positives(lambda: (row for _, row in read_pair_rows(pairs)), config.positive_id_field)
     stats = MiningStats()
     bar = tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress)
     num_parts = 0
@@ -387,7 +454,7 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
             continue
         kept, part_stats = [], MiningStats()
         for s in range(0, len(chunk), STEP):
-            mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length)
+            mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length, shared)
             part_stats.add(mined.stats)
             for row in mined.rows:
                 if drop_incomplete and len(row["negatives"]) < config.num_negatives:

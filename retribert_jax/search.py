@@ -6,7 +6,8 @@ never loaded whole. Scores are plain inner products, as faiss' `IndexFlatIP` (th
 them; `backend="faiss"` runs that index itself when faiss is installed.
 
 Ranking is a total order: score descending, then corpus row ascending. Both backends return it, so equal scores come
-out in the same order from either, and the top k of a search is always a prefix of its top K.
+out in the same order from either, and the top k of a search is always a prefix of its top K. A NaN score is no
+score: a row with a NaN embedding is never a hit (faiss' rule), so a search may return fewer than k hits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retribert_jax import embedding_dir
+from retribert_jax.corpus import RepeatedIds, id_string
 from retribert_jax.errors import MissingDependency
 
 BACKENDS = ("jax", "faiss")
@@ -46,15 +48,17 @@ class Hit:
 @functools.partial(jax.jit, static_argnames=("k", "recall_target"))
 def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: jax.Array, k: int,
                 recall_target: float | None):
-    """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding."""
+    """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding. A NaN score (a NaN row
+    or query) is no score: that row is never a hit, as in faiss; a slot without a hit has row -1 and score -inf."""
     scores = jnp.einsum("qp,np->qn", queries, block.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)  # Q N
-    scores = jnp.where(jnp.arange(block.shape[0])[None, :] < valid, scores, -jnp.inf)
+    ok = (jnp.arange(block.shape[0])[None, :] < valid) & ~jnp.isnan(scores)  # Q N
+    scores = jnp.where(ok, scores, -jnp.inf)
     if recall_target is None:
         top, idx = jax.lax.top_k(scores, k)  # Q k; ties: lower row first
     else:
         top, idx = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
-    return top, idx + offset
+    return top, jnp.where(jnp.take_along_axis(ok, idx, axis=1), idx + offset, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -68,8 +72,10 @@ def _merge(s1: jax.Array, i1: jax.Array, s2: jax.Array, i2: jax.Array, k: int):
 
 
 def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's candidates in the total order (score descending, row ascending), the first k."""
-    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    """Each query's candidates in the total order (score descending, row ascending), the first k; a slot without a
+    hit (row -1) has score -inf and comes last."""
+    scores = np.where(rows < 0, -np.inf, scores)
+    order = np.lexsort((rows, rows < 0, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
@@ -152,7 +158,8 @@ class Index:
         depth = min(k + 1, len(self))
         scores, rows = self._faiss.search(q, depth)
         while depth < len(self):
-            open_tie = scores[:, -1] == scores[:, k - 1]
+            # faiss never returns a row whose score is NaN: its empty slots (row -1) are not a tie.
+            open_tie = (scores[:, -1] == scores[:, k - 1]) & (rows[:, -1] >= 0)
             if not open_tie.any():
                 break
             depth = min(2 * depth, len(self))
@@ -167,16 +174,19 @@ class Index:
           k: hits per query (capped at the corpus size).
 
         Returns:
-          One list of `Hit`s per query, in the index's total order (score descending, row ascending).
+          One list of `Hit`s per query, in the index's total order (score descending, row ascending). A row whose
+          score is NaN (a NaN embedding, or a NaN query) is never a hit, as faiss never returns one, so a query may
+          get fewer than k hits.
 
         Raises:
           ValueError: queries of the wrong width, or k <= 0.
         """
         scores, rows = self.search_rows(queries, k)
-        return [self._hits(r, s) for s, r in zip(scores, rows, strict=True)]
+        return [self._hits(r[r >= 0], s[r >= 0]) for s, r in zip(scores, rows, strict=True)]
 
     def search_rows(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search_embeddings`, as arrays: float32 scores [Q, k'] and int corpus rows [Q, k'], k' = min(k, N)."""
+        """Like `search_embeddings`, as arrays: float32 scores [Q, k'] and int corpus rows [Q, k'], k' = min(k, N);
+        where a query has fewer than k' hits (NaN scores), the slots left have row -1 and score -inf, last."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -216,6 +226,11 @@ class Index:
             for p, v in zip(positions, values, strict=True):
                 out[p] = v
         return out
+
+    def iter_ids(self) -> Iterator[Any]:
+        """Every row's id, in row order, read sequentially (what a pass over the whole index wants)."""
+        for f in self._ids:
+            yield from f
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         ids = self.rows(rows)
@@ -263,16 +278,24 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
 
     Raises:
       FileExistsError: `directory` exists and `overwrite` is False.
-      ValueError: as many ids as passages are needed.
+      ValueError: no passages, not as many ids as passages, or an id given twice (as text: 7 and "7" are one).
     """
     import shutil
 
     from retribert_jax.io import check_overwrite
 
     passages = list(passages)
+    if not passages:
+        raise ValueError(f"{directory}: no passages to index")
     ids = list(range(len(passages))) if ids is None else list(ids)
     if len(ids) != len(passages):
         raise ValueError(f"{len(ids)} ids for {len(passages)} passages")
+    repeats = RepeatedIds(lambda: enumerate(ids))
+    for i, v in enumerate(ids):
+        first = repeats.first_position(i, v)
+        if first is not None:
+            raise ValueError(f"ids[{i}] ({id_string(v)!r}) repeats ids[{first}]; ids must be unique, and are compared "
+                             f"as text (7 and \"7\" are one id)")
     check_overwrite(directory, overwrite)
     if os.path.exists(directory):
         shutil.rmtree(directory)
@@ -282,7 +305,7 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
                 "projection_dim": cfg.projection_dim, "normalized": bool(normalize), "shard_size": shard_size,
                 "has_text": bool(store_text)}
     embedding_dir.start_run(directory, settings)
-    for i, s in enumerate(range(0, max(len(passages), 1), shard_size)):
+    for i, s in enumerate(range(0, len(passages), shard_size)):
         texts = passages[s:s + shard_size]
         emb = encoder.encode_passages(texts, batch_size=batch_size, max_length=max_length, normalize=normalize)
         embedding_dir.write_shard(directory, i, ids[s:s + shard_size], emb, texts if store_text else None)

@@ -7,7 +7,9 @@ model gets under transformers:
   True for absent keys or no file) rebuild tokenizer.json's BertNormalizer where it disagrees, as HF does;
 - the special tokens (`unk_token`, ..., `additional_special_tokens`) of `tokenizer_config.json`, overridden by
   `special_tokens_map.json` unless the config has `added_tokens_decoder` (then HF reads neither that file nor
-  `added_tokens.json`), are registered as added tokens, so a `[MASK]` written in a text is one id.
+  `added_tokens.json`), are registered as added tokens, so a `[MASK]` written in a text is one id;
+- `truncation_side` ("right", or "left": keep a long text's end) of `tokenizer_config.json`, else the direction of
+  tokenizer.json's own truncation setting, else "right".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, proce
 from tokenizers.models import WordPiece
 
 DEFAULT_MAX_LENGTH = 512
+TRUNCATION_SIDES = ("right", "left")
 # The files a checkpoint directory's tokenizer may consist of (copied verbatim when a checkpoint is converted).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -102,7 +105,7 @@ class RetriBertTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MAX_LENGTH,
-                 special_tokens: Mapping[str, Any] | None = None):
+                 special_tokens: Mapping[str, Any] | None = None, truncation_side: str | None = None):
         """Wraps a `tokenizers.Tokenizer` and registers its special tokens as HF's PreTrainedTokenizerFast does.
 
         Args:
@@ -112,12 +115,16 @@ class RetriBertTokenizer:
             or an AddedToken for lstrip/rstrip); default BERT's. Those that are not yet added tokens of `tokenizer`
             become special added tokens (a text's `[MASK]` is then one id), new ids past the vocabulary for those
             it lacks.
+          truncation_side: "right" (keep a long text's start) or "left" (keep its end); None takes the direction
+            of `tokenizer`'s own truncation setting when it has one, else "right" (as PreTrainedTokenizerFast).
 
         Raises:
-          ValueError: the vocabulary lacks the pad, unk, cls or sep token.
+          ValueError: the vocabulary lacks the pad, unk, cls or sep token, or an unknown truncation side.
         """
         specials = {**BERT_SPECIAL_TOKENS, **(special_tokens or {})}
         self._tok = tokenizer
+        own = tokenizer.truncation
+        self.truncation_side = truncation_side or (own["direction"] if own else "right")
         self._tok.no_truncation()
         self._tok.no_padding()
         self.model_max_length = model_max_length
@@ -138,6 +145,23 @@ class RetriBertTokenizer:
     @property
     def backend(self) -> Tokenizer:
         return self._tok
+
+    @property
+    def truncation_side(self) -> str:
+        """Which end of a long text truncation cuts: "right" keeps the start, "left" keeps the end ([CLS] and [SEP]
+        stay either way)."""
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        if side not in TRUNCATION_SIDES:
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {side!r}")
+        self._truncation_side = side
+
+    def enable_truncation(self, max_length: int) -> None:
+        """Turns the backend's truncation on at `max_length` tokens, on this tokenizer's side (until `no_truncation`
+        on the backend)."""
+        self._tok.enable_truncation(max_length, direction=self.truncation_side)
 
     @property
     def vocab_size(self) -> int:
@@ -205,7 +229,7 @@ class RetriBertTokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
         _add_tokens(tok, s["added_tokens"], _special_contents(s["special_tokens"]))
         tok.encode_special_tokens = s["split_special_tokens"]
-        return cls(tok, s["model_max_length"], s["special_tokens"])
+        return cls(tok, s["model_max_length"], s["special_tokens"], s["truncation_side"])
 
     def save_pretrained(self, directory: str) -> None:
         """Writes `tokenizer.json`, `vocab.txt`, `special_tokens_map.json` and a `tokenizer_config.json` stating this
@@ -222,7 +246,7 @@ class RetriBertTokenizer:
         if isinstance(self._tok.normalizer, normalizers.BertNormalizer):
             config.update(do_lower_case=self.do_lower_case, strip_accents=self.strip_accents,
                           tokenize_chinese_chars=self.tokenize_chinese_chars)
-        config.update(model_max_length=self.model_max_length, **specials)
+        config.update(model_max_length=self.model_max_length, truncation_side=self.truncation_side, **specials)
         if self._tok.encode_special_tokens:
             config["split_special_tokens"] = True
         # HF takes the lstrip/rstrip/normalized flags of the special tokens from here.
@@ -245,7 +269,7 @@ class RetriBertTokenizer:
         if bad is not None:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
         if truncation:
-            self._tok.enable_truncation(max_length or self.model_max_length)
+            self.enable_truncation(max_length or self.model_max_length)
         else:
             self._tok.no_truncation()
         try:
@@ -419,8 +443,12 @@ def _directory_settings(directory: str) -> dict[str, Any]:
         added = [AddedToken(t, normalized=t not in named, special=t in named)
                  for t, _ in sorted(index.items(), key=lambda kv: kv[1])]
     specials["additional_special_tokens"] = additional
+    side = cfg.get("truncation_side")
+    if side is not None and side not in TRUNCATION_SIDES:
+        raise ValueError(f"{cfg_path}: key 'truncation_side' is {side!r}, expected 'right' or 'left'")
     return {"do_lower_case": _flag(cfg, cfg_path, "do_lower_case", True),
             "strip_accents": _flag(cfg, cfg_path, "strip_accents", None, allow_none=True),
             "tokenize_chinese_chars": _flag(cfg, cfg_path, "tokenize_chinese_chars", True),
             "split_special_tokens": _flag(cfg, cfg_path, "split_special_tokens", False),
-            "model_max_length": max_len, "special_tokens": specials, "added_tokens": added}
+            "model_max_length": max_len, "special_tokens": specials, "added_tokens": added,
+            "truncation_side": side}

@@ -95,7 +95,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     Args:
       graphdef, params: `nnx.split(model, nnx.Param)` (the graph in train mode for dropout).
       batch: q_ids, q_mask [B, Lq], p_ids, p_mask [B, Lp]; with hard negatives also n_ids, n_mask [B, m, Ln] and
-        n_valid bool [B, m] (False: an empty slot of a question with fewer than m negatives).
+        n_valid bool [B, m] (False: an empty slot of a question with fewer than m negatives); JAX or numpy arrays.
       key: the dropout key of this step (None with dropout off).
       checkpoint_batch_size: encode in chunks of this size under remat (as HF); -1 for none.
       micro_batch_size: None for one pass; else gradient cache (Gao et al., 2021, "Scaling Deep Contrastive
@@ -115,6 +115,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
         return jax.value_and_grad(loss_fn)(params)
 
     n_micro = b // micro_batch_size
+    # As JAX arrays: a micro-batch is taken by a traced index inside the scans below, which numpy cannot do.
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     # Row r = i * n_micro + j goes to micro-batch j: the leading axis stays the sharded one, so every micro-batch
     # is spread over all devices instead of living on one.
     def split(x):
@@ -339,11 +341,19 @@ def tokenize_batch(tok: RetriBertTokenizer, pairs: Sequence[Pair], max_length: i
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the trained model, the step reached and the last logged loss."""
+    """What `train` returns: the trained model, the step reached, the last loss logged by this call (None when it
+    trained no step), and the step it started from (above 0 when it resumed; equal to `step` when the run had
+    already finished)."""
 
     model: RetriBertModel
     step: int
     loss: float | None
+    start_step: int = 0
+
+    @property
+    def steps_trained(self) -> int:
+        """Steps this call trained (0 for a rerun of a finished run)."""
+        return self.step - self.start_step
 
 
 def _rewrite_log(path: str, upto_step: int) -> None:
@@ -473,6 +483,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     ckpts = _Checkpoints(out_dir, tcfg, rep)
     params, opt_state, step, base_key = ckpts.restore(params, jax.device_put(tx.init(params), rep),
                                                       jax.random.key(tcfg.seed))
+    start_step = step
     log_path = os.path.join(out_dir, "metrics.jsonl")
     _rewrite_log(log_path, step)
     buckets = fit_train_buckets(tokenizer, pairs, tcfg, model.config)
@@ -513,7 +524,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     model.eval()
     if save_final:
         model.save_pretrained(os.path.join(out_dir, "model"), overwrite=True, tokenizer=tokenizer)
-    return TrainResult(model=model, step=step, loss=loss_value)
+    return TrainResult(model=model, step=step, loss=loss_value, start_step=start_step)
 
 
 def recall_at_1(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[Pair | tuple],

@@ -97,10 +97,17 @@ def test_crlf_and_blank_lines(tmp_path, monkeypatch):
     pairs = tmp_path / "p.jsonl"
     pairs.write_bytes(b'{"question": "q1", "answer": "a1"}\r\n\r\n{"question": "q2", "answer": "a2"}\r\n')
     assert [p[:2] for p in read_pairs(str(pairs))] == [("q1", "a1"), ("q2", "a2")]
+    # In JSONL and TSV a blank line holds no record, as pyarrow reads them; the others keep their line numbers.
     jsonl = tmp_path / "c.jsonl"
-    jsonl.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
-    with pytest.raises(BadRecord, match=r"c.jsonl:2: empty line"):
-        records(jsonl)
+    jsonl.write_bytes(b'\n{"text": "a", "id": 1}\r\n\r\n  \t \n{"text": "b", "id": 2}\r\n\n')
+    want = pyarrow_jsonl(jsonl)
+    assert [(i, t) for _, i, t in records(jsonl, id_field="id")] == [(r["id"], r["text"]) for r in want]
+    assert [n for n, _, _ in records(jsonl)] == [2, 5]
+    tsv = tmp_path / "c.tsv"
+    tsv.write_bytes(b"id\ttext\r\nd1\ta\r\n\r\n\nd2\tb\n\n")
+    want = pyarrow_tsv(tsv)
+    assert [(i, t) for _, i, t in records(tsv, id_field="id")] == [(r["id"], r["text"]) for r in want]
+    assert [n for n, _, _ in records(tsv)] == [2, 5]
     # Only one \r goes with the \n: a second one is data.
     plain.write_bytes(b"two cr\r\r\n")
     assert records(plain) == [(1, None, "two cr\r")]
@@ -185,3 +192,110 @@ def test_null_ids_are_bad_records(tmp_path):
     with pytest.raises(BadRecord, match=r"c.tsv:3: id field 'id' is empty"):
         records(tsv, id_field="id")
     assert [i for _, i, _ in records(tsv, id_field="id", skip_bad_lines=True, log=io.StringIO())] == ["7", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compressed inputs are read, as pyarrow and pyserini read them (issue 23, item 6)
+
+def _compress(data: bytes, kind: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    if kind == "zstd":
+        pa = pytest.importorskip("pyarrow")
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as f:
+            f.write(data)
+        return sink.getvalue().to_pybytes()
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind](data)
+
+
+@pytest.mark.parametrize("kind,suffix", [("gz", ".gz"), ("bz2", ".bz2"), ("xz", ".xz"), ("zstd", ".zst")])
+def test_compressed_inputs_read_as_their_content(tmp_path, monkeypatch, kind, suffix):
+    from retribert_jax.evaluation import read_qrels, read_queries
+    from retribert_jax.mining import _count_rows
+
+    jsonl = BOM + b'{"id": "d1", "text": "first"}\r\n\n{"id": "d2", "text": "second"}\n'
+    tsv = b"id\ttext\nd1\tfirst\nd2\tsecond\n"
+    text = b"first\nsecond\n"
+    for name, data, fmt in (("c.jsonl", jsonl, "jsonl"), ("c.tsv", tsv, "tsv"), ("c.txt", text, "text")):
+        plain, packed = tmp_path / name, tmp_path / (name + suffix)
+        plain.write_bytes(data)
+        packed.write_bytes(_compress(data, kind))
+        id_field = None if fmt == "text" else "id"
+        want = records(plain, id_field=id_field)
+        assert records(packed, id_field=id_field) == want, f"{packed.name}: the records differ from the plain file's"
+        # The format comes from the name beneath the suffix, or from --format whatever the name; the content is
+        # recognised by its first bytes.
+        anonymous = tmp_path / f"{name}.data"
+        anonymous.write_bytes(packed.read_bytes())
+        assert records(anonymous, fmt, id_field=id_field) == want
+        if kind in ("gz", "bz2", "zstd") and fmt != "text":  # pyarrow's readers take these by their extension
+            reference = pyarrow_jsonl(packed) if fmt == "jsonl" else pyarrow_tsv(packed)
+            assert [(i, t) for _, i, t in want] == [(r["id"], r["text"]) for r in reference]
+    assert questions_from(tmp_path / f"c.txt{suffix}") == ["first", "second"]
+    pairs = tmp_path / f"p.jsonl{suffix}"
+    pairs.write_bytes(_compress(b'{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": "a2"}\n', kind))
+    assert [p[:2] for p in read_pairs(str(pairs))] == [("q1", "a1"), ("q2", "a2")]
+    assert _count_rows(str(pairs)) == 2
+    queries = tmp_path / f"q.jsonl{suffix}"
+    queries.write_bytes(_compress(b'{"_id": "q1", "text": "why"}\n', kind))
+    assert read_queries(str(queries)) == {"q1": "why"}
+    queries = tmp_path / f"q.tsv{suffix}"
+    queries.write_bytes(_compress(b"q1\twhy\n", kind))
+    assert read_queries(str(queries)) == {"q1": "why"}
+    qrels = tmp_path / f"qrels.tsv{suffix}"
+    qrels.write_bytes(_compress(b"query-id\tcorpus-id\tscore\nq1\td1\t1\n", kind))
+    assert read_qrels(str(qrels)) == {"q1": {"d1": 1}}
+
+
+def test_damaged_compressed_input_is_one_line(tmp_path):
+    import gzip
+
+    data = gzip.compress(b"".join(b'{"text": "passage %d"}\n' % i for i in range(20000)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot be read past line \d+ \(EOFError"):
+        records(cut)
+    pa = pytest.importorskip("pyarrow")
+    parquet = tmp_path / "c.parquet.gz"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a"]}), str(tmp_path / "c.parquet"))
+    parquet.write_bytes(gzip.compress((tmp_path / "c.parquet").read_bytes()))
+    with pytest.raises(ValueError, match="c.parquet.gz: a gzip-compressed parquet file"):
+        records(parquet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An id names one record (issue 23, item 8): as text, as qrels and TREC runs carry ids, so 7 and "7" are one id
+
+def test_repeated_ids_are_refused_naming_both_lines(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": 7, "text": "a"}\n{"id": "d", "text": "b"}\n\n{"id": "7", "text": "c"}\n')
+    for kw in ({}, {"skip_bad_lines": True, "log": io.StringIO()}):
+        with pytest.raises(ValueError, match=r"c.jsonl:4: id '7' again \(first on line 1\)"):
+            records(jsonl, id_field="id", **kw)
+    assert [i for _, i, _ in records(jsonl)] == [None, None, None], "record numbers are ids that cannot repeat"
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("id\ttext\nd1\ta\nd2\tb\nd1\tc\n")
+    with pytest.raises(ValueError, match=r"c.tsv:4: id 'd1' again \(first on line 2\)"):
+        records(tsv, id_field="id")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 1], "text": ["a", "b", "c"]}), str(parquet))
+    with pytest.raises(ValueError, match=r"c.parquet:row 3: id '1' again \(first on row 1\)"):
+        records(parquet, id_field="id")
+
+
+def test_a_hash_collision_is_not_a_repeat(monkeypatch):
+    """Only hashes are kept; one seen before is confirmed against the ids themselves."""
+    import retribert_jax.corpus as corpus
+
+    monkeypatch.setattr(corpus, "hash", lambda key: 0, raising=False)  # every id collides
+    ids = ["a", "b", "c", "b"]
+    repeats = corpus.RepeatedIds(lambda: enumerate(ids))
+    assert [repeats.first_position(i, v) for i, v in enumerate(ids)] == [None, None, None, 1]

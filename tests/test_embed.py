@@ -203,3 +203,81 @@ def test_byte_order_mark_and_null_ids(model_dir, tmp_path):
     assert manifest["count"] == len(kept) and ids == [w["id"] for w in kept]
     with open(tmp_path / "o2" / "texts-00000.jsonl", encoding="utf-8") as f:
         assert [json.loads(line) for line in f] == [w["text"] for w in kept]
+
+
+def test_compressed_corpus_embeds_as_the_plain_one(model_dir, corpus, tmp_path):
+    """pyserini's encoder reads a corpus.jsonl.gz; so does embed, to the same shards as the plain file."""
+    import gzip
+
+    from retribert_jax import cli
+
+    _, path = corpus
+    packed = tmp_path / "c.jsonl.gz"
+    packed.write_bytes(gzip.compress(open(path, "rb").read()))
+    outs = []
+    for source in (path, str(packed)):
+        outs.append(str(tmp_path / ("out-" + os.path.basename(source))))
+        assert cli.main(["embed", model_dir, source, outs[-1], "--kind", "passages", "--text-field", "body",
+                         "--id-field", "pid", "--shard-size", str(SHARD), "--no-progress"]) == 0
+    (m1, e1, i1), (m2, e2, i2) = load_all(outs[0]), load_all(outs[1])
+    assert m2["count"] == m1["count"] == 250 and i2 == i1
+    np.testing.assert_array_equal(e2, e1)
+
+
+def test_an_empty_input_is_refused(model_dir, tmp_path, capsys):
+    """An empty input (or one whose every line was skipped) made an index of 0 passages with exit 0."""
+    from retribert_jax import cli
+
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    bad.write_text('{"body": "no text field"}\n')
+    for path, extra, why in ((empty, [], "no passages to embed"),
+                             (bad, ["--skip-bad-lines"], "no passages to embed that could be read")):
+        out = str(tmp_path / ("out-" + path.stem))
+        assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"retribert-jax embed: error: {path}: {why}" + (" (see the skipped lines above)" if extra else "")
+        assert not os.path.isfile(os.path.join(out, "manifest.json"))
+
+
+def test_repeated_ids_are_refused(model_dir, tmp_path, capsys):
+    """Duplicate ids (7 and "7" too) were accepted without a word, and evaluate then passed at -k 1 and failed at
+    -k 5 on the same inputs; embed refuses them, naming both lines, before writing a manifest."""
+    from retribert_jax import cli
+
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": 7, "text": "why is the sky blue"}\n{"id": "d1", "text": "why does ice float"}\n'
+                    '{"id": "7", "text": "why does bread rise"}\n')
+    for n, extra in enumerate(([], ["--skip-bad-lines"])):
+        out = str(tmp_path / f"out{n}")
+        assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--id-field", "id",
+                         "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"retribert-jax embed: error: {path}:3: id '7' again (first on line 1)"), err
+        assert not os.path.isfile(os.path.join(out, "manifest.json"))
+
+
+def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
+    """A checkpoint with one corrupted (NaN) word-embedding row: embed exited 0 with NaN rows in the index. It
+    refuses now, naming the ids of the passages that hold the word."""
+    from safetensors.numpy import load_file, save_file
+
+    from retribert_jax import cli
+    from tests.embed_helpers import tiny_vocab
+
+    model = tiny_model_dir(str(tmp_path / "model"))
+    path = os.path.join(model, "model.safetensors")
+    tensors = load_file(path)
+    for name in ("bert_doc.embeddings.word_embeddings.weight", "bert_query.embeddings.word_embeddings.weight"):
+        tensors[name][tiny_vocab().index("blue")] = np.nan
+    save_file(tensors, path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (
+        ("p-ice", "why does ice float"), ("p-blue", "why is the sky blue"), ("p-cat", "the cat and bread"))))
+    out = str(tmp_path / "out")
+    assert cli.main(["embed", model, str(corpus), out, "--kind", "passages", "--id-field", "id",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"retribert-jax embed: error: {out}: the model gave "), err
+    assert "NaN or infinite embeddings" in err and '"p-blue"' in err, err
+    assert not os.path.exists(os.path.join(out, "embeddings-00000.npy"))

@@ -76,6 +76,33 @@ def test_matches_hf_pytorch(hf_and_dir, encoder):
         assert diff <= TOL, f"{name}: Encoder vs HF PyTorch differ by {diff:.3g}"
 
 
+def test_left_truncation_matches_hf_pytorch(hf_and_dir, tmp_path):
+    """`truncation_side: "left"` in tokenizer_config.json: HF keeps a long text's end, and so must the Encoder's
+    packed rows (its ids and embeddings are HF's: BertTokenizerFast and PyTorch RetriBertModel on the same files)."""
+    import json
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ref, d = hf_and_dir
+    left = tmp_path / "left"
+    shutil.copytree(d, left)
+    (left / "tokenizer_config.json").write_text(json.dumps({"truncation_side": "left"}))
+    hf_tok = transformers.BertTokenizerFast.from_pretrained(str(left))
+    encoder = Encoder(RetriBertModel.from_pretrained(str(left)), RetriBertTokenizer.from_pretrained(str(left)))
+    texts = random_texts(10, seed=5, max_words=80)
+    batch = hf_tok(texts, max_length=24, truncation=True, padding=True, return_tensors="pt")
+    assert encoder.tokenize(texts, 24) == [[t for t, m in zip(ids, mask, strict=True) if m] for ids, mask in
+                                           zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
+                                               strict=True)]
+    with torch.no_grad():
+        want = ref.project_doc(ref.embed_sentences_checkpointed(batch["input_ids"], batch["attention_mask"],
+                                                                ref.bert_doc)).numpy()
+    got = encoder.encode_passages(texts, batch_size=4, max_length=24)
+    diff = np.abs(got - want).max()
+    assert diff <= TOL, f"left-truncated passages: Encoder vs HF PyTorch differ by {diff:.3g}"
+
+
 @pytest.mark.parametrize("trim", [True, False])
 def test_trimmed_and_untrimmed_last_layer_match_hf_pytorch(hf_and_dir, trim):
     """Both programs the Encoder may choose (last layer on the [CLS] rows alone, or on every row) give HF's numbers."""

@@ -101,6 +101,24 @@ def test_measures_equal_trec_eval_definitions():
         assert abs(aggregate[name] - mean) < 1e-9, f"{name}: aggregate {aggregate[name]} != mean {mean}"
 
 
+def test_empty_judgment_sets_are_skipped_as_pytrec_eval_does():
+    """A query mapped to no judgments (what dropping relevance-0 lines leaves) is not scored; one whose judgments are
+    all 0 is scored 0. Expected values: pytrec_eval averaged over the queries it returns, as BEIR averages."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    run = {"q1": hits_of(("d1", 0.9), ("x", 0.5)), "q2": hits_of(("d2", 0.9)),
+           "q3": hits_of(("x", 0.9), ("d3", 0.5)), "q4": hits_of(("n", 0.9))}
+    qrels = {"q1": {"d1": 1}, "q2": {}, "q3": {"d3": 1, "d9": 1}, "q4": {"n": 0}}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
+        {q: {str(h.id): h.score for h in hits} for q, hits in run.items()})
+    aggregate, per_query = compute_metrics(run, qrels, ["R@5", "nDCG@10"])
+    assert sorted(per_query) == sorted(theirs) == ["q1", "q3", "q4"], "q2 is skipped, q4 (all zeros) is judged"
+    for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(aggregate[ours] - want) < 1e-12, f"{ours}: ours {aggregate[ours]}, pytrec_eval's mean {want}"
+    with pytest.raises(ValueError, match="no query of the run has judgments"):
+        compute_metrics({"q2": run["q2"]}, qrels, ["R@5"])
+
+
 def test_duplicate_doc_in_a_query_is_refused():
     with pytest.raises(ValueError, match="retrieved twice"):
         compute_metrics({"q": hits_of((7, 0.9), ("7", 0.8))}, {"q": {"7": 1}}, ["R@10"])
@@ -131,6 +149,27 @@ def test_qrels_trec_and_beir_read_the_same(tmp_path):
     want = {"q1": {"d1": 1, "d2": 2}, "q2": {"d1": 0}}
     assert read_qrels(trec) == want
     assert read_qrels(beir) == want
+
+
+def test_byte_order_mark_and_crlf_are_not_data(tmp_path):
+    """Files saved by Excel or Notepad: a UTF-8 BOM and CRLF line ends. The qrels must read as ir-measures reads the
+    same judgments without them; the queries as without them."""
+    bom = "\ufeff"
+    trec = "q1 0 d1 1\r\nq1 0 d2 2\r\nq2 0 d1 0\r\n"
+    clean = write(tmp_path / "clean.txt", trec.replace("\r", ""))
+    want = {}
+    for q in irm.read_trec_qrels(clean):
+        want.setdefault(q.query_id, {})[q.doc_id] = q.relevance
+    assert read_qrels(write(tmp_path / "bom.txt", bom + trec)) == want
+    beir = bom + "query-id\tcorpus-id\tscore\r\n" + "".join(
+        "\t".join(ln.split()[i] for i in (0, 2, 3)) + "\r\n" for ln in trec.splitlines())
+    assert read_qrels(write(tmp_path / "bom.tsv", beir)) == want
+    queries = {"q1": "why is the sky blue", "q2": "does ice float"}
+    files = {"beir.jsonl": "".join(json.dumps({"_id": q, "text": t}) + "\r\n" for q, t in queries.items()),
+             "header.tsv": "qid\tquery\r\n" + "".join(f"{q}\t{t}\r\n" for q, t in queries.items()),
+             "plain.tsv": "".join(f"{q}\t{t}\r\n" for q, t in queries.items())}
+    for name, text in files.items():
+        assert read_queries(write(tmp_path / name, bom + text)) == queries, name
 
 
 @pytest.mark.parametrize("name,text,message", [
@@ -231,6 +270,123 @@ def test_end_to_end_equals_ir_measures_on_the_run_file(tiny_index, tmp_path, cap
                    "--output", str(tmp_path / "beir.json"), "--no-progress"])
     assert rc == 0
     assert json.loads(open(tmp_path / "beir.json").read())["metrics"] == report["metrics"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_index):
+    from retribert_jax import Encoder, Index, RetriBertModel, RetriBertTokenizer
+
+    model_dir, index_dir, _ = tiny_index
+    return Index(index_dir), Encoder(RetriBertModel.from_pretrained(model_dir),
+                                     RetriBertTokenizer.from_pretrained(model_dir))
+
+
+def test_evaluate_skips_queries_with_empty_judgments(tiny_index, tiny_encoder):
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from retribert_jax.evaluation import evaluate
+
+    _, _, texts = tiny_index
+    index, encoder = tiny_encoder
+    queries = {f"q{i}": texts[i] for i in range(4)}
+    qrels = {"q0": {"p0": 1, "p9": 1}, "q1": {}, "q2": {"p2": 0}, "q3": {"p3": 2}}
+    result = evaluate(index, encoder, queries, qrels, depth=10, metrics=["R@5", "nDCG@10"])
+    assert result.skipped_queries == ["q1"] and list(result.run) == ["q0", "q2", "q3"]
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
+        {q: {str(h.id): h.score for h in hits} for q, hits in result.run.items()})
+    assert sorted(theirs) == ["q0", "q2", "q3"]
+    for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(result.metrics[ours] - want) < 1e-12, f"{ours}: ours {result.metrics[ours]}, pytrec_eval {want}"
+
+
+def test_qrels_ids_not_in_the_index_are_counted_and_none_is_refused(tiny_index, tmp_path, capsys):
+    """A BEIR corpus embedded without --id-field _id has ids 0, 1, ... that no qrels line names: every measure is 0.
+    evaluate reports how many judged documents the index holds, and refuses when it holds none."""
+    model_dir, index_dir, texts = tiny_index
+    queries = write(tmp_path / "q.tsv", "".join(f"q{i}\t{texts[i]}\n" for i in range(3)))
+    none = write(tmp_path / "none.txt", "q0 0 doc-0 1\nq1 0 doc-1 1\nq2 0 doc-2 0\n")
+    rc = cli.main(["evaluate", index_dir, model_dir, queries, none, "-k", "5", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert f"{index_dir}: none of the 3 documents judged for the 3 queries is in the index" in err, err
+    some = write(tmp_path / "some.txt", "q0 0 p0 1\nq0 0 doc-0 1\nq1 0 p1 1\nq2 0 doc-2 0\n")
+    assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress"]) == 0
+    assert "3 queries with qrels evaluated" in capsys.readouterr().out
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress", "--output",
+                     str(out)]) == 0
+    assert "2 of their 4 judged documents in the index" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert (report["judged_documents"], report["judged_documents_in_index"]) == (4, 2)
+
+
+def test_an_index_with_a_repeated_id_is_refused_at_every_depth(tiny_encoder, tmp_path):
+    """An index written before embed refused repeated ids: evaluate passed at -k 1 and failed at -k 5."""
+    import numpy as np
+
+    from retribert_jax import Index
+    from retribert_jax.evaluation import evaluate
+    from tests.test_search import write_index
+
+    _, encoder = tiny_encoder
+    cfg = encoder.config
+    emb = np.random.default_rng(0).standard_normal((6, cfg.projection_dim)).astype(np.float32)
+    d = write_index(tmp_path / "dup", emb, 4, ids=["d0", 1, "d2", "1", "d4", "d5"],
+                    config_hash=cfg.architecture_hash())
+    for depth in (1, 5):
+        with pytest.raises(ValueError, match=r"dup: id '1' is on rows 1 and 3"):
+            evaluate(Index(d), encoder, {"q": "why"}, {"q": {"d0": 1}}, depth=depth, metrics=["R@1"])
+
+
+def test_ignore_identical_ids_follows_beir(tiny_index, tiny_encoder, tmp_path, capsys):
+    """BEIR's rule, from its source: `DenseRetrievalExactSearch.search` takes the top `top_k + 1` by score, skips a
+    hit whose corpus id equals the query id and keeps `top_k`; `EvaluateRetrieval.evaluate(ignore_identical_ids=
+    True)` pops any left, leaves the qrels alone, and averages pytrec_eval's values over the queries it returns."""
+    import numpy as np
+
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from retribert_jax.evaluation import evaluate
+
+    model_dir, index_dir, texts = tiny_index
+    index, encoder = tiny_encoder
+    # Queries that are also documents under the same id (Quora, ArguAna).
+    queries = {f"p{i}": texts[i] for i in range(6)}
+    qrels = {f"p{i}": {f"p{(i + 1) % 48}": 1, f"p{(i + 7) % 48}": 2, f"p{i}": 1} for i in range(6)}
+    depth = 10
+    q = encoder.encode_questions(list(queries.values()))
+    docs = np.concatenate([np.asarray(s, np.float32) for s in index.shards])
+    ids = list(index.iter_ids())
+    scores = q @ docs.T
+    beir, identical = {}, 0
+    for qid, row in zip(queries, scores, strict=True):
+        top = np.argsort(-row, kind="stable")[:depth + 1]
+        identical += qid in [ids[r] for r in top[:depth]]
+        beir[qid] = {ids[r]: float(row[r]) for r in top if ids[r] != qid}
+        beir[qid] = dict(sorted(beir[qid].items(), key=lambda kv: -kv[1])[:depth])
+    assert all(qid not in beir[qid] for qid in beir) and all(len(v) == depth for v in beir.values())
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(beir)
+
+    ours = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"],
+                    ignore_identical_ids=True)
+    assert {qid: [str(h.id) for h in hits] for qid, hits in ours.run.items()} == \
+        {qid: list(v) for qid, v in beir.items()}, "the run differs from BEIR's"
+    for name, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
+        want = sum(v[key] for v in theirs.values()) / len(theirs)
+        assert abs(ours.metrics[name] - want) < 1e-12, f"{name}: ours {ours.metrics[name]}, BEIR's rule {want}"
+    assert identical >= 1, "the case must bite: some query retrieves itself within the depth"
+    assert ours.identical_ids == identical
+    kept = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"])
+    assert sum(qid in [str(h.id) for h in hits] for qid, hits in kept.run.items()) == identical, \
+        "by default (trec_eval's rule) the hit is kept"
+    assert kept.identical_ids == identical and kept.metrics["nDCG@10"] != ours.metrics["nDCG@10"]
+
+    qfile = write(tmp_path / "q.tsv", "".join(f"{k}\t{v}\n" for k, v in queries.items()))
+    qrels_file = write(tmp_path / "qrels.txt", "".join(f"{k} 0 {d} {r}\n" for k, v in qrels.items()
+                                                       for d, r in v.items()))
+    for flag, word in (([], "kept; BEIR drops them"), (["--ignore-identical-ids"], "dropped")):
+        assert cli.main(["evaluate", index_dir, model_dir, qfile, qrels_file, "-k", "10", "--no-progress",
+                         *flag]) == 0
+        assert f"{identical} queries retrieved a document under their own id: {word}" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------

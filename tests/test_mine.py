@@ -315,3 +315,86 @@ def test_cli(setup, tmp_path, capsys):
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
     assert cli.main(["mine", index_dir, model_dir, str(bad), str(tmp_path / "x.jsonl"), "--no-progress"]) == 2
     assert f"{bad}:2: field 'answer' must be a string (missing)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A question written on several rows, one per positive (sentence-transformers' format for multiple positives)
+
+
+def multi_positive_rows(texts: list[str]) -> list[dict]:
+    """Two questions on three rows each (one row of each without its id, one spelled with other spacing), and a
+    question asked once."""
+    q1, q2 = " ".join(texts[3].split()[:4]), " ".join(texts[20].split()[:4])
+    return [{"question": q1, "answer": texts[3], "pid": "p3"},
+            {"question": q2, "answer": texts[20], "pid": "p20"},
+            {"question": "  " + q1.replace(" ", "\n", 1), "answer": texts[8], "pid": "p8"},
+            {"question": "why does bread rise", "answer": texts[30], "pid": "p30"},
+            {"question": q1, "answer": texts[12]},
+            {"question": q2, "answer": texts[25], "pid": "p25"},
+            {"question": q2, "answer": texts[33]}]
+
+
+def brute_force_grouped(setup, rows: list[dict], cfg: MiningConfig, *, grouped: bool = True) -> list[list[int]]:
+    """sentence-transformers' rules for several positives, written out: the rows of one question (whitespace aside)
+    share its positives, none of which is a negative, and the margins compare with the lowest positive score."""
+    _, index_dir, encoder, _, _ = setup
+    emb, ids, texts, manifest = load_index(index_dir)
+    q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
+                                normalize=True).astype(np.float64)
+    scores = q @ emb.astype(np.float64).T
+    out = []
+    for i, row in enumerate(rows):
+        group = [j for j, r in enumerate(rows) if norm(r["question"]) == norm(row["question"])] if grouped else [i]
+        pos = min(float(q[i] @ p[j]) for j in group)
+        pids = {rows[j]["pid"] for j in group if "pid" in rows[j]}
+        seen, cands = {norm(rows[j]["answer"]) for j in group}, []
+        for r in np.argsort(-scores[i], kind="stable"):
+            if norm(texts[r]) in seen or ids[r] in pids:
+                continue
+            seen.add(norm(texts[r]))
+            cands.append(int(r))
+        window = cands[cfg.range_min:cfg.window_end]
+        out.append([r for r in window if passes(cfg, scores[i, r], pos)][:cfg.num_negatives])
+    return out
+
+
+def test_a_questions_other_positives_are_never_its_negatives(setup, tmp_path):
+    _, index_dir, encoder, texts, _ = setup
+    _, ids, stored, _ = load_index(index_dir)
+    rows = multi_positive_rows(texts)
+    index = Index(index_dir)
+    everything = {"num_negatives": len(texts), "range_max": len(texts), "positive_id_field": "pid"}
+    mined = mine_hard_negatives(index, encoder, rows, **everything)
+    want = brute_force_grouped(setup, rows, MiningConfig(**everything))
+    for i, (row, got) in enumerate(zip(rows, mined.rows, strict=True)):
+        assert [norm(t) for t in got["negatives"]] == [norm(stored[r]) for r in want[i]], f"row {i}"
+        group = [r for r in rows if norm(r["question"]) == norm(row["question"])]
+        assert not {norm(r["answer"]) for r in group} & {norm(t) for t in got["negatives"]}, \
+            f"row {i}: a positive of its own question mined as a negative"
+    assert mined.rows[0]["negative_ids"] == mined.rows[2]["negative_ids"] == mined.rows[4]["negative_ids"]
+
+    # The margins compare with the question's lowest positive score: a threshold that makes a difference.
+    emb, _, _, manifest = load_index(index_dir)
+    q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
+                                normalize=True).astype(np.float64)
+    lowest = np.array([min(q[i] @ p[j] for j, s in enumerate(rows) if norm(s["question"]) == norm(r["question"]))
+                       for i, r in enumerate(rows)])
+    top = np.sort(q @ emb.astype(np.float64).T, axis=1)[:, ::-1][:, :12]
+    cfg = MiningConfig(num_negatives=4, positive_id_field="pid",
+                       absolute_margin=between(list((lowest[:, None] - top).ravel()), -0.1, 0.1))
+    want = brute_force_grouped(setup, rows, cfg)
+    assert want != brute_force_grouped(setup, rows, cfg, grouped=False), "the case must bite"
+    mined = mine_hard_negatives(index, encoder, rows, num_negatives=4, positive_id_field="pid",
+                                absolute_margin=cfg.absolute_margin, include_scores=True)
+    assert [[norm(t) for t in r["negatives"]] for r in mined.rows] == \
+        [[norm(stored[r]) for r in w] for w in want]
+    assert [round(r["positive_score"], 5) for r in mined.rows] == [round(float(q[i] @ p[i]), 5)
+                                                                   for i in range(len(rows))]
+
+    # A file mined in chunks that split the questions' rows gives the same rows.
+    pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
+    out = str(tmp_path / "mined.jsonl")
+    mine_file(index, encoder, pairs, out, cfg, chunk_size=2, show_progress=False)
+    assert [json.loads(line)["negative_ids"] for line in open(out)] == [r["negative_ids"] for r in mined.rows]

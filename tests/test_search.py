@@ -91,6 +91,30 @@ def test_faiss_backend_gives_identical_topk(tmp_path):
         assert diff <= 1e-5, f"query {i}: scores differ from faiss by {diff:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["jax", "faiss"])
+def test_nan_rows_are_never_hits_as_in_faiss(tmp_path, backend):
+    """A corrupted (NaN) embedding row was ranked first by the jax backend, and the faiss backend died with an
+    IndexError on faiss' empty slots. Expected: faiss' own IndexFlatIP on the same arrays, which never returns a row
+    whose score is NaN (and returns nothing for a NaN query)."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((30, 8)).astype(np.float32)
+    emb[[2, 17, 18]] = np.nan
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    q[3] = np.nan
+    reference = faiss.IndexFlatIP(8)
+    reference.add(emb)
+    index = Index(write_index(tmp_path / "idx", emb, 8), backend=backend, block_size=5)
+    for k in (5, 27, 30):  # 27 finite rows: k = 30 leaves empty slots
+        scores, rows = reference.search(q, k)
+        hits = index.search_embeddings(q, k=k)
+        for i in range(4):
+            want = [int(r) for r in rows[i] if r >= 0]
+            assert [h.id for h in hits[i]] == want, f"k={k}, query {i}: {[h.id for h in hits[i]]} != faiss {want}"
+            assert all(np.isfinite(h.score) for h in hits[i])
+        assert hits[3] == [], "a NaN query has no hits"
+
+
 def test_bad_directories_are_named(tmp_path):
     rng = np.random.default_rng(3)
     emb = rng.standard_normal((10, 8)).astype(np.float32)
@@ -110,6 +134,37 @@ def test_bad_directories_are_named(tmp_path):
     json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
     with pytest.raises(ValueError, match="key 'count' is missing"):
         read_manifest(d)
+
+
+def test_an_empty_index_is_refused_by_every_command(tmp_path, capsys):
+    """An index of 0 passages (as `embed` of an empty input wrote) made `evaluate` print zeros and `mine` say "k must
+    be positive, got 0", a parameter the user never gave: opening it is refused, naming it."""
+    from retribert_jax import cli
+    from retribert_jax.search import build_index
+
+    d = write_index(tmp_path / "empty", np.zeros((0, 8), np.float32), 4)
+    with pytest.raises(ValueError, match=r"manifest.json: the index holds no passages \(count 0\)"):
+        Index(d)
+    queries, qrels, pairs = tmp_path / "q.tsv", tmp_path / "qrels.txt", tmp_path / "pairs.jsonl"
+    queries.write_text("q1\twhy\n")
+    qrels.write_text("q1 0 d1 1\n")
+    pairs.write_text('{"question": "why", "answer": "because"}\n')
+    for argv in (["search", d, "model", "why"], ["evaluate", d, "model", str(queries), str(qrels)],
+                 ["mine", d, "model", str(pairs), str(tmp_path / "out.jsonl")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "the index holds no passages" in err and "\n" not in err and "k must be" not in err, err
+    with pytest.raises(ValueError, match="no passages to index"):
+        build_index(None, [], str(tmp_path / "new"))
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_build_index_refuses_repeated_ids(tmp_path):
+    from retribert_jax.search import build_index
+
+    with pytest.raises(ValueError, match=r"ids\[2\] \('7'\) repeats ids\[0\]"):
+        build_index(None, ["a", "b", "c"], str(tmp_path / "new"), ids=[7, "d", "7"])
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_check_model_refuses_other_models_and_question_indexes(tmp_path):

@@ -317,3 +317,57 @@ def test_warns_once_when_a_sequence_exceeds_model_max_length(minilm):
         warnings.simplefilter("error")
         tok([long_text], max_length=600)  # once per tokenizer, as HF warns
         tok([long_text], max_length=512)
+
+
+def _tokenizer_json_truncating(minilm, path, direction: str) -> str:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(minilm, "tokenizer.json"))
+    tok.enable_truncation(64, direction=direction)
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("tokenizer_json", [True, False], ids=["tokenizer.json", "vocab.txt"])
+def test_truncation_side_is_honoured_as_hf_does(minilm, tmp_path, tokenizer_json):
+    """`truncation_side: "left"` keeps a long text's end (HF keeps the question at the end of a long context); the
+    expected ids are HF BertTokenizerFast's from the same directory, at several lengths."""
+    hf_fast = _hf().BertTokenizerFast
+    texts = TEXTS + ["a long preamble about nothing at all " * 20 + "so why is the sky blue?"]
+    for side in ("left", "right"):
+        d = _checkpoint_dir(tmp_path / side, minilm, {"truncation_side": side}, tokenizer_json=tokenizer_json)
+        ours, hf = RetriBertTokenizer.from_pretrained(d), hf_fast.from_pretrained(d)
+        assert ours.truncation_side == hf.truncation_side == side
+        for max_length in (8, 16, 128):
+            a = ours(texts, max_length=max_length)["input_ids"].tolist()
+            b = hf(texts, max_length=max_length, truncation=True, padding=True)["input_ids"]
+            assert a == b, f"truncation_side {side}, max_length {max_length}: ids differ from HF's"
+            assert ours.encode_lengths(texts, max_length).tolist() == [sum(m) for m in hf(
+                texts, max_length=max_length, truncation=True, padding=True)["attention_mask"]]
+        tail = ours(texts[-1:], max_length=8)["input_ids"][0].tolist()
+        assert (ours.backend.decode(tail).endswith("blue?") or ours.backend.decode(tail).endswith("blue ?")) \
+            == (side == "left")
+    # Saved and read back, by us and by HF.
+    saved = tmp_path / "saved"
+    RetriBertTokenizer.from_pretrained(str(tmp_path / "left")).save_pretrained(str(saved))
+    assert RetriBertTokenizer.from_pretrained(str(saved)).truncation_side == "left"
+    assert hf_fast.from_pretrained(str(saved)).truncation_side == "left"
+
+
+def test_truncation_side_from_tokenizer_json_and_config_precedence(minilm, tmp_path):
+    """Without the config key, PreTrainedTokenizerFast takes tokenizer.json's own truncation direction; the config
+    key, when present, wins."""
+    hf_fast = _hf().BertTokenizerFast
+    for name, config, want in (("json-left", {}, "left"), ("config-right", {"truncation_side": "right"}, "right")):
+        d = _checkpoint_dir(tmp_path / name, minilm, config, tokenizer_json=False)
+        _tokenizer_json_truncating(minilm, os.path.join(d, "tokenizer.json"), "left")
+        ours, hf = RetriBertTokenizer.from_pretrained(d), hf_fast.from_pretrained(d)
+        assert ours.truncation_side == hf.truncation_side == want, name
+        text = ["a preamble " * 30 + "why is the sky blue"]
+        assert ours(text, max_length=16)["input_ids"].tolist() == hf(text, max_length=16, truncation=True)["input_ids"]
+    lone = _tokenizer_json_truncating(minilm, tmp_path / "lone.json", "left")
+    assert RetriBertTokenizer.from_pretrained(lone).truncation_side == "left"
+    assert _hf().PreTrainedTokenizerFast(tokenizer_file=lone).truncation_side == "left"
+    d = _checkpoint_dir(tmp_path / "bad", minilm, {"truncation_side": "middle"}, tokenizer_json=False)
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: key 'truncation_side' is 'middle'"):
+        RetriBertTokenizer.from_pretrained(d)

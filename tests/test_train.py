@@ -112,6 +112,20 @@ def test_accumulated_gradients_equal_full_batch(negatives):
     assert errs[worst] <= 1e-4, f"accumulated gradient of {worst} differs from full-batch by {errs[worst]:.3g}"
 
 
+def test_accumulation_takes_a_batch_of_numpy_arrays_outside_jit():
+    """What `tokenize_batch` returns, given straight to `loss_and_grads` with micro_batch_size (not under jit)."""
+    cfg = RetriBertConfig.tiny()
+    graphdef, params = nnx.split(init_model(cfg, seed=1), nnx.Param)
+    batch = batch_of(np.random.default_rng(0), cfg, negatives=2)
+    assert all(isinstance(v, np.ndarray) for v in batch.values())
+    l1, g1 = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, None))(params, batch)
+    l2, g2 = loss_and_grads(graphdef, params, batch, None, micro_batch_size=2)
+    assert abs(float(l1) - float(l2)) <= 1e-6 * abs(float(l1)), f"loss {float(l1)} vs accumulated {float(l2)}"
+    errs = rel_errors(flat(g2, cfg), flat(g1, cfg))
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= 1e-4, f"accumulated gradient of {worst} differs from full-batch by {errs[worst]:.3g}"
+
+
 def test_dropout_changes_with_key_and_accumulation_replays_it():
     """With dropout on, a micro-batch's backward pass must replay the masks of its forward pass; the gradient of
     the same key is reproducible and differs from another key's."""
@@ -413,3 +427,18 @@ def test_cli_rejects_bad_data(tmp_path):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2, f"exit {p.returncode}: {err[-1000:]}"
     assert f"{bad}:2: field 'answer'" in err and "Traceback" not in err, err
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
+    """A rerun of a finished `train` printed "trained 30 steps" though it trained none."""
+    from retribert_jax import cli as command_line
+
+    config, data = tiny_start(tmp_path)
+    out = str(tmp_path / "out")
+    argv = ["train", config, data, out, "--batch-size", "8", "--max-steps", "3", "--max-length", "16",
+            "--negatives-per-question", "0", "--checkpoint-batch-size", "-1", "--no-progress"]
+    assert command_line.main(argv) == 0
+    assert "trained 3 steps to step 3 (last loss " in capsys.readouterr().out
+    assert command_line.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: already trained to step 3; nothing to train" in printed and "trained 3 steps" not in printed

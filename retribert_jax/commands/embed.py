@@ -19,7 +19,7 @@ HELP = "embed a corpus of passages or questions into a directory of fixed-size s
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a RetriBERT checkpoint directory (HF or Flax) or hub id")
     p.add_argument("input", metavar="INPUT", help="plain text (one passage a line), .jsonl, .tsv (with a header) "
-                                                  "or .parquet")
+                                                  "or .parquet; text, JSONL and TSV also gzip/bz2/xz/zstd-compressed")
     p.add_argument("out", metavar="OUT", help="output directory of shards and manifest.json")
     p.add_argument("--kind", choices=("passages", "questions"), required=True,
                    help="passages go through the document encoder and project_doc, questions through the query ones")
@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if shard:
         flush(count // args.shard_size, shard)
     bar.close()
+    if count == 0:
+        raise UserError(f"{args.input}: no {args.kind} to embed" + (
+            " that could be read (see the skipped lines above)" if args.skip_bad_lines else ""))
     seconds = time.perf_counter() - start
     timings.report()
     cached = f" ({encoder.programs_from_cache} from the compilation cache)" if encoder.programs_from_cache else ""

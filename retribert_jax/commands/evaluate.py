@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
                    help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
     p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+    p.add_argument("--ignore-identical-ids", action="store_true",
+                   help="drop a hit whose id equals its query's id, as BEIR does by default (Quora, ArguAna, whose "
+                        "queries are also documents); searches one deeper so that depth hits are left")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip unreadable query lines (logged) instead of "
                                                                  "stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,10 +60,15 @@ def run(args: argparse.Namespace) -> int:
     max_length = args.max_length or min(128, model.config.max_position_embeddings)
     result = evaluation.evaluate(index, encoder, queries, qrels, depth=args.depth, metrics=args.metrics,
                                  batch_size=args.batch_size, max_length=max_length,
-                                 show_progress=not args.no_progress)
+                                 show_progress=not args.no_progress, ignore_identical_ids=args.ignore_identical_ids)
     print(f"{result.num_queries} queries with qrels evaluated at depth {args.depth}; "
           f"{len(result.skipped_queries)} queries without qrels skipped; "
-          f"{len(result.unmatched_qrels)} qrels query ids not among the queries ignored")
+          f"{len(result.unmatched_qrels)} qrels query ids not among the queries ignored; "
+          f"{result.judged_documents_in_index} of their {result.judged_documents} judged documents in the index")
+    if result.identical_ids:
+        print(f"{result.identical_ids} queries retrieved a document under their own id: "
+              + ("dropped (--ignore-identical-ids)" if args.ignore_identical_ids else
+                 "kept; BEIR drops them (--ignore-identical-ids) where queries are also documents"))
     print(result.table())
     if args.run_file:
         evaluation.write_trec_run(args.run_file, result.run, tag=args.run_tag)

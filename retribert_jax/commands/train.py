@@ -81,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.data)
     model, tok = _load_start(args.model, args.tokenizer, args.seed)
     result = train(model, tok, pairs, args.out, tcfg, progress=not args.no_progress)
+    model_dir = os.path.join(args.out, "model")
+    if result.steps_trained == 0:
+        print(f"{args.out}: already trained to step {result.step}; nothing to train; model: {model_dir}")
+        return 0
+    resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
-    print(f"trained {result.step} steps (last loss {loss}); model: {os.path.join(args.out, 'model')}")
+    print(f"trained {result.steps_trained} steps to step {result.step}{resumed} (last loss {loss}); model: "
+          f"{model_dir}")
     return 0

@@ -467,7 +467,11 @@ def prepare_weights(directory: str) -> str:
     return out
 
 
-def run(out: str, quick: bool = False, weights: str | None = None) -> dict[str, Any]:
+PARTS = ("peak", "forward", "real_text", "train", "parity_fp32")
+
+
+def run(out: str, quick: bool = False, weights: str | None = None, parts: list[str] | None = None) -> dict[str, Any]:
+    """Runs `parts` (default: all of `PARTS`, in that order) and writes device_check.json and .png under `out`."""
     import jax
 
     from benchmarks.data import bench_config
@@ -487,13 +491,17 @@ def run(out: str, quick: bool = False, weights: str | None = None) -> dict[str, 
         with atomic_file(os.path.join(out, "device_check.json"), "w") as f:
             json.dump(results, f, indent=2)
 
+    steps = {"peak": lambda: measure_peak(gpu=gpu and not quick, quick=quick),
+             "forward": lambda: _forward(cfg, sz, quick), "real_text": lambda: _real_text(cfg, sz, weights),
+             "train": lambda: _train(cfg, sz), "parity_fp32": lambda: _parity(weights, sz["texts"], quick)}
+    unknown = sorted(set(parts or ()) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown device-check parts {unknown}; expected some of {PARTS}")
     start = time.perf_counter()
-    _guarded(results, "peak", lambda: measure_peak(gpu=gpu and not quick, quick=quick), save)
-    _guarded(results, "forward", lambda: _forward(cfg, sz, quick), save)
-    _guarded(results, "real_text", lambda: _real_text(cfg, sz, weights), save)
-    _guarded(results, "train", lambda: _train(cfg, sz), save)
-    _release_torch_memory()
-    _guarded(results, "parity_fp32", lambda: _parity(weights, sz["texts"], quick), save)
+    for part in PARTS:
+        if parts is None or part in parts:
+            _release_torch_memory()
+            _guarded(results, part, steps[part], save)
     results["wall_s"] = time.perf_counter() - start
     save()
     _plot(results, os.path.join(out, ".device_check.png.tmp"))

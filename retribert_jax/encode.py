@@ -65,8 +65,8 @@ from retribert_jax.tokenizer import RetriBertTokenizer
 CPU_ACTIVATIONS_PER_CALL = 1024 * 384
 TOKENS_PER_CALL = {"cpu": 1024}
 ACCELERATOR_TOKENS_PER_CALL = 1024 * 128
-# Texts tokenized per chunk: a small first chunk so that the device starts soon, then larger ones.
-FIRST_CHUNK_TEXTS, CHUNK_TEXTS = 1024, 4096
+# Texts tokenized per chunk: a smaller first chunk so that the device starts soon, then larger ones, several ahead.
+FIRST_CHUNK_TEXTS, CHUNK_TEXTS, CHUNKS_AHEAD = 2048, 4096, 3
 
 # Per batch: its packed rows (each the indices of the texts it holds, in row order), padded rows, row length.
 Plan = list[tuple[list[list[int]], int, int]]
@@ -222,11 +222,18 @@ class Encoder:
         Raises:
           TypeError: a text that is not a str, named by its index.
         """
+        self._truncate_at(max_length)
+        return self._encode_ids(texts)
+
+    def _truncate_at(self, max_length: int) -> None:
+        # On the tokenizer's side: truncation_side "left" keeps a long text's end, as HF does. Set once per job:
+        # the chunks' threads share the backend, which must not change under them.
+        self._backend.enable_truncation(max_length, direction=self.tokenizer.truncation_side)
+
+    def _encode_ids(self, texts: Sequence[str]) -> TokenIds:
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
-        # On the tokenizer's side: truncation_side "left" keeps a long text's end, as HF does.
-        self._backend.enable_truncation(max_length, direction=self.tokenizer.truncation_side)
         # encode_batch_fast skips the character offsets we do not use.
         fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         return TokenIds.from_lists([e.ids for e in fast(list(texts), add_special_tokens=True)])
@@ -237,10 +244,12 @@ class Encoder:
         return [ids.ids(i) for i in range(len(ids))]
 
     def _chunks(self, texts: Sequence[str], max_length: int) -> Iterator[tuple[int, TokenIds]]:
-        """(first text's index, its chunk's token ids), in order, each chunk tokenized on a background thread while
-        the caller works on the one before (the tokenizer releases the GIL)."""
+        """(first text's index, its chunk's token ids), in order, tokenized on background threads while the caller
+        works on earlier chunks. Two threads: while one turns a chunk's encodings into arrays (Python, under the
+        GIL), the other's chunk is in the tokenizer's Rust code, which releases the GIL and runs on all cores."""
         if self._tokenizer_thread is None:
-            self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retribert-tokenize")
+            self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="retribert-tokenize")
+        self._truncate_at(max_length)
         bounds = [0, min(len(texts), FIRST_CHUNK_TEXTS)]
         while bounds[-1] < len(texts):
             bounds.append(min(len(texts), bounds[-1] + CHUNK_TEXTS))
@@ -250,13 +259,19 @@ class Encoder:
         def submit(span: tuple[int, int] | None) -> None:
             if span is not None:
                 a, b = span
-                ahead.append((a, self._tokenizer_thread.submit(self.token_ids, texts[a:b], max_length)))
+                ahead.append((a, self._tokenizer_thread.submit(self._encode_ids, texts[a:b])))
 
-        submit(next(spans, None))
-        while ahead:
-            first, future = ahead.popleft()
-            submit(next(spans, None))  # the next chunk tokenizes while this one is planned and run
-            yield first, future.result()
+        for _ in range(CHUNKS_AHEAD):
+            submit(next(spans, None))
+        try:
+            while ahead:
+                first, future = ahead.popleft()
+                submit(next(spans, None))
+                yield first, future.result()
+        finally:  # an abandoned job (an error downstream) leaves no chunk tokenizing under the next job's settings
+            for _, future in ahead:
+                future.cancel()
+            concurrent.futures.wait([future for _, future in ahead])
 
     def plan(self, lengths: np.ndarray, batch_size: int | None, max_length: int, kind: str = "passages") -> Plan:
         """Batches of packed rows as (rows of text indices, padded rows, row length), longest texts first, for a

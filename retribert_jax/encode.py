@@ -60,11 +60,12 @@ from retribert_jax.tokenizer import RetriBertTokenizer
 # in cache: MiniLM (hidden 384) at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon
 # (benchmarks/profile_rows.py), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
 # model then takes more tokens a call rather than paying the call's fixed cost more often. Accelerators want large
-# batches to fill their matrix units and few calls: on an H200, RetriBERT-base on real text ran 20.1k / 26.1k / 27.6k
-# texts/s at 128 / 512 / 1024 rows of 128 tokens a call (README, "The accelerator path").
+# batches to fill their matrix units and few calls: on an H200, RetriBERT-base on 20,000 real texts ran 30.4k texts/s
+# at 512 rows of 128 tokens a call and 28.5k at 1024 (and 20.1k at 128 rows with the host path before it was
+# pipelined; README, "The accelerator path").
 CPU_ACTIVATIONS_PER_CALL = 1024 * 384
 TOKENS_PER_CALL = {"cpu": 1024}
-ACCELERATOR_TOKENS_PER_CALL = 1024 * 128
+ACCELERATOR_TOKENS_PER_CALL = 512 * 128
 # Texts tokenized per chunk: a smaller first chunk so that the device starts soon, then larger ones, several ahead.
 FIRST_CHUNK_TEXTS, CHUNK_TEXTS, CHUNKS_AHEAD = 2048, 4096, 3
 

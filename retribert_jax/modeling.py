@@ -102,6 +102,10 @@ class BertEmbeddings(nnx.Module):
         if length > limit:
             raise ValueError(f"input length {length} is longer than the model's max_position_embeddings ({limit}); "
                              f"truncate the input to at most {limit} tokens")
+        with jax.named_scope("embeddings"):  # trace and HLO names read like the modules
+            return self._embed(input_ids, position_ids, length, rngs)
+
+    def _embed(self, input_ids: Array, position_ids: Array | None, length: int, rngs: nnx.Rngs | None) -> Array:
         x = self.word_embeddings(input_ids)  # B L D
         if position_ids is None:
             x = x + self.position_embeddings.embedding[:length][None]  # + 1 L D
@@ -190,9 +194,10 @@ class BertAttention(nnx.Module):
 
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
                  cls_index: Array | None = None) -> Array:
-        residual = cls_rows(x, cls_index) if cls_only else x
-        ctx = self.self(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
-        return self.output(ctx, residual, rngs=rngs)
+        with jax.named_scope("attention"):
+            residual = cls_rows(x, cls_index) if cls_only else x
+            ctx = self.self(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
+            return self.output(ctx, residual, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -231,7 +236,8 @@ class BertLayer(nnx.Module):
         """[B, L, D] -> [B, L, D]; with `cls_only`, the [CLS] rows alone (keys still see every token): [B, 1, D], or
         [B, S, D] at `cls_index` [B, S] for packed rows."""
         a = self.attention(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
-        return self.output(self.intermediate(a), a, rngs=rngs)
+        with jax.named_scope("ffn"):
+            return self.output(self.intermediate(a), a, rngs=rngs)
 
 
 def _stack(layers: list[BertLayer]) -> BertLayer:
@@ -323,7 +329,8 @@ class BertPooler(nnx.Module):
         self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, run, rngs=rngs)
 
     def __call__(self, h: Array) -> Array:
-        return jnp.tanh(self.dense(h[:, 0]).astype(jnp.float32))  # B D
+        with jax.named_scope("pooler"):
+            return jnp.tanh(self.dense(h[:, 0]).astype(jnp.float32))  # B D
 
 
 class BertModel(nnx.Module):

@@ -209,3 +209,17 @@ def test_unrolled_stack_computes_the_same_and_lets_xla_count_every_layer():
     per_layer = 8 * length * (8 * d * d + 4 * d * f + 4 * length * d)  # 8 rows, matmul FLOPs of one full layer
     assert 0.95 <= (four - two) / (2 * per_layer) <= 1.3, f"two more layers added {four - two:.3g} FLOPs, " \
                                                             f"expected about {2 * per_layer:.3g}"
+
+
+def test_programs_name_the_blocks_as_the_modules_do():
+    """`jax.named_scope` around the embeddings, attention, FFN and pooler: a device trace or an HLO dump names the
+    blocks as the modules are named."""
+    from flax import nnx
+
+    from retribert_jax.modeling import abstract_model, embed
+
+    graphdef, state = nnx.split(abstract_model(RetriBertConfig.tiny()))
+    spec = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    text = embed.lower(graphdef, state, spec, spec, kind="passages").as_text(debug_info=True)
+    missing = [name for name in ("embeddings", "attention", "ffn", "pooler") if f"{name}/" not in text]
+    assert not missing, f"no named scope for {missing} in the lowered program"

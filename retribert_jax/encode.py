@@ -54,7 +54,7 @@ from retribert_jax.config import precision_name
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import KINDS, RetriBertModel, abstract_model, embed, flops_per_sequence
 from retribert_jax.packing import PackedBatch, TokenBuffer, TokenIds, build_batch, pack_rows, texts_per_row
-from retribert_jax.tokenizer import RetriBertTokenizer
+from retribert_jax.tokenizer import RetriBertTokenizer, prefix_cutter
 
 # Tokens per forward call and device when the caller gives no batch size. On a CPU, a call's activations should stay
 # in cache: MiniLM (hidden 384) at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon
@@ -139,6 +139,7 @@ class Encoder:
         self._programs: dict[tuple[str, int, int, bool, str | None], concurrent.futures.Future] = {}
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self._tokenizer_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cut = None  # `tokenizer.prefix_cutter` for the current job's max_length
         self.compile_seconds = 0.0  # summed over programs (on the background thread, partly hidden by compute)
         self.programs_from_cache = 0
 
@@ -230,6 +231,7 @@ class Encoder:
         # On the tokenizer's side: truncation_side "left" keeps a long text's end, as HF does. Set once per job:
         # the chunks' threads share the backend, which must not change under them.
         self._backend.enable_truncation(max_length, direction=self.tokenizer.truncation_side)
+        self._cut = prefix_cutter(self._backend, max_length, self.tokenizer.truncation_side)
 
     def _encode_ids(self, texts: Sequence[str]) -> TokenIds:
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
@@ -237,7 +239,19 @@ class Encoder:
             raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
         # encode_batch_fast skips the character offsets we do not use.
         fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        return TokenIds.from_lists([e.ids for e in fast(list(texts), add_special_tokens=True)])
+        texts, cut = list(texts), []
+        if self._cut is not None:  # long texts tokenized from a prefix with the same first tokens
+            for i, text in enumerate(texts):
+                prefix = self._cut(text)
+                if prefix is not None:
+                    texts[i] = prefix
+                    cut.append((i, text))
+        encodings = fast(texts, add_special_tokens=True)
+        redo = [(i, text) for i, text in cut if not encodings[i].overflowing]  # the prefix held too few tokens
+        if redo:
+            for (i, _), e in zip(redo, fast([text for _, text in redo], add_special_tokens=True), strict=True):
+                encodings[i] = e
+        return TokenIds.from_lists([e.ids for e in encodings])
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Token ids per text as lists (see `token_ids`)."""

@@ -452,3 +452,41 @@ def _directory_settings(directory: str) -> dict[str, Any]:
             "split_special_tokens": _flag(cfg, cfg_path, "split_special_tokens", False),
             "model_max_length": max_len, "special_tokens": specials, "added_tokens": added,
             "truncation_side": side}
+
+
+# What BERT's normalizer and pre-tokenizer count as whitespace: space, tab, newline, carriage return, Unicode Zs.
+_BERT_SPACE = " \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+
+
+def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
+    """For long texts and a BERT WordPiece tokenizer that truncates on the right: a function from a text to a prefix
+    of it that tokenizes to the same first `max_length` tokens, so that the tokenizer never reads the rest (None for a
+    text not long enough to bother); None for any other tokenizer.
+
+    The prefix is the text's first 2 * `max_length` words, cut at BERT whitespace: BERT's normalizer works
+    character by character, its pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each word
+    alone, so the words before a whitespace tokenize as they do in the whole text. A word yields at least one token,
+    except one that the normalizer removes whole (control or format characters, lone accents): a caller must check
+    that the prefix was itself truncated (`Encoding.overflowing`) and tokenize the whole text when it was not.
+    """
+    kinds = (type(backend.normalizer).__name__, type(backend.pre_tokenizer).__name__, type(backend.model).__name__)
+    if truncation_side != "right" or kinds[1:] != ("BertPreTokenizer", "WordPiece") or \
+            kinds[0] not in ("BertNormalizer", "NoneType"):
+        return None
+    import re
+
+    space = re.compile(f"[{_BERT_SPACE}]")
+    if any(space.search(t.content) for t in backend.get_added_tokens_decoder().values()):
+        return None  # an added token with whitespace inside could span the cut
+    words = 2 * max_length
+    prefix = re.compile(f"(?:[{_BERT_SPACE}]*[^{_BERT_SPACE}]+){{{words}}}")
+    long_text = 8 * words  # characters: shorter texts cost the tokenizer little
+
+    def cut(text: str) -> str | None:
+        if len(text) <= long_text:
+            return None
+        m = prefix.match(text)
+        return text[:m.end()] if m is not None and m.end() < len(text) else None
+
+    return cut
+

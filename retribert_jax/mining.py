@@ -38,8 +38,8 @@ import numpy as np
 
 from retribert_jax.evaluation import id_string
 from retribert_jax.io import file_sha256
+from retribert_jax.pairs import PairFields, check_pair_row, read_pair_rows
 from retribert_jax.search import Hit, Index
-from retribert_jax.training import check_pair_row, read_pair_rows
 
 FILTERS = ("absolute_margin", "relative_margin", "max_score", "min_score")
 # Extra hits fetched beyond the window: room for the positive and a duplicate or two before a deeper search is needed.
@@ -330,7 +330,7 @@ def _read_part_stats(parts: str, i: int) -> MiningStats:
 def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig | None = None, *,
               chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False,
               batch_size: int | None = None, max_length: int = 128, model_name: str | None = None,
-              show_progress: bool = True) -> MiningStats:
+              show_progress: bool = True, fields: PairFields | None = None) -> MiningStats:
     """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
 
     The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun
@@ -339,7 +339,8 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
 
     Args:
       index, encoder: as for `mine_hard_negatives`.
-      pairs: JSONL rows {"question": str, "answer": str, ...}; blank lines are skipped.
+      pairs: a training-pairs file (`pairs.read_pair_rows`: JSONL, CSV, TSV or parquet; ours, Tevatron's or
+        sentence-transformers' fields, or `fields`); blank lines are skipped. Rows are written in our shape.
       out: the output JSONL: each row with all its keys, plus "negatives" and "negative_ids".
       config: the filters (default: `MiningConfig()`).
       chunk_size: pairs per part (the work a kill can lose).
@@ -373,12 +374,13 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": file_sha256(pairs),
                 "index": os.path.abspath(index.directory), "index_config_hash": index.manifest["config_hash"],
                 "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
-                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length}
+                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length,
+                "fields": dataclasses.asdict(fields or PairFields())}
     _open_parts(parts, settings, overwrite)
     stats = MiningStats()
     bar = tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress)
     num_parts = 0
-    rows = read_pair_rows(pairs)
+    rows = read_pair_rows(pairs, fields)
     while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
         i, num_parts = num_parts, num_parts + 1
         if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run

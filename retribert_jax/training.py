@@ -18,8 +18,8 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ from jax.sharding import NamedSharding
 
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
 from retribert_jax.config import TrainConfig
-from retribert_jax.corpus import BadRecord, read_lines
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in_batch_loss
+from retribert_jax.pairs import Pair, read_pairs
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 Batch = dict[str, jax.Array]  # q_ids, q_mask [B, Lq]; p_ids, p_mask [B, Lp]
@@ -192,71 +192,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
-
-
-class Pair(NamedTuple):
-    """One training example: a question, its positive passage, and optionally hard negatives (passages that do not
-    answer it, e.g. from `retribert-jax mine`)."""
-
-    question: str
-    passage: str
-    negatives: tuple[str, ...] = ()
-
-
-def check_pair_row(row: Any, where: str) -> None:
-    """Refuses a training row that is not {"question": str, "answer": str[, "negatives": [str, ...]], ...}.
-
-    Raises:
-      ValueError: naming `where` (file:line) and the field.
-    """
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("question", "answer"):
-        if not isinstance(row.get(field), str):
-            got = "missing" if field not in row else type(row[field]).__name__
-            raise ValueError(f"{where}: field {field!r} must be a string ({got})")
-    negatives = row.get("negatives", [])
-    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-        raise ValueError(f"{where}: field 'negatives' must be a list of strings")
-
-
-def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, row) for every non-blank line of a JSONL training file, each row checked (`check_pair_row`)
-    and kept whole, other keys included (what `mine` writes back).
-
-    Lines are those of `corpus.read_lines` (split at \\n only, CRLF and a byte-order mark allowed), so a line number
-    in an error is the one an editor or `wc -l` shows.
-
-    Raises:
-      FileNotFoundError, ValueError: naming the file and line.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such data file")
-    for lineno, line in read_lines(path):
-        if isinstance(line, BadRecord):
-            raise line
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        check_pair_row(row, f"{path}:{lineno}")
-        yield lineno, row
-
-
-def read_pairs(path: str) -> list[Pair]:
-    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped), each optionally
-    with "negatives": [str, ...] (DPR / Tevatron style hard negatives). "answer" is the positive passage (ELI5's word
-    for it); other keys are ignored.
-
-    Raises:
-      FileNotFoundError, ValueError: naming the file and line (see `read_pair_rows`).
-    """
-    pairs = [Pair(row["question"], row["answer"], tuple(row.get("negatives", []))) for _, row in read_pair_rows(path)]
-    if not pairs:
-        raise ValueError(f"{path}: no question/answer pairs")
-    return pairs
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:

@@ -156,9 +156,9 @@ class Mined:
 
 
 def check_index(index: Index, model) -> None:
-    """Refuses an index without stored texts, of questions, or embedded by another architecture than `model`'s (a
-    model or an Encoder: anything with a `config`)."""
-    index.check_model(model.config)
+    """Refuses an index without stored texts, of questions, or embedded by another model than `model` (a model or an
+    Encoder; see `Index.check_model`)."""
+    index.check_model(model)
     if not index.manifest["has_text"]:
         raise ValueError(f"{index.directory}: holds no passage texts; mining writes negatives as text, so embed the "
                          f"corpus again with `retribert-jax embed ... --store-text`")
@@ -378,28 +378,28 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
                 "fields": dataclasses.asdict(fields or PairFields())}
     _open_parts(parts, settings, overwrite)
     stats = MiningStats()
-    bar = tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress)
-    num_parts = 0
-    rows = read_pair_rows(pairs, fields)
-    while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
-        i, num_parts = num_parts, num_parts + 1
-        if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run
-            stats.add(_read_part_stats(parts, i))
-            bar.update(len(chunk))
-            continue
-        kept, part_stats = [], MiningStats()
-        for s in range(0, len(chunk), STEP):
-            mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length)
-            part_stats.add(mined.stats)
-            for row in mined.rows:
-                if drop_incomplete and len(row["negatives"]) < config.num_negatives:
-                    part_stats.dropped += 1
-                else:
-                    kept.append(row)
-            bar.update(len(mined.rows))
-        _write_part(parts, i, kept, part_stats)
-        stats.add(part_stats)
-    bar.close()
+    # The bar is closed (its line ended) before an error propagates, so the error is the last line on the screen.
+    with tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress) as bar:
+        num_parts = 0
+        rows = read_pair_rows(pairs, fields)
+        while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
+            i, num_parts = num_parts, num_parts + 1
+            if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run
+                stats.add(_read_part_stats(parts, i))
+                bar.update(len(chunk))
+                continue
+            kept, part_stats = [], MiningStats()
+            for s in range(0, len(chunk), STEP):
+                mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length)
+                part_stats.add(mined.stats)
+                for row in mined.rows:
+                    if drop_incomplete and len(row["negatives"]) < config.num_negatives:
+                        part_stats.dropped += 1
+                    else:
+                        kept.append(row)
+                bar.update(len(mined.rows))
+            _write_part(parts, i, kept, part_stats)
+            stats.add(part_stats)
     if num_parts == 0:
         raise ValueError(f"{pairs}: no question/answer pairs")
     with atomic_file(out, "wb") as f:

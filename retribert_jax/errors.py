@@ -14,3 +14,7 @@ class CheckpointError(ValueError):
 
 class MissingDependency(ImportError):
     """An optional dependency a feature needs is not installed; the message says what to `pip install`."""
+
+
+class OutOfMemory(UserError):
+    """A job did not fit the device's memory; the message says which setting to lower, and to what."""

@@ -115,6 +115,14 @@ def atomic_file(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
         raise
 
 
+def job_record(path: str) -> str:
+    """Where a job that writes one plain file (`mine`'s JSONL) records the settings and counts of the run that made
+    it: a hidden file beside it, so that a rerun of the same job can answer "already complete" instead of refusing an
+    existing output."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.job.json")
+
+
 def file_sha256(path: str) -> str:
     """The SHA-256 of a file's content (hex), read in 4 MiB blocks: what a resumable job records of its input, so
     that a resume refuses an input that changed."""

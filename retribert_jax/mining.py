@@ -126,6 +126,7 @@ class MiningStats:
       with_positive_id: pairs that carried `positive_id_field`.
       window: candidates inside the rank window, over all pairs.
       skipped: filter name -> candidates of the window it dropped (each counted under the first filter that drops it).
+      already_complete: `mine_file` found `out` made by this very run (the counts are that run's).
     """
 
     pairs: int = 0
@@ -135,10 +136,11 @@ class MiningStats:
     with_positive_id: int = 0
     window: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    already_complete: bool = False  # `mine_file` found this very run finished: nothing was mined
 
     def add(self, other: MiningStats) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "skipped":
+            if f.name not in ("skipped", "already_complete"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         for name, n in other.skipped.items():
             self.skipped[name] = self.skipped.get(name, 0) + n
@@ -334,8 +336,9 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
 
     The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun
-    with the same settings skips the parts that exist. Once all exist they are joined into `out` (atomically) and
-    `{out}.parts` is removed.
+    with the same settings skips the parts that exist. Once all exist they are joined into `out` (atomically),
+    `{out}.parts` is removed and the run's settings and counts are kept beside `out` (`io.job_record`), so that a
+    rerun of the same run returns them (`already_complete`) instead of refusing `out`.
 
     Args:
       index, encoder: as for `mine_hard_negatives`.
@@ -361,12 +364,11 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     """
     from tqdm.auto import tqdm
 
-    from retribert_jax.io import atomic_file, check_overwrite
+    from retribert_jax.io import atomic_file, check_overwrite, job_record
 
     config = config or MiningConfig()
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    check_overwrite(out, overwrite)
     if not os.path.isfile(pairs):
         raise FileNotFoundError(f"{pairs}: no such pairs file")
     check_index(index, encoder)
@@ -376,6 +378,13 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
                 "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
                 "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length,
                 "fields": dataclasses.asdict(fields or PairFields())}
+    record = job_record(out)
+    if os.path.isfile(out) and not overwrite and os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            done = json.load(f)
+        if done.get("settings") == settings:
+            return MiningStats(**{**done["stats"], "already_complete": True})
+    check_overwrite(out, overwrite)
     _open_parts(parts, settings, overwrite)
     stats = MiningStats()
     # The bar is closed (its line ended) before an error propagates, so the error is the last line on the screen.
@@ -406,5 +415,7 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
         for i in range(num_parts):
             with open(_part(parts, i, "jsonl"), "rb") as part:
                 shutil.copyfileobj(part, f)
+    with atomic_file(record, "w") as f:
+        json.dump({"settings": settings, "stats": stats.to_dict()}, f)
     shutil.rmtree(parts)
     return stats

@@ -59,6 +59,28 @@ def test_tsv_without_header_reads_as_evaluate_reads_queries(tmp_path):
     assert [(r.id, r.text) for r in read_corpus(str(headed), id_field="id", title_field="title")] == [("1", "Sky blue")]
 
 
+def test_embed_reads_csv_and_beir_titles(tmp_path):
+    """The command line: a BEIR corpus embedded with its titles, as the reader joins them."""
+    import numpy as np
+
+    from retribert_jax import cli
+    from tests.embed_helpers import tiny_model_dir
+
+    model = tiny_model_dir(str(tmp_path / "model"))
+    rows = [{"_id": f"d{i}", "title": "why" if i % 2 else "", "text": f"the sky is blue {i}"} for i in range(6)]
+    path = tmp_path / "corpus.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, ["_id", "title", "text"])
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "idx"
+    assert cli.main(["embed", model, str(path), str(out), "--kind", "passages", "--id-field", "_id", "--store-text",
+                     "--no-progress"]) == 0
+    texts = [json.loads(line) for line in open(out / "texts-00000.jsonl", encoding="utf-8")]
+    assert texts == [beir_text(r) for r in rows]
+    assert np.load(out / "embeddings-00000.npy").shape[0] == 6
+
+
 TEVATRON = [{"query_id": "1", "query": "why is the sky blue",
              "positive_passages": [{"docid": "d1", "title": "Sky", "text": "air scatters blue"}],
              "negative_passages": [{"docid": "d2", "title": "", "text": "bread rises"},
@@ -107,3 +129,14 @@ def test_pairs_by_named_fields(tmp_path):
         read_pairs(path)
     assert read_pairs(path, PairFields(question="title", positive="body")) == [
         Pair("why is the sky blue", "air scatters blue")]
+
+
+def test_mine_and_train_take_the_field_options(tmp_path):
+    """The command line: `--question-field` and `--positive-field` on both commands that read pairs."""
+    from retribert_jax import cli
+
+    parser = cli.build_parser()
+    for command in ("train", "mine"):
+        args = parser.parse_args([command, "a", "b", "c", *(["d"] if command == "mine" else []),
+                                  "--question-field", "title", "--positive-field", "body"])
+        assert (args.question_field, args.positive_field) == ("title", "body"), command

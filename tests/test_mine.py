@@ -309,7 +309,10 @@ def test_cli(setup, tmp_path, capsys):
     direct = mine_hard_negatives(Index(index_dir), encoder, rows, num_negatives=2, range_min=1,
                                  positive_id_field="pid")
     assert [json.loads(line) for line in open(out)] == direct.rows
-    assert cli.main(argv) == 2
+    # A rerun of the same job finds it done, as `embed` and `train` do; another job is refused the existing OUT.
+    assert cli.main(argv) == 0
+    assert f"{out}: already complete ({len(rows)} pairs, " in capsys.readouterr().err
+    assert cli.main([*argv, "--range-max", "9"]) == 2
     assert "already exists (pass --overwrite to replace it)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')

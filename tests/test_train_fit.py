@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
+from retribert_jax import cli
 from retribert_jax.config import RetriBertConfig, TrainConfig
 from retribert_jax.training import _StepBar, activation_bytes_per_pair, fit_micro_batch, run_warnings
+from tests.test_train import tiny_start
 
 MINILM = RetriBertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                          intermediate_size=1536, projection_dim=384)
@@ -78,3 +81,37 @@ def test_progress_counts_finished_steps():
         assert (bar.bar.n, waited) == (2, [1, 2])
     finally:
         jax.block_until_ready = real
+
+
+def _tiny_run(tmp_path, *extra: str) -> list[str]:
+    config, data = tiny_start(tmp_path)
+    return ["train", config, data, str(tmp_path / "out"), "--batch-size", "8", "--epochs", "1", "--no-progress",
+            "--checkpoint-batch-size", "4", *extra]
+
+
+def test_out_of_memory_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    from retribert_jax import training
+
+    def step_that_runs_out(*_args, **_kwargs):
+        def step(*_):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 44840592128 bytes.")
+        return step
+
+    monkeypatch.setattr(training, "make_train_step", step_that_runs_out)
+    assert cli.main(_tiny_run(tmp_path, "--micro-batch-size", "4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("retribert-jax train: error: a training step of 8 pairs at max_length 128 ran out of device "
+                       "memory; pass --micro-batch-size 2 (micro-batches of 4 pairs did not fit)"), err
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow
+def test_warnings_before_the_run_and_a_finished_run_rerun(tmp_path, capsys):
+    argv = _tiny_run(tmp_path, "--warmup-steps", "10")
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: the run's 6 steps never leave the 10-step warm-up" in err, err
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    assert f"{tmp_path / 'out'}: already complete (6 steps, last loss " in out.err, out
+    assert "n/a" not in out.err + out.out

@@ -2,10 +2,10 @@
 `search.build_index` both run it.
 
 Records are read as a stream and cut into shards of `shard_size`; a shard is embedded in pieces of `piece_size`
-records, one `Encoder.encode` call each, and every finished piece is kept on disk (`embedding_dir.write_piece`), so
-that an interrupted run (Ctrl-C, `kill -9`, a lost machine) loses one piece at most. When a shard's pieces are all
-there they become its files and are removed: the finished directory is the same whatever the interruptions, byte
-for byte, because a piece's boundaries depend only on the shard and the piece size.
+records, one `Encoder.encode_passages` (or `encode_questions`) call each, and every finished piece is kept on disk
+(`embedding_dir.write_piece`), so that an interrupted run (Ctrl-C, `kill -9`, a lost machine) loses one piece at
+most. When a shard's pieces are all there they become its files and are removed: the finished directory is the same
+whatever the interruptions, byte for byte, because a piece's boundaries depend only on the shard and the piece size.
 
 Under `jax.distributed` process p embeds shards p, p + P, ... into the same directory, and process 0 writes the
 manifest once every shard exists.
@@ -85,9 +85,9 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
       model: how the model is named in the manifest (a path or hub id).
       source: more settings that identify the run (recorded and compared; JSON values).
       shard_size: records per shard file.
-      piece_size: records per kept piece (at most what an interruption loses); default `PIECE_SIZE` for the
-        Encoder's platform, capped at `shard_size`.
-      batch_size, max_length, normalize: passed to `encoder.encode`.
+      piece_size: records per kept piece (at most what an interruption loses); default `PIECE_SIZE` for JAX's
+        default platform, capped at `shard_size`.
+      batch_size, max_length, normalize: passed to `encoder.encode_passages` (or `encode_questions`).
       dtype: stored embeddings' dtype, "float32" or "float16".
       store_text: keep the texts beside the embeddings.
       overwrite: replace whatever embeddings the directory holds, finished or not, whatever their settings.
@@ -116,13 +116,14 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
     for name, value in (("shard_size", shard_size), ("piece_size", piece_size)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    piece_size = min(shard_size, piece_size or PIECE_SIZE.get(encoder.platform, ACCELERATOR_PIECE_SIZE))
+    piece_size = min(shard_size, piece_size or PIECE_SIZE.get(jax.default_backend(), ACCELERATOR_PIECE_SIZE))
     settings = run_settings(encoder, kind=kind, model=model, max_length=max_length, normalize=normalize,
                             dtype=dtype, shard_size=shard_size, store_text=store_text, source=source)
     done = embedding_dir.start_run(directory, settings, overwrite=overwrite)
     if done is not None:
         return EmbedResult(done, done["count"], already_complete=True)
     nproc, rank = jax.process_count(), jax.process_index()
+    encode = encoder.encode_passages if kind == "passages" else encoder.encode_questions
     result = EmbedResult(None, 0)
     shards_done = kept = 0  # whole shards, and records on disk (shards and pieces), for an interruption's report
     start = time.perf_counter()
@@ -150,8 +151,8 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
         last = 0  # the records of the last piece, which is kept as the shard itself
         while pos < len(shard):
             end = min(pos + piece_size, len(shard))
-            emb = encoder.encode(texts[pos:end], kind, batch_size=batch_size, max_length=max_length,
-                                 normalize=normalize).astype(np.dtype(dtype))
+            emb = encode(texts[pos:end], batch_size=batch_size, max_length=max_length,
+                         normalize=normalize).astype(np.dtype(dtype))
             if end < len(shard):  # the last piece becomes the shard at once
                 embedding_dir.write_piece(directory, i, pos, ids[pos:end], emb,
                                           texts[pos:end] if store_text else None)

@@ -30,11 +30,11 @@ class Interrupting:
     def __getattr__(self, name):
         return getattr(self.encoder, name)
 
-    def encode(self, *args, **kwargs):
+    def encode_passages(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
-        return self.encoder.encode(*args, **kwargs)
+        return self.encoder.encode_passages(*args, **kwargs)
 
 
 def visible(directory) -> dict[str, bytes]:

@@ -153,7 +153,7 @@ def _drop_orbax_leftovers() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.timings = Timings(args.verbose)
-    from retribert_jax.errors import CheckpointError, MissingDependency, UserError
+    from retribert_jax.errors import CheckpointError, MissingDependency, UserError, is_out_of_memory
 
     try:
         if args._check is not None:
@@ -172,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, CheckpointError, MissingDependency, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError, ValueError) as e:
         print(f"retribert-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        # `train` names its own remedy (OutOfMemory, above); the encoding commands' is fewer rows per call.
+        hint = "; pass a smaller --batch-size" if hasattr(args, "batch_size") else ""
+        print(f"retribert-jax {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}){hint}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         # A resumable job says what it kept and how to go on (the exception's message); others say nothing more.

@@ -343,12 +343,6 @@ def run_warnings(num_pairs: int, tcfg: TrainConfig) -> list[str]:
     return out
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    text = str(e)
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text \
-        or "out of memory" in text
-
-
 class _StepBar:
     """A tqdm bar that counts the steps the device has finished, not the ones dispatched: each dispatch waits for
     the step before it (one step stays in flight, so the host still prepares the next batch while the device runs),
@@ -539,7 +533,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
 
     from tqdm.auto import tqdm
 
-    from retribert_jax.errors import OutOfMemory
+    from retribert_jax.errors import OutOfMemory, is_out_of_memory
 
     final = os.path.join(out_dir, "model")
     if step >= last_step and (os.path.isdir(final) or not save_final):
@@ -571,7 +565,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
                     ckpts.save(step, params, opt_state, base_key)
             bar.finish()
     except Exception as e:
-        if not _out_of_memory(e):
+        if not is_out_of_memory(e):
             raise
         per = tcfg.micro_batch_size or tcfg.batch_size
         smaller = max((m for m in range(n_dev, per, n_dev) if tcfg.batch_size % m == 0), default=None)

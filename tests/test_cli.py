@@ -90,3 +90,16 @@ def test_verify_tolerance_follows_how_the_model_runs():
     assert default_atol(None, "bfloat16") == DEFAULT_ATOL["bfloat16"]
     assert default_atol(None, "float32", "default") == DEFAULT_ATOL["bfloat16"]
     assert default_atol("float16", "float32", "highest") == DEFAULT_ATOL["float16"]
+
+
+def test_out_of_memory_while_encoding_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    from retribert_jax.commands import search
+
+    def runs_out(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.\nmore")
+
+    monkeypatch.setattr(search, "run", runs_out)
+    assert cli.main(["search", str(tmp_path), "model", "why"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["retribert-jax search: error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
+                   "allocate 17179869184 bytes.); pass a smaller --batch-size"], err

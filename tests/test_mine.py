@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -258,8 +259,12 @@ def test_mine_file_resumes_and_feeds_train(setup, tmp_path, monkeypatch):
     assert written == [2], f"parts rewritten: {written}"
     assert open(out, "rb").read() == open(whole, "rb").read()
     assert resumed == stats
+    # The same job again finds itself done (issue 22: a finished job's rerun answers alike in every command); another
+    # job is refused the existing output.
+    again = mine_file(index, encoder, pairs, out, cfg, chunk_size=3, show_progress=False)
+    assert again.already_complete and dataclasses.replace(again, already_complete=False) == stats
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        mine_file(index, encoder, pairs, out, cfg, chunk_size=3, show_progress=False)
+        mine_file(index, encoder, pairs, out, cfg, chunk_size=4, show_progress=False)
 
 
 def test_incomplete_pairs_kept_or_dropped(setup, tmp_path):

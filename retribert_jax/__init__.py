@@ -19,7 +19,7 @@ _EXPORTS = {
     "Encoder": "encode",
     "Hit": "search", "Index": "search", "build_index": "search",
     "evaluate": "evaluation", "mine_hard_negatives": "mining",
-    "Pair": "training", "TrainConfig": "config", "read_pairs": "training", "train": "training",
+    "Pair": "pairs", "TrainConfig": "config", "read_pairs": "pairs", "train": "training",
     "convert_checkpoint": "checkpoint", "export_pytorch": "checkpoint", "load_model": "checkpoint",
     "save_model": "checkpoint",
 }
@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     from retribert_jax.evaluation import evaluate
     from retribert_jax.mining import mine_hard_negatives
     from retribert_jax.modeling import RetriBertModel, in_batch_loss, init_model
+    from retribert_jax.pairs import Pair, read_pairs
     from retribert_jax.search import Hit, Index, build_index
     from retribert_jax.tokenizer import RetriBertTokenizer
-    from retribert_jax.training import Pair, read_pairs, train
+    from retribert_jax.training import train
 
 
 def __getattr__(name: str):

@@ -2,9 +2,11 @@
 
 The jobs: demo, convert, export-pytorch, verify, embed, search, train, evaluate, mine.
 
-Each subcommand lives in `retribert_jax/commands/<name>.py` with `HELP`, `add_arguments(parser)` and `run(args)`;
-heavy imports (jax, torch) happen inside `run`, so `--help` is instant. A user mistake (bad path, bad file, bad
-value, a missing optional dependency) ends with one line on stderr and exit status 2, never a traceback.
+Each subcommand lives in `retribert_jax/commands/<name>.py` with `HELP`, `add_arguments(parser)`, `run(args)` and
+optionally `check(args)`, the mistakes it can find without JAX (run first); what the commands share is in
+`commands/common.py`. Heavy imports (jax, torch) happen inside `run`, so `--help` and a mistake are instant. A user
+mistake (bad path, bad file, bad value, a missing optional dependency) ends with one line on stderr and exit status
+2, never a traceback.
 
 What the command line does for its process that a library must not do for its caller's: it turns on JAX's persistent
 compilation cache (see `compilation_cache_dir`), keeps flax from importing IPython, and drops the leftover reports
@@ -40,9 +42,19 @@ CACHE_ENV = "RETRIBERT_JAX_COMPILATION_CACHE"
 _OFF = ("", "0", "off", "false", "no", "none")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with README's promise: a mistake in the arguments ends in one line (usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retribert-jax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from retribert_jax import __version__
+
+    parser = _Parser(prog="retribert-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"retribert-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"retribert_jax.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
@@ -55,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"compile everything afresh and keep nothing (also: {CACHE_ENV}=off)")
         g.add_argument("-v", "--verbose", action="store_true",
                        help="report where the time goes before the first batch (imports, load, compilation, ...)")
-        p.set_defaults(_run=module.run)
+        # `check(args)`: the mistakes a command can find without JAX, found before JAX is imported (seconds).
+        p.set_defaults(_run=module.run, _check=getattr(module, "check", None))
     return parser
 
 
@@ -140,16 +153,18 @@ def _drop_orbax_leftovers() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.timings = Timings(args.verbose)
-    with args.timings.phase("import jax and flax"):
-        if argv is None:  # run as the command, not called from Python
-            _without_ipython()
-            _drop_orbax_leftovers()
-        import flax.nnx  # noqa: F401 - every command needs it; timed here so that the phases below are our own
-
-    from retribert_jax.compilation import enable_compilation_cache
-    from retribert_jax.errors import CheckpointError, MissingDependency, UserError
+    from retribert_jax.errors import CheckpointError, MissingDependency, UserError, is_out_of_memory
 
     try:
+        if args._check is not None:
+            args._check(args)
+        with args.timings.phase("import jax and flax"):
+            if argv is None:  # run as the command, not called from Python
+                _without_ipython()
+                _drop_orbax_leftovers()
+            import flax.nnx  # noqa: F401 - every command needs it; timed here so that the phases below are our own
+        from retribert_jax.compilation import enable_compilation_cache
+
         cache = compilation_cache_dir(args)
         if cache is not None:
             enable_compilation_cache(cache)
@@ -158,8 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             IsADirectoryError, PermissionError, ValueError) as e:
         print(f"retribert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"retribert-jax {args.command}: interrupted", file=sys.stderr)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        # `train` names its own remedy (OutOfMemory, above); the encoding commands' is fewer rows per call.
+        hint = "; pass a smaller --batch-size" if hasattr(args, "batch_size") else ""
+        print(f"retribert-jax {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}){hint}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        # A resumable job says what it kept and how to go on (the exception's message); others say nothing more.
+        print(f"retribert-jax {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
         if argv is None:

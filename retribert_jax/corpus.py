@@ -1,4 +1,4 @@
-"""Corpus readers: plain text, JSONL, TSV and parquet as a stream of (line, id, text) records.
+"""Corpus readers: plain text, JSONL, TSV, CSV and parquet as a stream of (line, id, text) records.
 
 Every reader streams (a corpus need not fit in memory) and reports a bad record as `BadRecord` with the file and the
 1-based line (or parquet row) number. Blank lines hold no record in JSONL (whitespace only) and TSV (empty), as
@@ -12,8 +12,10 @@ from __future__ import annotations
 import bz2
 import codecs
 import contextlib
+import csv
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -23,9 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
 
-FORMATS = ("text", "jsonl", "tsv", "parquet")
+FORMATS = ("text", "jsonl", "tsv", "csv", "parquet")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-               ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+               ".tsv": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Whole-file compressions read as a stream, told by the file's first bytes (so `--format jsonl` works on any name):
 # name -> magic bytes. The suffixes are only stripped to find the format beneath ("corpus.jsonl.gz" is JSONL).
 COMPRESSIONS = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
@@ -177,12 +179,20 @@ def _damage_named(path: str, lines: Iterator[tuple[int, bytes]]) -> Iterator[tup
         yield n, raw
 
 
+def with_title(title: Any, text: str) -> str:
+    """A record's text with its title in front, as BEIR and sentence-transformers join them: `(title + " " +
+    text).strip()` wherever the record has a string title (an empty one too, as in BEIR); the text as it is where it
+    has none."""
+    return (title + " " + text).strip() if isinstance(title, str) else text
+
+
 def _text(path: str, **_) -> Iterator[Record | BadRecord]:
     for n, line in read_lines(path):
         yield line if isinstance(line, BadRecord) else Record(n, None, line)
 
 
-def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
+def _jsonl(path: str, text_field: str, id_field: str | None, title_field: str | None = None
+           ) -> Iterator[Record | BadRecord]:
     for n, line in read_lines(path):
         if isinstance(line, BadRecord):
             yield line
@@ -210,11 +220,14 @@ def _jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record 
         if id_field is not None and obj[id_field] is None:
             yield BadRecord(f"{path}:{n}: id field {id_field!r} is null")
             continue
-        yield Record(n, obj[id_field] if id_field is not None else None, text)
+        yield Record(n, obj[id_field] if id_field is not None else None, with_title(obj.get(title_field), text))
 
 
-def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
-    # A header line names the columns; fields are split on tabs with no quoting (passages may contain quotes).
+def _tsv(path: str, text_field: str, id_field: str | None, title_field: str | None = None
+         ) -> Iterator[Record | BadRecord]:
+    # Fields are split on tabs with no quoting (passages may contain quotes). The first line is a header when it
+    # names the text column; a first line of two fields that does not is the first record of a headerless
+    # `id<TAB>text` file, as `evaluate` reads queries and MS MARCO ships its collection.
     lines = read_lines(path)
     first = next(lines, None)
     if first is None:
@@ -223,12 +236,16 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
     if isinstance(header, BadRecord):
         raise header
     columns = header.split("\t")
+    if text_field not in columns and len(columns) == 2 and id_field is None:
+        yield from _headerless_tsv(path, itertools.chain([first], lines))
+        return
     if text_field not in columns:
         raise ValueError(f"{path}:1: the header has no column {text_field!r} (columns: {columns})")
     if id_field is not None and id_field not in columns:
         raise ValueError(f"{path}:1: the header has no column {id_field!r} (columns: {columns})")
     ti = columns.index(text_field)
     ii = columns.index(id_field) if id_field is not None else None
+    hi = columns.index(title_field) if title_field in columns else None
     for n, line in lines:
         if isinstance(line, BadRecord):
             yield line
@@ -243,10 +260,63 @@ def _tsv(path: str, text_field: str, id_field: str | None) -> Iterator[Record | 
             # An empty field is how TSV writes a missing value (pandas reads it as NaN).
             yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
             continue
-        yield Record(n, fields[ii] if ii is not None else None, fields[ti])
+        yield Record(n, fields[ii] if ii is not None else None,
+                     with_title(fields[hi] if hi is not None else None, fields[ti]))
 
 
-def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Record | BadRecord]:
+def _headerless_tsv(path: str, lines: Iterator[tuple[int, str | BadRecord]]) -> Iterator[Record | BadRecord]:
+    for n, line in lines:
+        if isinstance(line, BadRecord):
+            yield line
+            continue
+        fields = line.split("\t", 1)
+        if len(fields) != 2 or not fields[0]:
+            yield BadRecord(f"{path}:{n}: expected 'id<TAB>text' (the file has no header naming a text column)")
+            continue
+        yield Record(n, fields[0], fields[1])
+
+
+def _csv(path: str, text_field: str, id_field: str | None, title_field: str | None = None
+         ) -> Iterator[Record | BadRecord]:
+    # RFC 4180 as Python's csv module and pandas read it: a header line, quoted fields may hold commas and line
+    # ends (so a record's number is the line it starts on).
+    with io.TextIOWrapper(open_input(path), encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            columns = next(reader, None)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}:1: not a readable CSV header ({e})") from None
+        if columns is None:
+            return
+        for col in (text_field, id_field):
+            if col is not None and col not in columns:
+                raise ValueError(f"{path}:1: the header has no column {col!r} (columns: {columns})")
+        ti = columns.index(text_field)
+        ii = columns.index(id_field) if id_field is not None else None
+        hi = columns.index(title_field) if title_field in columns else None
+        while True:
+            n = reader.line_num + 1
+            try:
+                fields = next(reader, None)
+            except csv.Error as e:
+                yield BadRecord(f"{path}:{n}: {e}")
+                continue
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: invalid UTF-8 near line {n} ({e.reason})") from None
+            if fields is None:
+                return
+            if len(fields) != len(columns):
+                yield BadRecord(f"{path}:{n}: {len(fields)} fields, the header has {len(columns)}")
+                continue
+            if ii is not None and not fields[ii]:
+                yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
+                continue
+            yield Record(n, fields[ii] if ii is not None else None,
+                         with_title(fields[hi] if hi is not None else None, fields[ti]))
+
+
+def _parquet(path: str, text_field: str, id_field: str | None, title_field: str | None = None
+             ) -> Iterator[Record | BadRecord]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -264,11 +334,13 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
         if col is not None and col not in names:
             raise ValueError(f"{path}: no column {col!r} (columns: {names})")
     columns = [text_field] + ([id_field] if id_field is not None else [])
+    titled = title_field in names
     row = 0
-    for batch in f.iter_batches(columns=columns, batch_size=8192):
+    for batch in f.iter_batches(columns=columns + ([title_field] if titled else []), batch_size=8192):
         texts = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if id_field is not None else [None] * len(texts)
-        for text, id_ in zip(texts, ids, strict=True):
+        titles = batch.column(len(columns)).to_pylist() if titled else [None] * len(texts)
+        for text, id_, title in zip(texts, ids, titles, strict=True):
             row += 1
             if not isinstance(text, str):
                 yield BadRecord(f"{path}:row {row}: text column {text_field!r} is "
@@ -277,11 +349,11 @@ def _parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Recor
             if id_field is not None and id_ is None:
                 yield BadRecord(f"{path}:row {row}: id column {id_field!r} is null")
                 continue
-            yield Record(row, id_, text)
+            yield Record(row, id_, with_title(title, text))
 
 
 _READERS: dict[str, Callable[..., Iterator[Record | BadRecord]]] = {
-    "text": _text, "jsonl": _jsonl, "tsv": _tsv, "parquet": _parquet}
+    "text": _text, "jsonl": _jsonl, "tsv": _tsv, "csv": _csv, "parquet": _parquet}
 
 
 def count_records(path: str, fmt: str) -> int | None:
@@ -303,16 +375,21 @@ def count_records(path: str, fmt: str) -> int | None:
 
 
 def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", id_field: str | None = None,
-                skip_bad_lines: bool = False, log: TextIO | None = None, unique_ids: bool = True
+                title_field: str | None = None, skip_bad_lines: bool = False, log: TextIO | None = None,
+                unique_ids: bool = True
                 ) -> Iterator[Record]:
     """Streams the records of `path`.
 
     Args:
       path: the input file.
-      fmt: "text" (one passage a line), "jsonl", "tsv" (with a header line) or "parquet"; default from the extension.
-        Text, JSONL and TSV may be gzip, bz2, xz or zstd files (told by their first bytes, whatever their name).
+      fmt: "text" (one passage a line), "jsonl", "tsv" (a header line naming the columns, or none and two columns,
+        id and text), "csv" (with a header line) or "parquet"; default from the extension. Text, JSONL, TSV and CSV
+        may be gzip, bz2, xz or zstd files (told by their first bytes, whatever their name).
       text_field: the JSON key / column holding the text.
-      id_field: the JSON key / column holding the id; None: ids are 0-based record numbers.
+      id_field: the JSON key / column holding the id; None: ids are 0-based record numbers (a headerless TSV's ids
+        are its first column).
+      title_field: the JSON key / column of a title joined in front of the text where a record has one (BEIR's
+        "title"; see `with_title`); None: none.
       skip_bad_lines: log bad records to `log` (stderr by default) and go on, instead of raising BadRecord.
       unique_ids: refuse an id given to an earlier record, compared as `id_string`s (7 and "7" are one id). Not a
         bad line that --skip-bad-lines skips: which of the two records the id names is not ours to guess.
@@ -332,12 +409,14 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
     if fmt == "text" and id_field is not None:
         raise ValueError(f"{path}: plain text input has no id field; drop --id-field or use JSONL/TSV/parquet")
     log = log or sys.stderr
+    kwargs = {} if fmt == "text" else {"title_field": title_field}
 
     def records():
-        return (r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field) if isinstance(r, Record))
+        return (r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field, **kwargs)
+                if isinstance(r, Record))
 
     repeats = RepeatedIds(lambda: ((r.line, r.id) for r in records()))
-    for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field):
+    for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field, **kwargs):
         if isinstance(rec, BadRecord):
             if not skip_bad_lines:
                 raise BadRecord(f"{rec} (pass --skip-bad-lines to skip bad lines)")

@@ -5,7 +5,9 @@ Layout: shard i holds records [i * shard_size, (i + 1) * shard_size) of the inpu
   - `ids-{i:05d}.jsonl`: one JSON value per line, the record's id (or its 0-based record number);
   - `texts-{i:05d}.jsonl` (when the run stored texts): one JSON string per line;
 and `manifest.json` (the run's settings, `num_shards` and `count`) once every shard exists. While a run is unfinished,
-`.embed-settings.json` holds its settings, so that a resume with other settings is refused before any work.
+`.embed-settings.json` holds its settings, so that a resume with other settings is refused before any work, and a
+shard being embedded keeps its finished pieces (consecutive runs of its records) as hidden `.piece-*.npz` files, so
+that an interrupted run loses at most one piece; they become the shard's files once the shard is whole.
 
 Each file is written under a temporary name and renamed, the embeddings last, so a shard whose embeddings file exists
 is complete. Everything about this layout (names, keys, checks) lives in this module.
@@ -28,10 +30,19 @@ RUN_SETTINGS = ".embed-settings.json"
 FORMAT = "retribert_jax.embeddings"
 VERSION = 1
 DTYPES = ("float32", "float16")
+KINDS = ("passages", "questions")  # the manifest's `kind`: which tower and projection embedded the rows
+# How an embedding directory can be searched (`search.Index`): exact top-k in JAX, or faiss' IndexFlatIP.
+BACKENDS = ("jax", "faiss")
 # The manifest's keys and their types (a run's settings plus num_shards and count; a few more are informational).
 MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str, "kind": str, "dtype": str,
                  "max_length": int, "projection_dim": int, "normalized": bool, "shard_size": int, "num_shards": int,
                  "count": int, "has_text": bool}
+# Keys that manifests written before them lack: checked when present.
+#   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
+#   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
+OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None))}
+# Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
+_OWN_FILES = ("embeddings-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS, ".piece-*", ".*.tmp-*")
 
 
 def shard_paths(directory: str, i: int) -> dict[str, str]:
@@ -92,12 +103,26 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e}); remove it or use another directory") from None
 
 
-def start_run(directory: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _own_files(directory: str) -> list[str]:
+    return sorted({p for pattern in _OWN_FILES for p in glob.glob(os.path.join(directory, pattern))})
+
+
+def _has_work(directory: str) -> bool:
+    """Whether an unfinished run left anything worth keeping: a finished shard or piece."""
+    return bool(glob.glob(os.path.join(directory, "embeddings-*.npy")) or _piece_files(directory))
+
+
+def start_run(directory: str, settings: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any] | None:
     """Opens `directory` for a run with these settings.
 
+    A finished run with the same settings is this run (nothing to do). An unfinished one with the same settings is
+    resumed. One with other settings that finished no shard nor piece held nothing to protect (a run that failed on
+    its first record, say) and is discarded; otherwise other settings are refused, unless `overwrite`, which removes
+    the embedding files (and only those) first.
+
     Returns:
-      The manifest when the directory already holds this very run, finished (nothing to do); else None, after
-      recording the settings (a resumed run finds them and goes on).
+      The manifest when the directory already holds this very run, finished; else None, after recording the
+      settings (a resumed run finds them and goes on).
 
     Raises:
       ValueError: the directory holds embeddings made with other settings (named, with both values).
@@ -109,17 +134,80 @@ def start_run(directory: str, settings: dict[str, Any]) -> dict[str, Any] | None
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             continue
-        old = _read_json(path)
+        old = _read_json(path) if not overwrite else {}
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            desc = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"{directory}: holds embeddings made with other settings ({desc}); use another OUT")
-        if name == MANIFEST:
+        if not diff and name == MANIFEST:
             return old
+        if diff and not overwrite and (name == MANIFEST or _has_work(directory)):
+            desc = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+            what = "embeddings" if name == MANIFEST else "an unfinished run's embeddings"
+            raise ValueError(f"{directory}: holds {what} made with other settings ({desc}); use another OUT or "
+                             f"pass --overwrite to replace them")
+        if diff:
+            for own in _own_files(directory):
+                os.remove(own)
+        break
     os.makedirs(directory, exist_ok=True)
     with atomic_file(os.path.join(directory, RUN_SETTINGS), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
     return None
+
+
+def _piece_files(directory: str, shard: int | None = None) -> list[str]:
+    pattern = ".piece-*.npz" if shard is None else f".piece-{shard:05d}-*.npz"
+    return sorted(glob.glob(os.path.join(directory, pattern)))
+
+
+def write_piece(directory: str, shard: int, start: int, ids: Sequence[Any], embeddings: np.ndarray,
+                texts: Sequence[str] | None = None) -> None:
+    """Keeps rows [start, start + len(ids)) of an unfinished shard as one hidden file (one write, one flush).
+
+    Args:
+      shard: the shard number; start: the first row's position inside the shard.
+      ids, embeddings, texts: as for `write_shard` (ids and texts are kept as JSON, so that the shard written from
+        the pieces later is the one `write_shard` would write from the values themselves).
+    """
+    if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
+        raise ValueError(f"shard {shard} piece at {start}: {len(ids)} ids, {embeddings.shape[0]} embeddings")
+    end = start + len(ids)
+    arrays = {"embeddings": embeddings,
+              "ids": np.array([json.dumps(v, ensure_ascii=False, default=str) for v in ids], dtype=str)}
+    if texts is not None:
+        arrays["texts"] = np.array(list(texts), dtype=str)
+    with atomic_file(os.path.join(directory, f".piece-{shard:05d}-{start:09d}-{end:09d}.npz"), "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_pieces(directory: str, shard: int) -> list[tuple[list[Any], np.ndarray, list[str] | None]]:
+    """The finished pieces of `shard` that continue each other from its first row, in row order, each as (ids,
+    embeddings, texts or None). A piece that does not continue them (left by a run with another piece size) is
+    ignored; it is removed with the others when the shard is written."""
+    out, pos = [], 0
+    spans = {}
+    for path in _piece_files(directory, shard):
+        _, _, start, end = os.path.basename(path)[:-4].split("-")
+        spans[int(start)] = path
+    while pos in spans:
+        with np.load(spans[pos], allow_pickle=False) as z:
+            ids = [json.loads(v) for v in z["ids"].tolist()]
+            out.append((ids, z["embeddings"], z["texts"].tolist() if "texts" in z.files else None))
+        pos += len(ids)
+    return out
+
+
+def remove_pieces(directory: str, shard: int) -> None:
+    """Removes a shard's pieces once the shard is written."""
+    for path in _piece_files(directory, shard):
+        os.remove(path)
+
+
+def discard_run(directory: str) -> None:
+    """Forgets a run that produced nothing (its recorded settings), and its directory if that is left empty."""
+    path = os.path.join(directory, RUN_SETTINGS)
+    if os.path.isfile(path):
+        os.remove(path)
+    if os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)
 
 
 def missing_shards(directory: str, num_shards: int) -> list[int]:
@@ -137,7 +225,7 @@ def finish_run(directory: str, settings: dict[str, Any], count: int, num_shards:
     if count == 0:
         raise ValueError(f"{directory}: no records were embedded (the input holds none, or every line was skipped); "
                          f"nothing to write")
-    for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")):
+    for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")) + _piece_files(directory):
         os.remove(tmp)
     manifest = {**settings, "format": FORMAT, "version": VERSION, "num_shards": num_shards, "count": count}
     with atomic_file(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
@@ -171,6 +259,9 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(f"{path}: format is {m['format']!r}, expected {FORMAT!r}")
     if m["version"] != VERSION:
         raise ValueError(f"{path}: version {m['version']} is not supported (expected {VERSION})")
+    for key, typ in OPTIONAL_KEYS.items():
+        if key in m and not isinstance(m[key], typ):
+            raise ValueError(f"{path}: key {key!r} has the wrong type ({m[key]!r})")
     if m["dtype"] not in DTYPES:
         raise ValueError(f"{path}: dtype {m['dtype']!r} is neither float32 nor float16")
     if m["count"] <= 0:

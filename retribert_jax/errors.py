@@ -14,3 +14,13 @@ class CheckpointError(ValueError):
 
 class MissingDependency(ImportError):
     """An optional dependency a feature needs is not installed; the message says what to `pip install`."""
+
+
+class OutOfMemory(UserError):
+    """A job did not fit the device's memory; the message says which setting to lower, and to what."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is a device or host allocation failure (XLA's RESOURCE_EXHAUSTED, numpy's MemoryError)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()

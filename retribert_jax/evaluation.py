@@ -387,7 +387,7 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     """Encodes the judged queries, retrieves the top `depth` passages of each and measures the run with ir-measures.
 
     Args:
-      index: an `Index` of passages, embedded by `encoder`'s model (its config hash is checked).
+      index: an `Index` of passages, embedded by `encoder`'s model (its architecture and weights are checked).
       encoder: a `retribert_jax.encode.Encoder`; queries go through `encode_questions`, L2-normalised when the index
         is, and are scored by inner product (float32).
       queries: a queries file (see `read_queries`) or {query id: text}.
@@ -419,7 +419,7 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
         queries = read_queries(queries, skip_bad_lines=skip_bad_lines)
     if isinstance(qrels, str):
         qrels = read_qrels(qrels)
-    index.check_model(encoder.config)
+    index.check_model(encoder)
     judged = judged_queries(queries, qrels)
     if not judged:
         raise ValueError(f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "

@@ -36,6 +36,7 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -48,6 +49,26 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _follow_umask(root: str) -> None:
+    """Gives everything under `root`, itself included, the mode the umask gives a new file or directory. mkdtemp
+    makes the directory private (0700) and some writers make their files private too (safetensors' `save_file`:
+    0600); the output is an ordinary directory, readable as the user's other files are."""
+    umask = _umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 def _fsync_dir(path: str) -> None:
@@ -79,9 +100,7 @@ def atomic_file(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     # mkstemp makes the file private (0600); the output is an ordinary file, readable as the umask allows.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         text = "b" not in mode
         with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if text else None) as f:
@@ -94,6 +113,14 @@ def atomic_file(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def job_record(path: str) -> str:
+    """Where a job that writes one plain file (`mine`'s JSONL) records the settings and counts of the run that made
+    it: a hidden file beside it, so that a rerun of the same job can answer "already complete" instead of refusing an
+    existing output."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.job.json")
 
 
 def file_sha256(path: str) -> str:

@@ -45,8 +45,8 @@ import numpy as np
 
 from retribert_jax.corpus import id_string, open_input
 from retribert_jax.io import file_sha256
+from retribert_jax.pairs import PairFields, check_pair_row, read_pair_rows
 from retribert_jax.search import Hit, Index
-from retribert_jax.training import check_pair_row, read_pair_rows
 
 FILTERS = ("absolute_margin", "relative_margin", "max_score", "min_score")
 # Extra hits fetched beyond the window: room for the positive and a duplicate or two before a deeper search is needed.
@@ -134,6 +134,7 @@ class MiningStats:
       with_positive_id: pairs that carried `positive_id_field`.
       window: candidates inside the rank window, over all pairs.
       skipped: filter name -> candidates of the window it dropped (each counted under the first filter that drops it).
+      already_complete: `mine_file` found `out` made by this very run (the counts are that run's).
     """
 
     pairs: int = 0
@@ -143,10 +144,11 @@ class MiningStats:
     with_positive_id: int = 0
     window: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    already_complete: bool = False  # `mine_file` found this very run finished: nothing was mined
 
     def add(self, other: MiningStats) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "skipped":
+            if f.name not in ("skipped", "already_complete"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         for name, n in other.skipped.items():
             self.skipped[name] = self.skipped.get(name, 0) + n
@@ -164,9 +166,9 @@ class Mined:
 
 
 def check_index(index: Index, model) -> None:
-    """Refuses an index without stored texts, of questions, or embedded by another architecture than `model`'s (a
-    model or an Encoder: anything with a `config`)."""
-    index.check_model(model.config)
+    """Refuses an index without stored texts, of questions, or embedded by another model than `model` (a model or an
+    Encoder; see `Index.check_model`)."""
+    index.check_model(model)
     if not index.manifest["has_text"]:
         raise ValueError(f"{index.directory}: holds no passage texts; mining writes negatives as text, so embed the "
                          f"corpus again with `retribert-jax embed ... --store-text`")
@@ -396,16 +398,18 @@ def _read_part_stats(parts: str, i: int) -> MiningStats:
 def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig | None = None, *,
               chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False,
               batch_size: int | None = None, max_length: int = 128, model_name: str | None = None,
-              show_progress: bool = True) -> MiningStats:
+              show_progress: bool = True, fields: PairFields | None = None) -> MiningStats:
     """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
 
     The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun
-    with the same settings skips the parts that exist. Once all exist they are joined into `out` (atomically) and
-    `{out}.parts` is removed.
+    with the same settings skips the parts that exist. Once all exist they are joined into `out` (atomically),
+    `{out}.parts` is removed and the run's settings and counts are kept beside `out` (`io.job_record`), so that a
+    rerun of the same run returns them (`already_complete`) instead of refusing `out`.
 
     Args:
       index, encoder: as for `mine_hard_negatives`.
-      pairs: JSONL rows {"question": str, "answer": str, ...}; blank lines are skipped.
+      pairs: a training-pairs file (`pairs.read_pair_rows`: JSONL, CSV, TSV or parquet; ours, Tevatron's or
+        sentence-transformers' fields, or `fields`); blank lines are skipped. Rows are written in our shape.
       out: the output JSONL: each row with all its keys, plus "negatives" and "negative_ids".
       config: the filters (default: `MiningConfig()`).
       chunk_size: pairs per part (the work a kill can lose).
@@ -426,12 +430,11 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     """
     from tqdm.auto import tqdm
 
-    from retribert_jax.io import atomic_file, check_overwrite
+    from retribert_jax.io import atomic_file, check_overwrite, job_record
 
     config = config or MiningConfig()
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    check_overwrite(out, overwrite)
     if not os.path.isfile(pairs):
         raise FileNotFoundError(f"{pairs}: no such pairs file")
     check_index(index, encoder)
@@ -439,37 +442,47 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
     settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": file_sha256(pairs),
                 "index": os.path.abspath(index.directory), "index_config_hash": index.manifest["config_hash"],
                 "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
-                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length}
+                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length,
+                "fields": dataclasses.asdict(fields or PairFields())}
+    record = job_record(out)
+    if os.path.isfile(out) and not overwrite and os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            done = json.load(f)
+        if done.get("settings") == settings:
+            return MiningStats(**{**done["stats"], "already_complete": True})
+    check_overwrite(out, overwrite)
     _open_parts(parts, settings, overwrite)
-    shared = shared_positives(lambda: (row for _, row in read_pair_rows(pairs)), config.positive_id_field)
+    shared = shared_positives(lambda: (row for _, row in read_pair_rows(pairs, fields)), config.positive_id_field)
     stats = MiningStats()
-    bar = tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress)
-    num_parts = 0
-    rows = read_pair_rows(pairs)
-    while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
-        i, num_parts = num_parts, num_parts + 1
-        if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run
-            stats.add(_read_part_stats(parts, i))
-            bar.update(len(chunk))
-            continue
-        kept, part_stats = [], MiningStats()
-        for s in range(0, len(chunk), STEP):
-            mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length, shared)
-            part_stats.add(mined.stats)
-            for row in mined.rows:
-                if drop_incomplete and len(row["negatives"]) < config.num_negatives:
-                    part_stats.dropped += 1
-                else:
-                    kept.append(row)
-            bar.update(len(mined.rows))
-        _write_part(parts, i, kept, part_stats)
-        stats.add(part_stats)
-    bar.close()
+    # The bar is closed (its line ended) before an error propagates, so the error is the last line on the screen.
+    with tqdm(total=_count_rows(pairs), unit="pair", desc="mining", disable=not show_progress) as bar:
+        num_parts = 0
+        rows = read_pair_rows(pairs, fields)
+        while chunk := [row for _, row in itertools.islice(rows, chunk_size)]:
+            i, num_parts = num_parts, num_parts + 1
+            if os.path.isfile(_part(parts, i, "jsonl")):  # done by an earlier run
+                stats.add(_read_part_stats(parts, i))
+                bar.update(len(chunk))
+                continue
+            kept, part_stats = [], MiningStats()
+            for s in range(0, len(chunk), STEP):
+                mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length, shared)
+                part_stats.add(mined.stats)
+                for row in mined.rows:
+                    if drop_incomplete and len(row["negatives"]) < config.num_negatives:
+                        part_stats.dropped += 1
+                    else:
+                        kept.append(row)
+                bar.update(len(mined.rows))
+            _write_part(parts, i, kept, part_stats)
+            stats.add(part_stats)
     if num_parts == 0:
         raise ValueError(f"{pairs}: no question/answer pairs")
     with atomic_file(out, "wb") as f:
         for i in range(num_parts):
             with open(_part(parts, i, "jsonl"), "rb") as part:
                 shutil.copyfileobj(part, f)
+    with atomic_file(record, "w") as f:
+        json.dump({"settings": settings, "stats": stats.to_dict()}, f)
     shutil.rmtree(parts)
     return stats

@@ -167,6 +167,40 @@ def flat_params(state: Any, cfg: RetriBertConfig | None = None) -> dict[FlaxPath
             for e in param_table(cfg)}
 
 
+def weights_fingerprint(model: nnx.Module, samples: int = 1024) -> str:
+    """A short fingerprint of a model's weights: SHA-256 (16 hex digits) over every HF tensor's name, shape and
+    `samples` evenly spaced entries, as float32. What an embedding directory records of the model that embedded it,
+    so that searching it with another model's weights (a fine-tuned one, say) is refused.
+
+    Sampling keeps the hashing cheap for any model size (a few thousand entries a tensor); training
+    or conversion to another stored dtype changes nearly every entry, so two models that differ meet equal samples
+    only by design. The name table, not the in-memory layout, orders it: a model stored or stacked otherwise has the
+    same fingerprint.
+    """
+    import hashlib
+
+    table = param_table(model.config)
+    state = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    wanted: dict[FlaxPath, list[np.ndarray]] = {}
+    shapes = {}
+    for e in table:  # each tensor's entries, as positions in its model path's flat array
+        arr = state[e.model_path]
+        shapes[e.flax_path] = tuple(arr.shape[1:] if e.layer is not None else arr.shape)
+        n = int(np.prod(shapes[e.flax_path]))
+        wanted.setdefault(e.model_path, []).append((e.layer or 0) * n + np.linspace(0, n - 1, min(n, samples),
+                                                                                     dtype=np.int64))
+    # Gathered on the host: on a CPU the arrays are there already, and a device-side gather would compile a program
+    # per shape (a second for RetriBERT-base), where one copy of the weights costs milliseconds.
+    values = {p: iter(np.split(np.asarray(state[p], np.float32).reshape(-1)[np.concatenate(idx)],
+                               np.cumsum([len(i) for i in idx])[:-1]))
+              for p, idx in wanted.items()}
+    h = hashlib.sha256()
+    for e in table:
+        h.update(f"{path_str(e.flax_path)}{shapes[e.flax_path]}".encode())
+        h.update(np.ascontiguousarray(next(values[e.model_path]), dtype="<f4").tobytes())
+    return h.hexdigest()[:16]
+
+
 def canonical_torch_key(key: str) -> str:
     for pattern, repl in _LEGACY:
         key = pattern.sub(repl, key)

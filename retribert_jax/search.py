@@ -26,7 +26,7 @@ from retribert_jax import embedding_dir
 from retribert_jax.corpus import RepeatedIds, id_string
 from retribert_jax.errors import MissingDependency
 
-BACKENDS = ("jax", "faiss")
+BACKENDS = embedding_dir.BACKENDS
 QUERY_CHUNK = 256  # queries scored at once: bounds the [queries, block] score matrix
 
 
@@ -116,14 +116,32 @@ class Index:
     def dim(self) -> int:
         return self.manifest["projection_dim"]
 
-    def check_model(self, config) -> None:
-        """Refuses a model whose architecture differs from the one that embedded the index, or a question index."""
+    def check_model(self, model) -> None:
+        """Refuses a model other than the one that embedded the index, or a question index.
+
+        Args:
+          model: a `RetriBertModel` or an `Encoder` (its architecture and, where the manifest records one, its
+            weights' fingerprint are compared), or a `RetriBertConfig` (the architecture alone).
+
+        Raises:
+          ValueError: a question index, another architecture, or other weights (both models named).
+        """
+        from retribert_jax.params import weights_fingerprint
+
         m = self.manifest
         if m["kind"] != "passages":
             raise ValueError(f"{self.directory}: holds {m['kind']} embeddings; searching needs passages")
+        model = getattr(model, "model", model)  # an Encoder's model
+        config = getattr(model, "config", model)
         if m["config_hash"] != config.architecture_hash():
             raise ValueError(f"{self.directory}: embedded by a model with config hash {m['config_hash']} "
                              f"({m['model']}), but this model's is {config.architecture_hash()}")
+        if "weights_fingerprint" in m and model is not config:
+            mine = weights_fingerprint(model)
+            if mine != m["weights_fingerprint"]:
+                raise ValueError(f"{self.directory}: embedded by {m['model']} (weights fingerprint "
+                                 f"{m['weights_fingerprint']}), but this model's weights differ (fingerprint {mine}); "
+                                 "search with the model that embedded the index, or embed the corpus again")
 
     def _search_jax(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = jnp.asarray(q, dtype=jnp.float32)
@@ -261,8 +279,8 @@ class Index:
 def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequence[Any] | None = None,
                 store_text: bool = True, batch_size: int | None = None, max_length: int = 128, normalize: bool = False,
                 shard_size: int = 100_000, overwrite: bool = False) -> Index:
-    """Embeds passages into an embedding directory (the layout `retribert-jax embed` writes) and opens it: the
-    in-memory path of `embed`, for corpora that fit in a Python list.
+    """Embeds passages into an embedding directory (the layout `retribert-jax embed` writes) and opens it: the job
+    of `embed` (`embedding_job.embed_corpus`), for corpora that fit in a Python list.
 
     Args:
       encoder: an `Encoder`; its model's config is recorded so that searching with another model is refused.
@@ -282,6 +300,7 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
     """
     import shutil
 
+    from retribert_jax.embedding_job import embed_corpus
     from retribert_jax.io import check_overwrite
 
     passages = list(passages)
@@ -299,17 +318,9 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
     check_overwrite(directory, overwrite)
     if os.path.exists(directory):
         shutil.rmtree(directory)
-    cfg = encoder.config
-    settings = {"model": "in-memory (build_index)", "config_hash": cfg.architecture_hash(),
-                "kind": "passages", "dtype": "float32", "max_length": max_length,
-                "projection_dim": cfg.projection_dim, "normalized": bool(normalize), "shard_size": shard_size,
-                "has_text": bool(store_text)}
-    embedding_dir.start_run(directory, settings)
-    for i, s in enumerate(range(0, len(passages), shard_size)):
-        texts = passages[s:s + shard_size]
-        emb = encoder.encode_passages(texts, batch_size=batch_size, max_length=max_length, normalize=normalize)
-        embedding_dir.write_shard(directory, i, ids[s:s + shard_size], emb, texts if store_text else None)
-    embedding_dir.finish_run(directory, settings, len(passages), -(-len(passages) // shard_size))
+    embed_corpus(encoder, zip(ids, passages, strict=True), directory, kind="passages",
+                 model="in-memory (build_index)", shard_size=shard_size, batch_size=batch_size,
+                 max_length=max_length, normalize=normalize, store_text=store_text)
     return Index(directory)
 
 

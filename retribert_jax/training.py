@@ -18,8 +18,8 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ from jax.sharding import NamedSharding
 
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
 from retribert_jax.config import RunConfig, TrainConfig
-from retribert_jax.corpus import BadRecord, read_lines
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in_batch_loss
+from retribert_jax.pairs import Pair, read_pairs
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 Batch = dict[str, jax.Array]  # q_ids, q_mask [B, Lq]; p_ids, p_mask [B, Lp]
@@ -203,71 +203,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
 # Data
 
 
-class Pair(NamedTuple):
-    """One training example: a question, its positive passage, and optionally hard negatives (passages that do not
-    answer it, e.g. from `retribert-jax mine`)."""
-
-    question: str
-    passage: str
-    negatives: tuple[str, ...] = ()
-
-
-def check_pair_row(row: Any, where: str) -> None:
-    """Refuses a training row that is not {"question": str, "answer": str[, "negatives": [str, ...]], ...}.
-
-    Raises:
-      ValueError: naming `where` (file:line) and the field.
-    """
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("question", "answer"):
-        if not isinstance(row.get(field), str):
-            got = "missing" if field not in row else type(row[field]).__name__
-            raise ValueError(f"{where}: field {field!r} must be a string ({got})")
-    negatives = row.get("negatives", [])
-    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-        raise ValueError(f"{where}: field 'negatives' must be a list of strings")
-
-
-def read_pair_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, row) for every non-blank line of a JSONL training file, each row checked (`check_pair_row`)
-    and kept whole, other keys included (what `mine` writes back).
-
-    Lines are those of `corpus.read_lines` (split at \\n only, CRLF and a byte-order mark allowed), so a line number
-    in an error is the one an editor or `wc -l` shows.
-
-    Raises:
-      FileNotFoundError, ValueError: naming the file and line.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such data file")
-    for lineno, line in read_lines(path):
-        if isinstance(line, BadRecord):
-            raise line
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        check_pair_row(row, f"{path}:{lineno}")
-        yield lineno, row
-
-
-def read_pairs(path: str) -> list[Pair]:
-    """A JSONL file of {"question": str, "answer": str} objects, one per line (blank lines skipped), each optionally
-    with "negatives": [str, ...] (DPR / Tevatron style hard negatives). "answer" is the positive passage (ELI5's word
-    for it); other keys are ignored.
-
-    Raises:
-      FileNotFoundError, ValueError: naming the file and line (see `read_pair_rows`).
-    """
-    pairs = [Pair(row["question"], row["answer"], tuple(row.get("negatives", []))) for _, row in read_pair_rows(path)]
-    if not pairs:
-        raise ValueError(f"{path}: no question/answer pairs")
-    return pairs
-
-
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -336,19 +271,135 @@ def tokenize_batch(tok: RetriBertTokenizer, pairs: Sequence[Pair], max_length: i
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fitting a run to the machine and the data
+
+
+def activation_bytes_per_pair(cfg, max_length: int, num_negatives: int) -> float:
+    """Bytes of activations one pair keeps for the backward pass, at `max_length` on every side, float32.
+
+    Per token and layer a BERT layer keeps ~10 hidden-size vectors (Q, K, V, attention output, residuals, LayerNorm
+    inputs and outputs), 2 FFN-size ones (before and after GELU) and 2 rows of attention scores per head (scores
+    and probabilities); a pair embeds 2 + `num_negatives` sequences. For MiniLM (384 x 1536, 12 heads, 6 layers) at
+    128 tokens and one negative that is 92 MB a pair: 47 GB for a batch of 512, against the 44.8 GB allocation that
+    such a step failed on (issue 22).
+    """
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    per_token_layer = 10 * d + 2 * f + 2 * h * max_length
+    return 4.0 * (2 + num_negatives) * cfg.num_hidden_layers * max_length * per_token_layer
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """Memory one device gives a program: the allocator's limit on a GPU or TPU, physical memory on a CPU (whose
+    devices share it); None when unknown."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # not every backend implements memory_stats
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def fit_micro_batch(cfg, tcfg: TrainConfig, num_negatives: int, num_devices: int, memory_bytes: int | None
+                    ) -> int | None:
+    """The gradient-cache micro-batch that fits a device's memory: the largest divisor of the batch (a multiple of
+    the device count) whose activations (`activation_bytes_per_pair`) take at most half of what the parameters, their
+    gradients and AdamW's two moments leave; None when the whole batch fits (one pass), or when the memory is
+    unknown. Gradient cache gives the loss and gradients of the whole batch at any micro-batch, so this changes memory
+    and speed, not what is learned (dropout masks aside)."""
+    if memory_bytes is None:
+        return None
+    n_params = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
+        4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+    n_params *= 1 if cfg.share_encoders else 2
+    budget = 0.5 * max(0.0, memory_bytes - 4 * 4 * n_params)
+    per_pair = activation_bytes_per_pair(cfg, tcfg.max_length, num_negatives)
+    b = tcfg.batch_size
+    if b // num_devices * per_pair <= budget:
+        return None
+    fits = [m for m in range(num_devices, b, num_devices)
+            if b % m == 0 and m // num_devices * per_pair <= budget]
+    return max(fits) if fits else num_devices
+
+
+def run_warnings(num_pairs: int, tcfg: TrainConfig) -> list[str]:
+    """What makes a run with these settings on `num_pairs` pairs train little or oddly, said before it starts: few
+    steps per epoch, many pairs dropped each epoch (the last partial batch), a run that never leaves warm-up."""
+    out = []
+    b = tcfg.batch_size
+    per_epoch, dropped = divmod(num_pairs, b)
+    if per_epoch == 0:
+        return out  # `train` refuses it
+    total = per_epoch * tcfg.num_epochs
+    last = min(total, tcfg.max_steps or total)
+    if per_epoch < 10:
+        out.append(f"{num_pairs} pairs in batches of {b} make {per_epoch} step{'s' * (per_epoch > 1)} an epoch, "
+                   f"{last} in all; a smaller --batch-size gives more steps")
+    if dropped and dropped / num_pairs >= 0.1:
+        out.append(f"each epoch leaves out {dropped} of {num_pairs} pairs ({dropped / num_pairs:.0%}): those past "
+                   f"the last whole batch of {b} (a different sample each epoch)")
+    if tcfg.warmup_steps and last <= tcfg.warmup_steps:
+        peak = tcfg.learning_rate * (last - 1) / tcfg.warmup_steps  # `lr_schedule` at the last step, last - 1
+        out.append(f"the run's {last} steps never leave the {tcfg.warmup_steps}-step warm-up: the learning rate "
+                   f"peaks at {peak:.2g}, not {tcfg.learning_rate:g}; lower --warmup-steps (e.g. "
+                   f"{max(1, last // 10)})")
+    return out
+
+
+class _StepBar:
+    """A tqdm bar that counts the steps the device has finished, not the ones dispatched: each dispatch waits for
+    the step before it (one step stays in flight, so the host still prepares the next batch while the device runs),
+    and the rate and ETA are those of the device."""
+
+    def __init__(self, bar):
+        self.bar, self._pending = bar, None
+
+    def dispatched(self, metrics) -> None:
+        self.finish()
+        self._pending = metrics
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            jax.block_until_ready(self._pending)
+            self._pending = None
+            self.bar.update(1)
+
+
+def _last_logged_loss(path: str) -> float | None:
+    """The loss of the last line of a metrics log, or None."""
+    if not os.path.isfile(path):
+        return None
+    loss = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                loss = json.loads(line).get("loss", loss)
+            except json.JSONDecodeError:
+                continue
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The training loop
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the trained model, the step reached, the last loss logged by this call (None when it
-    trained no step), and the step it started from (above 0 when it resumed; equal to `step` when the run had
-    already finished)."""
+    """What `train` returns: the trained model, the step reached, the last loss logged (by this call, or by the
+    finished run a rerun found), the step this call started from (above 0 when it resumed), and whether `out_dir`
+    held this run finished already (then nothing was trained)."""
 
     model: RetriBertModel
     step: int
     loss: float | None
     start_step: int = 0
+    already_complete: bool = False
 
     @property
     def steps_trained(self) -> int:
@@ -455,6 +506,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
 
     Raises:
       ValueError: settings that do not fit the data or the mesh, or an `out_dir` holding another run.
+      OutOfMemory: a step did not fit the device's memory (the message says what to lower).
     """
     tcfg = tcfg or TrainConfig()
     pairs = [p if isinstance(p, Pair) else Pair(p[0], p[1], tuple(p[2]) if len(p) > 2 else ()) for p in pairs]
@@ -498,32 +550,53 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    from retribert_jax.errors import OutOfMemory, is_out_of_memory
+
+    final = os.path.join(out_dir, "model")
+    if step >= last_step and (os.path.isdir(final) or not save_final):
+        ckpts.close()
+        model = nnx.merge(graphdef, jax.device_get(params))
+        model.eval()
+        return TrainResult(model=model, step=step, loss=_last_logged_loss(log_path), start_step=step,
+                           already_complete=True)
     loss_value, t0, seen = None, time.perf_counter(), 0
     try:
-        with open(log_path, "a", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8") as log, \
+                tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not progress,
+                     dynamic_ncols=True) as tbar:
+            bar = _StepBar(tbar)
             while step < last_step:
                 params, opt_state, metrics = train_step(params, opt_state, batch_at(step),
                                                         jax.random.fold_in(base_key, step), step)
+                bar.dispatched(metrics)
                 step, seen = step + 1, seen + tcfg.batch_size
                 if step % tcfg.log_every == 0 or step == last_step:
                     m_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    bar.finish()
                     loss_value, rate = m_host["loss"], seen / max(time.perf_counter() - t0, 1e-9)
                     log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, **m_host,
                                           "examples_per_s": rate}) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{m_host['loss']:.4f}", lr=f"{m_host['lr']:.2e}", ex_s=f"{rate:.1f}")
+                    tbar.set_postfix(loss=f"{m_host['loss']:.4f}", lr=f"{m_host['lr']:.2e}", ex_s=f"{rate:.1f}")
                     t0, seen = time.perf_counter(), 0
-                bar.update(1)
                 if step % tcfg.save_every == 0 or step == last_step:
                     ckpts.save(step, params, opt_state, base_key)
+            bar.finish()
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        per = tcfg.micro_batch_size or tcfg.batch_size
+        smaller = max((m for m in range(n_dev, per, n_dev) if tcfg.batch_size % m == 0), default=None)
+        hint = (f"pass --micro-batch-size {smaller} (micro-batches of {per} pairs did not fit)" if smaller else
+                "lower --max-length or --negatives-per-question")
+        raise OutOfMemory(f"a training step of {tcfg.batch_size} pairs at max_length {tcfg.max_length} ran out of "
+                          f"device memory; {hint}") from None
     finally:
-        bar.close()
         ckpts.close()
     model = nnx.merge(graphdef, jax.device_get(params))
     model.eval()
     if save_final:
-        model.save_pretrained(os.path.join(out_dir, "model"), overwrite=True, tokenizer=tokenizer)
+        model.save_pretrained(final, overwrite=True, tokenizer=tokenizer)
     return TrainResult(model=model, step=step, loss=loss_value, start_step=start_step)
 
 
@@ -539,5 +612,6 @@ def recall_at_1(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Seq
     return float(np.mean(np.argmax(scores, axis=1) == np.arange(len(pairs))))
 
 
-__all__ = ["Pair", "TrainConfig", "TrainResult", "loss_and_grads", "lr_schedule", "make_optimizer", "make_train_step",
-           "read_pairs", "recall_at_1", "train"]
+__all__ = ["Pair", "TrainConfig", "TrainResult", "activation_bytes_per_pair", "device_memory_bytes",
+           "fit_micro_batch", "loss_and_grads", "lr_schedule", "make_optimizer", "make_train_step",
+           "read_pairs", "recall_at_1", "run_warnings", "train"]

@@ -42,6 +42,16 @@ TOP_K = 10
 # Default tolerances by stored parameter dtype, about 10x the differences measured on the real-weights MiniLM
 # checkpoint (fp32 3e-7, float16 1.6e-4, bfloat16 1.7e-3; see docs/convert.md).
 DEFAULT_ATOL = {None: 1e-4, "float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
+# The same bar for a model run with bf16 matmuls, or with float32 matmuls at less than the highest precision (TF32
+# or bf16 passes on GPUs and TPUs), against the float32 reference: 10 bits of mantissa or fewer, like the bf16 store.
+REDUCED_COMPUTE_ATOL = DEFAULT_ATOL["bfloat16"]
+
+
+def default_atol(stored_dtype: str | None = None, dtype: str | None = None, precision: str | None = None) -> float:
+    """The default tolerance for a checkpoint stored in `stored_dtype` and run with compute `dtype` and matmul
+    `precision` (None: float32 at the highest precision, how `verify` runs by default)."""
+    reduced = dtype == "bfloat16" or precision in ("default", "high")
+    return max(DEFAULT_ATOL[stored_dtype], REDUCED_COMPUTE_ATOL if reduced else 0.0)
 TORCH_MISSING = ("verify needs torch and transformers for the PyTorch reference: "
                  "pip install 'retribert_jax[test]' (torch==2.13.0, transformers>=4.57,<5)")
 
@@ -90,15 +100,19 @@ def _inputs(directory: str, max_length: int, vocab_size: int) -> tuple[dict[str,
 
 
 def verify_checkpoint(directory: str, *, reference: str | None = None, atol: float = 1e-4,
-                      min_agreement: float = 0.9, max_length: int = 128) -> dict[str, Any]:
+                      min_agreement: float = 0.9, max_length: int = 128, dtype: str | None = None,
+                      precision: str | None = None) -> dict[str, Any]:
     """Runs both models on the built-in texts and compares them.
 
     Args:
       directory: the checkpoint our loader reads (Flax or HF directory).
       reference: an HF PyTorch directory for the reference; default `directory` itself when it holds HF weights,
         else a temporary export of it.
-      atol, min_agreement: the pass criteria (max abs embedding diff; mean top-10 overlap).
+      atol, min_agreement: the pass criteria (max abs embedding diff; mean top-10 overlap); see `default_atol` for
+        the tolerance that fits a compute dtype and precision.
       max_length: tokenizer truncation length.
+      dtype, precision: how our model runs (`RunConfig`); default float32 at the highest precision. The reference
+        always runs in float32, so a bfloat16 model is measured against float32 numbers.
 
     Returns:
       {"question_max_abs_diff", "answer_max_abs_diff", "top10_overlap", "top10_same_order", "inputs", "ok"}.
@@ -122,7 +136,7 @@ def verify_checkpoint(directory: str, *, reference: str | None = None, atol: flo
     # The reference is fp32 on CPU; compare against fp32 matmuls, not TF32/bf16 passes.
     jax.config.update("jax_default_matmul_precision", "highest")
     directory = resolve_checkpoint(directory)
-    model = load_model(directory)
+    model = load_model(directory, dtype=dtype, precision=precision or "highest")
     q_in, a_in, what = _inputs(directory, max_length, model.config.vocab_size)
     with tempfile.TemporaryDirectory(prefix="retribert-verify-") as tmp:
         if reference is None:
@@ -152,6 +166,7 @@ def verify_checkpoint(directory: str, *, reference: str | None = None, atol: flo
         "top10_same_order": float(np.mean(np.all(top_f == top_t, axis=1))),
         "inputs": f"{len(QUESTIONS)} questions x {len(PASSAGES)} passages, {what}",
         "reference": "HF transformers RetriBertModel (PyTorch, fp32)",
+        "run": f"ours in {model.run_config.dtype} at {model.run_config.precision} precision",
     }
     result["ok"] = (result["question_max_abs_diff"] <= atol and result["answer_max_abs_diff"] <= atol
                     and overlap >= min_agreement)
@@ -160,7 +175,7 @@ def verify_checkpoint(directory: str, *, reference: str | None = None, atol: flo
 
 def report(result: dict[str, Any], atol: float, min_agreement: float) -> str:
     verdict = "OK" if result["ok"] else "FAILED"
-    return (f"verify: {result['inputs']}; reference: {result['reference']}\n"
+    return (f"verify: {result['inputs']}; {result['run']}; reference: {result['reference']}\n"
             f"  question embeddings max |flax - torch| = {result['question_max_abs_diff']:.3g}\n"
             f"  answer embeddings   max |flax - torch| = {result['answer_max_abs_diff']:.3g}  (atol {atol:g})\n"
             f"  top-{TOP_K} ranking overlap = {result['top10_overlap']:.3f} (min {min_agreement:g}), "

@@ -107,7 +107,7 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
         assert np.array_equal(results[name], results["txt"]), f"{name} embeddings differ from the plain-text run's"
     out = str(tmp_path / "out-f16")
     cache = tmp_path / "jax-cache"
-    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--dtype",
+    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--embedding-dtype",
                 "float16", "--no-progress", "--compilation-cache", str(cache))
     assert r.returncode == 0, r.stderr
     assert cache.is_dir() and any(cache.iterdir()), "--compilation-cache wrote nothing to the cache directory"
@@ -119,7 +119,7 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
     assert r.returncode == 2 and "dtype" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # So is an input that changed since: its records would no longer be the ones numbered into the shards.
     inputs["txt"].write_text("".join(t + "\n" for t in texts[1:]), encoding="utf-8")
-    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--dtype",
+    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--embedding-dtype",
                 "float16", "--no-progress")
     assert r.returncode == 2 and "input_sha256" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -169,7 +169,7 @@ def test_resume_after_kill9(model_dir, tmp_path):
         assert np.load(os.path.join(killed, name)).shape == (200, 16), f"{name} is not a whole shard"
     r = run_cli(*args, killed, *opts)
     assert r.returncode == 0, r.stderr
-    assert f"skipped {200 * len(shards)}" in r.stderr, r.stderr
+    assert f"{200 * len(shards)} kept from an earlier run" in r.stderr, r.stderr
     fresh = str(tmp_path / "fresh")
     r = run_cli(*args, fresh, *opts)
     assert r.returncode == 0, r.stderr
@@ -281,3 +281,94 @@ def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
     assert err.startswith(f"retribert-jax embed: error: {out}: the model gave "), err
     assert "NaN or infinite embeddings" in err and '"p-blue"' in err, err
     assert not os.path.exists(os.path.join(out, "embeddings-00000.npy"))
+
+
+def test_rerun_after_a_failed_run_and_overwrite(model_dir, tmp_path):
+    """A typo in a field name leaves a run that finished nothing: the corrected command is not refused. A finished
+    directory with other settings is refused, naming --overwrite, which replaces it."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(30, seed=9)), encoding="utf-8")
+    out = str(tmp_path / "out")
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--text-field", "body", "--no-progress")
+    assert r.returncode == 2 and "missing text field 'body'" in r.stderr, r.stderr
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--no-progress")
+    assert r.returncode == 0 and "already complete (30 passages in 1 shards); nothing to do" in r.stderr, r.stderr
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--normalize", "--no-progress")
+    assert r.returncode == 2 and "normalized: False there, True now" in r.stderr and "--overwrite" in r.stderr
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--normalize", "--overwrite", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    manifest, emb, _ = load_all(out)
+    assert manifest["normalized"] and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert "process 0/1" not in r.stderr and "skipped" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
+    texts = random_texts(3000, seed=10)
+    path = tmp_path / "big.txt"
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = str(tmp_path / "out")
+    argv = [sys.executable, "-m", "retribert_jax.cli", "embed", model_dir, str(path), out, "--kind", "passages",
+            "--shard-size", "3000", "--batch-size", "16", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (os.path.isdir(out) and any(n.startswith(".piece-") for n in os.listdir(out))):
+        assert proc.poll() is None, "the embed run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no piece appeared within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    pieces = sorted(n for n in os.listdir(out) if n.startswith(".piece-"))
+    kept = sum(int(n[:-4].split("-")[3]) - int(n[:-4].split("-")[2]) for n in pieces)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"retribert-jax embed: interrupted; {out} keeps {kept} passages embedded (0 whole shards, the rest in pieces "
+        "of 1024); rerunning the same job resumes from there"), err
+    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--shard-size", "3000", "--batch-size", "16",
+                "--no-progress")
+    assert r.returncode == 0 and f"embedded {3000 - kept} passages" in r.stderr, r.stderr
+    assert f"{kept} kept from an earlier run" in r.stderr, r.stderr
+    assert load_all(out)[0]["count"] == 3000 and not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_errors_are_not_drawn_into_the_progress_bar(model_dir, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(20, seed=2)) + "{oops\n",
+                    encoding="utf-8")
+    r = run_cli(model_dir, str(path), str(tmp_path / "out"), "--kind", "passages", "--shard-size", "10")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith(f"retribert-jax embed: error: {path}:21: invalid JSON"), repr(r.stderr[-500:])
+
+
+def test_empty_input_is_refused(model_dir, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    r = run_cli(model_dir, str(path), str(tmp_path / "out"), "--kind", "passages", "--no-progress")
+    assert r.returncode == 2 and f"{path}: no records to embed" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_compute_settings_are_recorded_and_the_weights_checked(model_dir, corpus, tmp_path):
+    """--dtype and --precision go to the model at load time and into the manifest; `search` with a model of the same
+    architecture but other weights is refused."""
+    _, path = corpus
+    out = str(tmp_path / "out")
+    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid", "--dtype",
+                "bfloat16", "--precision", "highest", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    manifest = load_all(out)[0]
+    assert (manifest["compute_dtype"], manifest["precision"]) == ("bfloat16", "highest"), manifest
+    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid",
+                "--compute-dtype", "float32", "--precision", "highest", "--no-progress")
+    assert r.returncode == 2 and "compute_dtype: 'bfloat16' there, 'float32' now" in r.stderr, r.stderr
+    other = tiny_model_dir(str(tmp_path / "tuned"), seed=1)
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", out, other, "why"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "this model's weights differ" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", out, model_dir, "why", "-k", "2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "  p" in r.stdout and '"p' not in r.stdout, r.stdout + r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -258,8 +259,12 @@ def test_mine_file_resumes_and_feeds_train(setup, tmp_path, monkeypatch):
     assert written == [2], f"parts rewritten: {written}"
     assert open(out, "rb").read() == open(whole, "rb").read()
     assert resumed == stats
+    # The same job again finds itself done (issue 22: a finished job's rerun answers alike in every command); another
+    # job is refused the existing output.
+    again = mine_file(index, encoder, pairs, out, cfg, chunk_size=3, show_progress=False)
+    assert again.already_complete and dataclasses.replace(again, already_complete=False) == stats
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        mine_file(index, encoder, pairs, out, cfg, chunk_size=3, show_progress=False)
+        mine_file(index, encoder, pairs, out, cfg, chunk_size=4, show_progress=False)
 
 
 def test_incomplete_pairs_kept_or_dropped(setup, tmp_path):
@@ -309,7 +314,10 @@ def test_cli(setup, tmp_path, capsys):
     direct = mine_hard_negatives(Index(index_dir), encoder, rows, num_negatives=2, range_min=1,
                                  positive_id_field="pid")
     assert [json.loads(line) for line in open(out)] == direct.rows
-    assert cli.main(argv) == 2
+    # A rerun of the same job finds it done, as `embed` and `train` do; another job is refused the existing OUT.
+    assert cli.main(argv) == 0
+    assert f"{out}: already complete ({len(rows)} pairs, " in capsys.readouterr().err
+    assert cli.main([*argv, "--range-max", "9"]) == 2
     assert "already exists (pass --overwrite to replace it)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')

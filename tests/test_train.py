@@ -440,5 +440,5 @@ def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
     assert command_line.main(argv) == 0
     assert "trained 3 steps to step 3 (last loss " in capsys.readouterr().out
     assert command_line.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert f"{out}: already trained to step 3; nothing to train" in printed and "trained 3 steps" not in printed
+    printed = capsys.readouterr()
+    assert f"{out}: already complete (3 steps, " in printed.err and "trained 3 steps" not in printed.out

@@ -62,3 +62,14 @@ def test_verify_without_torch_says_what_to_install(tmp_path, tiny_cfg):
     err = proc.stderr.strip()
     assert proc.returncode == 2, (proc.returncode, err)
     assert err.count("\n") == 0 and "pip install" in err and "torch" in err, err
+
+
+def test_verify_runs_the_model_in_bfloat16_against_the_float32_reference(tmp_path, tiny_cfg, capsys):
+    """`verify --dtype bfloat16` measures the bf16 model against the fp32 reference, at the bf16 tolerance."""
+    src = save_hf(hf_reference(tiny_cfg), str(tmp_path / "hf"))
+    rc = cli.main(["verify", src, "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    diffs = _diffs(out)
+    assert rc == 0, out
+    assert "ours in bfloat16 at highest precision" in out and "(atol 0.01)" in out, out
+    assert len(diffs) == 2 and 1e-5 < max(diffs) <= 1e-2, f"bf16 diffs {diffs}: not bf16's (or beyond its bound)"

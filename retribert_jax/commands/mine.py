@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from retribert_jax.commands import common
 
 HELP = "add hard negatives, mined from an index written with --store-text, to training pairs (resumable)"
 
@@ -13,15 +14,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", metavar="INDEX_DIR", help="passage embeddings written by `retribert-jax embed "
                                                       "--store-text`")
     p.add_argument("model", metavar="MODEL", help="the RetriBERT checkpoint that embedded the passages")
-    p.add_argument("pairs", metavar="PAIRS", help='JSONL {"question", "answer", ...}, as `retribert-jax train` reads')
+    p.add_argument("pairs", metavar="PAIRS", help="training pairs as `retribert-jax train` reads them (JSONL, CSV, "
+                                                  "TSV or parquet; question/answer, Tevatron or sentence-transformers "
+                                                  "fields)")
     p.add_argument("out", metavar="OUT", help='the output JSONL: each row with all its keys plus "negatives" and '
                                               '"negative_ids"')
+    add_pair_field_arguments(p)
     g = p.add_argument_group("which hits become negatives (sentence-transformers' mine_hard_negatives filters)")
-    g.add_argument("-n", "--num-negatives", type=int, default=3, help="negatives per pair (%(default)s)")
-    g.add_argument("--range-min", type=int, default=0,
+    g.add_argument("-n", "--num-negatives", type=common.positive_int, default=3,
+                   help="negatives per pair (%(default)s)")
+    g.add_argument("--range-min", type=common.non_negative_int, default=0,
                    help="skip the best RANGE_MIN hits that are not the positive, as likely unlabelled positives "
                         "(%(default)s)")
-    g.add_argument("--range-max", type=int,
+    g.add_argument("--range-max", type=common.positive_int,
                    help="consider hits up to this rank (default: range-min + num-negatives, times 10 with a score "
                         "filter)")
     g.add_argument("--max-score", type=float, help="drop hits scoring above this")
@@ -38,53 +43,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='also write "negative_scores" and "positive_score"')
     p.add_argument("--drop-incomplete", action="store_true",
                    help="leave out pairs with fewer negatives than asked (default: keep them, and count them)")
-    p.add_argument("--chunk-size", type=int, default=10_000,
+    p.add_argument("--chunk-size", type=common.positive_int, default=10_000,
                    help="pairs per resumable part (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
-    p.add_argument("--max-length", type=int,
-                   help="question truncation length (default: 128, or the model's max_position_embeddings if less); "
-                        "answers are truncated as the index's passages were")
-    p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
-                   help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
-    p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+    common.add_encoding_arguments(p, max_length_help="question truncation length (default: 128, or the model's "
+                                                     "max_position_embeddings if less); answers are truncated as the "
+                                                     "index's passages were")
+    common.add_index_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT, and discard an unfinished run with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    from retribert_jax.mining import FILTERS, MiningConfig, mine_file
+def add_pair_field_arguments(p: argparse.ArgumentParser) -> None:
+    """--question-field, --positive-field, --negatives-field (`pairs.PairFields`); `train` takes them too."""
+    g = p.add_argument_group("fields of the pairs (default: found by the first row's shape: question/answer/"
+                             "negatives, Tevatron's query/positive_passages/negative_passages, or sentence-"
+                             "transformers' anchor/positive/negative)")
+    g.add_argument("--question-field", metavar="KEY", help="the question (query, anchor)")
+    g.add_argument("--positive-field", "--answer-field", metavar="KEY", help="the positive passage")
+    g.add_argument("--negatives-field", metavar="KEY", help="hard negatives: a list, or one passage")
 
-    for name in ("chunk_size", "batch_size", "block_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+def pair_fields(args: argparse.Namespace):
+    from retribert_jax.pairs import PairFields
+
+    return PairFields(question=args.question_field, positive=args.positive_field, negatives=args.negatives_field)
+
+
+def check(args: argparse.Namespace) -> None:
+    import os
+
+    from retribert_jax.io import check_overwrite, job_record
+
+    if not os.path.isfile(job_record(args.out)):  # else it may be this very run, finished: `mine_file` tells
+        check_overwrite(args.out, args.overwrite)
+    common.require_file(args.pairs, "pairs file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from retribert_jax.mining import FILTERS, MiningConfig, check_index, mine_file
+
     config = MiningConfig(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
                           max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
                           relative_margin=args.relative_margin, positive_id_field=args.positive_id_field,
                           include_scores=args.include_scores)
-    from retribert_jax.io import check_overwrite
-
-    check_overwrite(args.out, args.overwrite)
-    if not os.path.isfile(args.pairs):
-        raise FileNotFoundError(f"{args.pairs}: no such pairs file")
-
-    from retribert_jax.encode import Encoder
-    from retribert_jax.mining import check_index
-    from retribert_jax.modeling import RetriBertModel
-    from retribert_jax.search import Index
-    from retribert_jax.tokenizer import RetriBertTokenizer
-
-    index = Index(args.index, backend=args.backend, block_size=args.block_size)
-    model = RetriBertModel.from_pretrained(args.model)
-    check_index(index, model)  # before the encoder copies the parameters to the devices
-    encoder = Encoder(model, RetriBertTokenizer.from_pretrained(args.model))
-    model_name = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    index = common.open_index(args)
+    # Checked before the encoder copies the parameters to the devices.
+    model, encoder = common.open_encoder(args, args.model, check=lambda m: check_index(index, m))
+    args.timings.report()
     stats = mine_file(index, encoder, args.pairs, args.out, config, chunk_size=args.chunk_size,
                       drop_incomplete=args.drop_incomplete, overwrite=args.overwrite, batch_size=args.batch_size,
-                      max_length=args.max_length or min(128, model.config.max_position_embeddings),
-                      model_name=model_name, show_progress=not args.no_progress)
+                      max_length=common.question_max_length(args, model), model_name=common.model_name(args.model),
+                      show_progress=not args.no_progress, fields=pair_fields(args))
     kept = stats.pairs - stats.dropped
+    if stats.already_complete:
+        print(f"{args.out}: already complete ({kept} pairs, {stats.negatives} negatives); nothing to do "
+              "(--overwrite mines it again)", file=sys.stderr)
+        return 0
     print(f"wrote {args.out}: {kept} pairs, {stats.negatives} negatives (window of ranks {config.range_min}-"
           f"{config.window_end - 1}, up to {config.num_negatives} a pair)", file=sys.stderr)
     if stats.incomplete:

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from retribert_jax.commands import common
+
 HELP = "retrieve the top-k passages for one or more questions from an index written by `retribert-jax embed`"
 
 
@@ -14,15 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="the RetriBERT checkpoint that embedded the passages")
     p.add_argument("questions", metavar="QUESTION", nargs="*", help="question(s) to search for")
     p.add_argument("--queries-file", help="more questions, one per line ('-' for stdin)")
-    p.add_argument("-k", type=int, default=10, help="passages per question (%(default)s)")
+    p.add_argument("-k", type=common.positive_int, default=10, help="passages per question (%(default)s)")
     p.add_argument("--json", action="store_true", help='print one JSON object per question: {"question", "hits"}')
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="packed rows per forward call (default: a platform's efficient size, ~1024 tokens on CPU)")
-    p.add_argument("--max-length", type=int,
-                   help="question truncation length (default: 128, or the model's max_position_embeddings if less)")
-    p.add_argument("--backend", choices=("jax", "faiss"), default="jax",
-                   help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
-    p.add_argument("--block-size", type=int, default=65536, help="corpus rows scored at once (%(default)s)")
+    common.add_encoding_arguments(p)
+    common.add_index_arguments(p)
     p.add_argument("--recall-target", type=float,
                    help="jax backend: approximate top-k (jax.lax.approx_max_k) with this recall target, which only a "
                         "TPU uses; default exact")
@@ -52,29 +49,23 @@ def _questions(args: argparse.Namespace) -> list[str]:
     return questions
 
 
+def check(args: argparse.Namespace) -> None:
+    args.question_list = _questions(args)
+
+
+def shown_id(value) -> str:
+    """A hit's id as a person reads it: a string as it is, any other JSON value (a number, a list) as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.k <= 0:
-        raise ValueError(f"-k must be positive, got {args.k}")
-    questions = _questions(args)
+    questions = args.question_list
     timings = args.timings
-    with timings.phase("import retribert_jax"):
-        from retribert_jax import RetriBertModel, RetriBertTokenizer
-        from retribert_jax.encode import Encoder
-        from retribert_jax.search import Index
-    with timings.phase("open index"):
-        index = Index(args.index, backend=args.backend, block_size=args.block_size, recall_target=args.recall_target)
-        if index.manifest["kind"] != "passages":
-            raise ValueError(f"{args.index}: holds {index.manifest['kind']} embeddings; searching needs passages")
-    with timings.phase("load model"):
-        model = RetriBertModel.from_pretrained(args.model)
-        index.check_model(model.config)
-    with timings.phase("load tokenizer"):
-        tokenizer = RetriBertTokenizer.from_pretrained(args.model)
-    with timings.phase("place parameters"):
-        encoder = Encoder(model, tokenizer)
-    max_length = args.max_length or min(128, model.config.max_position_embeddings)
+    index = common.open_index(args)
+    model, encoder = common.open_encoder(args, args.model, check=index.check_model)
     with timings.phase("encode and search"):
-        results = index.search(encoder, questions, args.k, batch_size=args.batch_size, max_length=max_length)
+        results = index.search(encoder, questions, args.k, batch_size=args.batch_size,
+                               max_length=common.question_max_length(args, model))
     timings.report()
     for question, hits in zip(questions, results, strict=True):
         if args.json:
@@ -83,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"Q: {question}")
         for rank, h in enumerate(hits, 1):
             text = "" if h.text is None else "  " + " ".join(h.text.split())[:200]
-            print(f"  {rank:>3}. {h.score:9.4f}  {json.dumps(h.id, ensure_ascii=False)}{text}")
+            print(f"  {rank:>3}. {h.score:9.4f}  {shown_id(h.id)}{text}")
     return 0

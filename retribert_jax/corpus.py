@@ -252,16 +252,7 @@ def _tsv(path: str, text_field: str, id_field: str | None, title_field: str | No
             continue
         if not line:
             continue  # pyarrow's CSV reader (ignore_empty_lines) and pandas skip an empty line
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            yield BadRecord(f"{path}:{n}: {len(fields)} tab-separated fields, the header has {len(columns)}")
-            continue
-        if ii is not None and not fields[ii]:
-            # An empty field is how TSV writes a missing value (pandas reads it as NaN).
-            yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
-            continue
-        yield Record(n, fields[ii] if ii is not None else None,
-                     with_title(fields[hi] if hi is not None else None, fields[ti]))
+        yield _row_record(path, n, line.split("\t"), len(columns), (ti, ii, hi), id_field, "tab-separated fields")
 
 
 def _headerless_tsv(path: str, lines: Iterator[tuple[int, str | BadRecord]]) -> Iterator[Record | BadRecord]:
@@ -305,14 +296,21 @@ def _csv(path: str, text_field: str, id_field: str | None, title_field: str | No
                 raise ValueError(f"{path}: invalid UTF-8 near line {n} ({e.reason})") from None
             if fields is None:
                 return
-            if len(fields) != len(columns):
-                yield BadRecord(f"{path}:{n}: {len(fields)} fields, the header has {len(columns)}")
-                continue
-            if ii is not None and not fields[ii]:
-                yield BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
-                continue
-            yield Record(n, fields[ii] if ii is not None else None,
-                         with_title(fields[hi] if hi is not None else None, fields[ti]))
+            yield _row_record(path, n, fields, len(columns), (ti, ii, hi), id_field, "fields")
+
+
+def _row_record(path: str, n: int, fields: list[str], width: int, at: tuple[int, int | None, int | None],
+                id_field: str | None, what: str) -> Record | BadRecord:
+    """The record of one TSV or CSV row: its text (titled), at column `at[0]`, and its id at `at[1]` (title at
+    `at[2]`); a row of another width or an empty id is bad. An empty field is how both formats write a missing
+    value (pandas reads it as NaN)."""
+    ti, ii, hi = at
+    if len(fields) != width:
+        return BadRecord(f"{path}:{n}: {len(fields)} {what}, the header has {width}")
+    if ii is not None and not fields[ii]:
+        return BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
+    return Record(n, fields[ii] if ii is not None else None, with_title(fields[hi] if hi is not None else None,
+                                                                        fields[ti]))
 
 
 def _parquet(path: str, text_field: str, id_field: str | None, title_field: str | None = None

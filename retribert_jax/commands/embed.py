@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
                               dtype=args.embedding_dtype, store_text=args.store_text, overwrite=args.overwrite,
                               total=count_records(args.input, args.format), show_progress=not args.no_progress,
                               wait_timeout=args.wait_timeout)
-    except NoRecords as e:
-        raise ValueError(f"{args.input}: {e}") from None
+    except NoRecords:
+        raise ValueError(f"{args.input}: no {args.kind} to embed" + (
+            " that could be read (see the skipped lines above)" if args.skip_bad_lines else "")) from None
     if result.already_complete:
         m = result.manifest
         print(f"{args.out}: already complete ({m['count']} {args.kind} in {m['num_shards']} shards); nothing to do "

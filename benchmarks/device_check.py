@@ -267,14 +267,17 @@ def _ours_train(cfg, sz, rng_impl: str, options: dict | None) -> dict[str, Any]:
     graphdef, params = nnx.split(model, nnx.Param)
     tcfg = TrainConfig(batch_size=sz["train_pairs"], checkpoint_batch_size=-1, grad_clip=1.0, dropout=True)
     tx = make_optimizer(tcfg, 1000)
-    saved = config_module.COMPILER_OPTIONS.get(jax.default_backend())
+    table, platform = config_module.TRAIN_COMPILER_OPTIONS, jax.default_backend()
+    saved = table.get(platform)
     if options is not None:  # a variant's extra XLA options, through the one table the step reads
-        config_module.COMPILER_OPTIONS[jax.default_backend()] = {**(saved or {}), **options}
+        table[platform] = {**(saved or {}), **options}
     try:
         step = make_train_step(graphdef, tx, tcfg, run_config=model.run_config)
     finally:
-        if saved is not None:
-            config_module.COMPILER_OPTIONS[jax.default_backend()] = saved
+        if saved is None:
+            table.pop(platform, None)
+        else:
+            table[platform] = saved
     batch = {k: jax.device_put(v) for k, v in _train_batch(cfg, sz).items()}
     opt_state = tx.init(params)
     key = jax.random.key(0, impl=rng_impl)

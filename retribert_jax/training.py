@@ -195,7 +195,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
                       out_shardings=(param_sharding, param_sharding, None))
     platform = (param_sharding.mesh.devices.flat[0].platform if param_sharding is not None
                 else jax.default_backend())
-    options = (run_config or RunConfig()).compiler_options(platform)
+    options = (run_config or RunConfig()).compiler_options(platform, training=True)
     return jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=options or None, **kwargs)
 
 

@@ -130,6 +130,8 @@ def test_programs_get_their_platforms_compiler_options(model_dir, lowered):
     """Each program is compiled with its platform's options from the model's RunConfig (on a GPU: cuBLAS for every
     GEMM, not Triton). This machine has no GPU, so the check is on what the Encoder asks XLA for here."""
     assert RunConfig().compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert RunConfig().compiler_options("gpu", training=True) == {"xla_gpu_enable_triton_gemm": False}
+    assert RunConfig().compiler_options("cpu", training=True) == {}, "XLA:CPU's defaults compile a train step sooner"
     enc = Encoder(RetriBertModel.from_pretrained(model_dir), RetriBertTokenizer.from_pretrained(model_dir))
     enc.encode_passages(["a b c"])
     assert [options for _, options in lowered] == [RetriBertModel.from_pretrained(model_dir).run_config

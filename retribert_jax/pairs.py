@@ -18,13 +18,14 @@ dropped), which is what `mine` writes back and `train` reads.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from retribert_jax.corpus import BadRecord, read_lines, with_title
+from retribert_jax.corpus import BadRecord, format_extension, open_input, read_lines, with_title
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -61,7 +62,8 @@ SHAPES = (("ours", "question", "answer", "negatives"),
 
 
 def detect_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
+    """The pairs format from the file extension, beneath a compression suffix ("p.jsonl.gz" is JSONL)."""
+    ext = format_extension(path)
     if ext not in _EXTENSIONS:
         raise ValueError(f"{path}: cannot tell the pairs format from the extension {ext!r}; expected one of "
                          f"{sorted(_EXTENSIONS)}")
@@ -83,7 +85,7 @@ def _rows(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
     elif fmt in ("csv", "tsv"):
         import csv
 
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with io.TextIOWrapper(open_input(path), encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}))
             try:
                 for row in reader:

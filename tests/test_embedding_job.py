@@ -92,8 +92,9 @@ def test_empty_input_is_refused_and_leaves_nothing(encoder, tmp_path):
     with pytest.raises(NoRecords, match="no records to embed"):
         embed_corpus(encoder, [], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(ValueError, match="no passages to index"):
         build_index(encoder, [], str(tmp_path / "idx"))
+    assert not os.path.exists(tmp_path / "idx")
 
 
 def test_weights_are_recorded_and_another_models_are_refused(encoder, tmp_path):

@@ -120,7 +120,6 @@ class Encoder:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.run_config, self.mesh = run, mesh
-        self.dtype = jnp.dtype(run.dtype)
         self.bucket_lengths = tuple(sorted(bucket_lengths))
         self.num_devices = mesh.shape["data"]
         platform = self.platform = mesh.devices.flat[0].platform
@@ -142,6 +141,11 @@ class Encoder:
         self._cut = None  # `tokenizer.prefix_cutter` for the current job's max_length
         self.compile_seconds = 0.0  # summed over programs (on the background thread, partly hidden by compute)
         self.programs_from_cache = 0
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype this Encoder runs the model in (`run_config.dtype`)."""
+        return jnp.dtype(self.run_config.dtype)
 
     @property
     def shapes_seen(self) -> set[tuple[str, int, int]]:

@@ -4,7 +4,9 @@ Layout: shard i holds records [i * shard_size, (i + 1) * shard_size) of the inpu
   - `embeddings-{i:05d}.npy`: float32 or float16 [n, projection_dim];
   - `ids-{i:05d}.jsonl`: one JSON value per line, the record's id (or its 0-based record number);
   - `texts-{i:05d}.jsonl` (when the run stored texts): one JSON string per line;
-and `manifest.json` (the run's settings, `num_shards` and `count`) once every shard exists. While a run is unfinished,
+and `manifest.json` (the run's settings, `num_shards` and `count`) once every shard exists. A compressed copy
+(`quantization`) adds per shard `int8-{i:05d}.npy` (int8 [n, projection_dim]) or `binary-{i:05d}.npy` (uint8
+[n, projection_dim / 8]), and the manifest's `compressed` key says which exist (with the int8 ranges). While a run is unfinished,
 `.embed-settings.json` holds its settings, so that a resume with other settings is refused before any work, and a
 shard being embedded keeps its finished pieces (consecutive runs of its records) as hidden `.piece-*.npz` files, so
 that an interrupted run loses at most one piece; they become the shard's files once the shard is whole.
@@ -40,9 +42,11 @@ MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str
 # Keys that manifests written before them lack: checked when present.
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
-OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None))}
+#   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges".
+OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
+CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
-_OWN_FILES = ("embeddings-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS, ".piece-*", ".*.tmp-*")
+_OWN_FILES = ("embeddings-*.npy", "int8-*.npy", "binary-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS, ".piece-*", ".*.tmp-*")
 
 
 def shard_paths(directory: str, i: int) -> dict[str, str]:
@@ -346,3 +350,87 @@ def row_files(directory: str, manifest: dict[str, Any], name: str) -> list[Lines
     m = manifest
     return [Lines(shard_paths(directory, i)[name], min(m["shard_size"], m["count"] - i * m["shard_size"]))
             for i in range(m["num_shards"])]
+
+
+def code_path(directory: str, i: int, form: str) -> str:
+    """The file of shard i's compressed copy in `form` ("int8" or "binary")."""
+    return os.path.join(directory, f"{form}-{i:05d}.npy")
+
+
+def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = False) -> dict[str, Any]:
+    """Writes compressed copies of a finished embedding directory's shards and records them in the manifest.
+
+    int8 ranges are calibrated on the whole corpus first (one pass over the shards), then every shard is encoded
+    (a second pass); each file is written atomically, the manifest last, so an interrupted run leaves the directory
+    as it was plus files that the next run writes again. A form already recorded is kept as it is unless
+    `overwrite`.
+
+    Args:
+      directory: a finished `retribert-jax embed` output.
+      forms: any of "int8", "binary".
+
+    Returns:
+      The updated manifest.
+
+    Raises:
+      ValueError: an unknown form, or a binary copy of a width that is not a multiple of 8.
+    """
+    from retribert_jax import quantization
+
+    manifest = read_manifest(directory)
+    done = dict(manifest.get("compressed", {}))
+    for form in forms:
+        if form not in quantization.FORMS:
+            raise ValueError(f"unknown compressed form {form!r}; choose from {', '.join(quantization.FORMS)}")
+        if form in done and not overwrite:
+            continue
+        shards = open_shards(directory, manifest)
+        info: dict[str, Any] = {}
+        ranges = None
+        if form == "int8":
+            ranges = quantization.int8_ranges(shards)
+            info["ranges"] = ranges.tolist()
+        elif manifest["projection_dim"] % 8:
+            raise ValueError(f"{directory}: binary codes need a width that is a multiple of 8, the index's is "
+                             f"{manifest['projection_dim']}")
+        for i, shard in enumerate(shards):
+            with atomic_file(code_path(directory, i, form), "wb") as f:
+                np.save(f, quantization.encode(shard, form, ranges), allow_pickle=False)
+        done[form] = info
+    if done != manifest.get("compressed", {}) or overwrite:
+        manifest = {**manifest, "compressed": done}
+        with atomic_file(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return manifest
+
+
+def open_codes(directory: str, manifest: dict[str, Any], form: str) -> list[np.ndarray]:
+    """Every shard's compressed copy in `form`, memory-mapped and checked against the manifest.
+
+    Raises:
+      ValueError: the manifest records no such copy, or a file of another dtype, shape or row count (named).
+      FileNotFoundError: a recorded copy's file is missing.
+    """
+    if form not in manifest.get("compressed", {}):
+        have = ", ".join(manifest.get("compressed", {})) or "none"
+        raise ValueError(f"{directory}: holds no {form} copy (it has: {have}); write one with "
+                         f"`retribert-jax compress {directory} --forms {form}`")
+    width = manifest["projection_dim"] if form == "int8" else manifest["projection_dim"] // 8
+    out = []
+    for i in range(manifest["num_shards"]):
+        path = code_path(directory, i, form)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: shard {i}'s {form} copy is missing; write it again with "
+                                    f"`retribert-jax compress {directory} --forms {form} --overwrite`")
+        try:
+            codes = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+        rows = min(manifest["shard_size"], manifest["count"] - i * manifest["shard_size"])
+        if codes.dtype != CODE_DTYPES[form]:
+            raise ValueError(f"{path}: dtype {codes.dtype}, a {form} copy is {CODE_DTYPES[form]}")
+        if codes.shape != (rows, width):
+            raise ValueError(f"{path}: shape {codes.shape}, expected ({rows}, {width})")
+        out.append(codes)
+    return out

@@ -1,9 +1,14 @@
-"""Exact maximum-inner-product search over an embedding directory (`embedding_dir`), on the default device.
+"""Top-k inner-product search over an embedding directory (`embedding_dir`), on the devices of a mesh.
 
-The shards stay memory-mapped; a search walks them block by block with one jitted matmul + top-k per block and a
-jitted merge into the running top-k, so at most one [queries, block] score matrix exists at a time and the corpus is
-never loaded whole. Scores are plain inner products, as faiss' `IndexFlatIP` (the ELI5 retriever's index) computes
-them; `backend="faiss"` runs that index itself when faiss is installed.
+The shards stay memory-mapped. The jax backend places the rows on the mesh, split over its "data" axis across every
+device of every process (`Index(mesh=...)`), and streams them from the memory map in passes when they do not fit.
+Each device finds its rows' exact top-k (`topk.screened_topk`: a screen, a shortlist and an exact float32 rescoring,
+at the speed of the matrix product; `topk.blocked_topk` where the screen does not apply); the per-device lists are
+gathered and merged exactly, so every mesh returns what one device does. Scores are plain inner products, as faiss'
+`IndexFlatIP` (the ELI5 retriever's index) computes them; `backend="faiss"` runs that index itself.
+
+A compressed copy (`quantization`: int8 or binary, `Index(scan=...)`) is scanned instead of the float rows for a
+shortlist, which is rescored exactly from the float vectors on disk: less device memory, approximate recall.
 
 Ranking is a total order: score descending, then corpus row ascending. Both backends return it, so equal scores come
 out in the same order from either, and the top k of a search is always a prefix of its top K. A NaN score is no
@@ -21,13 +26,89 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from retribert_jax import embedding_dir
+from retribert_jax import embedding_dir, quantization, topk
 from retribert_jax.corpus import RepeatedIds, id_string
 from retribert_jax.errors import MissingDependency
+from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 
 BACKENDS = embedding_dir.BACKENDS
-QUERY_CHUNK = 256  # queries scored at once: bounds the [queries, block] score matrix
+SCANS = ("float",) + quantization.FORMS  # what the jax backend scans: the float rows, or a compressed copy
+QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score matrix
+# The screen's shape (`topk.screened_topk`): 2048-row blocks of 256 slots of 8-row groups, 6 groups kept per slot.
+SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6
+SCREEN_MIN_ROWS = 8 * SCREEN_BLOCK  # rows per device below which the blocked path is as quick
+MAX_SCREEN_K = 1024  # a larger k takes the blocked path
+
+
+def default_screen_dtype() -> str:
+    """"bfloat16" where bfloat16 matmuls are faster than float32 ones (accelerators; CPUs whose flags in
+    /proc/cpuinfo include avx512_bf16 or amx_bf16), else "float32"."""
+    if jax.default_backend() != "cpu":
+        return "bfloat16"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return "float32"
+    return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this process."""
+    return np.asarray(x.addressable_data(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """Rows [start, stop) of the index on the mesh, [devices * per_device, width], split over "data"; `screen`: the
+    exact path may screen them; `block`: the blocked path's block; `norm`: per device, its rows' largest norm."""
+
+    start: int
+    stop: int
+    rows: jax.Array
+    norm: jax.Array  # [devices] float32: each device's largest row norm
+    screen: bool
+    block: int
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
+    """The jitted search of rows split over the mesh's "data" axis: each device searches its own rows with
+    `topk` (kind "screened", "blocked" or "shortlist"), row numbers made global, and the per-device lists gathered;
+    hits are merged exactly (devices hold consecutive rows, so one stable top-k keeps the total order), a shortlist
+    is returned whole. Arguments: (queries [Q, D] replicated, rows split over "data", n real rows, extra): extra is
+    the int8 steps [D] (replicated) for a shortlist, the per-device row norms [devices] (split) for the screen, and
+    unused by the blocked path."""
+
+    def local(queries, rows, n, extra):
+        device = jax.lax.axis_index("data")
+        per_device = rows.shape[0]
+        valid = jnp.clip(n - device * per_device, 0, per_device).astype(jnp.int32)
+        offset = device * per_device
+
+        def gather(x):
+            return jax.lax.all_gather(x, "data", axis=1, tiled=True)
+
+        if kind == "shortlist":
+            return gather(topk.compressed_shortlist(queries, rows, valid, extra, **static) + offset)
+        if kind == "screened":
+            top, hit, exact, needed = topk.screened_topk(queries, rows, valid, extra[0], **static)
+        else:
+            top, hit = topk.blocked_topk(queries, rows, valid, **static)
+        hit = jnp.where(hit >= 0, hit + offset, -1)
+        top, hit = topk.merge_topk(gather(top), gather(hit), static["k"])
+        if kind == "blocked":
+            return top, hit
+        return top, hit, jax.lax.pmin(exact.astype(jnp.int32), "data") > 0, jax.lax.pmax(needed, "data")
+
+    specs = (P(), P("data"), P(), P("data") if kind == "screened" else P())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,32 +126,6 @@ class Hit:
         return d
 
 
-@functools.partial(jax.jit, static_argnames=("k", "recall_target"))
-def _block_topk(queries: jax.Array, block: jax.Array, valid: jax.Array, offset: jax.Array, k: int,
-                recall_target: float | None):
-    """Top-k (scores, global rows) of one corpus block; rows at or past `valid` are padding. A NaN score (a NaN row
-    or query) is no score: that row is never a hit, as in faiss; a slot without a hit has row -1 and score -inf."""
-    scores = jnp.einsum("qp,np->qn", queries, block.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)  # Q N
-    ok = (jnp.arange(block.shape[0])[None, :] < valid) & ~jnp.isnan(scores)  # Q N
-    scores = jnp.where(ok, scores, -jnp.inf)
-    if recall_target is None:
-        top, idx = jax.lax.top_k(scores, k)  # Q k; ties: lower row first
-    else:
-        top, idx = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
-    return top, jnp.where(jnp.take_along_axis(ok, idx, axis=1), idx + offset, -1)
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge(s1: jax.Array, i1: jax.Array, s2: jax.Array, i2: jax.Array, k: int):
-    s = jnp.concatenate([s1, s2], axis=1)
-    i = jnp.concatenate([i1, i2], axis=1)
-    # top_k is stable on ties, and the running best (earlier rows) comes first: lower rows win, as in one top-k
-    # over the whole corpus.
-    top, pos = jax.lax.top_k(s, k)
-    return top, jnp.take_along_axis(i, pos, axis=1)
-
-
 def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's candidates in the total order (score descending, row ascending), the first k; a slot without a
     hit (row -1) has score -inf and comes last."""
@@ -80,34 +135,64 @@ def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 class Index:
-    """An embedding directory opened for exact inner-product search; the shards stay memory-mapped.
+    """An embedding directory opened for top-k inner-product search; the shards stay memory-mapped.
 
     Args:
       directory: the output of `retribert-jax embed`.
-      backend: "jax" (blocked jitted matmul + top-k on the default device) or "faiss" (an `IndexFlatIP` built from
-        the shards; needs `pip install faiss-cpu`, and holds the corpus in memory).
-      block_size: corpus rows scored per block by the jax backend.
-      recall_target: jax backend only: None (default) for exact top-k; a value in (0, 1] uses
-        `jax.lax.approx_max_k` with that recall target, which is approximate on TPU and exact elsewhere.
+      backend: "jax" (the rows on the devices of `mesh`, searched by `topk`) or "faiss" (an `IndexFlatIP` built
+        from the shards; needs `pip install faiss-cpu`, and holds the corpus in memory).
+      mesh: jax backend: the devices that hold the rows, split over its "data" axis (default `mesh.data_mesh()`:
+        every device of every process; in a multi-process run every process searches the same queries together).
+      scan: jax backend: "float" (exact), or "int8" / "binary" to scan the compressed copy (`retribert-jax
+        compress`) for a shortlist of `rescore_multiplier * k` rows' worth of groups, rescored exactly from the float
+        vectors on disk.
+      rescore_multiplier: scan "int8"/"binary": how many shortlisted rows per hit.
+      max_device_rows: jax backend: rows held per device at once; a larger index is streamed from the memory map in
+        passes of that many rows per device, the next pass's transfer overlapping the current one's search. Default:
+        every row at once on a CPU; on an accelerator, what fits in half its memory.
+      block_size: rows scored at once by the plain blocked path (`topk.blocked_topk`, used for small shards, a k
+        above 1024, and queries whose screen could not prove its result).
+      recall_target: jax backend: None (default) for exact top-k; a value in (0, 1] makes the blocked path use
+        `jax.lax.approx_max_k`, which is approximate on TPU and exact elsewhere.
+      screen_dtype: the exact path's screen: "bfloat16" or "float32" (default: bfloat16 where the matmul is faster in
+        it: accelerators, and CPUs with AVX512-BF16 or AMX; else float32). Either way the result is exact.
+
+    Raises:
+      ValueError: a bad argument, or a shard that disagrees with the manifest (named).
+      FileNotFoundError: a missing shard, float copy included.
     """
 
-    def __init__(self, directory: str, *, backend: str = "jax", block_size: int = 65536,
-                 recall_target: float | None = None):
+    def __init__(self, directory: str, *, backend: str = "jax", mesh: jax.sharding.Mesh | None = None,
+                 scan: str = "float", rescore_multiplier: int = 4, max_device_rows: int | None = None,
+                 block_size: int = 65536, recall_target: float | None = None, screen_dtype: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if recall_target is not None and not 0 < recall_target <= 1:
             raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        if rescore_multiplier <= 0:
+            raise ValueError(f"rescore_multiplier must be positive, got {rescore_multiplier}")
+        if max_device_rows is not None and max_device_rows <= 0:
+            raise ValueError(f"max_device_rows must be positive, got {max_device_rows}")
+        if screen_dtype is not None and screen_dtype not in topk.SCREEN_DTYPES:
+            raise ValueError(f"screen_dtype must be one of {sorted(topk.SCREEN_DTYPES)}, got {screen_dtype!r}")
         if backend == "faiss":
             _faiss()  # fail now, not after the model is loaded
         self.directory = directory
         self.manifest = embedding_dir.read_manifest(directory)
         self.backend, self.block_size, self.recall_target = backend, block_size, recall_target
+        self.scan, self.rescore_multiplier = scan, rescore_multiplier
         self.shards = embedding_dir.open_shards(directory, self.manifest)
+        self.codes = embedding_dir.open_codes(directory, self.manifest, scan) if scan != "float" else None
         self._ids = embedding_dir.row_files(directory, self.manifest, "ids")
         self._texts = embedding_dir.row_files(directory, self.manifest, "texts") if self.manifest["has_text"] else []
         self._faiss = None
+        self._mesh, self._max_device_rows = mesh, max_device_rows
+        self.screen_dtype = screen_dtype
+        self._resident: _Pass | None = None
 
     def __len__(self) -> int:
         return self.manifest["count"]
@@ -143,24 +228,162 @@ class Index:
                                  f"{m['weights_fingerprint']}), but this model's weights differ (fingerprint {mine}); "
                                  "search with the model that embedded the index, or embed the corpus again")
 
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The devices holding the rows (jax backend)."""
+        if self._mesh is None:
+            self._mesh = data_mesh()
+        return self._mesh
+
+    def _rows_per_pass(self) -> int:
+        """Rows of the index held on the mesh at once."""
+        per_device = self._max_device_rows
+        if per_device is None:
+            device = self.mesh.devices.flat[0]
+            limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+            if limit is None:
+                return len(self)
+            width = self.codes[0].shape[1] * self.codes[0].dtype.itemsize if self.codes else self.dim * 4
+            per_device = max(1, limit // 2 // width)
+        return min(len(self), per_device * self.mesh.size)
+
+    def _read(self, start: int, stop: int, pad_to: int) -> np.ndarray:
+        """Rows [start, stop) of what the scan reads (float shards, or the compressed copy), zero-padded to
+        `pad_to` rows."""
+        source = self.codes if self.codes is not None else self.shards
+        size = self.manifest["shard_size"]
+        out = np.zeros((pad_to, source[0].shape[1]), dtype=source[0].dtype)
+        pos = start
+        while pos < stop:
+            shard, at = divmod(pos, size)
+            take = min(stop - pos, source[shard].shape[0] - at)
+            out[pos - start:pos - start + take] = source[shard][at:at + take]
+            pos += take
+        return out
+
+    def _place(self, start: int, stop: int) -> _Pass:
+        """Rows [start, stop) on the mesh: split over its "data" axis, each device's part padded alike."""
+        mesh = self.mesh
+        per_device = -(-(stop - start) // mesh.size)
+        screen = self.scan != "float" or (per_device >= SCREEN_MIN_ROWS and self.block_size % SCREEN_BLOCK == 0)
+        unit = SCREEN_BLOCK if screen else 1
+        block = min(self.block_size if self.scan == "float" else SCREEN_BLOCK, -(-per_device // unit) * unit)
+        local = -(-per_device // block) * block
+        width = (self.codes or self.shards)[0].shape[1]
+        norms: dict[int, float] = {}  # device position -> its rows' largest norm (what bounds its screen's error)
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            a = index[0].start or 0
+            b = index[0].stop if index[0].stop is not None else mesh.size * local
+            rows = self._read(min(start + a, stop), min(start + b, stop), b - a)
+            if self.codes is None:
+                norms[a // local] = topk.row_norm(rows)
+            return rows
+
+        rows = jax.make_array_from_callback((mesh.size * local, width), batch_sharding(mesh), read)
+        norm = jax.make_array_from_callback(
+            (mesh.size,), batch_sharding(mesh),
+            lambda index: np.asarray([norms.get(d, 0.0) for d in range(mesh.size)][index[0]], np.float32))
+        return _Pass(start, stop, rows, norm, screen, block)
+
+    def _passes(self) -> Iterator[_Pass]:
+        """The index on the mesh, pass by pass: kept when it fits at once, else streamed (the next pass placed while
+        the caller searches the current one)."""
+        step = self._rows_per_pass()
+        if step >= len(self):
+            if self._resident is None:
+                self._resident = self._place(0, len(self))
+            yield self._resident
+            return
+        for start in range(0, len(self), step):
+            yield self._place(start, min(start + step, len(self)))
+
     def _search_jax(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = jnp.asarray(q, dtype=jnp.float32)
-        best_s = jnp.full((q.shape[0], k), -jnp.inf, dtype=jnp.float32)
-        best_i = jnp.full((q.shape[0], k), -1, dtype=jnp.int32)
-        # One block shape for the whole corpus, hence one compilation: the short last block is padded.
-        width = min(self.block_size, len(self))
-        start = 0
-        for shard in self.shards:
-            for s in range(0, shard.shape[0], self.block_size):
-                rows = shard[s:s + self.block_size]
-                n = rows.shape[0]
-                block = np.zeros((width, self.dim), dtype=rows.dtype)
-                block[:n] = rows
-                top, idx = _block_topk(queries, block, n, start + s, k=min(k, width),
-                                       recall_target=self.recall_target)
-                best_s, best_i = _merge(best_s, best_i, top, idx.astype(jnp.int32), k=k)
-            start += shard.shape[0]
-        return np.asarray(best_s), np.asarray(best_i)
+        """Top-k over every pass, merged in the total order. The search of a pass is dispatched before the next
+        pass is read from disk, so the two overlap."""
+        mesh = self.mesh
+        queries = jax.make_array_from_callback(q.shape, replicated(mesh), lambda index: q[index])
+        results, pending = [], None
+        for placed in self._passes():
+            dispatched = (placed, self._dispatch(queries, placed, k))
+            if pending is not None:
+                results.append(self._collect(q, *pending, k))
+            pending = dispatched
+        results.append(self._collect(q, *pending, k))
+        scores = np.concatenate([r[0] for r in results], axis=1)
+        rows = np.concatenate([r[1] for r in results], axis=1)
+        return _rank(scores, rows, k) if len(results) > 1 else (scores, rows)
+
+    def _dispatch(self, queries: jax.Array, placed: _Pass, k: int):
+        """Starts the search of one pass (asynchronously, as JAX dispatches)."""
+        n = np.int32(placed.stop - placed.start)
+        if self.scan != "float":
+            candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
+            scale = quantization.int8_steps(np.asarray(self.manifest["compressed"]["int8"]["ranges"], np.float32)) \
+                if self.scan == "int8" else np.ones(self.dim, np.float32)
+            fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates)
+            return fn(queries, placed.rows, n, scale)
+        if placed.screen and k <= MAX_SCREEN_K:
+            return _mesh_program(self.mesh, "screened", k=k, candidates=_pow2(2 * k),
+                                 screen_dtype=self._screen_dtype())(queries, placed.rows, n, placed.norm)
+        return _mesh_program(self.mesh, "blocked", k=k, block=placed.block,
+                             recall_target=self.recall_target)(queries, placed.rows, n, placed.norm)
+
+    def _screen_dtype(self) -> str:
+        return self.screen_dtype or default_screen_dtype()
+
+    def _collect(self, q: np.ndarray, placed: _Pass, out, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One pass's hits as host arrays with index rows; queries the screen could not prove are searched again
+        (with a longer shortlist, or by the blocked path); a compressed scan's shortlist is rescored here."""
+        if self.scan != "float":
+            return self._rescore(q, _host(out) + placed.start, k)
+        if len(out) == 2:
+            scores, rows = _host(out[0]), _host(out[1])
+        else:
+            scores, rows, exact, needed = (_host(x) for x in out)
+            scores, rows = scores.copy(), rows.copy()
+            for redo, retry in self._retries(exact, needed, k):
+                sub = np.zeros((_pow2(len(redo)), q.shape[1]), np.float32)
+                sub[:len(redo)] = q[redo]
+                sub_q = jax.make_array_from_callback(sub.shape, replicated(self.mesh), lambda index: sub[index])
+                n = np.int32(placed.stop - placed.start)
+                fn = _mesh_program(self.mesh, "blocked", k=k, block=placed.block, recall_target=self.recall_target) \
+                    if retry is None else \
+                    _mesh_program(self.mesh, "screened", k=k, candidates=retry, screen_dtype=self._screen_dtype())
+                again = fn(sub_q, placed.rows, n, placed.norm)
+                scores[redo], rows[redo] = _host(again[0])[:len(redo)], _host(again[1])[:len(redo)]
+        return scores, np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1)
+
+    @staticmethod
+    def _retries(exact: np.ndarray, needed: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, int | None]]:
+        """The queries to search again: (positions, a longer shortlist), or (positions, None) for the blocked path."""
+        bad = np.flatnonzero(~exact)
+        if not bad.size:
+            return
+        longest = SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP
+        # A longer shortlist helps when the shortlist was what fell short; a slot that overflowed needs the
+        # blocked path.
+        longer = bad[(needed[bad] > _pow2(2 * k)) & (needed[bad] <= longest)]
+        if longer.size:
+            yield longer, min(_pow2(int(needed[longer].max())), longest)
+        rest = np.setdiff1d(bad, longer)
+        if rest.size:
+            yield rest, None
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact float32 scores of a compressed scan's shortlist ([Q, M] index rows; past the end: none), from the
+        float vectors on disk; the k best in the total order."""
+        valid = (rows >= 0) & (rows < len(self))
+        wanted = np.unique(rows[valid])
+        vectors = np.empty((wanted.size, self.dim), np.float32)
+        size = self.manifest["shard_size"]
+        for shard in np.unique(wanted // size):
+            at = np.flatnonzero(wanted // size == shard)
+            vectors[at] = self.shards[shard][wanted[at] - shard * size]
+        where = np.searchsorted(wanted, np.where(valid, rows, wanted[0] if wanted.size else 0))
+        scores = np.einsum("qd,qnd->qn", q, vectors[where]) if wanted.size else np.zeros(rows.shape, np.float32)
+        scores = np.where(valid & ~np.isnan(scores), scores, -np.inf).astype(np.float32)
+        return _rank(scores, np.where(valid & (scores > -np.inf), rows, -1), k)
 
     def _search_faiss(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
@@ -222,7 +445,7 @@ class Index:
                 parts.append(self._search_faiss(part, k))
                 continue
             # Padded to a power of two, so that any number of queries compiles a handful of programs.
-            rows = min(QUERY_CHUNK, 1 << max(0, (part.shape[0] - 1).bit_length()))
+            rows = min(QUERY_CHUNK, _pow2(part.shape[0]))
             padded = np.zeros((rows, q.shape[1]), np.float32)
             padded[:part.shape[0]] = part
             top, idx = self._search_jax(padded, k)

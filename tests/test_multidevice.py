@@ -98,3 +98,84 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     assert a.keys() == b.keys(), f"files differ: {sorted(a.keys() ^ b.keys())}"
     differing = [n for n in a if a[n] != b[n]]
     assert not differing, f"two-process output differs from the single-process one in {differing}"
+
+
+SEARCH = r"""
+import json, sys
+import jax
+if int(sys.argv[2]) > 1:
+    jax.distributed.initialize(sys.argv[3], num_processes=int(sys.argv[2]), process_id=int(sys.argv[1]))
+import numpy as np
+from retribert_jax.search import Index
+
+d, out = sys.argv[4], sys.argv[5]
+q = np.random.default_rng(5).standard_normal((24, 32)).astype(np.float32)
+res = {"devices": len(jax.devices()), "processes": jax.process_count()}
+for name, kw in (("resident", {}), ("streamed", {"max_device_rows": 11_000})):
+    index = Index(d, **kw)
+    scores, rows = index.search_rows(q, 50)
+    res[name] = {"rows": rows.tolist(), "scores": scores.tolist(), "passes": -(-len(index) // index._rows_per_pass())}
+if jax.process_index() == 0:
+    with open(out, "w") as f:
+        json.dump(res, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def search_index(tmp_path_factory) -> str:
+    """140,000 rows: 17,500 per device on 8 devices, enough for each to screen (search.SCREEN_MIN_ROWS)."""
+    import numpy as np
+
+    from tests.test_search import write_index
+
+    rng = np.random.default_rng(3)
+    return write_index(tmp_path_factory.mktemp("search") / "idx", rng.standard_normal((140_000, 32)).astype("f4"),
+                       50_000)
+
+
+def run_search(search_index, out, devices: int, processes: int = 1) -> dict:
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"}
+    address = f"127.0.0.1:{free_port()}"
+    logs = [open(f"{out}.log{i}", "w+") for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", SEARCH, str(i), str(processes), address, search_index, out],
+                              cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in range(processes)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        log.seek(0)
+        assert p.returncode == 0, f"process {i}: {log.read()[-3000:]}"
+        log.close()
+    with open(out) as f:
+        return json.load(f)
+
+
+def assert_same_hits(many: dict, one: dict, what: str) -> None:
+    import numpy as np
+
+    for name in ("resident", "streamed"):
+        assert many[name]["rows"] == one[name]["rows"], f"{what}, {name}: hits differ from one device's"
+        # The same inner products; programs of other shapes may sum them in another order.
+        np.testing.assert_allclose(many[name]["scores"], one[name]["scores"], rtol=1e-6, atol=0)
+    assert many["streamed"]["passes"] > 1 and many["resident"]["passes"] == 1
+
+
+def test_search_on_eight_devices_equals_one(search_index, tmp_path):
+    eight = run_search(search_index, str(tmp_path / "eight.json"), devices=8)
+    one = run_search(search_index, str(tmp_path / "one.json"), devices=1)
+    assert eight["devices"] == 8 and one["devices"] == 1
+    assert_same_hits(eight, one, "8 devices")
+
+
+@pytest.mark.slow
+def test_search_by_two_processes_equals_one(search_index, tmp_path):
+    two = run_search(search_index, str(tmp_path / "two.json"), devices=2, processes=2)
+    one = run_search(search_index, str(tmp_path / "one.json"), devices=1)
+    assert two["devices"] == 4 and two["processes"] == 2
+    assert_same_hits(two, one, "2 processes x 2 devices")

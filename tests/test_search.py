@@ -281,3 +281,120 @@ def test_approximate_top_k_is_exact_off_tpu(tmp_path):
     assert [[h.id for h in r] for r in approx] == [[h.id for h in r] for r in exact] == want_rows.tolist()
     with pytest.raises(ValueError, match="recall_target"):
         Index(d, recall_target=1.5)
+
+
+# --- The screened path, the mesh, streaming and compressed copies (corpora large enough to screen) ---------------
+
+SCREENED_ROWS = 40_000  # > search.SCREEN_MIN_ROWS: one device screens
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    rng = np.random.default_rng(11)
+    emb = rng.standard_normal((SCREENED_ROWS, 32)).astype(np.float32)
+    q = rng.standard_normal((40, 32)).astype(np.float32)
+    d = write_index(tmp_path_factory.mktemp("large") / "idx", emb, 15_000)
+    return d, emb, q
+
+
+def near_tie_free(ours, theirs, scores, tol=1e-4):
+    """Rows that differ only where the scores there are within float32 rounding of each other (a near-tie)."""
+    differ = ours != theirs
+    return not differ.any() or float(np.abs(scores[0][differ] - scores[1][differ]).max()) < tol
+
+
+@pytest.mark.parametrize("screen_dtype", ["float32", "bfloat16"])
+def test_screened_search_equals_faiss(large, screen_dtype):
+    faiss = pytest.importorskip("faiss")
+    d, emb, q = large
+    index = Index(d, screen_dtype=screen_dtype)
+    scores, rows = index.search_rows(q, 100)
+    assert index._resident.screen, "a 40,000-row index on one device should take the screened path"
+    flat = faiss.IndexFlatIP(emb.shape[1])
+    flat.add(emb)
+    ref_s, ref_r = flat.search(q, 100)
+    assert near_tie_free(rows, ref_r, (scores, ref_s)), "hits differ from faiss IndexFlatIP beyond near-ties"
+    np.testing.assert_allclose(scores, ref_s, rtol=0, atol=1e-4)
+
+
+def test_k_ten_thousand_equals_faiss(large):
+    faiss = pytest.importorskip("faiss")
+    d, emb, q = large
+    scores, rows = Index(d).search_rows(q[:4], 10_000)
+    flat = faiss.IndexFlatIP(emb.shape[1])
+    flat.add(emb)
+    ref_s, ref_r = flat.search(q[:4], 10_000)
+    overlap = np.mean([len(set(a) & set(b)) / 10_000 for a, b in zip(rows, ref_r, strict=True)])
+    assert overlap >= 0.9999, f"top 10,000 overlaps faiss' by {overlap}"
+    np.testing.assert_allclose(scores, ref_s, rtol=0, atol=1e-4)
+
+
+def test_streamed_passes_equal_one_resident_pass(large):
+    d, _, q = large
+    resident = Index(d).search_rows(q, 50)
+    streamed_index = Index(d, max_device_rows=9_000)  # five passes, the last one short
+    streamed = streamed_index.search_rows(q, 50)
+    assert streamed_index._rows_per_pass() == 9_000 and streamed_index._resident is None
+    np.testing.assert_array_equal(streamed[1], resident[1])
+    # The same inner products from other programs (the blocked path's matmul, the screen's rescoring): equal up to
+    # float32 summation order.
+    np.testing.assert_allclose(streamed[0], resident[0], rtol=1e-6, atol=0)
+
+
+def test_compressed_copies_shortlist_and_rescore_exactly(large):
+    d, emb, q = large
+    from retribert_jax import embedding_dir, quantization
+
+    manifest = embedding_dir.write_compressed(d, ["int8", "binary"])
+    assert set(manifest["compressed"]) == {"int8", "binary"}
+    codes = np.load(embedding_dir.code_path(d, 0, "int8"))
+    assert codes.dtype == np.int8 and codes.nbytes * 4 == emb[:15_000].nbytes
+    assert np.load(embedding_dir.code_path(d, 0, "binary")).nbytes * 32 == emb[:15_000].nbytes
+    ranges = np.asarray(manifest["compressed"]["int8"]["ranges"], np.float32)
+    np.testing.assert_allclose(ranges, [emb.min(axis=0), emb.max(axis=0)])
+    decoded = quantization.decode(codes, "int8", ranges)
+    assert np.abs(decoded - emb[:15_000]).max() <= quantization.int8_steps(ranges).max() / 2 + 1e-5
+    _, exact_r = Index(d).search_rows(q, 10)
+
+    def recall(rows):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact_r, strict=True)])
+
+    # sentence-transformers' recipe as the yardstick: the 10 * 10 best rows by the decoded copy, rescored exactly.
+    for scan in ("int8", "binary"):
+        scores, rows = Index(d, scan=scan, rescore_multiplier=10).search_rows(q, 10)
+        # Rescored from the float vectors: every returned score is the exact inner product of its row.
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, emb[rows]), rtol=1e-5, atol=1e-5)
+        decoded = np.concatenate([quantization.decode(c, scan, ranges) for c in embedding_dir.open_codes(
+            d, embedding_dir.read_manifest(d), scan)])
+        shortlist = np.argsort(-(q @ decoded.T), axis=1, kind="stable")[:, :100]
+        rescored = np.take_along_axis(shortlist, np.argsort(-np.einsum("qd,qnd->qn", q, emb[shortlist]), axis=1,
+                                                            kind="stable")[:, :10], axis=1)
+        assert recall(rows) >= recall(rescored), f"{scan}: recall@10 {recall(rows):.3f}, the recipe's " \
+                                                 f"{recall(rescored):.3f}"
+        if scan == "int8":
+            assert recall(rows) >= 0.99, f"int8: recall@10 {recall(rows):.3f} against exact search"
+
+
+def test_compressed_and_search_inputs_refused_in_one_line(large, tmp_path):
+    from retribert_jax import embedding_dir
+
+    rng = np.random.default_rng(12)
+    d = write_index(tmp_path / "small", rng.standard_normal((300, 32)).astype(np.float32), 100)
+    embedding_dir.write_compressed(d, ["int8"])
+    with pytest.raises(ValueError, match="holds no binary copy .it has: int8.; write one with `retribert-jax compress"):
+        Index(d, scan="binary")
+    np.save(embedding_dir.code_path(d, 1, "int8"), np.zeros((100, 32), np.float32))
+    with pytest.raises(ValueError, match=r"int8-00001\.npy: dtype float32, a int8 copy is int8"):
+        Index(d, scan="int8")
+    os.remove(embedding_dir.shard_paths(d, 2)["embeddings"])  # the float copy that rescoring reads
+    with pytest.raises(FileNotFoundError, match=r"embeddings-00002\.npy: shard 2 of 3 is missing"):
+        Index(d, scan="int8")
+    with pytest.raises(ValueError, match="unknown compressed form 'int4'"):
+        embedding_dir.write_compressed(large[0], ["int4"])
+    index = Index(large[0])
+    q = large[2]
+    with pytest.raises(ValueError, match=r"queries have shape \(3, 31\), expected \[n, 32\]"):
+        index.search_rows(q[:3, :31], 5)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be positive"):
+            index.search_rows(q, k)

@@ -1,0 +1,250 @@
+"""Exact top-k inner-product search over rows held on a device, at the speed of the matrix product.
+
+The scores of Q queries against N rows are a [Q, N] matrix; choosing each query's k best from it with
+`jax.lax.top_k` costs more than the product itself on a CPU (XLA's TopK is a partial sort, ~2.5 ns a score on one
+thread, where faiss' heap pays a compare). `screened_topk` chooses without sorting the matrix:
+
+1. **Screen.** The rows are scanned in blocks of `block` rows, seen as `block // group` slots of `group` consecutive
+   rows. A block's scores are reduced to each group's best score, and every slot keeps its `depth` best groups over
+   the blocks seen (an insertion network: elementwise, no sort). The screen may run in bfloat16 (twice the matmul
+   rate on GPUs, TPUs and CPUs with AVX512-BF16): its error is bounded (`screen_error`), and the bound is what keeps
+   the result exact.
+2. **Shortlist.** One top-k over the kept groups ([Q, depth * slots], small) takes the `candidates` best. Any row
+   whose exact score can reach the k-th best lies in a group whose screened best is at least
+   `v_k - 2 e` (v_k: the k-th best kept group, e: the screen's error bound for this query), since k groups reach v_k
+   and each holds a row at least `v_k - e`.
+3. **Rescore.** The shortlisted groups' rows are gathered and scored exactly in float32 (`Precision.HIGHEST`), in
+   row order, and one top-k picks the k best: ties go to the lower row, as one top-k over all rows would give.
+
+The result is exact when two checks hold, and both are returned per query: no slot dropped a group that could
+qualify (its `depth`-th kept group is below `v_k - 2 e`), and the shortlist held every qualifying group (its last
+one is below the bar). A query that fails one is searched again by `blocked_topk`, the plain blocked matmul +
+top-k, which is also the path for a k too large to screen for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+SCREEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def screen_error(screen_dtype: str, dim: int) -> float:
+    """The relative bound c with |screened score - rescored score| <= c * |q| * |x| for any query q and row x.
+
+    Args:
+      screen_dtype: "float32" or "bfloat16" (the operands' dtype; accumulation is float32 either way).
+      dim: the vectors' width D.
+
+    Both scores come from float32 sums of D products; each is within gamma_D * sum |q_i x_i| of the real inner
+    product (Higham, "Accuracy and Stability of Numerical Algorithms", eq. 3.5, gamma_n = n u / (1 - n u), u the unit
+    roundoff 2^-24), whatever the summation order. Rounding the operands to bfloat16 (unit roundoff 2^-8) moves each
+    product by at most (2 u_bf16 + u_bf16^2) |q_i x_i|. Cauchy-Schwarz bounds sum |q_i x_i| by |q| |x|. The factor
+    1 + 2^-10 covers the rounding of the bound's own float32 arithmetic. Assumes normal numbers (a flushed subnormal
+    operand moves a product by less than 2^-126 times the other one).
+    """
+    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    if screen_dtype == "float32":
+        c = 2 * gamma
+    elif screen_dtype == "bfloat16":
+        u = 2.0**-8
+        c = 2 * u + u * u + gamma * (1 + u) ** 2 + gamma
+    else:
+        raise ValueError(f"screen_dtype must be one of {sorted(SCREEN_DTYPES)}, got {screen_dtype!r}")
+    return c * (1 + 2.0**-10)
+
+
+def _masked_scores(scores: jax.Array, rows: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """-inf where a row is padding (at or past n_valid) or a score is NaN: such a row is never a hit (faiss' rule)."""
+    return jnp.where((rows < n_valid) & ~jnp.isnan(scores), scores, -jnp.inf)
+
+
+def _insert(kept: tuple[jax.Array, jax.Array], value: jax.Array, block_id: jax.Array):
+    """Inserts one block's group bests into every slot's sorted list of `depth` kept groups (values [depth, Q, S],
+    block ids [depth, Q, S]): elementwise compare-and-swap, no sort. Strict `>`: an equal later group ranks after."""
+    values, ids = kept
+    out_v, out_i = [], []
+    bid = jnp.broadcast_to(block_id, value.shape)
+    for level in range(values.shape[0]):
+        better = value > values[level]
+        out_v.append(jnp.where(better, value, values[level]))
+        out_i.append(jnp.where(better, bid, ids[level]))
+        value, bid = jnp.where(better, values[level], value), jnp.where(better, ids[level], bid)
+    return jnp.stack(out_v), jnp.stack(out_i)
+
+
+def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, num_q: int, depth: int):
+    """Scans [NB, S, G, ...] blocks: `score_block(blk)` gives a block's scores [Q, G, S]; every slot keeps its
+    `depth` best groups. Returns the shortlist's raw material: (best values [Q, depth * S], group numbers
+    [Q, depth * S], each slot's last kept value [Q, S])."""
+    num_blocks, slots, group = blocks.shape[:3]
+    in_block = (jnp.arange(slots)[None, :] * group + jnp.arange(group)[:, None]).astype(jnp.int32)  # G S
+
+    def step(kept, xs):
+        blk, b = xs
+        scores = _masked_scores(score_block(blk), b * slots * group + in_block, n_valid)  # Q G S
+        return _insert(kept, scores.max(axis=1), b), None  # group bests: Q S
+
+    init = (jnp.full((depth, num_q, slots), -jnp.inf, jnp.float32), jnp.zeros((depth, num_q, slots), jnp.int32))
+    (values, ids), _ = jax.lax.scan(step, init, (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
+    group_ids = ids * slots + jnp.arange(slots, dtype=jnp.int32)  # depth Q S: the group's number in `rows`
+    flat_v = values.transpose(1, 0, 2).reshape(num_q, depth * slots)
+    flat_g = group_ids.transpose(1, 0, 2).reshape(num_q, depth * slots)
+    return flat_v, flat_g, values[depth - 1]
+
+
+def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int):
+    """The `candidates` best kept groups as rows in row order ([Q, candidates * group], int32; a place never filled
+    gives rows past any real one), and their values [Q, candidates], best first."""
+    short_v, pos = jax.lax.top_k(flat_v, candidates)  # Q C
+    short_g = jnp.take_along_axis(flat_g, pos, axis=1)
+    # A shortlisted -inf is an empty place (a slot never filled), not a group: its rows are no candidates.
+    short_g = jnp.sort(jnp.where(short_v > -jnp.inf, short_g, jnp.iinfo(jnp.int32).max // group), axis=1)
+    num_q = flat_v.shape[0]
+    rows = (short_g[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(num_q, candidates * group)
+    return rows, short_v
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "group", "depth", "candidates", "screen_dtype"))
+def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm: jax.Array, *, k: int,
+                  block: int = 2048,
+                  group: int = 8, depth: int = 6, candidates: int = 256, screen_dtype: str = "float32"):
+    """Each query's exact top-k rows by inner product, screened as the module docstring says.
+
+    Args:
+      queries: float32 [Q, D].
+      rows: [R, D] float32, float16 or bfloat16, R a multiple of `block`; rows at or past `n_valid` are padding.
+      n_valid: int32 scalar, the number of real rows.
+      norm: float32 scalar, at least the largest Euclidean norm of a real row (`row_norm`): scales the screen's
+        error bound.
+      k: hits per query, at most `candidates`.
+      block, group, depth, candidates: the screen's shape (rows per block, rows per group, groups kept per slot,
+        groups shortlisted); `candidates` at most `depth * block // group`.
+      screen_dtype: "float32" or "bfloat16".
+
+    Returns:
+      (scores float32 [Q, k], rows int32 [Q, k], exact bool [Q], needed int32 [Q]): hits in the total order (score
+      descending, row ascending; -inf and row -1 where a query has fewer than k hits); whether each query's result
+      is proven exact; how many groups qualified (a shortlist of at least that many would have held them all).
+    """
+    num_q, dim = queries.shape
+    screen = SCREEN_DTYPES[screen_dtype]
+    q_screen = queries.astype(screen)
+
+    def score_block(blk):  # S G D -> Q G S
+        return jnp.einsum("qd,sgd->qgs", q_screen, blk.astype(screen), precision=HIGHEST,
+                          preferred_element_type=jnp.float32)
+
+    blocks = rows.reshape(rows.shape[0] // block, block // group, group, dim)  # NB S G D
+    flat_v, flat_g, last_kept = _screen(score_block, blocks, n_valid, num_q, depth)
+    cand_rows, short_v = _shortlist(flat_v, flat_g, candidates, group)
+
+    # The bar a group must reach to hold a possible hit (-inf: keep every finite group while fewer than k exist).
+    error = screen_error(screen_dtype, dim) * jnp.linalg.norm(queries, axis=1) * norm  # Q
+    bar = short_v[:, k - 1] - 2 * error  # Q
+    needed = jnp.sum((flat_v >= bar[:, None]) & (flat_v > -jnp.inf), axis=1)
+    dropped_none = (last_kept < bar[:, None]) | (last_kept == -jnp.inf)  # Q S
+    exact = (needed <= candidates) & jnp.all(dropped_none, axis=1) & ~jnp.isnan(bar)
+
+    gathered = rows[jnp.minimum(cand_rows, rows.shape[0] - 1)].astype(jnp.float32)  # Q C*G D
+    scores = jnp.einsum("qd,qnd->qn", queries, gathered, precision=HIGHEST)  # Q C*G
+    top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), k)
+    hit_rows = jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)
+    return top, hit_rows, exact, needed
+
+
+@functools.partial(jax.jit, static_argnames=("form", "block", "group", "depth", "candidates"))
+def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Array, scale: jax.Array, *, form: str,
+                         block: int = 2048, group: int = 8, depth: int = 6, candidates: int = 256):
+    """The rows worth rescoring for each query, from a compressed copy of the index (approximate by design).
+
+    Args:
+      queries: float32 [Q, D].
+      codes: int8 [R, D] ("int8": scalar-quantized, see `quantization`) or uint8 [R, D / 8] ("binary": sign bits,
+        most significant bit first, as `numpy.packbits`); R a multiple of `block`; rows past `n_valid` are padding.
+      scale: float32 [D]: the int8 step per dimension (ignored for binary).
+      form: "int8" or "binary".
+      candidates: groups of `group` rows shortlisted.
+
+    Returns:
+      int32 [Q, candidates * group] rows in row order; a row at or past `n_valid` is no candidate.
+
+    Scores are the query against the decoded rows (asymmetric: the query stays float): for int8, `(q * step) . code`
+    ranks as `q . (start + step * (code + 128))` does (the rest is constant per query); for binary, `q . sign(x)`.
+    """
+    num_q, dim = queries.shape
+    if form == "int8":
+        q_screen = (queries * scale).astype(jnp.bfloat16)
+
+        def score_block(blk):  # S G D int8 -> Q G S
+            return jnp.einsum("qd,sgd->qgs", q_screen, blk.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    else:
+        q_screen = queries.astype(jnp.bfloat16)
+        shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+
+        def score_block(blk):  # S G D/8 uint8 -> Q G S
+            bits = (blk[..., None] >> shifts) & 1  # S G D/8 8
+            signs = (2 * bits.astype(jnp.bfloat16) - 1).reshape(*blk.shape[:2], dim)
+            return jnp.einsum("qd,sgd->qgs", q_screen, signs, preferred_element_type=jnp.float32)
+
+    blocks = codes.reshape(codes.shape[0] // block, block // group, group, codes.shape[1])
+    flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)
+    return _shortlist(flat_v, flat_g, candidates, group)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "recall_target"))
+def blocked_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, *, k: int, block: int = 65536,
+                 recall_target: float | None = None):
+    """Each query's top-k rows by inner product, by a plain blocked float32 matmul + top-k merged across blocks.
+
+    Args:
+      queries: float32 [Q, D].
+      rows: [R, D], R a multiple of `block`; rows at or past `n_valid` are padding.
+      k: hits per query, any size up to R.
+      recall_target: None for exact; else `jax.lax.approx_max_k`'s recall target (approximate on TPU only).
+
+    Returns:
+      (scores float32 [Q, k], rows int32 [Q, k]) in the total order; -inf and row -1 where there is no hit.
+    """
+    num_q, dim = queries.shape
+    blocks = rows.reshape(rows.shape[0] // block, block, dim)  # NB B D
+    per_block = min(k, block)
+
+    def step(best, xs):
+        blk, b = xs
+        scores = jnp.einsum("qd,nd->qn", queries, blk.astype(jnp.float32), precision=HIGHEST)  # Q B
+        scores = _masked_scores(scores, b * block + jnp.arange(block, dtype=jnp.int32), n_valid)
+        if recall_target is None:
+            top, idx = jax.lax.top_k(scores, per_block)  # ties: lower row first
+        else:
+            top, idx = jax.lax.approx_max_k(scores, per_block, recall_target=recall_target)
+        # The running best (earlier rows) comes first and top_k is stable: lower rows win ties.
+        s = jnp.concatenate([best[0], top], axis=1)
+        r = jnp.concatenate([best[1], idx.astype(jnp.int32) + b * block], axis=1)
+        top, pos = jax.lax.top_k(s, k)
+        return (top, jnp.take_along_axis(r, pos, axis=1)), None
+
+    init = (jnp.full((num_q, k), -jnp.inf, jnp.float32), jnp.full((num_q, k), -1, jnp.int32))
+    (top, hit_rows), _ = jax.lax.scan(step, init, (blocks, jnp.arange(blocks.shape[0], dtype=jnp.int32)))
+    return top, jnp.where(top > -jnp.inf, hit_rows, -1)
+
+
+def row_norm(rows: np.ndarray) -> float:
+    """The largest Euclidean norm of float rows [n, D] (0 for none; NaN rows, never hits, are skipped), rounded up
+    by 2^-20 relative: the `norm` that `screened_topk` takes."""
+    if rows.shape[0] == 0:
+        return 0.0
+    norms = np.sqrt(np.einsum("nd,nd->n", rows, rows, dtype=np.float64))
+    return float(np.nanmax(norms, initial=0.0)) * (1 + 2.0**-20)
+
+
+def merge_topk(scores: jax.Array, rows: jax.Array, k: int):
+    """The k best of several hit lists laid side by side ([Q, n * k'], each list in the total order, lists in row
+    order): one stable top-k keeps ties in row order. Returns (scores [Q, k], rows [Q, k])."""
+    top, pos = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(rows, pos, axis=1)

@@ -1,0 +1,112 @@
+"""The device top-k (`retribert_jax.topk`): the screen's proof of exactness, against numpy's float64 brute force."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retribert_jax import topk
+
+
+def brute_force(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows in the total order (score descending, row ascending), scores in float64; NaN rows never hit."""
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    s = np.where(np.isnan(s), -np.inf, s)
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), order
+
+
+def padded(x: np.ndarray, block: int) -> jax.Array:
+    rows = np.zeros((-(-x.shape[0] // block) * block, x.shape[1]), x.dtype)
+    rows[:x.shape[0]] = x
+    return jnp.asarray(rows)
+
+
+def screened(q, x, k, **kw):
+    rows = padded(x, kw.get("block", 256))
+    top, hit, exact, needed = topk.screened_topk(jnp.asarray(q), rows, jnp.int32(x.shape[0]),
+                                                 jnp.float32(topk.row_norm(x)), k=k, **kw)
+    return np.asarray(top), np.asarray(hit), np.asarray(exact), np.asarray(needed)
+
+
+@pytest.mark.parametrize("screen_dtype", ["float32", "bfloat16"])
+def test_screened_topk_equals_brute_force_where_it_says_exact(screen_dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5000, 32)).astype(np.float32)
+    q = rng.standard_normal((64, 32)).astype(np.float32)
+    top, hit, exact, needed = screened(q, x, 20, block=256, group=8, depth=6, candidates=128,
+                                       screen_dtype=screen_dtype)
+    ref_s, ref_r = brute_force(q, x, 20)
+    assert exact.mean() > 0.9, f"only {exact.mean():.2f} of the queries proven exact; needed {needed.max()} groups"
+    # Ids equal up to scores within float32 rounding of each other (a near-tie may order either way).
+    differ = hit[exact] != ref_r[exact]
+    assert not differ.any() or np.abs(top[exact][differ] - ref_s[exact][differ]).max() < 1e-4, \
+        f"{differ.sum()} hits differ from the brute force beyond a near-tie"
+    np.testing.assert_allclose(top, ref_s, rtol=0, atol=2e-5)
+
+
+def test_screened_topk_keeps_ties_in_row_order_and_skips_nan_and_padding():
+    rng = np.random.default_rng(1)
+    x = np.repeat(rng.standard_normal((40, 16)).astype(np.float32), 25, axis=0)  # every row 25 times
+    x[7] = np.nan
+    q = rng.standard_normal((8, 16)).astype(np.float32)
+    top, hit, exact, _ = screened(q, x, 60, block=128, group=4, depth=8, candidates=64, screen_dtype="float32")
+    _, ref_r = brute_force(q, x, 60)
+    assert exact.all()
+    np.testing.assert_array_equal(hit, ref_r)  # equal scores: the lower row first, exactly as one stable top-k
+    assert 7 not in hit and (hit < x.shape[0]).all()
+
+
+def test_screened_topk_says_when_it_cannot_prove_the_result():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4096, 16)).astype(np.float32)
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    # Depth 1: a slot keeps only its best group, so nothing proves that the groups it dropped fall short.
+    top, _, exact, _ = screened(q, x, 8, block=64, group=8, depth=1, candidates=8, screen_dtype="float32")
+    assert not exact.any()
+    # A shortlist shorter than the groups that qualify is said too.
+    _, _, exact, needed = screened(q, x, 8, block=64, group=8, depth=8, candidates=8, screen_dtype="bfloat16")
+    assert (needed > 8).all() and not exact.any()
+
+
+def test_screened_topk_fewer_rows_than_k_and_a_nan_query():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 8)).astype(np.float32)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    q[1] = np.nan
+    top, hit, exact, _ = screened(q, x, 16, block=16, group=4, depth=4, candidates=16, screen_dtype="float32")
+    ref_s, ref_r = brute_force(q[[0, 2]], x, 10)
+    np.testing.assert_array_equal(hit[[0, 2], :10], ref_r)
+    assert (hit[[0, 2], 10:] == -1).all() and np.isneginf(top[[0, 2], 10:]).all()
+    assert (hit[1] == -1).all() and not exact[1]
+
+
+def test_screen_error_bounds_the_bfloat16_screen():
+    """The bound holds on vectors built to make bfloat16 rounding hurt: mixed magnitudes, cancellation."""
+    rng = np.random.default_rng(4)
+    dim = 128
+    x = (rng.standard_normal((2048, dim)) * np.exp(rng.uniform(-6, 6, (2048, dim)))).astype(np.float32)
+    q = (rng.standard_normal((64, dim)) * np.exp(rng.uniform(-6, 6, (64, dim)))).astype(np.float32)
+    exact = q.astype(np.float64) @ x.astype(np.float64).T
+    f32 = np.asarray(jnp.einsum("qd,nd->qn", q, x, precision=topk.HIGHEST))
+    bf16 = np.asarray(jnp.einsum("qd,nd->qn", jnp.asarray(q, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16),
+                                 preferred_element_type=jnp.float32))
+    scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+    for name, approx in (("float32", f32), ("bfloat16", bf16)):
+        ratio = np.abs(approx - f32 if name == "bfloat16" else approx - exact) / scale
+        assert ratio.max() <= topk.screen_error(name, dim), f"{name}: error {ratio.max():.3g} |q||x| past the bound"
+    # And the bound is not vacuous: bfloat16 rounding really moves scores by a good part of it.
+    assert (np.abs(bf16 - f32) / scale).max() > topk.screen_error("bfloat16", dim) / 50
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_blocked_topk_equals_brute_force(k):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1000, 24)).astype(np.float32)
+    q = rng.standard_normal((9, 24)).astype(np.float32)
+    top, hit = topk.blocked_topk(jnp.asarray(q), padded(x, 128), jnp.int32(1000), k=k, block=128)
+    ref_s, ref_r = brute_force(q, x, k)
+    np.testing.assert_array_equal(np.asarray(hit), ref_r)
+    np.testing.assert_allclose(np.asarray(top), ref_s, atol=2e-5)

@@ -33,6 +33,7 @@ COMMANDS = {
     "export-pytorch": "export_pytorch",
     "verify": "verify",
     "embed": "embed",
+    "compress": "compress",
     "search": "search",
     "train": "train",
     "evaluate": "evaluate",

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retribert_jax import quantization
 from retribert_jax.io import atomic_file
 
 MANIFEST = "manifest.json"
@@ -35,6 +36,8 @@ DTYPES = ("float32", "float16")
 KINDS = ("passages", "questions")  # the manifest's `kind`: which tower and projection embedded the rows
 # How an embedding directory can be searched (`search.Index`): exact top-k in JAX, or faiss' IndexFlatIP.
 BACKENDS = ("jax", "faiss")
+# What the jax backend scans: the float rows (exact), or a compressed copy for a shortlist (`quantization`).
+SCANS = ("float", *quantization.FORMS)
 # The manifest's keys and their types (a run's settings plus num_shards and count; a few more are informational).
 MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str, "kind": str, "dtype": str,
                  "max_length": int, "projection_dim": int, "normalized": bool, "shard_size": int, "num_shards": int,
@@ -44,7 +47,7 @@ MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
 #   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges".
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
-CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}
+CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
 _OWN_FILES = ("embeddings-*.npy", "int8-*.npy", "binary-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS, ".piece-*", ".*.tmp-*")
 
@@ -375,8 +378,6 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
     Raises:
       ValueError: an unknown form, or a binary copy of a width that is not a multiple of 8.
     """
-    from retribert_jax import quantization
-
     manifest = read_manifest(directory)
     done = dict(manifest.get("compressed", {}))
     for form in forms:

@@ -34,7 +34,7 @@ from retribert_jax.errors import MissingDependency
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 
 BACKENDS = embedding_dir.BACKENDS
-SCANS = ("float",) + quantization.FORMS  # what the jax backend scans: the float rows, or a compressed copy
+SCANS = embedding_dir.SCANS
 QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score matrix
 # The screen's shape (`topk.screened_topk`): 2048-row blocks of 256 slots of 8-row groups, 6 groups kept per slot.
 SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6

@@ -233,6 +233,17 @@ def test_cli_search_matches_brute_force(tmp_path):
         diff = np.abs(np.array([h["score"] for h in o["hits"]]) - want_scores[i]).max()
         assert diff <= 1e-4, f"question {i}: scores differ by {diff:.3g}"
 
+    # Compressed copies: a shortlist as long as the corpus rescores every row, so the hits are the exact ones.
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    c = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "compress", d], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0 and "int8 copy of 30 rows" in c.stdout, c.stderr[-2000:]
+    for scan in ("int8", "binary"):
+        r = _cli(d, ckpt, *questions, "-k", "5", "--json", "--scan", scan, "--rescore-multiplier", "30")
+        assert r.returncode == 0, r.stderr[-2000:]
+        hits = [[h["id"] for h in json.loads(ln)["hits"]] for ln in r.stdout.splitlines()]
+        assert hits == [list(w) for w in want_rows], f"--scan {scan}: {hits} != {want_rows.tolist()}"
+
 
 @pytest.mark.parametrize("backend", ["jax", "faiss"])
 def test_ties_rank_by_row_and_top_k_is_a_prefix_of_top_K(tmp_path, backend):

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from retribert_jax.config import COMPUTE_DTYPES, PRECISIONS
-from retribert_jax.embedding_dir import BACKENDS
+from retribert_jax.embedding_dir import BACKENDS, SCANS
 
 DEFAULT_MAX_LENGTH = 128
 
@@ -60,10 +60,19 @@ def add_encoding_arguments(p: argparse.ArgumentParser, *, max_length_help: str |
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
-    """--backend and --block-size: how an index is searched."""
+    """--backend, --scan, --rescore-multiplier, --max-device-rows and --block-size: how an index is searched."""
     p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0],
-                   help="exact search in JAX, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
-    p.add_argument("--block-size", type=positive_int, default=65536, help="corpus rows scored at once (%(default)s)")
+                   help="exact search in JAX on every device, or faiss IndexFlatIP (needs faiss-cpu) (%(default)s)")
+    p.add_argument("--scan", choices=SCANS, default=SCANS[0],
+                   help="jax backend: scan the float rows (exact), or a compressed copy written by `retribert-jax "
+                        "compress` for a shortlist rescored exactly from the float rows (%(default)s)")
+    p.add_argument("--rescore-multiplier", type=positive_int, default=4,
+                   help="--scan int8/binary: shortlisted rows per hit (%(default)s)")
+    p.add_argument("--max-device-rows", type=positive_int,
+                   help="jax backend: rows held per device at once; a larger index streams in passes (default: all on "
+                        "a CPU, half the memory of an accelerator)")
+    p.add_argument("--block-size", type=positive_int, default=65536,
+                   help="corpus rows scored at once by the plain blocked path (%(default)s)")
 
 
 def require_file(path: str, what: str) -> None:
@@ -107,7 +116,8 @@ def open_index(args: argparse.Namespace):
     from retribert_jax.search import Index
 
     with args.timings.phase("open index"):
-        index = Index(args.index, backend=args.backend, block_size=args.block_size,
+        index = Index(args.index, backend=args.backend, scan=args.scan, rescore_multiplier=args.rescore_multiplier,
+                      max_device_rows=args.max_device_rows, block_size=args.block_size,
                       recall_target=getattr(args, "recall_target", None))
     if index.manifest["kind"] != "passages":  # before the model loads
         raise ValueError(f"{args.index}: holds {index.manifest['kind']} embeddings; searching needs passages")

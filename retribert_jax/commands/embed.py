@@ -13,6 +13,7 @@ import sys
 from retribert_jax.commands import common
 from retribert_jax.corpus import FORMATS
 from retribert_jax.embedding_dir import DTYPES, KINDS
+from retribert_jax.quantization import FORMS
 
 HELP = "embed a corpus of passages or questions into a directory of fixed-size shards with a manifest (resumable)"
 
@@ -40,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype the embeddings are stored in (default: %(default)s)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--store-text", action="store_true", help="also write texts-NNNNN.jsonl beside each shard")
+    p.add_argument("--compress", nargs="+", choices=FORMS, default=[],
+                   help="also write these compressed copies once every shard exists (as `retribert-jax compress`)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the embeddings OUT holds, finished or not, whatever settings made them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     except NoRecords:
         raise ValueError(f"{args.input}: no {args.kind} to embed" + (
             " that could be read (see the skipped lines above)" if args.skip_bad_lines else "")) from None
+    if result.manifest is not None and args.compress:
+        from retribert_jax.embedding_dir import write_compressed
+
+        with timings.phase("write compressed copies"):
+            write_compressed(args.out, args.compress)
     if result.already_complete:
         m = result.manifest
         print(f"{args.out}: already complete ({m['count']} {args.kind} in {m['num_shards']} shards); nothing to do "
@@ -110,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if result.manifest is not None:
         m = result.manifest
-        print(f"wrote {args.out}: {m['count']} {args.kind} in {m['num_shards']} shards", file=sys.stderr)
+        copies = f", with {' and '.join(args.compress)} copies" if args.compress else ""
+        print(f"wrote {args.out}: {m['count']} {args.kind} in {m['num_shards']} shards{copies}", file=sys.stderr)
     return 0

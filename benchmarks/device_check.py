@@ -19,7 +19,9 @@ so that a run cut short keeps what it measured:
   parity_fp32  fp32 at the highest matmul precision on the device against this package's CPU forward on the same
                weights (`--weights`: the all-MiniLM-L6-v2 RetriBERT as float16 safetensors): through the Encoder
                (inside `jax.default_matmul_precision("highest")`), through the command line (`embed`), and the
-               train step's loss and gradients.
+               train step's loss and gradients;
+  search       exact top-k (k = 100) of 1,000 queries over 10M x 128 bfloat16 rows resident on the device: the
+               program `search.Index` runs, beside PyTorch's float32 matmul + `torch.topk` in 1M-row chunks.
 Ratios against the peers are printed at the end. Writes device_check.json and device_check.png under DIR.
 
 On a CPU, `--quick` runs every part, the PyTorch ones included, at toy sizes (the suite's smoke test; there
@@ -48,10 +50,11 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"batch": 8, "length": 32, "min_time": 0.0, "iters": 2, "texts": 16, "encoder_texts": 64,
                 "encoder_rows": [None, 4], "st_batches": [8], "train_pairs": 8, "q_length": 16, "p_length": 32,
-                "train_steps": 2, "host_repeats": 1}
+                "train_steps": 2, "host_repeats": 1, "search_rows": 40_000, "search_queries": 16, "search_k": 10}
     return {"batch": 1024, "length": 128, "min_time": 1.0, "iters": 20, "texts": 256, "encoder_texts": 20_000,
             "encoder_rows": [None, 512, 1024], "st_batches": [128, 512], "train_pairs": 512, "q_length": 32,
-            "p_length": 128, "train_steps": 10, "host_repeats": 2}
+            "p_length": 128, "train_steps": 10, "host_repeats": 2, "search_rows": 10_000_000, "search_queries": 1000,
+            "search_k": 100}
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -430,6 +433,74 @@ def _parity(weights: str, n_texts: int, quick: bool) -> dict[str, Any]:
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
+# --- search -------------------------------------------------------------------------------------------------------
+
+def _search(sz) -> dict[str, Any]:
+    """Exact top-k over `search_rows` x 128 bfloat16 rows resident on the device (standard normal, drawn there),
+    `search_queries` float32 queries: the program `search.Index` runs on a resident pass (the screen, rescored in
+    float32, then the retries `Index` would make), beside PyTorch's way (a float32 matmul + `torch.topk` per chunk
+    of rows, merged), whose hits are the reference for `ids_equal`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from retribert_jax import search
+    from retribert_jax.mesh import data_mesh
+
+    n, nq, k = sz["search_rows"], sz["search_queries"], sz["search_k"]
+    padded = -(-n // search.SCREEN_BLOCK) * search.SCREEN_BLOCK
+    rows = jax.random.normal(jax.random.key(0), (padded, 128), jnp.bfloat16)
+    rows = jnp.where(jnp.arange(padded)[:, None] < n, rows, 0)
+    norm = jnp.max(jnp.linalg.norm(rows.astype(jnp.float32), axis=1), keepdims=True) * (1 + 2.0**-20)
+    queries = np.asarray(jax.random.normal(jax.random.key(1), (nq, 128), jnp.float32))
+    mesh = data_mesh(jax.devices()[:1])
+    program = search._mesh_program(mesh, "screened", k=k, candidates=search._pow2(2 * k), screen_dtype="bfloat16")
+
+    def ours():  # in chunks of `search.QUERY_CHUNK` queries, as `Index.search_rows` sends them
+        outs = [program(jnp.asarray(queries[s:s + search.QUERY_CHUNK]), rows, np.int32(n), norm)
+                for s in range(0, nq, search.QUERY_CHUNK)]
+        return [np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(3)]
+
+    start = time.perf_counter()
+    first = ours()
+    out: dict[str, Any] = {"rows": n, "queries": nq, "k": k, "first_call_s": time.perf_counter() - start}
+    out["ours_s"] = min(_timed(ours) for _ in range(3))
+    exact = first[2]
+    out["screen_proven_exact"] = float(exact.mean())
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t_rows = torch.from_dlpack(rows) if device == "cuda" else torch.from_numpy(np.asarray(rows, np.float32))
+    t_q = torch.from_numpy(queries).to(device)
+    chunk = 1 << 20
+
+    def theirs():
+        best_s, best_i = [], []
+        for s in range(0, n, chunk):
+            part = t_rows[s:min(s + chunk, n)].float()
+            top = torch.topk(t_q @ part.T, min(k, part.shape[0]), dim=1)
+            best_s.append(top.values)
+            best_i.append(top.indices + s)
+        top = torch.topk(torch.cat(best_s, dim=1), k, dim=1)
+        i = torch.gather(torch.cat(best_i, dim=1), 1, top.indices)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return i
+
+    ref = theirs().cpu().numpy()
+    out["torch_s"] = min(_timed(theirs) for _ in range(3))
+    out["ratio"] = out["torch_s"] / out["ours_s"]
+    out["ids_equal"] = float(np.mean(first[1][exact] == ref[exact])) if exact.any() else 0.0
+    return out
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _plot(results: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -470,7 +541,7 @@ def prepare_weights(directory: str) -> str:
     return out
 
 
-PARTS = ("peak", "forward", "real_text", "train", "parity_fp32")
+PARTS = ("peak", "forward", "real_text", "train", "parity_fp32", "search")
 
 
 def run(out: str, quick: bool = False, weights: str | None = None, parts: list[str] | None = None) -> dict[str, Any]:
@@ -496,7 +567,8 @@ def run(out: str, quick: bool = False, weights: str | None = None, parts: list[s
 
     steps = {"peak": lambda: measure_peak(gpu=gpu and not quick, quick=quick),
              "forward": lambda: _forward(cfg, sz, quick), "real_text": lambda: _real_text(cfg, sz, weights),
-             "train": lambda: _train(cfg, sz), "parity_fp32": lambda: _parity(weights, sz["texts"], quick)}
+             "train": lambda: _train(cfg, sz), "parity_fp32": lambda: _parity(weights, sz["texts"], quick),
+             "search": lambda: _search(sz)}
     unknown = sorted(set(parts or ()) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown device-check parts {unknown}; expected some of {PARTS}")
@@ -542,7 +614,7 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> str:
 def report(results: dict[str, Any]) -> str:
     """The run as a short table, with the ratios to the peers (what a device session's output shows last)."""
     lines = [f"device: {results['device']} ({results['backend']}), {results.get('wall_s', 0):.0f} s"]
-    for part in ("peak", "forward", "real_text", "train", "parity_fp32"):
+    for part in PARTS:
         if "error" in (results.get(part) or {}):
             lines.append(f"{part}: FAILED {results[part]['error']}")
     peak = results.get("peak") or {}
@@ -586,4 +658,10 @@ def report(results: dict[str, Any]) -> str:
                      f"CLI {p.get('cli_max_abs_diff', p.get('cli_error', 'n/a'))}, train loss "
                      f"{p.get('train_loss_abs_diff', float('nan')):.3g}, grads "
                      f"{p.get('train_grad_max_abs_diff', float('nan')):.3g}")
+    se = results.get("search") or {}
+    if "ours_s" in se:
+        lines.append(f"search {se['rows']:,} x 128 bf16, {se['queries']} queries, k = {se['k']}: ours "
+                     f"{se['ours_s']:.3f} s (first call {se['first_call_s']:.1f} s), PyTorch matmul + topk "
+                     f"{se['torch_s']:.3f} s: {se['ratio']:.2f}x; proven exact {se['screen_proven_exact']:.3f}, "
+                     f"ids equal PyTorch's {se['ids_equal']:.5f}")
     return "\n".join(lines)

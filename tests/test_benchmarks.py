@@ -143,7 +143,7 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     from benchmarks.device_check import report, run
 
     r = run(str(tmp_path), quick=True)
-    for part in ("peak", "forward", "real_text", "train", "parity_fp32"):
+    for part in ("peak", "forward", "real_text", "train", "parity_fp32", "search"):
         assert "error" not in r[part], (part, r[part].get("traceback"))
     for part, key in (("forward", "seq_per_s"), ("train", "pairs_per_s")):
         failed = {name: row.get("error") for name, row in r[part]["rows"].items() if not row.get(key, 0) > 0}
@@ -157,9 +157,12 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     p = r["parity_fp32"]
     assert "cli_error" not in p, p["cli_error"]
     assert max(p["encoder_max_abs_diff"], p["cli_max_abs_diff"], p["train_grad_max_abs_diff"]) <= 1e-6, p
+    se = r["search"]
+    assert se["ours_s"] > 0 and se["torch_s"] > 0 and se["screen_proven_exact"] == 1.0 and se["ids_equal"] == 1.0, se
     assert (tmp_path / "device_check.json").is_file() and (tmp_path / "device_check.png").stat().st_size > 5_000
     shown = report(r)
     assert "ours / torch.compile" in shown and "/ PyTorch AMP" in shown and "fp32 parity" in shown
+    assert "PyTorch matmul + topk" in shown
 
 
 @pytest.mark.slow

@@ -455,7 +455,8 @@ def _search(sz) -> dict[str, Any]:
     norm = jnp.max(jnp.linalg.norm(rows.astype(jnp.float32), axis=1), keepdims=True) * (1 + 2.0**-20)
     queries = np.asarray(jax.random.normal(jax.random.key(1), (nq, 128), jnp.float32))
     mesh = data_mesh(jax.devices()[:1])
-    program = search._mesh_program(mesh, "screened", k=k, candidates=search._pow2(2 * k), screen_dtype="bfloat16")
+    program = search._mesh_program(mesh, "screened", k=k, candidates=search.screen_candidates(k, "bfloat16"),
+                                     screen_dtype="bfloat16")
 
     def ours():  # in chunks of `search.QUERY_CHUNK` queries, as `Index.search_rows` sends them
         outs = [program(jnp.asarray(queries[s:s + search.QUERY_CHUNK]), rows, np.int32(n), norm)

@@ -55,6 +55,14 @@ def default_screen_dtype() -> str:
     return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
 
 
+def screen_candidates(k: int, screen_dtype: str) -> int:
+    """Groups the screen shortlists for k hits: a float32 screen's bound is tight, so about k groups qualify (one
+    an eighth more leaves room for near-ties); a bfloat16 screen's wider bound lets more through."""
+    if screen_dtype == "float32":
+        return -(-(k + max(8, k // 8)) // 8) * 8
+    return _pow2(2 * k)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -324,7 +332,7 @@ class Index:
             fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates)
             return fn(queries, placed.rows, n, scale)
         if placed.screen and k <= MAX_SCREEN_K:
-            return _mesh_program(self.mesh, "screened", k=k, candidates=_pow2(2 * k),
+            return _mesh_program(self.mesh, "screened", k=k, candidates=screen_candidates(k, self._screen_dtype()),
                                  screen_dtype=self._screen_dtype())(queries, placed.rows, n, placed.norm)
         return _mesh_program(self.mesh, "blocked", k=k, block=placed.block,
                              recall_target=self.recall_target)(queries, placed.rows, n, placed.norm)
@@ -342,7 +350,7 @@ class Index:
         else:
             scores, rows, exact, needed = (_host(x) for x in out)
             scores, rows = scores.copy(), rows.copy()
-            for redo, retry in self._retries(exact, needed, k):
+            for redo, retry in self._retries(exact, needed, screen_candidates(k, self._screen_dtype())):
                 sub = np.zeros((_pow2(len(redo)), q.shape[1]), np.float32)
                 sub[:len(redo)] = q[redo]
                 sub_q = jax.make_array_from_callback(sub.shape, replicated(self.mesh), lambda index: sub[index])
@@ -355,7 +363,7 @@ class Index:
         return scores, np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1)
 
     @staticmethod
-    def _retries(exact: np.ndarray, needed: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, int | None]]:
+    def _retries(exact: np.ndarray, needed: np.ndarray, candidates: int) -> Iterator[tuple[np.ndarray, int | None]]:
         """The queries to search again: (positions, a longer shortlist), or (positions, None) for the blocked path."""
         bad = np.flatnonzero(~exact)
         if not bad.size:
@@ -363,7 +371,7 @@ class Index:
         longest = SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP
         # A longer shortlist helps when the shortlist was what fell short; a slot that overflowed needs the
         # blocked path.
-        longer = bad[(needed[bad] > _pow2(2 * k)) & (needed[bad] <= longest)]
+        longer = bad[(needed[bad] > candidates) & (needed[bad] <= longest)]
         if longer.size:
             yield longer, min(_pow2(int(needed[longer].max())), longest)
         rest = np.setdiff1d(bad, longer)

@@ -64,38 +64,53 @@ def _masked_scores(scores: jax.Array, rows: jax.Array, n_valid: jax.Array) -> ja
     return jnp.where((rows < n_valid) & ~jnp.isnan(scores), scores, -jnp.inf)
 
 
-def _insert(kept: tuple[jax.Array, jax.Array], value: jax.Array, block_id: jax.Array):
-    """Inserts one block's group bests into every slot's sorted list of `depth` kept groups (values [depth, Q, S],
-    block ids [depth, Q, S]): elementwise compare-and-swap, no sort. Strict `>`: an equal later group ranks after."""
+def _insert(kept: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]], value: jax.Array, block_id: jax.Array):
+    """Inserts one block's group bests [S, Q] into every slot's list of `depth` kept groups, best first (`depth`
+    value arrays [S, Q], `depth` block-id arrays [S, Q]). Level l is computed from its own and the level above's
+    entries only (it takes the level above's entry where the new value beats that, the new value where it beats only
+    level l's, else keeps its own), so no level waits for another: elementwise, no sort. The levels are separate
+    arrays rather than one stacked array, which XLA fuses into loops without a concatenation. Strict `>`: an equal
+    later group ranks after."""
     values, ids = kept
-    out_v, out_i = [], []
-    bid = jnp.broadcast_to(block_id, value.shape)
-    for level in range(values.shape[0]):
-        better = value > values[level]
-        out_v.append(jnp.where(better, value, values[level]))
-        out_i.append(jnp.where(better, bid, ids[level]))
-        value, bid = jnp.where(better, values[level], value), jnp.where(better, ids[level], bid)
-    return jnp.stack(out_v), jnp.stack(out_i)
+    new_v, new_i = [], []
+    for level, (v, i) in enumerate(zip(values, ids, strict=True)):
+        here = value > v
+        kept_v, kept_i = jnp.where(here, value, v), jnp.where(here, block_id, i)
+        if level:
+            above = value > values[level - 1]
+            kept_v = jnp.where(above, values[level - 1], kept_v)
+            kept_i = jnp.where(above, ids[level - 1], kept_i)
+        new_v.append(kept_v)
+        new_i.append(kept_i)
+    return tuple(new_v), tuple(new_i)
 
 
 def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, num_q: int, depth: int):
-    """Scans [NB, S, G, ...] blocks: `score_block(blk)` gives a block's scores [Q, G, S]; every slot keeps its
+    """Scans [NB, S, G, ...] blocks: `score_block(blk)` gives a block's scores [S, G, Q] (the matmul's output laid
+    out rows by queries, so that a group's best is an elementwise max of G query vectors); every slot keeps its
     `depth` best groups. Returns the shortlist's raw material: (best values [Q, depth * S], group numbers
     [Q, depth * S], each slot's last kept value [Q, S])."""
     num_blocks, slots, group = blocks.shape[:3]
-    in_block = (jnp.arange(slots)[None, :] * group + jnp.arange(group)[:, None]).astype(jnp.int32)  # G S
+    in_block = jnp.arange(slots * group, dtype=jnp.int32).reshape(slots, group, 1)  # S G 1
 
     def step(kept, xs):
         blk, b = xs
-        scores = _masked_scores(score_block(blk), b * slots * group + in_block, n_valid)  # Q G S
-        return _insert(kept, scores.max(axis=1), b), None  # group bests: Q S
+        scores = score_block(blk)  # S G Q
+        best = scores.max(axis=1)  # S Q: group bests; NaN where a group holds a NaN score (max propagates it)
+        # Masking every score costs a pass over them; only a block with padding or a NaN score needs it.
+        masked = ((b + 1) * slots * group > n_valid) | jnp.any(jnp.isnan(best))
+        best = jax.lax.cond(masked, lambda: _masked_scores(scores, b * slots * group + in_block, n_valid).max(axis=1),
+                            lambda: best)
+        return _insert(kept, best, b), None
 
-    init = (jnp.full((depth, num_q, slots), -jnp.inf, jnp.float32), jnp.zeros((depth, num_q, slots), jnp.int32))
+    init = (tuple(jnp.full((slots, num_q), -jnp.inf, jnp.float32) for _ in range(depth)),
+            tuple(jnp.zeros((slots, num_q), jnp.int32) for _ in range(depth)))
     (values, ids), _ = jax.lax.scan(step, init, (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
-    group_ids = ids * slots + jnp.arange(slots, dtype=jnp.int32)  # depth Q S: the group's number in `rows`
-    flat_v = values.transpose(1, 0, 2).reshape(num_q, depth * slots)
-    flat_g = group_ids.transpose(1, 0, 2).reshape(num_q, depth * slots)
-    return flat_v, flat_g, values[depth - 1]
+    values, ids = jnp.stack(values), jnp.stack(ids)  # depth S Q
+    group_ids = ids * slots + jnp.arange(slots, dtype=jnp.int32)[:, None]  # depth S Q: the group's number in `rows`
+    flat_v = values.transpose(2, 0, 1).reshape(num_q, depth * slots)
+    flat_g = group_ids.transpose(2, 0, 1).reshape(num_q, depth * slots)
+    return flat_v, flat_g, values[depth - 1].T
 
 
 def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int):
@@ -136,9 +151,10 @@ def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm:
     screen = SCREEN_DTYPES[screen_dtype]
     q_screen = queries.astype(screen)
 
-    def score_block(blk):  # S G D -> Q G S
-        return jnp.einsum("qd,sgd->qgs", q_screen, blk.astype(screen), precision=HIGHEST,
-                          preferred_element_type=jnp.float32)
+    def score_block(blk):  # S G D -> S G Q
+        scores = jnp.dot(blk.reshape(block, dim).astype(screen), q_screen.T, precision=HIGHEST,
+                         preferred_element_type=jnp.float32)  # B Q
+        return scores.reshape(block // group, group, num_q)
 
     blocks = rows.reshape(rows.shape[0] // block, block // group, group, dim)  # NB S G D
     flat_v, flat_g, last_kept = _screen(score_block, blocks, n_valid, num_q, depth)
@@ -181,16 +197,17 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
     if form == "int8":
         q_screen = (queries * scale).astype(jnp.bfloat16)
 
-        def score_block(blk):  # S G D int8 -> Q G S
-            return jnp.einsum("qd,sgd->qgs", q_screen, blk.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        def score_block(blk):  # S G D int8 -> S G Q
+            return jnp.dot(blk.reshape(block, dim).astype(jnp.bfloat16), q_screen.T,
+                           preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
     else:
         q_screen = queries.astype(jnp.bfloat16)
         shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
-        def score_block(blk):  # S G D/8 uint8 -> Q G S
-            bits = (blk[..., None] >> shifts) & 1  # S G D/8 8
-            signs = (2 * bits.astype(jnp.bfloat16) - 1).reshape(*blk.shape[:2], dim)
-            return jnp.einsum("qd,sgd->qgs", q_screen, signs, preferred_element_type=jnp.float32)
+        def score_block(blk):  # S G D/8 uint8 -> S G Q
+            bits = (blk.reshape(block, dim // 8)[..., None] >> shifts) & 1  # B D/8 8
+            signs = (2 * bits.astype(jnp.bfloat16) - 1).reshape(block, dim)
+            return jnp.dot(signs, q_screen.T, preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
 
     blocks = codes.reshape(codes.shape[0] // block, block // group, group, codes.shape[1])
     flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)

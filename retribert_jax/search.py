@@ -329,7 +329,8 @@ class Index:
             candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
             scale = quantization.int8_steps(np.asarray(self.manifest["compressed"]["int8"]["ranges"], np.float32)) \
                 if self.scan == "int8" else np.ones(self.dim, np.float32)
-            fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates)
+            fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates,
+                               screen_dtype=self._screen_dtype())
             return fn(queries, placed.rows, n, scale)
         if placed.screen and k <= MAX_SCREEN_K:
             return _mesh_program(self.mesh, "screened", k=k, candidates=screen_candidates(k, self._screen_dtype()),

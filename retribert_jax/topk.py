@@ -174,9 +174,10 @@ def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm:
     return top, hit_rows, exact, needed
 
 
-@functools.partial(jax.jit, static_argnames=("form", "block", "group", "depth", "candidates"))
+@functools.partial(jax.jit, static_argnames=("form", "block", "group", "depth", "candidates", "screen_dtype"))
 def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Array, scale: jax.Array, *, form: str,
-                         block: int = 2048, group: int = 8, depth: int = 6, candidates: int = 256):
+                         block: int = 2048, group: int = 8, depth: int = 6, candidates: int = 256,
+                         screen_dtype: str = "bfloat16"):
     """The rows worth rescoring for each query, from a compressed copy of the index (approximate by design).
 
     Args:
@@ -186,6 +187,8 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
       scale: float32 [D]: the int8 step per dimension (ignored for binary).
       form: "int8" or "binary".
       candidates: groups of `group` rows shortlisted.
+      screen_dtype: the matmul's operand dtype, "bfloat16" or "float32" (codes are exact in either; the query is
+        rounded to it).
 
     Returns:
       int32 [Q, candidates * group] rows in row order; a row at or past `n_valid` is no candidate.
@@ -194,19 +197,20 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
     ranks as `q . (start + step * (code + 128))` does (the rest is constant per query); for binary, `q . sign(x)`.
     """
     num_q, dim = queries.shape
+    screen = SCREEN_DTYPES[screen_dtype]
     if form == "int8":
-        q_screen = (queries * scale).astype(jnp.bfloat16)
+        q_screen = (queries * scale).astype(screen)
 
         def score_block(blk):  # S G D int8 -> S G Q
-            return jnp.dot(blk.reshape(block, dim).astype(jnp.bfloat16), q_screen.T,
+            return jnp.dot(blk.reshape(block, dim).astype(screen), q_screen.T,
                            preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
     else:
-        q_screen = queries.astype(jnp.bfloat16)
+        q_screen = queries.astype(screen)
         shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
         def score_block(blk):  # S G D/8 uint8 -> S G Q
             bits = (blk.reshape(block, dim // 8)[..., None] >> shifts) & 1  # B D/8 8
-            signs = (2 * bits.astype(jnp.bfloat16) - 1).reshape(block, dim)
+            signs = (2 * bits.astype(screen) - 1).reshape(block, dim)
             return jnp.dot(signs, q_screen.T, preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
 
     blocks = codes.reshape(codes.shape[0] // block, block // group, group, codes.shape[1])

@@ -45,7 +45,7 @@ MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str
 # Keys that manifests written before them lack: checked when present.
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
-#   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges".
+#   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges", binary its "centers" (`calibration`).
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
 CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
@@ -360,10 +360,20 @@ def code_path(directory: str, i: int, form: str) -> str:
     return os.path.join(directory, f"{form}-{i:05d}.npy")
 
 
+CALIBRATION = {"int8": "ranges", "binary": "centers"}  # the manifest's key for each form's calibration
+
+
+def calibration(manifest: dict[str, Any], form: str) -> np.ndarray:
+    """A compressed copy's calibration from the manifest: float32 [2, D]."""
+    return np.asarray(manifest["compressed"][form][CALIBRATION[form]], np.float32)
+
+
 def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = False) -> dict[str, Any]:
     """Writes compressed copies of a finished embedding directory's shards and records them in the manifest.
 
-    int8 ranges are calibrated on the whole corpus first (one pass over the shards), then every shard is encoded
+    The int8 ranges, or the binary centers, are calibrated on the whole corpus first (`quantization`), recorded in
+    the manifest under "compressed" (`{"int8": {"ranges": [2, D]}, "binary": {"centers": [2, D]}}`), then every
+    shard is encoded
     (a second pass); each file is written atomically, the manifest last, so an interrupted run leaves the directory
     as it was plus files that the next run writes again. A form already recorded is kept as it is unless
     `overwrite`.
@@ -386,18 +396,14 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
         if form in done and not overwrite:
             continue
         shards = open_shards(directory, manifest)
-        info: dict[str, Any] = {}
-        ranges = None
-        if form == "int8":
-            ranges = quantization.int8_ranges(shards)
-            info["ranges"] = ranges.tolist()
-        elif manifest["projection_dim"] % 8:
+        if form == "binary" and manifest["projection_dim"] % 8:
             raise ValueError(f"{directory}: binary codes need a width that is a multiple of 8, the index's is "
                              f"{manifest['projection_dim']}")
+        fit = quantization.int8_ranges(shards) if form == "int8" else quantization.binary_centers(shards)
         for i, shard in enumerate(shards):
             with atomic_file(code_path(directory, i, form), "wb") as f:
-                np.save(f, quantization.encode(shard, form, ranges), allow_pickle=False)
-        done[form] = info
+                np.save(f, quantization.encode(shard, form, fit), allow_pickle=False)
+        done[form] = {CALIBRATION[form]: fit.tolist()}
     if done != manifest.get("compressed", {}) or overwrite:
         manifest = {**manifest, "compressed": done}
         with atomic_file(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
@@ -417,6 +423,9 @@ def open_codes(directory: str, manifest: dict[str, Any], form: str) -> list[np.n
         have = ", ".join(manifest.get("compressed", {})) or "none"
         raise ValueError(f"{directory}: holds no {form} copy (it has: {have}); write one with "
                          f"`retribert-jax compress {directory} --forms {form}`")
+    if CALIBRATION[form] not in manifest["compressed"][form]:
+        raise ValueError(f"{directory}: its {form} copy records no {CALIBRATION[form]!r}; write it again with "
+                         f"`retribert-jax compress {directory} --forms {form} --overwrite`")
     width = manifest["projection_dim"] if form == "int8" else manifest["projection_dim"] // 8
     out = []
     for i in range(manifest["num_shards"]):

@@ -4,8 +4,12 @@ Both follow sentence-transformers' `quantize_embeddings` (`sentence_transformers
 - **int8**: each dimension's range [min, max], calibrated on the corpus itself, is cut into 256 steps:
   `code = round((x - min) / step) - 128`, `step = (max - min) / 255`. (sentence-transformers truncates where we round
   to nearest, which halves the worst error, and leaves the codes' meaning the same.) 4x smaller than float32.
-- **binary**: one bit per dimension, set where the value is > 0, packed most significant bit first
-  (`numpy.packbits`, sentence-transformers' "ubinary"). 32x smaller than float32.
+- **binary**: one bit per dimension, packed most significant bit first (`numpy.packbits`, sentence-transformers'
+  "ubinary"), set where the value is above the dimension's mean over the corpus. sentence-transformers thresholds at
+  0, which suits embeddings centred at 0; a projected pooler output is not (MiniLM's 128-d RetriBERT embeddings sit
+  about one standard deviation from 0 in the mean, so a bit at 0 is nearly constant and carries little). A code
+  stands for `mean + scale * (+-1)`, `scale` the dimension's mean absolute deviation from its mean (the least-squares
+  choice for a two-level code). 32x smaller than float32.
 
 A compressed copy only shortlists: the shortlist is rescored exactly from the float vectors
 (`search.Index(..., scan="int8")`), as sentence-transformers' `semantic_search_faiss(rescore=True)` does with its
@@ -14,7 +18,7 @@ A compressed copy only shortlists: the shortlist is rescored exactly from the fl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -42,27 +46,51 @@ def int8_steps(ranges: np.ndarray) -> np.ndarray:
     return np.where(steps > 0, steps, 1).astype(np.float32)
 
 
-def encode(x: np.ndarray, form: str, ranges: np.ndarray | None = None) -> np.ndarray:
-    """The codes of float rows [n, D]: int8 [n, D] (needs `ranges`, [2, D]) or uint8 [n, D / 8] for binary.
+def binary_centers(shards: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-dimension [mean, mean absolute deviation from the mean] over every row of every shard: float32 [2, D]
+    (two passes over the shards, accumulated in float64)."""
+    total, count = None, 0
+    for shard in shards:
+        x = np.asarray(shard, dtype=np.float32)
+        total = x.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
+        count += x.shape[0]
+    if not count:
+        raise ValueError("no rows to calibrate the binary thresholds on")
+    mean = total / count
+    spread = sum(np.abs(np.asarray(shard, dtype=np.float32) - mean).sum(axis=0, dtype=np.float64) for shard in shards)
+    return np.stack([mean, spread / count]).astype(np.float32)
+
+
+def encode(x: np.ndarray, form: str, calibration: np.ndarray | None = None) -> np.ndarray:
+    """The codes of float rows [n, D]: int8 [n, D] or uint8 [n, D / 8] for binary.
+
+    Args:
+      calibration: float32 [2, D]: the int8 ranges (`int8_ranges`) or the binary centers (`binary_centers`).
 
     Raises:
-      ValueError: an unknown form, a binary width that is not a multiple of 8, or missing ranges.
+      ValueError: an unknown form, a binary width that is not a multiple of 8, or no calibration.
     """
     x = np.asarray(x, dtype=np.float32)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if calibration is None:
+        raise ValueError(f"{form} codes need the corpus' calibration")
     if form == "int8":
-        if ranges is None:
-            raise ValueError("int8 codes need the calibrated ranges")
-        codes = np.rint((x - ranges[0]) / int8_steps(ranges)) - 128
+        codes = np.rint((x - calibration[0]) / int8_steps(calibration)) - 128
         return np.clip(codes, -128, 127).astype(np.int8)
-    if form == "binary":
-        if x.shape[1] % 8:
-            raise ValueError(f"binary codes need a width that is a multiple of 8, got {x.shape[1]}")
-        return np.packbits(x > 0, axis=1)
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if x.shape[1] % 8:
+        raise ValueError(f"binary codes need a width that is a multiple of 8, got {x.shape[1]}")
+    return np.packbits(x > calibration[0], axis=1)
 
 
-def decode(codes: np.ndarray, form: str, ranges: np.ndarray | None = None) -> np.ndarray:
-    """The float32 rows a code stands for: `min + step * (code + 128)`, or +-1 per bit."""
+def decode(codes: np.ndarray, form: str, calibration: np.ndarray) -> np.ndarray:
+    """The float32 rows a code stands for: `min + step * (code + 128)` (int8), `mean + scale * (+-1)` (binary)."""
     if form == "int8":
-        return ranges[0] + int8_steps(ranges) * (codes.astype(np.float32) + 128)
-    return np.unpackbits(codes, axis=1).astype(np.float32) * 2 - 1
+        return calibration[0] + int8_steps(calibration) * (codes.astype(np.float32) + 128)
+    return calibration[0] + calibration[1] * (np.unpackbits(codes, axis=1).astype(np.float32) * 2 - 1)
+
+
+def query_weights(form: str, calibration: np.ndarray) -> np.ndarray:
+    """float32 [D] w such that, for a query q, `(q * w) . code` ranks rows as `q . decode(code)` does (the rest is
+    constant per query): the int8 step, or the binary scale (codes read as +-1)."""
+    return int8_steps(calibration) if form == "int8" else np.asarray(calibration[1], np.float32)

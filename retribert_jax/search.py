@@ -327,8 +327,7 @@ class Index:
         n = np.int32(placed.stop - placed.start)
         if self.scan != "float":
             candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
-            scale = quantization.int8_steps(np.asarray(self.manifest["compressed"]["int8"]["ranges"], np.float32)) \
-                if self.scan == "int8" else np.ones(self.dim, np.float32)
+            scale = quantization.query_weights(self.scan, embedding_dir.calibration(self.manifest, self.scan))
             fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates,
                                screen_dtype=self._screen_dtype())
             return fn(queries, placed.rows, n, scale)

@@ -184,7 +184,7 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
       queries: float32 [Q, D].
       codes: int8 [R, D] ("int8": scalar-quantized, see `quantization`) or uint8 [R, D / 8] ("binary": sign bits,
         most significant bit first, as `numpy.packbits`); R a multiple of `block`; rows past `n_valid` are padding.
-      scale: float32 [D]: the int8 step per dimension (ignored for binary).
+      scale: float32 [D]: the query's weights (`quantization.query_weights`: the int8 step, or the binary scale).
       form: "int8" or "binary".
       candidates: groups of `group` rows shortlisted.
       screen_dtype: the matmul's operand dtype, "bfloat16" or "float32" (codes are exact in either; the query is
@@ -193,8 +193,8 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
     Returns:
       int32 [Q, candidates * group] rows in row order; a row at or past `n_valid` is no candidate.
 
-    Scores are the query against the decoded rows (asymmetric: the query stays float): for int8, `(q * step) . code`
-    ranks as `q . (start + step * (code + 128))` does (the rest is constant per query); for binary, `q . sign(x)`.
+    Scores are the query against the decoded rows (asymmetric: the query stays float): `(q * scale) . code`, codes
+    read as integers (int8) or +-1 (binary), ranks rows as `q . decode(code)` does (the rest is constant per query).
     """
     num_q, dim = queries.shape
     screen = SCREEN_DTYPES[screen_dtype]
@@ -205,7 +205,7 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
             return jnp.dot(blk.reshape(block, dim).astype(screen), q_screen.T,
                            preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
     else:
-        q_screen = queries.astype(screen)
+        q_screen = (queries * scale).astype(screen)
         shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
         def score_block(blk):  # S G D/8 uint8 -> S G Q

@@ -152,9 +152,10 @@ class Index:
       mesh: jax backend: the devices that hold the rows, split over its "data" axis (default `mesh.data_mesh()`:
         every device of every process; in a multi-process run every process searches the same queries together).
       scan: jax backend: "float" (exact), or "int8" / "binary" to scan the compressed copy (`retribert-jax
-        compress`) for a shortlist of `rescore_multiplier * k` rows' worth of groups, rescored exactly from the float
-        vectors on disk.
-      rescore_multiplier: scan "int8"/"binary": how many shortlisted rows per hit.
+        compress`) for a shortlist, rescored exactly from the float vectors on disk.
+      rescore_multiplier: scan "int8"/"binary": the shortlist is the `rescore_multiplier * k` best groups of 8
+        consecutive rows by their best approximate score (at most 1,536 groups per device): a superset of the
+        `rescore_multiplier * k` best rows that sentence-transformers' `rescore_multiplier` shortlists.
       max_device_rows: jax backend: rows held per device at once; a larger index is streamed from the memory map in
         passes of that many rows per device, the next pass's transfer overlapping the current one's search. Default:
         every row at once on a CPU; on an accelerator, what fits in half its memory.

@@ -67,7 +67,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="jax backend: scan the float rows (exact), or a compressed copy written by `retribert-jax "
                         "compress` for a shortlist rescored exactly from the float rows (%(default)s)")
     p.add_argument("--rescore-multiplier", type=positive_int, default=4,
-                   help="--scan int8/binary: shortlisted rows per hit (%(default)s)")
+                   help="--scan int8/binary: shortlisted groups of 8 rows per hit, rescored exactly; a superset of the "
+                        "rows sentence-transformers' rescore_multiplier shortlists (%(default)s)")
     p.add_argument("--max-device-rows", type=positive_int,
                    help="jax backend: rows held per device at once; a larger index streams in passes (default: all on "
                         "a CPU, half the memory of an accelerator)")

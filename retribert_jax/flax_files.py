@@ -1,4 +1,5 @@
-"""This package's own checkpoint directory: config.json, tokenizer files, and the Flax parameters.
+"""This package's own checkpoint directory: config.json, tokenizer files (added by the caller), and the Flax
+parameters.
 
 Two layouts of the parameters, both keyed by the Flax paths of `params.py`'s table (one tensor per HF tensor):
   - `flax_params/`: an orbax-checkpoint PyTree (nested dict, string keys), restored straight onto a given sharding;
@@ -24,7 +25,6 @@ import numpy as np
 
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.errors import CheckpointError
-from retribert_jax.hf_files import copy_tokenizer_files
 from retribert_jax.io import atomic_directory, check_overwrite
 from retribert_jax.params import FlaxPath, check_arrays, parse_path, path_str
 
@@ -86,8 +86,8 @@ def _orbax_writer():
 
 def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig, directory: str, *,
                          format: str = "orbax", dtype: Any = None, overwrite: bool = False,
-                         tokenizer: Any = None, before_commit: Callable[[str], None] | None = None) -> str:
-    """Writes config.json, tokenizer files and parameters (Flax path -> array) as one atomic directory.
+                         before_commit: Callable[[str], None] | None = None) -> str:
+    """Writes config.json and parameters (Flax path -> array), and what `before_commit` adds, as one atomic directory.
 
     Args:
       arrays: Flax path -> numpy or jax array, every parameter of the model (the caller checked them).
@@ -95,10 +95,9 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
       directory: the output directory; replaced only with `overwrite`.
       format: "orbax" (default) or "safetensors".
       dtype: cast every parameter to this ("float32", "bfloat16", "float16"); None keeps them as they are.
-      tokenizer: a tokenizer object (saved with its `save_pretrained`), a directory whose tokenizer files are
-        copied verbatim, or None. With None and `overwrite`, the tokenizer files already in `directory` are kept.
-      before_commit: called with the finished temporary directory before it is renamed into place; raising
-        there (e.g. a failed verification) leaves `directory` untouched.
+      before_commit: called with the finished temporary directory before it is renamed into place, to add files
+        (the tokenizer's: `checkpoint.save_model`) or check it; raising there (e.g. a failed verification) leaves
+        `directory` untouched.
 
     Returns:
       The directory's absolute path.
@@ -112,8 +111,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
     dt = parse_dtype(dtype)
     directory = os.path.abspath(os.fspath(directory))
     check_overwrite(directory, overwrite)
-    if tokenizer is None and os.path.isdir(directory):
-        tokenizer = directory  # keep what `tokenizer.save_pretrained(directory)` put there before us
 
     def cast(a: Any) -> np.ndarray:
         a = np.asarray(a)
@@ -122,10 +119,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
 
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            copy_tokenizer_files(os.fspath(tokenizer), tmp)
-        elif tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if format == "safetensors":
             from safetensors.numpy import save_file
 

@@ -21,7 +21,7 @@ from retribert_jax import flax_files, hf_files
 from retribert_jax.config import RetriBertConfig, RunConfig
 from retribert_jax.errors import CheckpointError
 from retribert_jax.hub import resolve_checkpoint
-from retribert_jax.io import check_overwrite
+from retribert_jax.io import check_overwrite, host_array
 from retribert_jax.modeling import RetriBertModel, abstract_model
 from retribert_jax.params import (
     FlaxPath,
@@ -81,7 +81,7 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
 
 def _stack_aligned(rows: list[np.ndarray]) -> np.ndarray:
     """`np.stack` into a fresh page-aligned host buffer (so that a CPU device can use it in place)."""
-    out = flax_files.host_array((len(rows), *rows[0].shape), rows[0].dtype)
+    out = host_array((len(rows), *rows[0].shape), rows[0].dtype)
     for i, row in enumerate(rows):
         out[i] = row
     return out

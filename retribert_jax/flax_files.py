@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ import numpy as np
 
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.errors import CheckpointError
-from retribert_jax.io import atomic_directory, check_overwrite
+from retribert_jax.io import atomic_directory, check_overwrite, host_buffer
 from retribert_jax.params import FlaxPath, check_arrays, parse_path, path_str
 
 FLAX_SAFETENSORS = "flax_model.safetensors"
@@ -137,23 +136,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(jnp.bfloat16), "F16": np.dtype(np.float16)}
 
 
-def _host_buffer(nbytes: int) -> Any:
-    """Writable host memory for `nbytes`, page-aligned and, where the OS allows, populated up front (one kernel
-    call instead of a page fault per 4 KiB, which is most of a load's time on a VM)."""
-    if os.name != "posix":
-        return bytearray(nbytes)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(nbytes, 1), flags=flags)
-
-
-def host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised numpy array in fresh, page-aligned, populated host memory (a CPU device can use it in
-    place: `jax.device_put(..., may_alias=True)` aliases 64-byte-aligned arrays)."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    return np.frombuffer(_host_buffer(count * dtype.itemsize), dtype, count=count).reshape(shape)
-
-
 def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
     """Flax path -> numpy array of a safetensors file, dtype kept.
 
@@ -170,7 +152,7 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
             header = json.loads(f.read(header_len))
             header.pop("__metadata__", None)
             size = os.fstat(f.fileno()).st_size - 8 - header_len
-            buf = _host_buffer(size)
+            buf = host_buffer(size)
             view, done = memoryview(buf), 0
             while done < size:  # a single read() returns at most ~2 GiB
                 got = f.readinto(view[done:size])

@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,6 +131,8 @@ def fit_buckets(batch_lengths: Sequence[int], rows: int, max_length: int, row_fl
 _local = threading.local()
 _listening = False
 _cache_warned = False
+# How JAX's warnings begin when it cannot write or read the persistent cache.
+CACHE_WARNINGS = ("Error writing persistent compilation cache", "Error reading persistent compilation")
 
 
 def _on_event(event: str, **_kwargs) -> None:
@@ -168,21 +169,6 @@ def _warn_once(message: str) -> None:
         print(f"retribert-jax: warning: {message}", file=sys.stderr)
 
 
-def _quiet_cache_write_errors() -> None:
-    """JAX warns once per program when the cache cannot be written (a full disk, say); one line is enough."""
-    previous = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if text.startswith(("Error writing persistent compilation cache", "Error reading persistent compilation")):
-            _warn_once(f"the compilation cache could not be used ({text.split(': ', 1)[-1][:200]}); "
-                       "programs are compiled afresh")
-            return
-        previous(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-
-
 def enable_compilation_cache(directory: str) -> bool:
     """Turns on JAX's persistent compilation cache in `directory`, so that a later process loads the programs this
     one compiles instead of compiling them again (see JAX's "Persistent compilation cache" guide).
@@ -193,7 +179,8 @@ def enable_compilation_cache(directory: str) -> bool:
 
     Returns:
       True if the cache is on; False (after one warning line on stderr) if `directory` cannot be written, in which
-      case the job goes on without it.
+      case the job goes on without it. Should writing fail later (a full disk, say), JAX warns once per program
+      (`CACHE_WARNINGS`; the command line makes them one line).
     """
     import jax
 
@@ -205,5 +192,4 @@ def enable_compilation_cache(directory: str) -> bool:
     # Cache every program: ours compile in about a second on CPU, below JAX's default threshold on some machines.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    _quiet_cache_write_errors()
     return True

@@ -173,18 +173,15 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
     return {parse_path(k): a for k, a in arrays.items()}
 
 
-_orbax_failed = False
-
-
-def orbax_reads_abandoned() -> bool:
-    """Whether an orbax read failed in this process. Orbax then leaves its other reads running, and asyncio reports
-    their exceptions later, as never retrieved (the command line drops those reports)."""
-    return _orbax_failed
+_log = logging.getLogger(__name__)
+# The `extra` key of the record logged when an orbax read fails: orbax then leaves its other reads running, and
+# asyncio may report their exceptions later, as never retrieved. A process's owner (the command line) drops them.
+ORBAX_READS_ABANDONED = "orbax_reads_abandoned"
 
 
 def _orbax_error(path: str, e: BaseException) -> CheckpointError:
-    global _orbax_failed
-    _orbax_failed = True
+    _log.info("%s: an orbax read failed; orbax leaves its other reads running", path,
+              extra={ORBAX_READS_ABANDONED: True})
     # Orbax wraps tensorstore's error (which names the array and the byte range) in its own generic one.
     while e.__cause__ is not None:
         e = e.__cause__

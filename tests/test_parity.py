@@ -41,6 +41,12 @@ def pair(request, tmp_path_factory):
     return cfg, ref, ours
 
 
+def layer_at(encoder, i: int):
+    """Layer i of a `BertEncoder`'s stack as a module of its own (HF's `encoder.layer[i]`), parameters copied."""
+    graphdef, state = nnx.split(encoder.layer)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
 def extended_mask(ref_bert, mask):
     return ref_bert.get_extended_attention_mask(t(mask), tuple(mask.shape))
 
@@ -67,7 +73,7 @@ def test_one_layer_and_encoder_and_pooler(pair):
             pooled = ref_bert.pooler(t(enc)).numpy()
         m = jnp.asarray(mask, bool)
         # Padded query rows see the same keys as HF's, so every row is compared, padding included.
-        assert_close(our_bert.encoder.layer_at(0)(jnp.asarray(x), m), layer0, f"{name} layer 0")
+        assert_close(layer_at(our_bert.encoder, 0)(jnp.asarray(x), m), layer0, f"{name} layer 0")
         assert_close(our_bert.encoder(jnp.asarray(x), m), enc, f"{name} encoder")
         assert_close(our_bert.pooler(jnp.asarray(enc)), pooled, f"{name} pooler")
 

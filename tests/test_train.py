@@ -388,7 +388,7 @@ def test_training_raises_held_out_recall(tmp_path):
                        num_epochs=4, save_every=1000, log_every=8)
     result = train(model, tok, train_pairs, str(tmp_path / "out"), tcfg, progress=False, save_final=False)
     after = recall_at_1(result.model, tok, held_out, str(tmp_path / "index-after"))
-    # Measured (dropout on, seed 0): untrained 0.000-0.016, trained ~0.6; chance is 1/64.
+    # Measured (dropout on, seed 0, this CPU): untrained 0.000, trained 0.359 (either way of scoring); chance is 1/64.
     print(f"held-out recall@1 over 64 pairs: untrained {before:.3f}, trained {after:.3f}")
     assert after >= 0.35 and after >= before + 0.3, f"recall@1 went from {before:.3f} to only {after:.3f}"
     log = [json.loads(ln) for ln in open(tmp_path / "out" / "metrics.jsonl")]

@@ -34,7 +34,7 @@ def _safetensors_file(path: str) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+            return {k: f.get_tensor(k) for k in f.keys()}  # safe_open is not a Mapping: it has keys(), no __iter__
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 

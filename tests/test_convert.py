@@ -91,7 +91,7 @@ def test_dtype_cast(tmp_path, tiny_cfg, dtype):
             from safetensors import safe_open
 
             with safe_open(os.path.join(out, FLAX_SAFETENSORS), framework="numpy") as f:
-                stored = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118
+                stored = {str(f.get_tensor(k).dtype) for k in f.keys()}
             assert stored == {dtype}, f"safetensors stored {stored}, expected {dtype}"
         else:
             import orbax.checkpoint as ocp

@@ -196,9 +196,10 @@ def test_job_benchmark_reads_what_the_commands_print():
 
 
 def test_compile_profile_quick_run():
-    """profile_compile.py on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
-    leaves XLA fewer loop kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
-    r = subprocess.run([sys.executable, "benchmarks/profile_compile.py", "--minilm", "--rows", "2", "--length", "16",
+    """`profile.py compile` on MiniLM's shape at a small program, run as a script (its name must not stand in for
+    the standard library's `profile`): every form measured, and the untrimmed last layer leaves XLA fewer loop
+    kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
+    r = subprocess.run([sys.executable, "benchmarks/profile.py", "compile", "--minilm", "--rows", "2", "--length", "16",
                         "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr

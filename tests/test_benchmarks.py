@@ -95,6 +95,7 @@ def test_quick_run_measures_every_installed_peer(quick_run):
     assert "retribert_jax throughput / peer throughput" in stdout and "FLOPs/sequence" in stdout
 
 
+@pytest.mark.slow
 def test_worker_subprocess_reports_the_matmul_peak():
     """The isolated-process path a full run takes for every measurement, on its cheapest job."""
     from benchmarks.run import spawn
@@ -122,6 +123,7 @@ def test_convert_benchmark_quick_run():
     assert "ratios vs HF" in format_table(res)
 
 
+@pytest.mark.slow
 def test_roofline_quick_run(tmp_path):
     """roofline.py end to end on the tiny model: CPU predictions beside measurements, accelerator predictions."""
     from benchmarks.roofline import ACCELERATORS, main
@@ -135,6 +137,7 @@ def test_roofline_quick_run(tmp_path):
     assert all(a["binds"] in ("compute", "memory") and a["seq_per_s"] > 0 for a in r["accelerators"])
 
 
+@pytest.mark.slow
 def test_device_check_quick_run_on_cpu(tmp_path):
     """The device run's parts at toy sizes on this CPU, the PyTorch peers included: every row measured (none
     failed), JSON and PNG written, the ratios printed, fp32 parity between the default device and the CPU exact
@@ -195,6 +198,7 @@ def test_job_benchmark_reads_what_the_commands_print():
     assert programs(line) == {"programs": 1, "from_cache": 1, "compile_s": 0.2}
 
 
+@pytest.mark.slow
 def test_compile_profile_quick_run():
     """`profile.py compile` on MiniLM's shape at a small program, run as a script (its name must not stand in for
     the standard library's `profile`): every form measured, and the untrimmed last layer leaves XLA fewer loop

@@ -125,6 +125,7 @@ def _losses_and_grads(cfg, ref, ours, batch, cbs):
     return float(ref_loss.detach()), ref_grads, float(loss), flat_params(grads, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,cbs", [(3, -1), (4, -1), (5, 2), (4, 4)])
 def test_loss_and_every_gradient(pair, batch, cbs):
     cfg, ref, ours = pair
@@ -149,6 +150,7 @@ def test_loss_and_every_gradient(pair, batch, cbs):
     assert worst[0] <= GRAD_RTOL, f"worst relative gradient error {worst[0]:.3g} at {worst[1]}"
 
 
+@pytest.mark.slow
 def test_batch_of_one_has_zero_loss_and_gradients(pair):
     # One pair: each cross-entropy is over a single logit, so the loss and every gradient are exactly 0, in HF too.
     cfg, ref, ours = pair
@@ -159,6 +161,7 @@ def test_batch_of_one_has_zero_loss_and_gradients(pair):
     assert not nonzero, f"non-zero gradients for a batch of one: {nonzero[:3]}"
 
 
+@pytest.mark.slow
 def test_checkpointed_path_gives_same_gradients_as_plain(pair):
     cfg, _, ours = pair
     rng = np.random.default_rng(7)

@@ -90,6 +90,7 @@ def rel_errors(ours: dict, ref: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", [0, 2], ids=["in-batch", "hard-negatives"])
 def test_accumulated_gradients_equal_full_batch(negatives):
     cfg = RetriBertConfig.tiny()
@@ -107,6 +108,7 @@ def test_accumulated_gradients_equal_full_batch(negatives):
     assert errs[worst] <= 1e-4, f"accumulated gradient of {worst} differs from full-batch by {errs[worst]:.3g}"
 
 
+@pytest.mark.slow
 def test_accumulation_takes_a_batch_of_numpy_arrays_outside_jit():
     """What `tokenize_batch` returns, given straight to `loss_and_grads` with micro_batch_size (not under jit)."""
     cfg = RetriBertConfig.tiny()
@@ -121,6 +123,7 @@ def test_accumulation_takes_a_batch_of_numpy_arrays_outside_jit():
     assert errs[worst] <= 1e-4, f"accumulated gradient of {worst} differs from full-batch by {errs[worst]:.3g}"
 
 
+@pytest.mark.slow
 def test_dropout_changes_with_key_and_accumulation_replays_it():
     """With dropout on, a micro-batch's backward pass must replay the masks of its forward pass; the gradient of
     the same key is reproducible and differs from another key's."""
@@ -137,6 +140,7 @@ def test_dropout_changes_with_key_and_accumulation_replays_it():
     assert float(la) != float(lc), "different dropout keys gave the same loss: is dropout on?"
 
 
+@pytest.mark.slow
 def test_one_step_matches_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import get_linear_schedule_with_warmup
@@ -205,6 +209,7 @@ def test_one_step_matches_pytorch(tmp_path):
     assert errs[worst] <= 1e-5, f"after one AdamW step {worst} differs from torch.optim.AdamW by {errs[worst]:.3g}"
 
 
+@pytest.mark.slow
 def test_hard_negative_loss_and_gradients_match_pytorch(tmp_path):
     """The loss with hard negatives, written here in PyTorch on HF's RetriBertModel: questions against every positive
     and every valid hard negative of the batch, passages against questions as in HF's loss."""
@@ -376,6 +381,7 @@ def recall_at_1(model, tok, pairs, directory: str) -> float:
     return float(np.mean([found[0].id == i for i, found in enumerate(hits)]))
 
 
+@pytest.mark.slow
 def test_training_raises_held_out_recall(tmp_path):
     tok = RetriBertTokenizer.from_pretrained(make_vocab(tmp_path / "tok"))
     # initializer_range 0.1: with HF's 0.02 a 32-wide model starts with near-zero scores and sits on the ln(B)
@@ -396,6 +402,7 @@ def test_training_raises_held_out_recall(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"], f"loss rose from {log[0]['loss']} to {log[-1]['loss']}"
 
 
+@pytest.mark.slow
 def test_final_model_loads_and_exports_to_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -434,6 +441,7 @@ def test_cli_rejects_bad_data(tmp_path):
     assert f"{bad}:2: field 'answer'" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
     """A rerun of a finished `train` printed "trained 30 steps" though it trained none."""
     from retribert_jax import cli as command_line

@@ -7,7 +7,7 @@ reuses programs when padding costs less than compiling (`encode.Encoder.plan`); 
 lengths to its real length histogram (`fit_buckets`). A program's own compile time is cut where its kernels come
 from: per platform, XLA's options (`config.COMPILER_OPTIONS` through `compile_lowered`: the loop emitter on a CPU,
 cuBLAS rather than Triton GEMMs on a GPU), and for short jobs a last layer
-shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profile.py compile` shows the split).
+shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profiling.py compile` shows the split).
 Compiled programs are kept across processes by JAX's persistent compilation cache (`enable_compilation_cache`), and
 `cache_hits` tells a program loaded from it from one compiled afresh.
 """
@@ -45,7 +45,7 @@ class CompileCost:
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
         compute 2-4 orders of magnitude faster. The trimmed last layer adds ~0.2-0.3 s to a CPU compilation, ~40% of it
-        (measured: `benchmarks/profile.py compile`); on accelerators a like share is a prediction."""
+        (measured: `benchmarks/profiling.py compile`); on accelerators a like share is a prediction."""
         if platform == "cpu":
             return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
         if platform == "tpu":

@@ -57,7 +57,7 @@ from retribert_jax.tokenizer import RetriBertTokenizer, prefix_cutter
 
 # Tokens per forward call and device when the caller gives no batch size. On a CPU, a call's activations should stay
 # in cache: MiniLM (hidden 384) at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon
-# (benchmarks/profile.py rows), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
+# (benchmarks/profiling.py rows), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
 # model then takes more tokens a call rather than paying the call's fixed cost more often. Accelerators want large
 # batches to fill their matrix units and few calls: on an H200, RetriBERT-base on 20,000 real texts ran 30.4k texts/s
 # at 512 rows of 128 tokens a call and 28.5k at 1024 (and 20.1k at 128 rows with the host path before it was

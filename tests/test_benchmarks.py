@@ -96,6 +96,13 @@ def test_quick_run_measures_every_installed_peer(quick_run):
 
 
 @pytest.mark.slow
+def test_no_script_stands_in_for_a_standard_library_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a standard library module
+    (profile.py: flax imports IPython, which imports cProfile, which imports profile) breaks every other script."""
+    names = {f[:-3] for f in os.listdir(os.path.join(REPO, "benchmarks")) if f.endswith(".py")}
+    assert not names & sys.stdlib_module_names, f"benchmarks/ shadows {sorted(names & sys.stdlib_module_names)}"
+
+
 def test_worker_subprocess_reports_the_matmul_peak():
     """The isolated-process path a full run takes for every measurement, on its cheapest job."""
     from benchmarks.run import spawn
@@ -200,11 +207,10 @@ def test_job_benchmark_reads_what_the_commands_print():
 
 @pytest.mark.slow
 def test_compile_profile_quick_run():
-    """`profile.py compile` on MiniLM's shape at a small program, run as a script (its name must not stand in for
-    the standard library's `profile`): every form measured, and the untrimmed last layer leaves XLA fewer loop
-    kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
-    r = subprocess.run([sys.executable, "benchmarks/profile.py", "compile", "--minilm", "--rows", "2", "--length", "16",
-                        "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+    """`profiling.py compile` on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
+    leaves XLA fewer loop kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
+    r = subprocess.run([sys.executable, "benchmarks/profiling.py", "compile", "--minilm", "--rows", "2", "--length",
+                        "16", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr
     rows = {line[:34].strip(): line[34:].split() for line in r.stdout.splitlines()[2:]}

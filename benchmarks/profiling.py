@@ -1,10 +1,10 @@
 """Profiling steps on this machine's CPU, one subcommand each: what a maintainer reruns to see where time goes.
 
-    python benchmarks/profile.py compile [--rows 32] [--length 128] [--rounds 3] [--minilm]
-    python benchmarks/profile.py rows [--length 128] [--rows 2,4,8,16,32,64] [--rounds 3] [--base]
-    python benchmarks/profile.py gemms [--batch 32] [--length 128]
-    python benchmarks/profile.py fixed [--rounds 3]
-    python benchmarks/profile.py e2e [--n 512] [--batch-size 32]
+    python benchmarks/profiling.py compile [--rows 32] [--length 128] [--rounds 3] [--minilm]
+    python benchmarks/profiling.py rows [--length 128] [--rows 2,4,8,16,32,64] [--rounds 3] [--base]
+    python benchmarks/profiling.py gemms [--batch 32] [--length 128]
+    python benchmarks/profiling.py fixed [--rounds 3]
+    python benchmarks/profiling.py e2e [--n 512] [--batch-size 32]
 
 - compile: where a program's compile seconds go (tracing, lowering, XLA's compilation, the kernels it generates).
 - rows: milliseconds per packed row of the jitted forward at several rows per call (the Encoder's CPU default).
@@ -25,12 +25,6 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Run as a script, Python puts this file's directory first on sys.path, where the file would stand in for the
-# standard library's `profile` (which cProfile imports, and flax imports IPython, which imports cProfile): the
-# repository root takes that place.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.join(REPO, "benchmarks"):
-    sys.path[0] = REPO
 
 
 def minilm_shape():

@@ -95,7 +95,6 @@ def test_quick_run_measures_every_installed_peer(quick_run):
     assert "retribert_jax throughput / peer throughput" in stdout and "FLOPs/sequence" in stdout
 
 
-@pytest.mark.slow
 def test_no_script_stands_in_for_a_standard_library_module():
     """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a standard library module
     (profile.py: flax imports IPython, which imports cProfile, which imports profile) breaks every other script."""
@@ -103,6 +102,7 @@ def test_no_script_stands_in_for_a_standard_library_module():
     assert not names & sys.stdlib_module_names, f"benchmarks/ shadows {sorted(names & sys.stdlib_module_names)}"
 
 
+@pytest.mark.slow
 def test_worker_subprocess_reports_the_matmul_peak():
     """The isolated-process path a full run takes for every measurement, on its cheapest job."""
     from benchmarks.run import spawn

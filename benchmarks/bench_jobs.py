@@ -11,12 +11,12 @@ the median reported, in three situations:
     empty compilation cache;
   - the same 500 again: warm page cache, our compilation cache holding the first run's programs;
   - 4000 passages, second run: likewise warm.
-With `--baseline REV` (a git revision, e.g. the last commit before the scanned layers and the cache), the same
-commands run from a worktree of REV as a third column, and the programs each side compiles, and the seconds per
-program, are compared; compile seconds of the RetriBERT-base program at (32, 128) are measured alone for both, in
-fresh processes. Then the fixed costs of short commands, ours only, each phase as `--verbose` reports it (median):
-`search` for one question against a 10k-passage index, and `embed` of 10 passages, both with a warm compilation
-cache. Writes results.json under --out and prints the table README quotes.
+With `--baseline REV` (a git revision, e.g. `main` when measuring a branch), the same commands run from a worktree
+of REV as a third column, with the programs each side compiles and the seconds per program. Compile seconds of the
+RetriBERT-base program at (32, 128) are measured alone, in fresh processes, with the last layer trimmed to the
+[CLS] rows (a long job's program) and not (a short job's). Then the fixed costs of short commands, ours only, each
+phase as `--verbose` reports it (median): `search` for one question against a 10k-passage index, and `embed` of 10
+passages, both with a warm compilation cache. Writes results.json under --out and prints the table README quotes.
 """
 
 from __future__ import annotations
@@ -48,25 +48,18 @@ with open(sys.argv[1], encoding="utf-8") as f:
 np.save(sys.argv[2], model.encode(texts, batch_size=32))
 '''
 
+# The Encoder's compiler options, and the last layer trimmed (its default for long jobs) or not.
 COMPILE_ONE = '''import sys, time
-sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp
 from flax import nnx
-import retribert_jax.modeling as m
-from retribert_jax.config import RetriBertConfig
-kind = "answers" if 'kind == "answers"' in open(m.__file__).read() else "passages"
-model = m.abstract_model(RetriBertConfig())
-try:  # this version: the Encoder's compiler options, and the last layer trimmed (its default) or not
-    from retribert_jax.compilation import compile_lowered
-    from retribert_jax.config import RunConfig
-    model = model.with_run_config(RunConfig(trim_last_layer=sys.argv[2] == "trimmed"))
-except ImportError:  # an earlier version: plain jit
-    def compile_lowered(lowered, platform):
-        return lowered.compile()
+from retribert_jax.compilation import compile_lowered
+from retribert_jax.config import RetriBertConfig, RunConfig
+from retribert_jax.modeling import abstract_model, embed
+model = abstract_model(RetriBertConfig(), run_config=RunConfig(trim_last_layer=sys.argv[1] == "trimmed"))
 graphdef, state = nnx.split(model)
 spec = jax.ShapeDtypeStruct((32, 128), jnp.int32)
 t = time.perf_counter()
-compile_lowered(m.embed.lower(graphdef, state, spec, spec, kind=kind), "cpu")
+compile_lowered(embed.lower(graphdef, state, spec, spec, kind="passages"), "cpu")
 print(time.perf_counter() - t)
 '''
 
@@ -99,7 +92,7 @@ def phases(stderr: str) -> dict[str, float]:
 
 
 def programs(stderr: str) -> dict[str, float]:
-    """Programs and compile seconds from embed's summary line (this version's wording and the earlier one)."""
+    """Programs and compile seconds from embed's summary line (with or without programs from the cache)."""
     m = re.search(r"; (\d+) programs(?: \((\d+) from the compilation cache\))?,? compiled in ([\d.]+)s", stderr)
     if not m:
         return {}
@@ -178,13 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_sentence_transformers"] = {t: row["median_s"][t] / row["median_s"]["sentence-transformers"]
                                                  for t in trees}
         results["situations"].append(row)
-    results["compile_s_base_32x128"] = {}
-    variants = [(tool, tree, "trimmed") for tool, tree in trees.items()]
-    variants.insert(1, ("ours, last layer untrimmed", trees["ours"], "untrimmed"))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    variants = {"ours, last layer trimmed": "trimmed", "ours, last layer untrimmed": "untrimmed"}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, each a fresh process
-        for name, tree, variant in variants:
-            out = subprocess.run([sys.executable, "-c", COMPILE_ONE, tree, variant], env={**env, "PYTHONPATH": tree},
+        for name, variant in variants.items():
+            out = subprocess.run([sys.executable, "-c", COMPILE_ONE, variant], env={**env, "PYTHONPATH": REPO},
                                  capture_output=True, text=True, check=True).stdout
             times[name].append(float(out.strip().splitlines()[-1]))
     results["compile_s_base_32x128"] = {name: statistics.median(t) for name, t in times.items()}

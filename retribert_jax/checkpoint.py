@@ -21,7 +21,7 @@ from retribert_jax import flax_files, hf_files
 from retribert_jax.config import RetriBertConfig, RunConfig
 from retribert_jax.errors import CheckpointError
 from retribert_jax.hub import resolve_checkpoint
-from retribert_jax.io import check_overwrite
+from retribert_jax.io import check_overwrite, host_array
 from retribert_jax.modeling import RetriBertModel, abstract_model
 from retribert_jax.params import (
     FlaxPath,
@@ -81,7 +81,7 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
 
 def _stack_aligned(rows: list[np.ndarray]) -> np.ndarray:
     """`np.stack` into a fresh page-aligned host buffer (so that a CPU device can use it in place)."""
-    out = flax_files.host_array((len(rows), *rows[0].shape), rows[0].dtype)
+    out = host_array((len(rows), *rows[0].shape), rows[0].dtype)
     for i, row in enumerate(rows):
         out[i] = row
     return out
@@ -155,6 +155,25 @@ def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None
     return load_hf_checkpoint(local, config=config, **kwargs)
 
 
+def _adding_tokenizer(tokenizer: Any, directory: str, before_commit: Callable[[str], None] | None = None
+                      ) -> Callable[[str], None]:
+    """What a Flax directory's writer runs on its finished temporary directory: the tokenizer written into it (by a
+    tokenizer object's `save_pretrained`, or its files copied verbatim from a directory), then `before_commit`.
+    With `tokenizer` None and `directory` already there (an overwrite), that directory's tokenizer files are kept."""
+    if tokenizer is None and os.path.isdir(directory):
+        tokenizer = directory  # keep what `tokenizer.save_pretrained(directory)` put there before us
+
+    def finish(tmp: str) -> None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            hf_files.copy_tokenizer_files(os.fspath(tokenizer), tmp)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
+
+    return finish
+
+
 def save_model(model: RetriBertModel, directory: str, format: str = "orbax", dtype: Any = None,
                overwrite: bool = False, tokenizer: Any = None) -> str:
     """Writes a model as a self-contained Flax checkpoint directory (what `RetriBertModel.save_pretrained` does).
@@ -173,7 +192,8 @@ def save_model(model: RetriBertModel, directory: str, format: str = "orbax", dty
     state = {p: np.asarray(jax.device_get(v.get_value()))
              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     return flax_files.write_flax_directory(flat_params(state, model.config), model.config, directory, format=format,
-                                           dtype=dtype, overwrite=overwrite, tokenizer=tokenizer)
+                                           dtype=dtype, overwrite=overwrite,
+                                           before_commit=_adding_tokenizer(tokenizer, os.path.abspath(directory)))
 
 
 def read_flax_params(directory: str, config: RetriBertConfig | None = None
@@ -287,7 +307,7 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
                         "add the tokenizer with --tokenizer DIR (RetriBERT uses bert-base-uncased's vocab.txt)")
         tok_dir = None
     flax_files.write_flax_directory(arrays, cfg, out, format=format, dtype=dtype, overwrite=overwrite,
-                                    tokenizer=tok_dir, before_commit=before_commit)
+                                    before_commit=_adding_tokenizer(tok_dir, out, before_commit))
     return out, warnings
 
 

@@ -9,8 +9,8 @@ mistake (bad path, bad file, bad value, a missing optional dependency) ends with
 2, never a traceback.
 
 What the command line does for its process that a library must not do for its caller's: it turns on JAX's persistent
-compilation cache (see `compilation_cache_dir`), keeps flax from importing IPython, and drops the leftover reports
-of orbax's abandoned reads.
+compilation cache (see `compilation_cache_dir`) and says in one line when the cache cannot be used, keeps flax from
+importing IPython, and drops the leftover reports of orbax's abandoned reads (`_own_the_process`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 # Subcommand name -> module under retribert_jax.commands.
 COMMANDS = {
@@ -110,27 +111,49 @@ class Timings:
             print(f"timings: {parts}", file=file or sys.stderr)
 
 
+class _HiddenIPython:
+    """An import finder under which IPython is not installed (one already imported is found before it is asked)."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name.partition(".")[0] == "IPython":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
 def _without_ipython() -> None:
     """Imports flax.nnx with IPython hidden. flax probes for IPython at import time (to colour reprs) and importing
     it costs ~0.5 s of every start; a command is never inside IPython, so the probe's answer is "no" either way."""
-    if "IPython" in sys.modules:
-        return
-    sys.modules["IPython"] = None  # type: ignore[assignment]
+    hidden = _HiddenIPython()
+    sys.meta_path.insert(0, hidden)
     try:
         import flax.nnx  # noqa: F401
     finally:
-        if sys.modules.get("IPython", False) is None:
-            del sys.modules["IPython"]
+        sys.meta_path.remove(hidden)
 
 
-class _AbandonedOrbaxReads(logging.Filter):
-    """asyncio's "<Task|Future> exception was never retrieved" reports, once orbax has left reads behind."""
+class _OrbaxLeftovers(logging.Filter):
+    """Drops asyncio's "<Task|Future> exception was never retrieved" reports once orbax has left reads behind, which
+    `flax_files` logs (at INFO, with `ORBAX_READS_ABANDONED` set) on its own logger, the filter's other post."""
+
+    FILES_LOGGER = "retribert_jax.flax_files"  # flax_files' `__name__`: the module itself imports JAX
+
+    def __init__(self):
+        super().__init__()
+        self.reads_abandoned = False
+
+    def install(self) -> None:
+        logging.getLogger("asyncio").addFilter(self)
+        files = logging.getLogger(self.FILES_LOGGER)
+        files.setLevel(min(files.getEffectiveLevel(), logging.INFO))
+        files.addFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "orbax_reads_abandoned", False):
+            self.reads_abandoned = True
+            return False  # a signal to this filter, not a report for the user
         if not re.match(r"\w+ exception was never retrieved", record.getMessage()):
             return True
-        files = sys.modules.get("retribert_jax.flax_files")
-        return not (files is not None and files.orbax_reads_abandoned())
+        return not self.reads_abandoned
 
 
 def _drop_orbax_leftovers() -> None:
@@ -148,7 +171,34 @@ def _drop_orbax_leftovers() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxReads())
+    _OrbaxLeftovers().install()
+
+
+def _one_line_cache_warnings() -> None:
+    """JAX warns once per program, in Python's multi-line form, when the persistent compilation cache cannot be
+    written or read (a full disk, say); the command says it once, in one line, and goes on compiling afresh."""
+    from retribert_jax.compilation import CACHE_WARNINGS
+
+    previous, said = warnings.showwarning, False
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        nonlocal said
+        text = str(message)
+        if not text.startswith(CACHE_WARNINGS):
+            previous(message, category, filename, lineno, file, line)
+        elif not said:
+            said = True
+            print(f"retribert-jax: warning: the compilation cache could not be used "
+                  f"({text.split(': ', 1)[-1][:200]}); programs are compiled afresh", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _own_the_process() -> None:
+    """What a command does for its process and a library must not do for its caller's (run first, as a command)."""
+    _without_ipython()
+    _drop_orbax_leftovers()
+    _one_line_cache_warnings()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             args._check(args)
         with args.timings.phase("import jax and flax"):
             if argv is None:  # run as the command, not called from Python
-                _without_ipython()
-                _drop_orbax_leftovers()
+                _own_the_process()
             import flax.nnx  # noqa: F401 - every command needs it; timed here so that the phases below are our own
         from retribert_jax.compilation import enable_compilation_cache
 

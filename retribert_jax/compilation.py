@@ -7,7 +7,7 @@ reuses programs when padding costs less than compiling (`encode.Encoder.plan`); 
 lengths to its real length histogram (`fit_buckets`). A program's own compile time is cut where its kernels come
 from: per platform, XLA's options (`config.COMPILER_OPTIONS` through `compile_lowered`: the loop emitter on a CPU,
 cuBLAS rather than Triton GEMMs on a GPU), and for short jobs a last layer
-shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profile_compile.py` shows the split).
+shaped like the scanned ones (`CompileCost.trim_seconds`; `benchmarks/profiling.py compile` shows the split).
 Compiled programs are kept across processes by JAX's persistent compilation cache (`enable_compilation_cache`), and
 `cache_hits` tells a program loaded from it from one compiled afresh.
 """
@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +45,7 @@ class CompileCost:
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
         compute 2-4 orders of magnitude faster. The trimmed last layer adds ~0.2-0.3 s to a CPU compilation, ~40% of it
-        (measured: `benchmarks/profile_compile.py`); on accelerators a like share is a prediction."""
+        (measured: `benchmarks/profiling.py compile`); on accelerators a like share is a prediction."""
         if platform == "cpu":
             return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
         if platform == "tpu":
@@ -132,6 +131,8 @@ def fit_buckets(batch_lengths: Sequence[int], rows: int, max_length: int, row_fl
 _local = threading.local()
 _listening = False
 _cache_warned = False
+# How JAX's warnings begin when it cannot write or read the persistent cache.
+CACHE_WARNINGS = ("Error writing persistent compilation cache", "Error reading persistent compilation")
 
 
 def _on_event(event: str, **_kwargs) -> None:
@@ -168,21 +169,6 @@ def _warn_once(message: str) -> None:
         print(f"retribert-jax: warning: {message}", file=sys.stderr)
 
 
-def _quiet_cache_write_errors() -> None:
-    """JAX warns once per program when the cache cannot be written (a full disk, say); one line is enough."""
-    previous = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if text.startswith(("Error writing persistent compilation cache", "Error reading persistent compilation")):
-            _warn_once(f"the compilation cache could not be used ({text.split(': ', 1)[-1][:200]}); "
-                       "programs are compiled afresh")
-            return
-        previous(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-
-
 def enable_compilation_cache(directory: str) -> bool:
     """Turns on JAX's persistent compilation cache in `directory`, so that a later process loads the programs this
     one compiles instead of compiling them again (see JAX's "Persistent compilation cache" guide).
@@ -193,7 +179,8 @@ def enable_compilation_cache(directory: str) -> bool:
 
     Returns:
       True if the cache is on; False (after one warning line on stderr) if `directory` cannot be written, in which
-      case the job goes on without it.
+      case the job goes on without it. Should writing fail later (a full disk, say), JAX warns once per program
+      (`CACHE_WARNINGS`; the command line makes them one line).
     """
     import jax
 
@@ -205,5 +192,4 @@ def enable_compilation_cache(directory: str) -> bool:
     # Cache every program: ours compile in about a second on CPU, below JAX's default threshold on some machines.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    _quiet_cache_write_errors()
     return True

@@ -22,7 +22,7 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 # XLA options per platform for every program compiled for a model (`compilation.compile_lowered` applies them).
 # cpu: the loop emitter that predates XLA:CPU's fusion emitters makes kernels as fast for our programs and compiles
-#   them ~14% sooner (`benchmarks/profile_compile.py`).
+#   them ~14% sooner (`benchmarks/profiling.py compile`).
 # gpu: cuBLAS for every GEMM instead of XLA's Triton GEMM fusions: +13% forward throughput and half the first
 #   training step's compile time on an H200 (README, "The accelerator path").
 COMPILER_OPTIONS: dict[str, dict[str, Any]] = {

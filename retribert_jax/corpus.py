@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
 
+from retribert_jax.embedding_dir import id_string
+
 FORMATS = ("text", "jsonl", "tsv", "csv", "parquet")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".tsv": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -84,12 +86,6 @@ def format_extension(path: str) -> str:
     if ext.lower() in _COMPRESSED_SUFFIXES:
         ext = os.path.splitext(root)[1]
     return ext.lower()
-
-
-def id_string(value: Any) -> str:
-    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7").
-    The qrels of `evaluate` and a TREC run carry ids as text, so two ids are one exactly when these strings are."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 class RepeatedIds:

@@ -63,6 +63,12 @@ def shard_done(directory: str, i: int) -> bool:
     return os.path.isfile(shard_paths(directory, i)["embeddings"])
 
 
+def id_string(value: Any) -> str:
+    """The string an id is compared as: a JSON string as it is, any other JSON value as its JSON text (7 -> "7").
+    The qrels of `evaluate` and a TREC run carry ids as text, so two ids are one exactly when these strings are."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _write_lines(path: str, values: Sequence[Any]) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         for v in values:

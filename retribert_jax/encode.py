@@ -43,7 +43,6 @@ import numpy as np
 from flax import nnx
 
 from retribert_jax.compilation import (
-    BUCKET_LENGTHS,
     CompileCost,
     bucket_length,
     cache_hits,
@@ -58,7 +57,7 @@ from retribert_jax.tokenizer import RetriBertTokenizer, prefix_cutter
 
 # Tokens per forward call and device when the caller gives no batch size. On a CPU, a call's activations should stay
 # in cache: MiniLM (hidden 384) at 8 x 128 runs 12% faster per row than at 32 x 128 on a 2-core Xeon
-# (benchmarks/profile_rows.py), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
+# (benchmarks/profiling.py rows), so a call holds about 1024 x 384 activations, and at least 1024 tokens; a smaller
 # model then takes more tokens a call rather than paying the call's fixed cost more often. Accelerators want large
 # batches to fill their matrix units and few calls: on an H200, RetriBERT-base on 20,000 real texts ran 30.4k texts/s
 # at 512 rows of 128 tokens a call and 28.5k at 1024 (and 20.1k at 128 rows with the host path before it was
@@ -88,8 +87,6 @@ class Encoder:
         too, JAX's default on the thread that calls `encode` (so `with jax.default_matmul_precision(...)` around a
         call holds, though the programs compile on another thread).
       mesh: a 1-D mesh with a "data" axis; default: every local device of this process.
-      bucket_lengths: the row lengths a job may pack into (plus `max_length`); a job uses the smallest that holds
-        its longest text.
       compilation_cache_dir: turns on JAX's persistent compilation cache there (see
         `compilation.enable_compilation_cache`; off by default in the library, on by default on the command line).
       compile_cost: what a new program costs against padded compute, for deciding when a program this Encoder
@@ -102,8 +99,7 @@ class Encoder:
 
     def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = None,
                  precision: Any = None, mesh: jax.sharding.Mesh | None = None,
-                 bucket_lengths: Sequence[int] = BUCKET_LENGTHS, compilation_cache_dir: str | None = None,
-                 compile_cost: CompileCost | None = None):
+                 compilation_cache_dir: str | None = None, compile_cost: CompileCost | None = None):
         if compilation_cache_dir:
             from retribert_jax.compilation import enable_compilation_cache
 
@@ -120,7 +116,6 @@ class Encoder:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.run_config, self.mesh = run, mesh
-        self.bucket_lengths = tuple(sorted(bucket_lengths))
         self.num_devices = mesh.shape["data"]
         platform = self.platform = mesh.devices.flat[0].platform
         self.compile_cost = compile_cost or CompileCost.for_platform(platform, self.num_devices)
@@ -149,7 +144,8 @@ class Encoder:
 
     @property
     def shapes_seen(self) -> set[tuple[str, int, int]]:
-        """The (kind, batch rows, length) of every program this Encoder has compiled or is compiling."""
+        """The (kind, batch rows, length) of every program this Encoder has compiled or is compiling: for tests and
+        diagnostics (which programs a job planned); the Encoder itself reads `_programs`."""
         return {key[:3] for key in self._programs}
 
     @property
@@ -377,7 +373,7 @@ class _Planner:
         """The job's row length from its first chunk: the bucket of the longest text, or a longer program this
         Encoder has when its extra attention costs less than a compilation."""
         cfg, cost, have = self.enc.config, self.enc.compile_cost, self._have()
-        length = bucket_length(int(lengths.max()), candidate_lengths(self.max_length, self.enc.bucket_lengths))
+        length = bucket_length(int(lengths.max()), candidate_lengths(self.max_length))
         longer = sorted(n for _, n in have if length < n <= self.max_length)
         if longer and all(n != length for _, n in have):
             tokens = float(lengths.sum()) * self.total / len(lengths)  # the whole job's, estimated

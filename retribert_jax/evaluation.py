@@ -36,7 +36,8 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from retribert_jax.corpus import RepeatedIds, format_extension, id_string, read_corpus, read_lines
+from retribert_jax.corpus import RepeatedIds, format_extension, read_corpus, read_lines
+from retribert_jax.embedding_dir import id_string
 from retribert_jax.errors import MissingDependency
 from retribert_jax.search import Hit, Index
 

@@ -1,4 +1,5 @@
-"""This package's own checkpoint directory: config.json, tokenizer files, and the Flax parameters.
+"""This package's own checkpoint directory: config.json, tokenizer files (added by the caller), and the Flax
+parameters.
 
 Two layouts of the parameters, both keyed by the Flax paths of `params.py`'s table (one tensor per HF tensor):
   - `flax_params/`: an orbax-checkpoint PyTree (nested dict, string keys), restored straight onto a given sharding;
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -24,8 +24,7 @@ import numpy as np
 
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.errors import CheckpointError
-from retribert_jax.hf_files import copy_tokenizer_files
-from retribert_jax.io import atomic_directory, check_overwrite
+from retribert_jax.io import atomic_directory, check_overwrite, host_buffer
 from retribert_jax.params import FlaxPath, check_arrays, parse_path, path_str
 
 FLAX_SAFETENSORS = "flax_model.safetensors"
@@ -86,8 +85,8 @@ def _orbax_writer():
 
 def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig, directory: str, *,
                          format: str = "orbax", dtype: Any = None, overwrite: bool = False,
-                         tokenizer: Any = None, before_commit: Callable[[str], None] | None = None) -> str:
-    """Writes config.json, tokenizer files and parameters (Flax path -> array) as one atomic directory.
+                         before_commit: Callable[[str], None] | None = None) -> str:
+    """Writes config.json and parameters (Flax path -> array), and what `before_commit` adds, as one atomic directory.
 
     Args:
       arrays: Flax path -> numpy or jax array, every parameter of the model (the caller checked them).
@@ -95,10 +94,9 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
       directory: the output directory; replaced only with `overwrite`.
       format: "orbax" (default) or "safetensors".
       dtype: cast every parameter to this ("float32", "bfloat16", "float16"); None keeps them as they are.
-      tokenizer: a tokenizer object (saved with its `save_pretrained`), a directory whose tokenizer files are
-        copied verbatim, or None. With None and `overwrite`, the tokenizer files already in `directory` are kept.
-      before_commit: called with the finished temporary directory before it is renamed into place; raising
-        there (e.g. a failed verification) leaves `directory` untouched.
+      before_commit: called with the finished temporary directory before it is renamed into place, to add files
+        (the tokenizer's: `checkpoint.save_model`) or check it; raising there (e.g. a failed verification) leaves
+        `directory` untouched.
 
     Returns:
       The directory's absolute path.
@@ -112,8 +110,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
     dt = parse_dtype(dtype)
     directory = os.path.abspath(os.fspath(directory))
     check_overwrite(directory, overwrite)
-    if tokenizer is None and os.path.isdir(directory):
-        tokenizer = directory  # keep what `tokenizer.save_pretrained(directory)` put there before us
 
     def cast(a: Any) -> np.ndarray:
         a = np.asarray(a)
@@ -122,10 +118,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
 
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            copy_tokenizer_files(os.fspath(tokenizer), tmp)
-        elif tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if format == "safetensors":
             from safetensors.numpy import save_file
 
@@ -144,23 +136,6 @@ def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(jnp.bfloat16), "F16": np.dtype(np.float16)}
 
 
-def _host_buffer(nbytes: int) -> Any:
-    """Writable host memory for `nbytes`, page-aligned and, where the OS allows, populated up front (one kernel
-    call instead of a page fault per 4 KiB, which is most of a load's time on a VM)."""
-    if os.name != "posix":
-        return bytearray(nbytes)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(nbytes, 1), flags=flags)
-
-
-def host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised numpy array in fresh, page-aligned, populated host memory (a CPU device can use it in
-    place: `jax.device_put(..., may_alias=True)` aliases 64-byte-aligned arrays)."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    return np.frombuffer(_host_buffer(count * dtype.itemsize), dtype, count=count).reshape(shape)
-
-
 def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
     """Flax path -> numpy array of a safetensors file, dtype kept.
 
@@ -177,7 +152,7 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
             header = json.loads(f.read(header_len))
             header.pop("__metadata__", None)
             size = os.fstat(f.fileno()).st_size - 8 - header_len
-            buf = _host_buffer(size)
+            buf = host_buffer(size)
             view, done = memoryview(buf), 0
             while done < size:  # a single read() returns at most ~2 GiB
                 got = f.readinto(view[done:size])
@@ -198,18 +173,15 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
     return {parse_path(k): a for k, a in arrays.items()}
 
 
-_orbax_failed = False
-
-
-def orbax_reads_abandoned() -> bool:
-    """Whether an orbax read failed in this process. Orbax then leaves its other reads running, and asyncio reports
-    their exceptions later, as never retrieved (the command line drops those reports)."""
-    return _orbax_failed
+_log = logging.getLogger(__name__)
+# The `extra` key of the record logged when an orbax read fails: orbax then leaves its other reads running, and
+# asyncio may report their exceptions later, as never retrieved. A process's owner (the command line) drops them.
+ORBAX_READS_ABANDONED = "orbax_reads_abandoned"
 
 
 def _orbax_error(path: str, e: BaseException) -> CheckpointError:
-    global _orbax_failed
-    _orbax_failed = True
+    _log.info("%s: an orbax read failed; orbax leaves its other reads running", path,
+              extra={ORBAX_READS_ABANDONED: True})
     # Orbax wraps tensorstore's error (which names the array and the byte range) in its own generic one.
     while e.__cause__ is not None:
         e = e.__cause__

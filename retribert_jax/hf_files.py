@@ -17,13 +17,16 @@ import numpy as np
 from retribert_jax.config import RetriBertConfig
 from retribert_jax.errors import CheckpointError
 from retribert_jax.io import atomic_directory
-from retribert_jax.tokenizer import TOKENIZER_FILES
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
+# The files a checkpoint directory's tokenizer may consist of, as HF names them (copied verbatim when a checkpoint is
+# converted or exported).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def _safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -31,7 +34,7 @@ def _safetensors_file(path: str) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+            return {k: f.get_tensor(k) for k in f.keys()}  # safe_open is not a Mapping: it has keys(), no __iter__
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 

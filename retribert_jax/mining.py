@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from retribert_jax.corpus import id_string, open_input
+from retribert_jax.corpus import open_input
+from retribert_jax.embedding_dir import id_string
 from retribert_jax.io import file_sha256
 from retribert_jax.pairs import PairFields, check_pair_row, read_pair_rows
 from retribert_jax.search import Hit, Index

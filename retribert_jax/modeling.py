@@ -272,11 +272,6 @@ class BertEncoder(nnx.Module):
         self.num_layers = cfg.num_hidden_layers
         self.scan_unroll, self.trim_last_layer = run.scan_unroll, run.trim_last_layer
 
-    def layer_at(self, i: int) -> BertLayer:
-        """Layer i as a module of its own (HF's `encoder.layer[i]`); its parameters are copies."""
-        graphdef, state = nnx.split(self.layer)
-        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
     def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
                  cls_index: Array | None = None) -> Array:
         """Hidden states [B, L, D] under `mask` ([B, L], or [B, 1 or L, L] from `visible_keys`); with `cls_only`,

@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from retribert_jax import embedding_dir, quantization, topk
-from retribert_jax.corpus import RepeatedIds, id_string
+from retribert_jax.corpus import RepeatedIds
+from retribert_jax.embedding_dir import id_string
 from retribert_jax.errors import MissingDependency
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 

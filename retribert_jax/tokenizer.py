@@ -26,9 +26,6 @@ from tokenizers.models import WordPiece
 
 DEFAULT_MAX_LENGTH = 512
 TRUNCATION_SIDES = ("right", "left")
-# The files a checkpoint directory's tokenizer may consist of (copied verbatim when a checkpoint is converted).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 # HF's SPECIAL_TOKENS_ATTRIBUTES order: tokens absent from the vocabulary get new ids in this order.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",

@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
 from retribert_jax.config import RunConfig, TrainConfig
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
-from retribert_jax.modeling import RetriBertModel, embed, flops_per_sequence, in_batch_loss
-from retribert_jax.pairs import Pair, read_pairs
+from retribert_jax.modeling import RetriBertModel, flops_per_sequence, in_batch_loss
+from retribert_jax.pairs import Pair
 from retribert_jax.tokenizer import RetriBertTokenizer
 
 Batch = dict[str, jax.Array]  # q_ids, q_mask [B, Lq]; p_ids, p_mask [B, Lp]
@@ -600,18 +600,5 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     return TrainResult(model=model, step=step, loss=loss_value, start_step=start_step)
 
 
-def recall_at_1(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[Pair | tuple],
-                max_length: int = 128) -> float:
-    """The fraction of questions whose own passage scores highest among all passages in `pairs`."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-    q = tokenizer([p[0] for p in pairs], max_length=max_length)
-    a = tokenizer([p[1] for p in pairs], max_length=max_length)
-    scores = (np.asarray(embed(graphdef, state, q["input_ids"], q["attention_mask"], kind="questions"))
-              @ np.asarray(embed(graphdef, state, a["input_ids"], a["attention_mask"], kind="passages")).T)
-    return float(np.mean(np.argmax(scores, axis=1) == np.arange(len(pairs))))
-
-
-__all__ = ["Pair", "TrainConfig", "TrainResult", "activation_bytes_per_pair", "device_memory_bytes",
-           "fit_micro_batch", "loss_and_grads", "lr_schedule", "make_optimizer", "make_train_step",
-           "read_pairs", "recall_at_1", "run_warnings", "train"]
+__all__ = ["TrainResult", "activation_bytes_per_pair", "device_memory_bytes", "fit_micro_batch", "loss_and_grads",
+           "lr_schedule", "make_optimizer", "make_train_step", "run_warnings", "train"]

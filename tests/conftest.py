@@ -9,11 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The command line keeps compiled programs in the user's cache by default; tests that want a cache give their own.
 os.environ.setdefault("RETRIBERT_JAX_COMPILATION_CACHE", "off")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
-from retribert_jax.config import RetriBertConfig  # noqa: E402
+from retribert_jax.config import RetriBertConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -95,6 +95,14 @@ def test_quick_run_measures_every_installed_peer(quick_run):
     assert "retribert_jax throughput / peer throughput" in stdout and "FLOPs/sequence" in stdout
 
 
+def test_no_script_stands_in_for_a_standard_library_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a standard library module
+    (profile.py: flax imports IPython, which imports cProfile, which imports profile) breaks every other script."""
+    names = {f[:-3] for f in os.listdir(os.path.join(REPO, "benchmarks")) if f.endswith(".py")}
+    assert not names & sys.stdlib_module_names, f"benchmarks/ shadows {sorted(names & sys.stdlib_module_names)}"
+
+
+@pytest.mark.slow
 def test_worker_subprocess_reports_the_matmul_peak():
     """The isolated-process path a full run takes for every measurement, on its cheapest job."""
     from benchmarks.run import spawn
@@ -122,6 +130,7 @@ def test_convert_benchmark_quick_run():
     assert "ratios vs HF" in format_table(res)
 
 
+@pytest.mark.slow
 def test_roofline_quick_run(tmp_path):
     """roofline.py end to end on the tiny model: CPU predictions beside measurements, accelerator predictions."""
     from benchmarks.roofline import ACCELERATORS, main
@@ -135,6 +144,7 @@ def test_roofline_quick_run(tmp_path):
     assert all(a["binds"] in ("compute", "memory") and a["seq_per_s"] > 0 for a in r["accelerators"])
 
 
+@pytest.mark.slow
 def test_device_check_quick_run_on_cpu(tmp_path):
     """The device run's parts at toy sizes on this CPU, the PyTorch peers included: every row measured (none
     failed), JSON and PNG written, the ratios printed, fp32 parity between the default device and the CPU exact
@@ -198,11 +208,12 @@ def test_job_benchmark_reads_what_the_commands_print():
     assert programs(line) == {"programs": 1, "from_cache": 1, "compile_s": 0.2}
 
 
+@pytest.mark.slow
 def test_compile_profile_quick_run():
-    """profile_compile.py on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
+    """`profiling.py compile` on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
     leaves XLA fewer loop kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
-    r = subprocess.run([sys.executable, "benchmarks/profile_compile.py", "--minilm", "--rows", "2", "--length", "16",
-                        "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+    r = subprocess.run([sys.executable, "benchmarks/profiling.py", "compile", "--minilm", "--rows", "2", "--length",
+                        "16", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr
     rows = {line[:34].strip(): line[34:].split() for line in r.stdout.splitlines()[2:]}

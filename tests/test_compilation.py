@@ -86,12 +86,14 @@ FULL_DISK = r"""
 import errno, os, sys
 import jax, jax.numpy as jnp
 from jax._src import lru_cache
+from retribert_jax import cli
 from retribert_jax.compilation import enable_compilation_cache
 
 def full(self, key, value):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 lru_cache.LRUCache.put = full
+cli._one_line_cache_warnings()  # what the command does for its process
 assert enable_compilation_cache(sys.argv[1])
 for n in (3, 4, 5):  # three programs, three failed writes
     jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(n)).compile()

@@ -91,7 +91,7 @@ def test_dtype_cast(tmp_path, tiny_cfg, dtype):
             from safetensors import safe_open
 
             with safe_open(os.path.join(out, FLAX_SAFETENSORS), framework="numpy") as f:
-                stored = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118
+                stored = {str(f.get_tensor(k).dtype) for k in f.keys()}
             assert stored == {dtype}, f"safetensors stored {stored}, expected {dtype}"
         else:
             import orbax.checkpoint as ocp
@@ -203,9 +203,10 @@ def test_damaged_orbax_directory_names_it(tmp_path, tiny_cfg):
     assert re.search(f'{FLAX_ORBAX}: not a readable orbax checkpoint .*"bert_query\\.', err), err
 
 
-def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
+def test_cli_drops_asyncio_reports_only_after_orbax_failed():
     """The command's filter for asyncio's reports of orbax's abandoned reads (racy to provoke, so checked directly):
-    "never retrieved" reports pass until an orbax read has failed in the process, other records always pass."""
+    "never retrieved" reports pass until an orbax read has failed in the process (flax_files logs it, the filter
+    hears it and keeps it off the user's screen), other records always pass."""
     import logging
 
     from retribert_jax import cli, flax_files
@@ -216,11 +217,24 @@ def test_cli_drops_asyncio_reports_only_after_orbax_failed(monkeypatch):
     never = [record("Task exception was never retrieved\nfuture: <Task finished>"),
              record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>")]
     other = record("Task was destroyed but it is pending!")
-    keep = cli._AbandonedOrbaxReads()
-    monkeypatch.setattr(flax_files, "_orbax_failed", False)
-    assert all(keep.filter(r) for r in [*never, other])
-    flax_files._orbax_error("x", ValueError("damaged"))
-    assert not any(keep.filter(r) for r in never) and keep.filter(other)
+    keep = cli._OrbaxLeftovers()
+    assert keep.FILES_LOGGER == flax_files.__name__
+    files, asyncio_log = logging.getLogger(flax_files.__name__), logging.getLogger("asyncio")
+    level = files.level
+    keep.install()
+    try:
+        assert all(keep.filter(r) for r in [*never, other])
+        heard, handler = [], logging.Handler()
+        handler.emit = heard.append
+        files.addHandler(handler)
+        flax_files._orbax_error("x", ValueError("damaged"))
+        files.removeHandler(handler)
+        assert not any(keep.filter(r) for r in never) and keep.filter(other)
+        assert not heard, "the failure's record reached a handler"
+    finally:
+        files.removeFilter(keep)
+        asyncio_log.removeFilter(keep)
+        files.setLevel(level)
 
 
 def test_damaged_flax_safetensors_names_it(tmp_path, tiny_cfg):

@@ -13,7 +13,7 @@ import pytest
 
 from retribert_jax.commands.search import _questions
 from retribert_jax.corpus import BadRecord, read_corpus, read_lines
-from retribert_jax.training import read_pairs
+from retribert_jax.pairs import read_pairs
 
 BOM = "\ufeff".encode()
 # Characters that str.splitlines (and, for \r, Python's text mode) take for line ends; none ends a line here.

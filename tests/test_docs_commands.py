@@ -252,6 +252,7 @@ def test_the_docs_with_commands_are_found():
     assert expected <= with_commands, f"no retribert-jax commands found in {sorted(expected - with_commands)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", RUN_DOCS)
 def test_doc_commands_run_as_written(doc, tiny_model, tmp_path, monkeypatch):
     doc_commands = commands(doc)

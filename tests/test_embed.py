@@ -84,6 +84,7 @@ def test_jsonl_to_shards(model_dir, corpus, tmp_path):
     assert diff <= 1e-6, f"CLI shard 0 differs from Encoder.encode_passages by {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -145,6 +146,7 @@ def test_bad_lines(model_dir, tmp_path):
     assert diff <= 1e-6, f"the two identical good lines got embeddings {diff:.3g} apart"
 
 
+@pytest.mark.slow
 def test_resume_after_kill9(model_dir, tmp_path):
     texts = random_texts(3000, seed=8)
     path = tmp_path / "big.txt"
@@ -180,6 +182,7 @@ def test_resume_after_kill9(model_dir, tmp_path):
     assert not [n for n in os.listdir(killed) if n.startswith(".")], "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_byte_order_mark_and_null_ids(model_dir, tmp_path):
     """An Excel/Notepad JSONL file (byte-order mark, CRLF) with a null id: line 1 is a record, the null id is a bad
     line, and no id is invented for it (pyarrow reads the same records and ids)."""
@@ -283,6 +286,7 @@ def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "embeddings-00000.npy"))
 
 
+@pytest.mark.slow
 def test_rerun_after_a_failed_run_and_overwrite(model_dir, tmp_path):
     """A typo in a field name leaves a run that finished nothing: the corrected command is not refused. A finished
     directory with other settings is refused, naming --overwrite, which replaces it."""
@@ -304,6 +308,7 @@ def test_rerun_after_a_failed_run_and_overwrite(model_dir, tmp_path):
     assert "process 0/1" not in r.stderr and "skipped" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
     texts = random_texts(3000, seed=10)
     path = tmp_path / "big.txt"
@@ -343,6 +348,7 @@ def test_errors_are_not_drawn_into_the_progress_bar(model_dir, tmp_path):
     assert last.startswith(f"retribert-jax embed: error: {path}:21: invalid JSON"), repr(r.stderr[-500:])
 
 
+@pytest.mark.slow
 def test_compute_settings_are_recorded_and_the_weights_checked(model_dir, corpus, tmp_path):
     """--dtype and --precision go to the model at load time and into the manifest; `search` with a model of the same
     architecture but other weights is refused."""

@@ -82,6 +82,48 @@ def test_imports_point_one_way():
     assert "checkpoint" not in _imports(mods["tokenizer"], top_level_only=False), "the tokenizer imports model loading"
 
 
+# Edges between modules of one layer, each once made for a helper that now has a home of its own.
+SIDEWAYS = {
+    ("hf_files", "tokenizer"): "the tokenizer's file names are HF's: hf_files.TOKENIZER_FILES",
+    ("flax_files", "hf_files"): "the checkpoint verbs put the tokenizer into a Flax directory",
+    ("mining", "training"): "the pairs file format lives in pairs.py",
+    ("mining", "evaluation"): "id_string lives with the index, in embedding_dir.py",
+}
+
+
+def _reads_sys_modules(path: str) -> bool:
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    return any((isinstance(n, ast.Attribute) and n.attr == "modules" and isinstance(n.value, ast.Name)
+                and n.value.id == "sys")
+               or (isinstance(n, ast.ImportFrom) and n.module == "sys" and any(a.name == "modules" for a in n.names))
+               for n in ast.walk(tree))
+
+
+def _imports_package_face(path: str) -> bool:
+    """Whether `path` imports from `retribert_jax` itself (its lazy face) rather than from one of its modules."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    return any((isinstance(n, ast.ImportFrom) and n.level == 0 and n.module == "retribert_jax")
+               or (isinstance(n, ast.Import) and any(a.name == "retribert_jax" for a in n.names))
+               for n in ast.walk(tree))
+
+
+def test_no_sideways_imports():
+    """Formats do not import each other, commands import the library's modules and commands/common only (never
+    another command, never the package face), and no module reads sys.modules (an import no tool sees)."""
+    mods = _modules()
+    for (a, b), home in SIDEWAYS.items():
+        assert b not in _imports(mods[a], top_level_only=False), f"{a} imports {b}, sideways ({home})"
+    commands = sorted(m for m in mods if m.startswith("commands."))
+    assert len(commands) >= 10, f"found only {commands}"
+    for m in commands:
+        other = {n for n in _imports(mods[m], top_level_only=False)
+                 if n.startswith("commands.") and n not in (m, "commands.common")}
+        assert not other, f"{m} imports {sorted(other)}; what commands share belongs in commands/common.py"
+        assert not _imports_package_face(mods[m]), f"{m} imports from the package face; import the module"
+    readers = sorted(m for m, path in mods.items() if _reads_sys_modules(path))
+    assert not readers, f"{readers} read sys.modules; import the module instead"
+
+
 def test_package_face_only_re_exports():
     """Every public name comes from the module that defines it; __init__ defines nothing of its own."""
     import retribert_jax

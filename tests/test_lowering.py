@@ -188,6 +188,7 @@ def test_shardings_over_eight_devices_for_cuda_and_tpu():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_unrolled_stack_computes_the_same_and_lets_xla_count_every_layer():
     """`scan_unroll=True` (what benchmarks/roofline.py compiles) gives the scanned program's numbers, and XLA's
     cost_analysis of it grows by one layer's matmul FLOPs per added layer (a scan's body is counted once)."""

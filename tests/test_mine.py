@@ -13,8 +13,8 @@ import pytest
 from retribert_jax import RetriBertModel, RetriBertTokenizer, cli, mining
 from retribert_jax.encode import Encoder
 from retribert_jax.mining import MiningConfig, mine_file, mine_hard_negatives
+from retribert_jax.pairs import read_pairs
 from retribert_jax.search import Index
-from retribert_jax.training import read_pairs
 from tests.embed_helpers import random_texts, tiny_model_dir
 
 SHARD = 20

@@ -50,6 +50,7 @@ def model_dir(tmp_path_factory) -> str:
     return tiny_model_dir(str(tmp_path_factory.mktemp("model")))
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(model_dir):
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
@@ -166,6 +167,7 @@ def assert_same_hits(many: dict, one: dict, what: str) -> None:
     assert many["streamed"]["passes"] > 1 and many["resident"]["passes"] == 1
 
 
+@pytest.mark.slow
 def test_search_on_eight_devices_equals_one(search_index, tmp_path):
     eight = run_search(search_index, str(tmp_path / "eight.json"), devices=8)
     one = run_search(search_index, str(tmp_path / "one.json"), devices=1)

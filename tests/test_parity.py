@@ -41,6 +41,12 @@ def pair(request, tmp_path_factory):
     return cfg, ref, ours
 
 
+def layer_at(encoder, i: int):
+    """Layer i of a `BertEncoder`'s stack as a module of its own (HF's `encoder.layer[i]`), parameters copied."""
+    graphdef, state = nnx.split(encoder.layer)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
 def extended_mask(ref_bert, mask):
     return ref_bert.get_extended_attention_mask(t(mask), tuple(mask.shape))
 
@@ -67,7 +73,7 @@ def test_one_layer_and_encoder_and_pooler(pair):
             pooled = ref_bert.pooler(t(enc)).numpy()
         m = jnp.asarray(mask, bool)
         # Padded query rows see the same keys as HF's, so every row is compared, padding included.
-        assert_close(our_bert.encoder.layer_at(0)(jnp.asarray(x), m), layer0, f"{name} layer 0")
+        assert_close(layer_at(our_bert.encoder, 0)(jnp.asarray(x), m), layer0, f"{name} layer 0")
         assert_close(our_bert.encoder(jnp.asarray(x), m), enc, f"{name} encoder")
         assert_close(our_bert.pooler(jnp.asarray(enc)), pooled, f"{name} pooler")
 
@@ -119,6 +125,7 @@ def _losses_and_grads(cfg, ref, ours, batch, cbs):
     return float(ref_loss.detach()), ref_grads, float(loss), flat_params(grads, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,cbs", [(3, -1), (4, -1), (5, 2), (4, 4)])
 def test_loss_and_every_gradient(pair, batch, cbs):
     cfg, ref, ours = pair
@@ -143,6 +150,7 @@ def test_loss_and_every_gradient(pair, batch, cbs):
     assert worst[0] <= GRAD_RTOL, f"worst relative gradient error {worst[0]:.3g} at {worst[1]}"
 
 
+@pytest.mark.slow
 def test_batch_of_one_has_zero_loss_and_gradients(pair):
     # One pair: each cross-entropy is over a single logit, so the loss and every gradient are exactly 0, in HF too.
     cfg, ref, ours = pair
@@ -153,6 +161,7 @@ def test_batch_of_one_has_zero_loss_and_gradients(pair):
     assert not nonzero, f"non-zero gradients for a batch of one: {nonzero[:3]}"
 
 
+@pytest.mark.slow
 def test_checkpointed_path_gives_same_gradients_as_plain(pair):
     cfg, _, ours = pair
     rng = np.random.default_rng(7)

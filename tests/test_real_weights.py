@@ -16,6 +16,7 @@ ANSWERS = [
 ]
 
 
+@pytest.mark.slow
 def test_minilm_retribert_matches_pytorch(minilm_checkpoint):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -43,6 +44,7 @@ def test_minilm_retribert_matches_pytorch(minilm_checkpoint):
     assert abs(loss - ref_loss) <= 1e-5, f"loss {loss} vs {ref_loss}"
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_retrieval_on_real_weights(minilm_checkpoint):
     """bf16 mode (bf16 matmuls, residual stream and LayerNorm outputs; LayerNorm statistics and softmax in f32)
     against fp32 on real weights and real text: 300 passages and 60 questions (stdlib docstrings). Measured on

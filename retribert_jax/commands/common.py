@@ -76,6 +76,37 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="corpus rows scored at once by the plain blocked path (%(default)s)")
 
 
+def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
+    """--atol, --min-agreement, --max-length: how `verify` and `convert --verify` compare with the reference."""
+    from retribert_jax.verify import TOP_K
+
+    p.add_argument("--atol", type=float, default=None,
+                   help="largest allowed |flax - torch| of any embedding entry (default: 1e-4; with convert --dtype, "
+                        "1e-3 for float16 and 1e-2 for bfloat16, where the reference keeps the fp32 source weights; "
+                        "1e-2 with verify --dtype bfloat16 or --precision default/high)")
+    p.add_argument("--min-agreement", type=float, default=0.9,
+                   help=f"smallest allowed mean overlap of the two top-{TOP_K} rankings (default: %(default)s)")
+    p.add_argument("--max-length", type=positive_int, default=128,
+                   help="tokenizer truncation length (default: %(default)s)")
+
+
+def add_pair_field_arguments(p: argparse.ArgumentParser) -> None:
+    """--question-field, --positive-field, --negatives-field (`pairs.PairFields`): `train` and `mine`."""
+    g = p.add_argument_group("fields of the pairs (default: found by the first row's shape: question/answer/"
+                             "negatives, Tevatron's query/positive_passages/negative_passages, or sentence-"
+                             "transformers' anchor/positive/negative)")
+    g.add_argument("--question-field", metavar="KEY", help="the question (query, anchor)")
+    g.add_argument("--positive-field", "--answer-field", metavar="KEY", help="the positive passage")
+    g.add_argument("--negatives-field", metavar="KEY", help="hard negatives: a list, or one passage")
+
+
+def pair_fields(args: argparse.Namespace):
+    """The `pairs.PairFields` that --question-field, --positive-field and --negatives-field name."""
+    from retribert_jax.pairs import PairFields
+
+    return PairFields(question=args.question_field, positive=args.positive_field, negatives=args.negatives_field)
+
+
 def require_file(path: str, what: str) -> None:
     """Refuses a missing input file before anything heavy is imported."""
     if not os.path.isfile(path):

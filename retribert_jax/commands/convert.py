@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from retribert_jax.commands import common
+
 HELP = "convert an HF PyTorch RetriBERT checkpoint (directory, .safetensors/.bin file, or hub id) to Flax"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from retribert_jax.commands.verify import add_tolerance_arguments
-
     p.add_argument("src", metavar="SRC", help="an HF checkpoint directory, a .safetensors/.bin file (with --config), "
                                               "or a hub id (downloaded with huggingface_hub when online)")
     p.add_argument("out", metavar="OUT", help="the output directory (built in a temporary directory, then renamed)")
@@ -23,16 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--verify", action="store_true",
                    help="before OUT is committed, compare it with the PyTorch reference (needs torch, transformers)")
-    add_tolerance_arguments(p)
+    common.add_tolerance_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from retribert_jax import verify as verify_lib
     from retribert_jax.checkpoint import convert_checkpoint
     from retribert_jax.errors import MissingDependency
+    from retribert_jax.verify import DEFAULT_ATOL, TORCH_MISSING, VerificationFailed, report, verify_checkpoint
 
     before_commit = None
     if args.verify:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
-            raise MissingDependency(verify_lib.TORCH_MISSING) from None
+            raise MissingDependency(TORCH_MISSING) from None
 
         def before_commit(tmp: str) -> None:
             # The reference reads SRC itself when it is an HF directory, so the check covers the conversion.
@@ -54,19 +54,19 @@ def run(args: argparse.Namespace) -> int:
                     ref = local
                 except ValueError:
                     pass
-            atol = verify_lib.DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
-            result = verify_lib.verify_checkpoint(tmp, reference=ref, atol=atol, min_agreement=args.min_agreement,
-                                                  max_length=args.max_length)
-            print(verify_lib.report(result, atol, args.min_agreement))
+            atol = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
+            result = verify_checkpoint(tmp, reference=ref, atol=atol, min_agreement=args.min_agreement,
+                                       max_length=args.max_length)
+            print(report(result, atol, args.min_agreement))
             if not result["ok"]:
-                raise verify_lib.VerificationFailed("verification failed")
+                raise VerificationFailed("verification failed")
 
     start = time.perf_counter()
     try:
         out, warnings = convert_checkpoint(args.src, args.out, config=args.config, format=args.format,
                                            dtype=args.dtype, overwrite=args.overwrite, tokenizer=args.tokenizer,
                                            before_commit=before_commit)
-    except verify_lib.VerificationFailed:
+    except VerificationFailed:
         print(f"retribert-jax convert: verification failed; {args.out} was not written", file=sys.stderr)
         return 1
     for w in warnings:

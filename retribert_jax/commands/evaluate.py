@@ -46,21 +46,28 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retribert_jax import evaluation
+    from retribert_jax.evaluation import (
+        evaluate,
+        parse_metrics,
+        read_qrels,
+        read_queries,
+        require_ir_measures,
+        write_trec_run,
+    )
 
     timings = args.timings
-    evaluation.require_ir_measures()
+    require_ir_measures()
     # The cheap inputs first: a bad line or name should not wait for the model to load.
     with timings.phase("read queries and qrels"):
-        evaluation.parse_metrics(args.metrics, args.depth)
-        queries = evaluation.read_queries(args.queries, skip_bad_lines=args.skip_bad_lines)
-        qrels = evaluation.read_qrels(args.qrels)
+        parse_metrics(args.metrics, args.depth)
+        queries = read_queries(args.queries, skip_bad_lines=args.skip_bad_lines)
+        qrels = read_qrels(args.qrels)
     index = common.open_index(args)
     model, encoder = common.open_encoder(args, args.model, check=index.check_model)
     timings.report()
-    result = evaluation.evaluate(index, encoder, queries, qrels, depth=args.depth, metrics=args.metrics,
-                                 batch_size=args.batch_size, max_length=common.question_max_length(args, model),
-                                 show_progress=not args.no_progress, ignore_identical_ids=args.ignore_identical_ids)
+    result = evaluate(index, encoder, queries, qrels, depth=args.depth, metrics=args.metrics,
+                      batch_size=args.batch_size, max_length=common.question_max_length(args, model),
+                      show_progress=not args.no_progress, ignore_identical_ids=args.ignore_identical_ids)
     print(f"{result.num_queries} queries with qrels evaluated at depth {args.depth}; "
           f"{len(result.skipped_queries)} queries without qrels skipped; "
           f"{len(result.unmatched_qrels)} qrels query ids not among the queries ignored; "
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                  "kept; BEIR drops them (--ignore-identical-ids) where queries are also documents"))
     print(result.table())
     if args.run_file:
-        evaluation.write_trec_run(args.run_file, result.run, tag=args.run_tag)
+        write_trec_run(args.run_file, result.run, tag=args.run_tag)
     if args.output:
         from retribert_jax.io import atomic_file
 

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "fields)")
     p.add_argument("out", metavar="OUT", help='the output JSONL: each row with all its keys plus "negatives" and '
                                               '"negative_ids"')
-    add_pair_field_arguments(p)
+    common.add_pair_field_arguments(p)
     g = p.add_argument_group("which hits become negatives (sentence-transformers' mine_hard_negatives filters)")
     g.add_argument("-n", "--num-negatives", type=common.positive_int, default=3,
                    help="negatives per pair (%(default)s)")
@@ -54,22 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_pair_field_arguments(p: argparse.ArgumentParser) -> None:
-    """--question-field, --positive-field, --negatives-field (`pairs.PairFields`); `train` takes them too."""
-    g = p.add_argument_group("fields of the pairs (default: found by the first row's shape: question/answer/"
-                             "negatives, Tevatron's query/positive_passages/negative_passages, or sentence-"
-                             "transformers' anchor/positive/negative)")
-    g.add_argument("--question-field", metavar="KEY", help="the question (query, anchor)")
-    g.add_argument("--positive-field", "--answer-field", metavar="KEY", help="the positive passage")
-    g.add_argument("--negatives-field", metavar="KEY", help="hard negatives: a list, or one passage")
-
-
-def pair_fields(args: argparse.Namespace):
-    from retribert_jax.pairs import PairFields
-
-    return PairFields(question=args.question_field, positive=args.positive_field, negatives=args.negatives_field)
-
-
 def check(args: argparse.Namespace) -> None:
     import os
 
@@ -94,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     stats = mine_file(index, encoder, args.pairs, args.out, config, chunk_size=args.chunk_size,
                       drop_incomplete=args.drop_incomplete, overwrite=args.overwrite, batch_size=args.batch_size,
                       max_length=common.question_max_length(args, model), model_name=common.model_name(args.model),
-                      show_progress=not args.no_progress, fields=pair_fields(args))
+                      show_progress=not args.no_progress, fields=common.pair_fields(args))
     kept = stats.pairs - stats.dropped
     if stats.already_complete:
         print(f"{args.out}: already complete ({kept} pairs, {stats.negatives} negatives); nothing to do "

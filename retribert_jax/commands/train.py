@@ -13,8 +13,6 @@ HELP = "train a RetriBERT retriever on question/answer pairs (resumes from OUT's
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from retribert_jax.commands.mine import add_pair_field_arguments
-
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
                    help="a checkpoint directory to start from, or a config.json for a randomly initialised model")
     p.add_argument("data", metavar="DATA", help="training pairs: JSONL, CSV, TSV or parquet rows of question/answer"
@@ -23,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "positive/negative")
     p.add_argument("out", metavar="OUT", help="output directory: checkpoints/, metrics.jsonl, final model/")
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or vocab.txt (default: MODEL's own)")
-    add_pair_field_arguments(p)
+    common.add_pair_field_arguments(p)
     d = TrainConfig()
     p.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate, help="peak LR (%(default)s)")
     p.add_argument("--adam-eps", type=float, default=d.adam_eps, help="AdamW epsilon (%(default)s)")
@@ -106,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from retribert_jax.commands.mine import pair_fields
     from retribert_jax.pairs import read_pairs
     from retribert_jax.training import device_memory_bytes, fit_micro_batch, run_warnings, train
 
     with args.timings.phase("read pairs"):
-        pairs = read_pairs(args.data, pair_fields(args))
+        pairs = read_pairs(args.data, common.pair_fields(args))
     model, tok = _load_start(args)
     tcfg = TrainConfig(learning_rate=args.learning_rate, adam_eps=args.adam_eps, weight_decay=args.weight_decay,
                        warmup_steps=args.warmup_steps, batch_size=args.batch_size, max_length=args.max_length,

@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from retribert_jax.commands import common
+
 HELP = "compare a checkpoint's Flax embeddings with HF transformers' PyTorch RetriBertModel on sample texts"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from retribert_jax.commands.common import add_run_arguments
-
     p.add_argument("dir", metavar="DIR", help="a checkpoint directory (Flax, from convert; or HF PyTorch) or hub id")
-    add_tolerance_arguments(p)
+    common.add_tolerance_arguments(p)
     # The reference is float32 at the highest precision: --dtype bfloat16 (or a lower --precision) measures our
     # model run that way against it, at the tolerance such a run can keep (verify.default_atol).
-    add_run_arguments(p)
-
-
-def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
-    from retribert_jax.commands.common import positive_int
-    from retribert_jax.verify import TOP_K
-
-    p.add_argument("--atol", type=float, default=None,
-                   help="largest allowed |flax - torch| of any embedding entry (default: 1e-4; with convert --dtype, "
-                        "1e-3 for float16 and 1e-2 for bfloat16, where the reference keeps the fp32 source weights; "
-                        "1e-2 with verify --dtype bfloat16 or --precision default/high)")
-    p.add_argument("--min-agreement", type=float, default=0.9,
-                   help=f"smallest allowed mean overlap of the two top-{TOP_K} rankings (default: %(default)s)")
-    p.add_argument("--max-length", type=positive_int, default=128,
-                   help="tokenizer truncation length (default: %(default)s)")
+    common.add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,10 +6,11 @@ Layout: shard i holds records [i * shard_size, (i + 1) * shard_size) of the inpu
   - `texts-{i:05d}.jsonl` (when the run stored texts): one JSON string per line;
 and `manifest.json` (the run's settings, `num_shards` and `count`) once every shard exists. A compressed copy
 (`quantization`) adds per shard `int8-{i:05d}.npy` (int8 [n, projection_dim]) or `binary-{i:05d}.npy` (uint8
-[n, projection_dim / 8]), and the manifest's `compressed` key says which exist (with the int8 ranges). While a run is unfinished,
-`.embed-settings.json` holds its settings, so that a resume with other settings is refused before any work, and a
-shard being embedded keeps its finished pieces (consecutive runs of its records) as hidden `.piece-*.npz` files, so
-that an interrupted run loses at most one piece; they become the shard's files once the shard is whole.
+[n, projection_dim / 8]), and the manifest's `compressed` key says which exist (with their calibration). While a
+run is unfinished, `.embed-settings.json` holds its settings, so that a resume with other settings is refused
+before any work, and a shard being embedded keeps its finished pieces (consecutive runs of its records) as hidden
+`.piece-*.npz` files, so that an interrupted run loses at most one piece; they become the shard's files once the
+shard is whole.
 
 Each file is written under a temporary name and renamed, the embeddings last, so a shard whose embeddings file exists
 is complete. Everything about this layout (names, keys, checks) lives in this module.
@@ -45,11 +46,13 @@ MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str
 # Keys that manifests written before them lack: checked when present.
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
-#   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges", binary its "centers" (`calibration`).
+#   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges",
+#     binary its "centers" (`calibration`).
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
 CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
-_OWN_FILES = ("embeddings-*.npy", "int8-*.npy", "binary-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS, ".piece-*", ".*.tmp-*")
+_OWN_FILES = ("embeddings-*.npy", "int8-*.npy", "binary-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS,
+              ".piece-*", ".*.tmp-*")
 
 
 def shard_paths(directory: str, i: int) -> dict[str, str]:

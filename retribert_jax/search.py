@@ -355,7 +355,8 @@ class Index:
             for redo, retry in self._retries(exact, needed, screen_candidates(k, self._screen_dtype())):
                 sub = np.zeros((_pow2(len(redo)), q.shape[1]), np.float32)
                 sub[:len(redo)] = q[redo]
-                sub_q = jax.make_array_from_callback(sub.shape, replicated(self.mesh), lambda index: sub[index])
+                sub_q = jax.make_array_from_callback(sub.shape, replicated(self.mesh),
+                                                     lambda index, sub=sub: sub[index])
                 n = np.int32(placed.stop - placed.start)
                 fn = _mesh_program(self.mesh, "blocked", k=k, block=placed.block, recall_target=self.recall_target) \
                     if retry is None else \

@@ -91,8 +91,9 @@ def _measure_once(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     # Every run starts with the previous runs' output on disk: a conversion writes 311 MB, which the kernel would
     # otherwise flush while the next run is being timed.
     os.sync()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], capture_output=True, text=True, env=env,
-                          cwd=REPO, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *argv], capture_output=True, text=True, env=env, cwd=REPO, check=True
+    )
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} ... failed (exit {res['rc']}): {res['stderr'][-1000:]}")
@@ -114,30 +115,68 @@ def run(workdir: str | None = None, quick: bool = False, repeat: int = 3) -> dic
       quick: a tiny config instead of RetriBERT-base (smoke runs; the figures then mean nothing).
       repeat: runs of each measurement; the median (by wall time) is reported.
     """
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "JAX_PLATFORMS": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     own_tmp = workdir is None
     work = tempfile.mkdtemp(prefix="bench-convert-") if own_tmp else workdir
     try:
-        subprocess.run([sys.executable, "-c", _BUILD, work, "1" if quick else "0"], check=True, env=env, cwd=REPO,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", _BUILD, work, "1" if quick else "0"],
+            check=True,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+        )
         os.sync()  # the build's 650 MB of writes must not be flushed during the first measurement
         bin_path = os.path.join(work, "retribert", "pytorch_model.bin")
         size = os.path.getsize(bin_path)
         rows = []
-        ours = _measure([sys.executable, "-m", "retribert_jax.cli", "convert", os.path.join(work, "retribert"),
-                         os.path.join(work, "flax-orbax"), "--overwrite"], env, repeat)
+        ours = _measure(
+            [
+                sys.executable,
+                "-m",
+                "retribert_jax.cli",
+                "convert",
+                os.path.join(work, "retribert"),
+                os.path.join(work, "flax-orbax"),
+                "--overwrite",
+            ],
+            env,
+            repeat,
+        )
         rows.append({"name": "retribert_jax convert (orbax)", **ours})
-        ours_st = _measure([sys.executable, "-m", "retribert_jax.cli", "convert", os.path.join(work, "retribert"),
-                            os.path.join(work, "flax-st"), "--format", "safetensors", "--overwrite"], env, repeat)
+        ours_st = _measure(
+            [
+                sys.executable,
+                "-m",
+                "retribert_jax.cli",
+                "convert",
+                os.path.join(work, "retribert"),
+                os.path.join(work, "flax-st"),
+                "--format",
+                "safetensors",
+                "--overwrite",
+            ],
+            env,
+            repeat,
+        )
         rows.append({"name": "retribert_jax convert (safetensors)", **ours_st})
         hf = _measure([sys.executable, "-c", _HF_FLAX, os.path.join(work, "bert")], env, repeat)
         rows.append({"name": "HF FlaxBertModel.from_pretrained(from_pt=True)", **hf})
         loads = {}
         for fmt, d in (("orbax", "flax-orbax"), ("safetensors", "flax-st")):
             runs = [_measure_once([sys.executable, "-c", _LOAD, os.path.join(work, d)], env) for _ in range(repeat)]
-            times = sorted(({**json.loads(r["stdout"].strip().splitlines()[-1]), "peak_rss_bytes": r["peak_rss_bytes"]}
-                            for r in runs), key=lambda t: t["load_s"])
+            times = sorted(
+                (
+                    {**json.loads(r["stdout"].strip().splitlines()[-1]), "peak_rss_bytes": r["peak_rss_bytes"]}
+                    for r in runs
+                ),
+                key=lambda t: t["load_s"],
+            )
             loads[fmt] = {**times[len(times) // 2], "load_s_all": [t["load_s"] for t in times]}
         for r in rows:
             r.pop("stdout", None)
@@ -150,28 +189,42 @@ def run(workdir: str | None = None, quick: bool = False, repeat: int = 3) -> dic
             "convert_safetensors_rss_vs_hf": ours_st["peak_rss_bytes"] / hf["peak_rss_bytes"],
             "convert_orbax_cpu_vs_hf": ours["cpu_s"] / hf["cpu_s"],
         }
-        return {"benchmark": "convert", "quick": quick, "repeat": repeat, "checkpoint_bytes": size,
-                "cpu_count": os.cpu_count(), "rows": rows, "load": loads, "ratios": ratios,
-                "targets": {"wall_ratio_max": 1 / 3, "rss_ratio_max": 1 / 2, "load_s_max": 1.0}}
+        return {
+            "benchmark": "convert",
+            "quick": quick,
+            "repeat": repeat,
+            "checkpoint_bytes": size,
+            "cpu_count": os.cpu_count(),
+            "rows": rows,
+            "load": loads,
+            "ratios": ratios,
+            "targets": {"wall_ratio_max": 1 / 3, "rss_ratio_max": 1 / 2, "load_s_max": 1.0},
+        }
     finally:
         if own_tmp:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"checkpoint: {res['checkpoint_bytes'] / 1e6:.0f} MB pytorch_model.bin, {res['cpu_count']} CPUs, "
-             f"median of {res['repeat']} runs each",
-             f"{'':50s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MB':>12s}"]
+    lines = [
+        f"checkpoint: {res['checkpoint_bytes'] / 1e6:.0f} MB pytorch_model.bin, {res['cpu_count']} CPUs, "
+        f"median of {res['repeat']} runs each",
+        f"{'':50s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MB':>12s}",
+    ]
     for r in res["rows"]:
         lines.append(f"{r['name']:50s} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['peak_rss_bytes'] / 1e6:12.0f}")
     for fmt, ld in res["load"].items():
-        lines.append(f"{'load converted (' + fmt + '), beyond JAX start':50s} {ld['load_s']:8.2f} {'':8s} "
-                     f"{ld['peak_rss_bytes'] / 1e6:12.0f}   (JAX start {ld['jax_start_s']:.2f} s; import "
-                     f"{ld['import_s']:.2f} s + from_pretrained {ld['from_pretrained_s']:.2f} s)")
+        lines.append(
+            f"{'load converted (' + fmt + '), beyond JAX start':50s} {ld['load_s']:8.2f} {'':8s} "
+            f"{ld['peak_rss_bytes'] / 1e6:12.0f}   (JAX start {ld['jax_start_s']:.2f} s; import "
+            f"{ld['import_s']:.2f} s + from_pretrained {ld['from_pretrained_s']:.2f} s)"
+        )
     r = res["ratios"]
-    lines.append(f"ratios vs HF (target wall <= 0.33, RSS <= 0.50): orbax wall {r['convert_orbax_wall_vs_hf']:.2f}, "
-                 f"RSS {r['convert_orbax_rss_vs_hf']:.2f}; safetensors wall {r['convert_safetensors_wall_vs_hf']:.2f}, "
-                 f"RSS {r['convert_safetensors_rss_vs_hf']:.2f}; orbax CPU time {r['convert_orbax_cpu_vs_hf']:.2f}")
+    lines.append(
+        f"ratios vs HF (target wall <= 0.33, RSS <= 0.50): orbax wall {r['convert_orbax_wall_vs_hf']:.2f}, "
+        f"RSS {r['convert_orbax_rss_vs_hf']:.2f}; safetensors wall {r['convert_safetensors_wall_vs_hf']:.2f}, "
+        f"RSS {r['convert_safetensors_rss_vs_hf']:.2f}; orbax CPU time {r['convert_orbax_cpu_vs_hf']:.2f}"
+    )
     return "\n".join(lines)
 
 

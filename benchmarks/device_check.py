@@ -48,16 +48,46 @@ H200_BF16_PEAK = 989e12  # dense, NVIDIA's data sheet
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"batch": 8, "length": 32, "min_time": 0.0, "iters": 2, "texts": 16, "encoder_texts": 64,
-                "encoder_rows": [None, 4], "st_batches": [8], "train_pairs": 8, "q_length": 16, "p_length": 32,
-                "train_steps": 2, "host_repeats": 1, "search_rows": 40_000, "search_queries": 16, "search_k": 10}
-    return {"batch": 1024, "length": 128, "min_time": 1.0, "iters": 20, "texts": 256, "encoder_texts": 20_000,
-            "encoder_rows": [None, 512, 1024], "st_batches": [128, 512], "train_pairs": 512, "q_length": 32,
-            "p_length": 128, "train_steps": 10, "host_repeats": 2, "search_rows": 10_000_000, "search_queries": 1000,
-            "search_k": 100}
+        return {
+            "batch": 8,
+            "length": 32,
+            "min_time": 0.0,
+            "iters": 2,
+            "texts": 16,
+            "encoder_texts": 64,
+            "encoder_rows": [None, 4],
+            "st_batches": [8],
+            "train_pairs": 8,
+            "q_length": 16,
+            "p_length": 32,
+            "train_steps": 2,
+            "host_repeats": 1,
+            "search_rows": 40_000,
+            "search_queries": 16,
+            "search_k": 10,
+        }
+    return {
+        "batch": 1024,
+        "length": 128,
+        "min_time": 1.0,
+        "iters": 20,
+        "texts": 256,
+        "encoder_texts": 20_000,
+        "encoder_rows": [None, 512, 1024],
+        "st_batches": [128, 512],
+        "train_pairs": 512,
+        "q_length": 32,
+        "p_length": 128,
+        "train_steps": 10,
+        "host_repeats": 2,
+        "search_rows": 10_000_000,
+        "search_queries": 1000,
+        "search_k": 100,
+    }
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
 
 def _random_state(cfg, run_config):
     """RetriBERT parameters drawn on the device (normal(0.02)), without building the model on the host."""
@@ -76,12 +106,15 @@ def _torch_bert(cfg, device: str, dtype):
     import torch
     import transformers
 
-    bert_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                                       num_hidden_layers=cfg.num_hidden_layers,
-                                       num_attention_heads=cfg.num_attention_heads,
-                                       intermediate_size=cfg.intermediate_size,
-                                       max_position_embeddings=cfg.max_position_embeddings,
-                                       attn_implementation="sdpa")
+    bert_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     bert = transformers.BertModel(bert_cfg).to(device=device, dtype=dtype)
     proj = torch.nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False).to(device=device, dtype=dtype)
@@ -108,6 +141,7 @@ def _guarded(results: dict[str, Any], name: str, fn: Callable[[], Any], save: Ca
 
 # --- forward ------------------------------------------------------------------------------------------------------
 
+
 def _ours_forward(cfg, sz, run_config, options: dict | None) -> dict[str, Any]:
     import jax
 
@@ -119,13 +153,20 @@ def _ours_forward(cfg, sz, run_config, options: dict | None) -> dict[str, Any]:
     ids, mask = (jax.device_put(a) for a in fixed_batch(sz["batch"], sz["length"], cfg.vocab_size))
     platform = jax.default_backend()
     start = time.perf_counter()
-    compiled = compile_lowered(embed.lower(graphdef, state, ids, mask, kind="passages"), platform,
-                               run_config.compiler_options(platform) if options is None else options)
+    compiled = compile_lowered(
+        embed.lower(graphdef, state, ids, mask, kind="passages"),
+        platform,
+        run_config.compiler_options(platform) if options is None else options,
+    )
     compile_s = time.perf_counter() - start
     t = time_calls(lambda: jax.block_until_ready(compiled(state, ids, mask)), sz["min_time"], sz["iters"])
     seq_s = sz["batch"] / t["best_s"]
-    return {"compile_s": compile_s, "seq_per_s": seq_s,
-            "nominal_flops_per_s": seq_s * flops_per_sequence(cfg, sz["length"]), **t}
+    return {
+        "compile_s": compile_s,
+        "seq_per_s": seq_s,
+        "nominal_flops_per_s": seq_s * flops_per_sequence(cfg, sz["length"]),
+        **t,
+    }
 
 
 def _torch_forward(cfg, sz, compiled: bool, quick: bool) -> dict[str, Any]:
@@ -142,8 +183,9 @@ def _torch_forward(cfg, sz, compiled: bool, quick: bool) -> dict[str, Any]:
 
     if compiled:
         forward = torch.compile(forward, backend="aot_eager" if quick else "inductor")
-    ids, mask = (torch.from_numpy(a.astype("int64")).to(device) for a in fixed_batch(sz["batch"], sz["length"],
-                                                                                    cfg.vocab_size))
+    ids, mask = (
+        torch.from_numpy(a.astype("int64")).to(device) for a in fixed_batch(sz["batch"], sz["length"], cfg.vocab_size)
+    )
 
     def call():
         with torch.inference_mode():
@@ -183,6 +225,7 @@ def _forward(cfg, sz, quick: bool) -> dict[str, Any]:
 
 # --- real text ----------------------------------------------------------------------------------------------------
 
+
 def _real_text(cfg, sz, tokenizer_dir: str) -> dict[str, Any]:
     import jax
     from flax import nnx
@@ -210,9 +253,15 @@ def _real_text(cfg, sz, tokenizer_dir: str) -> dict[str, Any]:
             enc.encode_passages(texts, batch_size=rows)
             best = min(best, time.perf_counter() - start)
         plan = enc.plan(enc.token_ids(texts, 128).lengths, rows, 128)
-        out["encoder"].append({"batch_size": rows, "rows_per_call": plan[0][1], "packed_rows": sum(len(g) for g, _, _
-                                                                                                  in plan),
-                               "first_call_s": first, "texts_per_s": len(texts) / best})
+        out["encoder"].append(
+            {
+                "batch_size": rows,
+                "rows_per_call": plan[0][1],
+                "packed_rows": sum(len(g) for g, _, _ in plan),
+                "first_call_s": first,
+                "texts_per_s": len(texts) / best,
+            }
+        )
     out["sentence_transformers"] = _sentence_transformers(cfg, texts, tokenizer_dir, sz)
     return out
 
@@ -236,10 +285,11 @@ def _sentence_transformers(cfg, texts, tokenizer_dir: str, sz) -> list[dict[str,
         dense = Dense(cfg.hidden_size, cfg.projection_dim, bias=False, activation_function=torch.nn.Identity())
         with torch.no_grad():
             dense.linear.weight.copy_(proj.weight)
-        model = SentenceTransformer(modules=[encoder, Pooling(cfg.hidden_size, pooling_mode="cls"), dense],
-                                    device=device).to(torch.bfloat16)
+        model = SentenceTransformer(
+            modules=[encoder, Pooling(cfg.hidden_size, pooling_mode="cls"), dense], device=device
+        ).to(torch.bfloat16)
         for batch in sz["st_batches"]:
-            model.encode(texts[:batch * 2], batch_size=batch, show_progress_bar=False)  # warm-up
+            model.encode(texts[: batch * 2], batch_size=batch, show_progress_bar=False)  # warm-up
             start = time.perf_counter()
             model.encode(texts, batch_size=batch, show_progress_bar=False, convert_to_numpy=True)
             out.append({"batch_size": batch, "texts_per_s": len(texts) / (time.perf_counter() - start)})
@@ -247,6 +297,7 @@ def _sentence_transformers(cfg, texts, tokenizer_dir: str, sz) -> list[dict[str,
 
 
 # --- training -----------------------------------------------------------------------------------------------------
+
 
 def _train_batch(cfg, sz, seed: int = 0):
     from benchmarks.peers import fixed_batch
@@ -296,8 +347,14 @@ def _ours_train(cfg, sz, rng_impl: str, options: dict | None) -> dict[str, Any]:
         params, opt_state, metrics = step(params, opt_state, batch, jax.random.fold_in(key, i), i)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / sz["train_steps"]
-    return {"rng_impl": rng_impl, "options": options, "first_step_s": first, "step_s": seconds,
-            "pairs_per_s": sz["train_pairs"] / seconds, "loss": float(metrics["loss"])}
+    return {
+        "rng_impl": rng_impl,
+        "options": options,
+        "first_step_s": first,
+        "step_s": seconds,
+        "pairs_per_s": sz["train_pairs"] / seconds,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def _torch_train(cfg, sz) -> dict[str, Any]:
@@ -337,15 +394,24 @@ def _torch_train(cfg, sz) -> dict[str, Any]:
         loss = step()
     _sync(device)
     seconds = (time.perf_counter() - start) / sz["train_steps"]
-    return {"device": device, "first_step_s": first, "step_s": seconds, "pairs_per_s": sz["train_pairs"] / seconds,
-            "loss": float(loss.detach())}
+    return {
+        "device": device,
+        "first_step_s": first,
+        "step_s": seconds,
+        "pairs_per_s": sz["train_pairs"] / seconds,
+        "loss": float(loss.detach()),
+    }
 
 
 def _train(cfg, sz) -> dict[str, Any]:
     import jax
 
-    out: dict[str, Any] = {"pairs": sz["train_pairs"], "q_length": sz["q_length"], "p_length": sz["p_length"],
-                           "rows": {}}
+    out: dict[str, Any] = {
+        "pairs": sz["train_pairs"],
+        "q_length": sz["q_length"],
+        "p_length": sz["p_length"],
+        "rows": {},
+    }
     gpu = jax.default_backend() == "gpu"
     variants = {"ours": ("threefry2x32", None), "ours, rbg dropout keys": ("rbg", None)}
     if gpu:
@@ -363,6 +429,7 @@ def _train(cfg, sz) -> dict[str, Any]:
 
 
 # --- fp32 parity --------------------------------------------------------------------------------------------------
+
 
 def _parity(weights: str, n_texts: int, quick: bool) -> dict[str, Any]:
     """fp32 at highest precision on the device against the CPU forward, through the Encoder, the command line and
@@ -385,24 +452,45 @@ def _parity(weights: str, n_texts: int, quick: bool) -> dict[str, Any]:
     with jax.default_matmul_precision("highest"):
         reference = Encoder(model, tok, mesh=cpu).encode_passages(texts)
         device = Encoder(model, tok).encode_passages(texts)
-    out: dict[str, Any] = {"weights": weights, "texts": n_texts, "device": str(jax.local_devices()[0].device_kind),
-                           "encoder_max_abs_diff": float(np.abs(device - reference).max())}
+    out: dict[str, Any] = {
+        "weights": weights,
+        "texts": n_texts,
+        "device": str(jax.local_devices()[0].device_kind),
+        "encoder_max_abs_diff": float(np.abs(device - reference).max()),
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "texts.jsonl")
         with open(corpus, "w", encoding="utf-8") as f:
             for t in texts:
                 f.write(json.dumps({"text": t}) + "\n")
-        help_text = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", "--help"],
-                                   capture_output=True, text=True).stdout
+        help_text = subprocess.run(
+            [sys.executable, "-m", "retribert_jax.cli", "embed", "--help"], capture_output=True, text=True
+        ).stdout
         flags = ["--precision", "highest", "--dtype", "float32"] if "--precision" in help_text else []
         # This process holds its share of the device's memory: the command allocates as it goes.
         env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
         if not flags:
             env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-        proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", weights, corpus,
-                               os.path.join(tmp, "idx"), "--kind", "passages", "--no-progress", *flags],
-                              capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "retribert_jax.cli",
+                "embed",
+                weights,
+                corpus,
+                os.path.join(tmp, "idx"),
+                "--kind",
+                "passages",
+                "--no-progress",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         if proc.returncode:
             out["cli_error"] = (proc.stdout + proc.stderr)[-2000:]
         else:
@@ -414,26 +502,32 @@ def _parity(weights: str, n_texts: int, quick: bool) -> dict[str, Any]:
     # The train step's loss and gradients, fp32 at highest precision, dropout off, 16 pairs.
     pairs = real_texts(32, seed=5)
     q, p = tok(pairs[:16], max_length=64, padding="max_length"), tok(pairs[16:], max_length=64, padding="max_length")
-    batch = {"q_ids": q["input_ids"], "q_mask": q["attention_mask"], "p_ids": p["input_ids"],
-             "p_mask": p["attention_mask"]}
+    batch = {
+        "q_ids": q["input_ids"],
+        "q_mask": q["attention_mask"],
+        "p_ids": p["input_ids"],
+        "p_mask": p["attention_mask"],
+    }
     tcfg = TrainConfig(batch_size=16, checkpoint_batch_size=-1, dropout=False)
     graphdef, params = nnx.split(RetriBertModel.from_pretrained(weights, precision="highest"), nnx.Param)
     results = {}
     for name, dev in (("cpu", jax.devices("cpu")[0]), ("device", jax.local_devices()[0])):
-        fn = jax.jit(lambda pr, b: loss_and_grads(graphdef, pr, b, None,
-                                                  checkpoint_batch_size=tcfg.checkpoint_batch_size))
+        fn = jax.jit(
+            lambda pr, b: loss_and_grads(graphdef, pr, b, None, checkpoint_batch_size=tcfg.checkpoint_batch_size)
+        )
         results[name] = jax.device_get(fn(jax.device_put(params, dev), jax.device_put(batch, dev)))
     (l_cpu, g_cpu), (l_dev, g_dev) = results["cpu"], results["device"]
     out["train_loss_abs_diff"] = float(abs(l_cpu - l_dev))
-    out["train_grad_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(g_cpu),
-                                                                                  jax.tree.leaves(g_dev),
-                                                                                  strict=True)))
+    out["train_grad_max_abs_diff"] = float(
+        max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_dev), strict=True))
+    )
     return out
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
 # --- search -------------------------------------------------------------------------------------------------------
+
 
 def _search(sz) -> dict[str, Any]:
     """Exact top-k over `search_rows` x 128 bfloat16 rows resident on the device (standard normal, drawn there),
@@ -455,12 +549,15 @@ def _search(sz) -> dict[str, Any]:
     norm = jnp.max(jnp.linalg.norm(rows.astype(jnp.float32), axis=1), keepdims=True) * (1 + 2.0**-20)
     queries = np.asarray(jax.random.normal(jax.random.key(1), (nq, 128), jnp.float32))
     mesh = data_mesh(jax.devices()[:1])
-    program = search._mesh_program(mesh, "screened", k=k, candidates=search.screen_candidates(k, "bfloat16"),
-                                     screen_dtype="bfloat16")
+    program = search._mesh_program(
+        mesh, "screened", k=k, candidates=search.screen_candidates(k, "bfloat16"), screen_dtype="bfloat16"
+    )
 
     def ours():  # in chunks of `search.QUERY_CHUNK` queries, as `Index.search_rows` sends them
-        outs = [program(jnp.asarray(queries[s:s + search.QUERY_CHUNK]), rows, np.int32(n), norm)
-                for s in range(0, nq, search.QUERY_CHUNK)]
+        outs = [
+            program(jnp.asarray(queries[s : s + search.QUERY_CHUNK]), rows, np.int32(n), norm)
+            for s in range(0, nq, search.QUERY_CHUNK)
+        ]
         return [np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(3)]
 
     start = time.perf_counter()
@@ -479,7 +576,7 @@ def _search(sz) -> dict[str, Any]:
     def theirs():
         best_s, best_i = [], []
         for s in range(0, n, chunk):
-            part = t_rows[s:min(s + chunk, n)].float()
+            part = t_rows[s : min(s + chunk, n)].float()
             top = torch.topk(t_q @ part.T, min(k, part.shape[0]), dim=1)
             best_s.append(top.values)
             best_i.append(top.indices + s)
@@ -509,16 +606,23 @@ def _plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (part, key, title) in zip(axes, (("forward", "seq_per_s", "forward 1024 x 128, seq/s"),
-                                              ("train", "pairs_per_s", "training step, pairs/s"),
-                                              ("real_text", None, "20,000 real texts, texts/s")), strict=True):
+    for ax, (part, key, title) in zip(
+        axes,
+        (
+            ("forward", "seq_per_s", "forward 1024 x 128, seq/s"),
+            ("train", "pairs_per_s", "training step, pairs/s"),
+            ("real_text", None, "20,000 real texts, texts/s"),
+        ),
+        strict=True,
+    ):
         data = results.get(part) or {}
         if key is not None:
             rows = {k: v[key] for k, v in (data.get("rows") or {}).items() if key in v}
         else:
             rows = {f"ours, {r['rows_per_call']} rows/call": r["texts_per_s"] for r in data.get("encoder", [])}
-            rows.update({f"s-t, batch {r['batch_size']}": r["texts_per_s"]
-                         for r in data.get("sentence_transformers", [])})
+            rows.update(
+                {f"s-t, batch {r['batch_size']}": r["texts_per_s"] for r in data.get("sentence_transformers", [])}
+            )
             if "host" in data:
                 rows["tokenizer alone (host)"] = data["host"]["tokenizer_texts_per_s"]
         ax.barh(list(rows), list(rows.values()), color=["C0" if k.startswith("ours") else "C1" for k in rows])
@@ -559,17 +663,25 @@ def run(out: str, quick: bool = False, weights: str | None = None, parts: list[s
     gpu = jax.default_backend() == "gpu"
     sz = _sizes(quick)
     cfg = bench_config(quick)
-    results: dict[str, Any] = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                               "sizes": sz, "versions": _versions()}
+    results: dict[str, Any] = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "sizes": sz,
+        "versions": _versions(),
+    }
 
     def save() -> None:
         with atomic_file(os.path.join(out, "device_check.json"), "w") as f:
             json.dump(results, f, indent=2)
 
-    steps = {"peak": lambda: measure_peak(gpu=gpu and not quick, quick=quick),
-             "forward": lambda: _forward(cfg, sz, quick), "real_text": lambda: _real_text(cfg, sz, weights),
-             "train": lambda: _train(cfg, sz), "parity_fp32": lambda: _parity(weights, sz["texts"], quick),
-             "search": lambda: _search(sz)}
+    steps = {
+        "peak": lambda: measure_peak(gpu=gpu and not quick, quick=quick),
+        "forward": lambda: _forward(cfg, sz, quick),
+        "real_text": lambda: _real_text(cfg, sz, weights),
+        "train": lambda: _train(cfg, sz),
+        "parity_fp32": lambda: _parity(weights, sz["texts"], quick),
+        "search": lambda: _search(sz),
+    }
     unknown = sorted(set(parts or ()) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown device-check parts {unknown}; expected some of {PARTS}")
@@ -620,49 +732,74 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"{part}: FAILED {results[part]['error']}")
     peak = results.get("peak") or {}
     if "peak_flops_bfloat16" in peak:
-        lines.append(f"matmul peak: {peak['peak_flops_float32'] / 1e12:.1f} TFLOP/s fp32, "
-                     f"{peak['peak_flops_bfloat16'] / 1e12:.1f} TFLOP/s bf16")
+        lines.append(
+            f"matmul peak: {peak['peak_flops_float32'] / 1e12:.1f} TFLOP/s fp32, "
+            f"{peak['peak_flops_bfloat16'] / 1e12:.1f} TFLOP/s bf16"
+        )
     fwd = (results.get("forward") or {}).get("rows", {})
     for name, r in fwd.items():
-        lines.append(f"forward {name}: " + (f"{r['seq_per_s']:.0f} seq/s, first call {r['compile_s']:.1f} s"
-                                            if "seq_per_s" in r else f"FAILED {r.get('error')}"))
+        lines.append(
+            f"forward {name}: "
+            + (
+                f"{r['seq_per_s']:.0f} seq/s, first call {r['compile_s']:.1f} s"
+                if "seq_per_s" in r
+                else f"FAILED {r.get('error')}"
+            )
+        )
     ours, compiled = fwd.get("ours"), fwd.get("torch.compile")
     eager = fwd.get("PyTorch eager (HF BertModel, sdpa, bf16)")
-    lines.append(f"forward ratios: ours / torch.compile {_ratio(ours, compiled, 'seq_per_s')}, "
-                 f"ours / eager {_ratio(ours, eager, 'seq_per_s')}")
+    lines.append(
+        f"forward ratios: ours / torch.compile {_ratio(ours, compiled, 'seq_per_s')}, "
+        f"ours / eager {_ratio(ours, eager, 'seq_per_s')}"
+    )
     rt = results.get("real_text") or {}
     if "host" in rt:
         h = rt["host"]
-        lines.append(f"real text, host: tokenizer alone {h['tokenizer_texts_per_s']:.0f} texts/s, Encoder over a "
-                     f"negligible model {h['encoder_texts_per_s']:.0f} ({h['ratio']:.2f}x)")
+        lines.append(
+            f"real text, host: tokenizer alone {h['tokenizer_texts_per_s']:.0f} texts/s, Encoder over a "
+            f"negligible model {h['encoder_texts_per_s']:.0f} ({h['ratio']:.2f}x)"
+        )
     for r in rt.get("encoder", []):
-        lines.append(f"real text, Encoder {r['rows_per_call']} rows/call: {r['texts_per_s']:.0f} texts/s "
-                     f"(first call {r['first_call_s']:.1f} s)")
+        lines.append(
+            f"real text, Encoder {r['rows_per_call']} rows/call: {r['texts_per_s']:.0f} texts/s "
+            f"(first call {r['first_call_s']:.1f} s)"
+        )
     for r in rt.get("sentence_transformers", []):
         lines.append(f"real text, sentence-transformers batch {r['batch_size']}: {r['texts_per_s']:.0f} texts/s")
     if rt.get("encoder") and rt.get("sentence_transformers"):
         best = max(r["texts_per_s"] for r in rt["encoder"])
         st = max(r["texts_per_s"] for r in rt["sentence_transformers"])
         default = rt["encoder"][0]["texts_per_s"]
-        lines.append(f"real text ratios: ours (default) / s-t best {default / st:.2f}x, ours best / s-t best "
-                     f"{best / st:.2f}x")
+        lines.append(
+            f"real text ratios: ours (default) / s-t best {default / st:.2f}x, ours best / s-t best {best / st:.2f}x"
+        )
     tr = (results.get("train") or {}).get("rows", {})
     for name, r in tr.items():
-        lines.append(f"train {name}: " + (f"{r['pairs_per_s']:.0f} pairs/s, first step {r['first_step_s']:.1f} s"
-                                          if "pairs_per_s" in r else f"FAILED {r.get('error')}"))
+        lines.append(
+            f"train {name}: "
+            + (
+                f"{r['pairs_per_s']:.0f} pairs/s, first step {r['first_step_s']:.1f} s"
+                if "pairs_per_s" in r
+                else f"FAILED {r.get('error')}"
+            )
+        )
     torch_amp = tr.get("PyTorch AMP (bf16 autocast, fused AdamW)")
     for name in [n for n in tr if n.startswith("ours")]:
         lines.append(f"train ratio {name} / PyTorch AMP: {_ratio(tr[name], torch_amp, 'pairs_per_s')}")
     p = results.get("parity_fp32") or {}
     if "encoder_max_abs_diff" in p:
-        lines.append(f"fp32 parity vs CPU ({p['texts']} texts): Encoder {p['encoder_max_abs_diff']:.3g}, "
-                     f"CLI {p.get('cli_max_abs_diff', p.get('cli_error', 'n/a'))}, train loss "
-                     f"{p.get('train_loss_abs_diff', float('nan')):.3g}, grads "
-                     f"{p.get('train_grad_max_abs_diff', float('nan')):.3g}")
+        lines.append(
+            f"fp32 parity vs CPU ({p['texts']} texts): Encoder {p['encoder_max_abs_diff']:.3g}, "
+            f"CLI {p.get('cli_max_abs_diff', p.get('cli_error', 'n/a'))}, train loss "
+            f"{p.get('train_loss_abs_diff', float('nan')):.3g}, grads "
+            f"{p.get('train_grad_max_abs_diff', float('nan')):.3g}"
+        )
     se = results.get("search") or {}
     if "ours_s" in se:
-        lines.append(f"search {se['rows']:,} x 128 bf16, {se['queries']} queries, k = {se['k']}: ours "
-                     f"{se['ours_s']:.3f} s (first call {se['first_call_s']:.1f} s), PyTorch matmul + topk "
-                     f"{se['torch_s']:.3f} s: {se['ratio']:.2f}x; proven exact {se['screen_proven_exact']:.3f}, "
-                     f"ids equal PyTorch's {se['ids_equal']:.5f}")
+        lines.append(
+            f"search {se['rows']:,} x 128 bf16, {se['queries']} queries, k = {se['k']}: ours "
+            f"{se['ours_s']:.3f} s (first call {se['first_call_s']:.1f} s), PyTorch matmul + topk "
+            f"{se['torch_s']:.3f} s: {se['ratio']:.2f}x; proven exact {se['screen_proven_exact']:.3f}, "
+            f"ids equal PyTorch's {se['ids_equal']:.5f}"
+        )
     return "\n".join(lines)

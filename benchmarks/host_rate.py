@@ -29,8 +29,14 @@ def host_rate(texts: list[str], tokenizer_dir: str, repeats: int = 3, max_length
     from retribert_jax.encode import Encoder
 
     tok = RetriBertTokenizer.from_pretrained(tokenizer_dir)
-    cfg = RetriBertConfig(vocab_size=tok.backend.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, intermediate_size=32, projection_dim=16)
+    cfg = RetriBertConfig(
+        vocab_size=tok.backend.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        projection_dim=16,
+    )
     enc = Encoder(init_model(cfg), tok)
     backend = type(tok.backend).from_str(tok.backend.to_str())
     backend.enable_truncation(max_length)
@@ -49,8 +55,12 @@ def host_rate(texts: list[str], tokenizer_dir: str, repeats: int = 3, max_length
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    return {"texts": len(texts), "tokenizer_texts_per_s": len(texts) / best["tokenizer"],
-            "encoder_texts_per_s": len(texts) / best["encoder"], "ratio": best["tokenizer"] / best["encoder"]}
+    return {
+        "texts": len(texts),
+        "tokenizer_texts_per_s": len(texts) / best["tokenizer"],
+        "encoder_texts_per_s": len(texts) / best["encoder"],
+        "ratio": best["tokenizer"] / best["encoder"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from retribert_jax.minilm import minilm_dir
 
     r = host_rate(real_texts(args.texts, seed=4), minilm_dir(), args.repeats)
-    print(f"{r['texts']} texts: tokenizer alone {r['tokenizer_texts_per_s']:.0f} texts/s, Encoder (negligible "
-          f"model) {r['encoder_texts_per_s']:.0f} texts/s: {r['ratio']:.2f}x the tokenizer's rate")
+    print(
+        f"{r['texts']} texts: tokenizer alone {r['tokenizer_texts_per_s']:.0f} texts/s, Encoder (negligible "
+        f"model) {r['encoder_texts_per_s']:.0f} texts/s: {r['ratio']:.2f}x the tokenizer's rate"
+    )
     return 0
 
 

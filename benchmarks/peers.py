@@ -31,6 +31,7 @@ def available(framework: str) -> str | None:
         if framework in ("hf_torch", "hf_flax", "sentence_transformers"):
             import torch  # noqa: F401
             import transformers
+
             if int(transformers.__version__.split(".")[0]) >= 5:
                 return f"transformers {transformers.__version__} dropped RetriBertModel and Flax; needs <5"
         if framework == "hf_flax":
@@ -85,6 +86,7 @@ def fixed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.
 
 
 # --- the peers: each builder returns (fixed-shape forward on numpy ids/mask -> callable, end-to-end encode) -------
+
 
 def _jax_dtype(dtype: str):
     import jax.numpy as jnp
@@ -145,13 +147,26 @@ def build_hf_torch(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_
         # As the model card uses it: batches in input order, each padded to its longest text.
         outs = []
         for s in range(0, len(texts), e2e_batch):
-            enc = tok(texts[s:s + e2e_batch], max_length=max_length, truncation=True, padding=True,
-                      return_tensors="pt", return_token_type_ids=False)
+            enc = tok(
+                texts[s : s + e2e_batch],
+                max_length=max_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
             outs.append(forward(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu().numpy())
         return np.concatenate(outs)
 
-    return fixed, e2e, {"device": device, "threads": torch.get_num_threads(),
-                        "mode": "eager" + (", bf16 autocast" if autocast else "")}
+    return (
+        fixed,
+        e2e,
+        {
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "mode": "eager" + (", bf16 autocast" if autocast else ""),
+        },
+    )
 
 
 def build_hf_flax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_batch: int):
@@ -177,8 +192,14 @@ def build_hf_flax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_b
         # Padded to max_length, the usual way to keep one compiled shape under jit.
         outs = []
         for s in range(0, len(texts), e2e_batch):
-            enc = tok(texts[s:s + e2e_batch], max_length=max_length, truncation=True, padding="max_length",
-                      return_tensors="np", return_token_type_ids=False)
+            enc = tok(
+                texts[s : s + e2e_batch],
+                max_length=max_length,
+                truncation=True,
+                padding="max_length",
+                return_tensors="np",
+                return_token_type_ids=False,
+            )
             outs.append(np.asarray(apply(params, w, enc["input_ids"], enc["attention_mask"])))
         return np.concatenate(outs)
 
@@ -209,11 +230,16 @@ def build_sentence_transformers(dirs: ModelDirs, dtype: str, gpu: bool, max_leng
     return None, e2e, {"device": device, "pooling": "cls (no BERT pooler), Dense without bias"}
 
 
-BUILDERS = {"retribert_jax": build_retribert_jax, "hf_torch": build_hf_torch, "hf_flax": build_hf_flax,
-            "sentence_transformers": build_sentence_transformers}
+BUILDERS = {
+    "retribert_jax": build_retribert_jax,
+    "hf_torch": build_hf_torch,
+    "hf_flax": build_hf_flax,
+    "sentence_transformers": build_sentence_transformers,
+}
 
 
 # --- the worker -------------------------------------------------------------------------------------------------
+
 
 def peak_memory_bytes(framework: str, gpu: bool) -> tuple[int, str]:
     """The device's peak allocated bytes on GPU, else this process's RSS high-water mark."""
@@ -241,16 +267,22 @@ def measure_peak(gpu: bool, quick: bool) -> dict[str, Any]:
     n = 512 if quick else (8192 if gpu else 2048)
     rows = 256 if quick else (131072 if gpu else 4096)  # tokens of one headline batch
     shapes = [(n, n, n)] + ([] if quick else [(rows, 768, 3072), (rows, 3072, 768), (rows, 768, 2304)])
-    out: dict[str, Any] = {"matmul_n": n, "matmul_shapes": shapes, "device": jax.devices()[0].device_kind,
-                           "backend": jax.default_backend(), "device_count": jax.device_count()}
+    out: dict[str, Any] = {
+        "matmul_n": n,
+        "matmul_shapes": shapes,
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+    }
     for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         best = 0.0
         for m, k, n_ in shapes:
             a = jax.random.normal(jax.random.key(0), (m, k), dt)
             b = jax.random.normal(jax.random.key(1), (k, n_), dt)
             f = jax.jit(lambda x, y: x @ y)
-            t = time_calls(lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)), 0.5 if quick else 1.0,
-                           5 if quick else 30)
+            t = time_calls(
+                lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)), 0.5 if quick else 1.0, 5 if quick else 30
+            )
             # The best repetition: a peak is what the device can do, and on a shared machine the median is not that.
             best = max(best, 2 * m * k * n_ / t["best_s"])
         out[f"peak_flops_{name}"] = best
@@ -277,9 +309,16 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             before = counter.snapshot() if counter else None
             t = time_calls(fixed(*fixed_batch(b, length, cfg.vocab_size)), spec["min_time"], spec["max_iters"])
             flops = b * flops_per_sequence(cfg, length) / t["step_s"]
-            result.update(batch=b, length=length, throughput=b / t["step_s"], step_s=t["step_s"], iters=t["iters"],
-                          first_call_s=t["first_s"], flops_per_s=flops,
-                          warmup_s=max(0.0, t["first_s"] - t["step_s"]))
+            result.update(
+                batch=b,
+                length=length,
+                throughput=b / t["step_s"],
+                step_s=t["step_s"],
+                iters=t["iters"],
+                first_call_s=t["first_s"],
+                flops_per_s=flops,
+                warmup_s=max(0.0, t["first_s"] - t["step_s"]),
+            )
             if counter:
                 n, s = counter.snapshot()
                 result.update(compile_count=n - before[0], compile_s=s - before[1])
@@ -291,8 +330,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         e2e(texts)
         warm = time.perf_counter() - t0
-        result.update(e2e_texts=len(texts), e2e_throughput=len(texts) / warm, e2e_cold_s=cold, e2e_warm_s=warm,
-                      e2e_shape=list(np.shape(emb)))
+        result.update(
+            e2e_texts=len(texts),
+            e2e_throughput=len(texts) / warm,
+            e2e_cold_s=cold,
+            e2e_warm_s=warm,
+            e2e_shape=list(np.shape(emb)),
+        )
         if counter:
             n, s = counter.snapshot()
             result.update(e2e_compile_count=n - before[0], e2e_compile_s=s - before[1])
@@ -301,7 +345,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         points = []
         for b, length in spec["points"]:
             t = time_calls(fixed(*fixed_batch(b, length, cfg.vocab_size)), spec["min_time"], spec["max_iters"])
-            points.append({"batch": b, "length": length, "throughput": b / t["step_s"], "step_s": t["step_s"],
-                           "flops_per_s": b * flops_per_sequence(cfg, length) / t["step_s"]})
+            points.append(
+                {
+                    "batch": b,
+                    "length": length,
+                    "throughput": b / t["step_s"],
+                    "step_s": t["step_s"],
+                    "flops_per_s": b * flops_per_sequence(cfg, length) / t["step_s"],
+                }
+            )
         result["points"] = points
     return result

@@ -90,12 +90,15 @@ def compile_profile(args: argparse.Namespace) -> None:
             t3 = time.perf_counter()
             seconds[name].append((t1 - t0, t2 - t1, t3 - t2))
             hlo = compiled.as_text()
-            kernels[name] = (len(re.findall(r"\bfusion\(.*kind=k(?:Loop|Input|Output)", hlo)),
-                             len(re.findall(r"\bfusion\(.*kind=kCustom", hlo)))
-    print(f"{cfg.num_hidden_layers} x {cfg.hidden_size} at ({args.rows}, {args.length}), jax {jax.__version__}, "
-          f"median of {args.rounds}:")
-    print(f"{'':>34} {'trace s':>8} {'lower s':>8} {'compile s':>9} {'total s':>8} {'loop kernels':>12} "
-          f"{'library':>8}")
+            kernels[name] = (
+                len(re.findall(r"\bfusion\(.*kind=k(?:Loop|Input|Output)", hlo)),
+                len(re.findall(r"\bfusion\(.*kind=kCustom", hlo)),
+            )
+    print(
+        f"{cfg.num_hidden_layers} x {cfg.hidden_size} at ({args.rows}, {args.length}), jax {jax.__version__}, "
+        f"median of {args.rounds}:"
+    )
+    print(f"{'':>34} {'trace s':>8} {'lower s':>8} {'compile s':>9} {'total s':>8} {'loop kernels':>12} {'library':>8}")
     for name, runs in seconds.items():
         t, lo, c = (statistics.median(r[i] for r in runs) for i in range(3))
         loop, lib = kernels[name]
@@ -127,8 +130,9 @@ def rows_profile(args: argparse.Namespace) -> None:
 
         def call(batch=batch):
             ids, mask, positions, cls_index = batch
-            embed(graphdef, state, ids, mask, kind="passages", position_ids=positions,
-                  cls_index=cls_index).block_until_ready()
+            embed(
+                graphdef, state, ids, mask, kind="passages", position_ids=positions, cls_index=cls_index
+            ).block_until_ready()
 
         call()  # compile
         calls[rows] = call
@@ -161,8 +165,13 @@ def gemms_profile(args: argparse.Namespace) -> None:
     d, f, h, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers
     b, length = args.batch, args.length
     t = b * length
-    dense = {"qkv (fused)": (t, d, 3 * d), "attention output": (t, d, d), "ffn in": (t, d, f), "ffn out": (t, f, d),
-             "last layer k,v only": (t, d, 2 * d)}
+    dense = {
+        "qkv (fused)": (t, d, 3 * d),
+        "attention output": (t, d, d),
+        "ffn in": (t, d, f),
+        "ffn out": (t, f, d),
+        "last layer k,v only": (t, d, 2 * d),
+    }
     rng = np.random.default_rng(0)
     mm = jax.jit(lambda x, y: x @ y)
     secs = {}
@@ -171,21 +180,28 @@ def gemms_profile(args: argparse.Namespace) -> None:
         x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
         y = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
         secs[name] = best_seconds(lambda x=x, y=y: mm(x, y).block_until_ready())
-        print(f"  jax   {name:20s} [{m}, {k}] x [{k}, {n}]: {secs[name] * 1e3:7.1f} ms, "
-              f"{2 * m * k * n / secs[name] / 1e9:6.0f} GFLOP/s")
+        print(
+            f"  jax   {name:20s} [{m}, {k}] x [{k}, {n}]: {secs[name] * 1e3:7.1f} ms, "
+            f"{2 * m * k * n / secs[name] / 1e9:6.0f} GFLOP/s"
+        )
     q = jnp.asarray(rng.standard_normal((b, h, length, d // h), dtype=np.float32))
     p = jnp.asarray(rng.standard_normal((b, h, length, length), dtype=np.float32))
     qk = jax.jit(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k))
     pv = jax.jit(lambda p, v: jnp.einsum("bhqk,bhkd->bhqd", p, v))
-    secs["attention"] = (best_seconds(lambda: qk(q, q).block_until_ready())
-                         + best_seconds(lambda: pv(p, q).block_until_ready()))
-    print(f"  jax   {'QK^T + PV':20s} {secs['attention'] * 1e3:7.1f} ms, "
-          f"{2 * 2 * b * h * length * length * (d // h) / secs['attention'] / 1e9:6.0f} GFLOP/s")
+    secs["attention"] = best_seconds(lambda: qk(q, q).block_until_ready()) + best_seconds(
+        lambda: pv(p, q).block_until_ready()
+    )
+    print(
+        f"  jax   {'QK^T + PV':20s} {secs['attention'] * 1e3:7.1f} ms, "
+        f"{2 * 2 * b * h * length * length * (d // h) / secs['attention'] / 1e9:6.0f} GFLOP/s"
+    )
     layer = sum(secs[k] for k in ("qkv (fused)", "attention output", "ffn in", "ffn out", "attention"))
     full = layers * layer
     cls_only = (layers - 1) * layer + secs["last layer k,v only"]
-    print(f"matmul-only time per batch: {full:.2f} s full-length -> at most {b / full:.1f} seq/s; "
-          f"with the [CLS]-only last layer {cls_only:.2f} s -> at most {b / cls_only:.1f} seq/s")
+    print(
+        f"matmul-only time per batch: {full:.2f} s full-length -> at most {b / full:.1f} seq/s; "
+        f"with the [CLS]-only last layer {cls_only:.2f} s -> at most {b / cls_only:.1f} seq/s"
+    )
     try:
         import torch
     except ImportError:
@@ -250,8 +266,10 @@ def fixed_profile(args: argparse.Namespace) -> None:
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     for name in runs:
-        print(f"{name}: {b / best[name]:.1f} passages/s (best of {args.rounds}); "
-              f"ours / this = {best[name] / best['ours']:.2f}")
+        print(
+            f"{name}: {b / best[name]:.1f} passages/s (best of {args.rounds}); "
+            f"ours / this = {best[name] / best['ours']:.2f}"
+        )
 
 
 def real_paragraphs(n: int) -> list[str]:

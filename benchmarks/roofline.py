@@ -101,9 +101,14 @@ def measured_seq_per_s(cfg, rows: int, length: int, quick: bool) -> float:
 
 def predict(c: dict[str, float], rows: int, flops_per_s: float, bytes_per_s: float) -> dict[str, Any]:
     compute, memory = c["flops"] / flops_per_s, c["bytes"] / bytes_per_s
-    return {"seq_per_s": rows / (compute + memory), "compute_bound_seq_per_s": rows / compute,
-            "binds": "compute" if compute >= memory else "memory", "compute_s": compute, "memory_s": memory,
-            "arithmetic_intensity": c["flops"] / c["bytes"]}
+    return {
+        "seq_per_s": rows / (compute + memory),
+        "compute_bound_seq_per_s": rows / compute,
+        "binds": "compute" if compute >= memory else "memory",
+        "compute_s": compute,
+        "memory_s": memory,
+        "arithmetic_intensity": c["flops"] / c["bytes"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,38 +127,64 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_peak(gpu=False, quick=args.quick)["peak_flops_float32"]
     bandwidth = copy_bandwidth(args.quick)
     rows = 8 if args.quick else 32
-    out: dict[str, Any] = {"model": "tiny" if args.quick else "RetriBERT-base", "cpu_matmul_peak_flops": peak,
-                           "cpu_copy_bandwidth": bandwidth, "mfu": MFU, "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
-                           "cpu": [], "accelerators": []}
+    out: dict[str, Any] = {
+        "model": "tiny" if args.quick else "RetriBERT-base",
+        "cpu_matmul_peak_flops": peak,
+        "cpu_copy_bandwidth": bandwidth,
+        "mfu": MFU,
+        "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
+        "cpu": [],
+        "accelerators": [],
+    }
     print(f"this CPU: matmul peak {peak / 1e12:.3f} TFLOP/s fp32, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'program':>16} {'XLA GFLOP':>10} {'XLA GB':>8} {'predicted':>10} {'measured':>9} {'meas/pred':>9} binds")
-    for length in ((16, 32) if args.quick else (32, 64, 128)):
+    for length in (16, 32) if args.quick else (32, 64, 128):
         c = cost(cfg, jnp.float32, rows, length)
         pred = predict(c, rows, peak, bandwidth)
         seen = measured_seq_per_s(cfg, rows, length, args.quick)
         ratio = seen / pred["seq_per_s"]
         out["cpu"].append({"rows": rows, "length": length, **c, **pred, "measured_seq_per_s": seen, "ratio": ratio})
-        print(f"{f'{rows} x {length} fp32':>16} {c['flops'] / 1e9:10.1f} {c['bytes'] / 1e9:8.2f} "
-              f"{pred['seq_per_s']:10.1f} {seen:9.1f} {ratio:9.2f} {pred['binds']}")
+        print(
+            f"{f'{rows} x {length} fp32':>16} {c['flops'] / 1e9:10.1f} {c['bytes'] / 1e9:8.2f} "
+            f"{pred['seq_per_s']:10.1f} {seen:9.1f} {ratio:9.2f} {pred['binds']}"
+        )
     worst = min(r["ratio"] for r in out["cpu"])
     out["cpu_check"] = {"worst_ratio": worst, "within_25_percent": all(0.75 <= r["ratio"] <= 1.25 for r in out["cpu"])}
-    print(f"check: measured / predicted in [{worst:.2f}, {max(r['ratio'] for r in out['cpu']):.2f}] "
-          f"({'within' if out['cpu_check']['within_25_percent'] else 'NOT within'} 25%)")
+    print(
+        f"check: measured / predicted in [{worst:.2f}, {max(r['ratio'] for r in out['cpu']):.2f}] "
+        f"({'within' if out['cpu_check']['within_25_percent'] else 'NOT within'} 25%)"
+    )
 
     b, length = (8, 32) if args.quick else ACCELERATOR_SHAPE
     c = cost(cfg, jnp.bfloat16, b, length)
     nominal = b * flops_per_sequence(cfg, length)
-    print(f"\npredictions (not measurements), {b} x {length} bf16, MFU {MFU:.0%}, bandwidth at "
-          f"{BANDWIDTH_EFFICIENCY:.0%}; XLA counts {c['flops'] / 1e12:.2f} TFLOP, {c['bytes'] / 1e9:.2f} GB a batch")
-    print(f"{'device':>18} {'peak TF':>8} {'TB/s':>6} {'seq/s':>9} {'binds':>8} {'% of peak (nominal)':>20} "
-          f"{'compute-bound seq/s':>20}")
+    print(
+        f"\npredictions (not measurements), {b} x {length} bf16, MFU {MFU:.0%}, bandwidth at "
+        f"{BANDWIDTH_EFFICIENCY:.0%}; XLA counts {c['flops'] / 1e12:.2f} TFLOP, {c['bytes'] / 1e9:.2f} GB a batch"
+    )
+    print(
+        f"{'device':>18} {'peak TF':>8} {'TB/s':>6} {'seq/s':>9} {'binds':>8} {'% of peak (nominal)':>20} "
+        f"{'compute-bound seq/s':>20}"
+    )
     for name, (flops_s, bytes_s) in ACCELERATORS.items():
         pred = predict(c, b, flops_s * MFU, bytes_s * BANDWIDTH_EFFICIENCY)
         share = pred["seq_per_s"] / b * nominal / flops_s
-        out["accelerators"].append({"device": name, "peak_flops": flops_s, "bandwidth": bytes_s, "rows": b,
-                                    "length": length, **c, **pred, "nominal_share_of_peak": share})
-        print(f"{name:>18} {flops_s / 1e12:8.0f} {bytes_s / 1e12:6.2f} {pred['seq_per_s']:9.0f} {pred['binds']:>8} "
-              f"{share:20.0%} {pred['compute_bound_seq_per_s']:20.0f}")
+        out["accelerators"].append(
+            {
+                "device": name,
+                "peak_flops": flops_s,
+                "bandwidth": bytes_s,
+                "rows": b,
+                "length": length,
+                **c,
+                **pred,
+                "nominal_share_of_peak": share,
+            }
+        )
+        print(
+            f"{name:>18} {flops_s / 1e12:8.0f} {bytes_s / 1e12:6.2f} {pred['seq_per_s']:9.0f} {pred['binds']:>8} "
+            f"{share:20.0%} {pred['compute_bound_seq_per_s']:20.0f}"
+        )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

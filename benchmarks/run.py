@@ -30,10 +30,18 @@ from benchmarks.data import FLOPS_FORMULA, bench_config, build_model_dirs, real_
 from benchmarks.peers import FRAMEWORKS, available, run_worker  # noqa: E402
 
 PLAN_DTYPES = {  # which compute dtypes each framework runs in, by device
-    "cpu": {"retribert_jax": ["float32", "bfloat16"], "hf_torch": ["float32", "bfloat16"], "hf_flax": ["float32"],
-            "sentence_transformers": ["float32"]},
-    "gpu": {"retribert_jax": ["bfloat16", "float32"], "hf_torch": ["bfloat16"], "hf_flax": ["bfloat16"],
-            "sentence_transformers": ["bfloat16"]},
+    "cpu": {
+        "retribert_jax": ["float32", "bfloat16"],
+        "hf_torch": ["float32", "bfloat16"],
+        "hf_flax": ["float32"],
+        "sentence_transformers": ["float32"],
+    },
+    "gpu": {
+        "retribert_jax": ["bfloat16", "float32"],
+        "hf_torch": ["bfloat16"],
+        "hf_flax": ["bfloat16"],
+        "sentence_transformers": ["bfloat16"],
+    },
 }
 SCALED = ("retribert_jax", "hf_torch")  # the frameworks whose throughput is swept over batch and length
 
@@ -41,16 +49,55 @@ SCALED = ("retribert_jax", "hf_torch")  # the frameworks whose throughput is swe
 def sizes(quick: bool, gpu: bool) -> dict[str, Any]:
     """How much work each measurement does: small for --quick, about five minutes in all on a GPU."""
     if quick:
-        return dict(batch=8, length=32, min_time=0.0, max_iters=2, n_texts=16, e2e_batch=8, max_length=64,
-                    scale_batches=[1, 8], scale_lengths=[16, 32], scale_length_batch=4, scale_length=32,
-                    scale_min_time=0.0, scale_max_iters=1, timeout=300)
+        return dict(
+            batch=8,
+            length=32,
+            min_time=0.0,
+            max_iters=2,
+            n_texts=16,
+            e2e_batch=8,
+            max_length=64,
+            scale_batches=[1, 8],
+            scale_lengths=[16, 32],
+            scale_length_batch=4,
+            scale_length=32,
+            scale_min_time=0.0,
+            scale_max_iters=1,
+            timeout=300,
+        )
     if gpu:
-        return dict(batch=1024, length=128, min_time=2.0, max_iters=50, n_texts=8192, e2e_batch=256, max_length=128,
-                    scale_batches=[1, 4, 16, 64, 256, 512], scale_lengths=[32, 64, 128, 256, 512],
-                    scale_length_batch=256, scale_length=128, scale_min_time=0.5, scale_max_iters=20, timeout=600)
-    return dict(batch=32, length=128, min_time=5.0, max_iters=10, n_texts=256, e2e_batch=32, max_length=128,
-                scale_batches=[1, 4, 16, 64, 256, 512], scale_lengths=[32, 64, 128, 256, 512], scale_length_batch=16,
-                scale_length=128, scale_min_time=1.0, scale_max_iters=3, timeout=3600)
+        return dict(
+            batch=1024,
+            length=128,
+            min_time=2.0,
+            max_iters=50,
+            n_texts=8192,
+            e2e_batch=256,
+            max_length=128,
+            scale_batches=[1, 4, 16, 64, 256, 512],
+            scale_lengths=[32, 64, 128, 256, 512],
+            scale_length_batch=256,
+            scale_length=128,
+            scale_min_time=0.5,
+            scale_max_iters=20,
+            timeout=600,
+        )
+    return dict(
+        batch=32,
+        length=128,
+        min_time=5.0,
+        max_iters=10,
+        n_texts=256,
+        e2e_batch=32,
+        max_length=128,
+        scale_batches=[1, 4, 16, 64, 256, 512],
+        scale_lengths=[32, 64, 128, 256, 512],
+        scale_length_batch=16,
+        scale_length=128,
+        scale_min_time=1.0,
+        scale_max_iters=3,
+        timeout=3600,
+    )
 
 
 def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -59,8 +106,12 @@ def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
-        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "TOKENIZERS_PARALLELISM": "false",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        }
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec_path, "--worker-out", result_path]
         try:
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -68,8 +119,10 @@ def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
             return {"error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0 or not os.path.isfile(result_path):
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            return {"error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}",
-                    "stderr_tail": "\n".join(lines[-15:])}
+            return {
+                "error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}",
+                "stderr_tail": "\n".join(lines[-15:]),
+            }
         with open(result_path, encoding="utf-8") as f:
             return json.load(f)
 
@@ -105,10 +158,15 @@ def corpus_stats(model_dir: str, n: int, max_length: int) -> dict[str, Any]:
     tok = RetriBertTokenizer.from_pretrained(model_dir)
     texts = real_texts(n, seed=0)
     full = tok.encode_lengths(texts, 100_000)
-    return {"texts": n, "source": "docstrings of the Python standard library (benchmarks/data.py)",
-            "tokens_mean": float(np.minimum(full, max_length).mean()), "tokens_min": int(full.min()),
-            "tokens_max_untruncated": int(full.max()), "truncated_fraction": float((full > max_length).mean()),
-            "chars_mean": float(np.mean([len(t) for t in texts]))}
+    return {
+        "texts": n,
+        "source": "docstrings of the Python standard library (benchmarks/data.py)",
+        "tokens_mean": float(np.minimum(full, max_length).mean()),
+        "tokens_min": int(full.min()),
+        "tokens_max_untruncated": int(full.max()),
+        "truncated_fraction": float((full > max_length).mean()),
+        "chars_mean": float(np.mean([len(t) for t in texts])),
+    }
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -124,28 +182,37 @@ def label(row: dict[str, Any]) -> str:
 def table(results: dict[str, Any]) -> str:
     """The printed report: one row per (framework, dtype), then retribert_jax's ratios to each peer."""
     s, peak = results["sizes"], results["peak"]
-    head = (f"{'framework':<22} {'dtype':<9} {'seq/s':>9} {'TFLOP/s':>8} {'%peak':>6} {'compile s':>9} "
-            f"{'e2e text/s':>10} {'e2e cold s':>10} {'peak MB':>8}")
-    lines = [f"fixed shape: batch {s['batch']} x length {s['length']} (all tokens real); end to end: "
-             f"{s['n_texts']} real texts, max_length {s['max_length']}, batch {s['e2e_batch']}, tokenize + encode",
-             f"device: {results['meta']['device']}; matmul peak measured here: "
-             f"{peak['peak_flops_float32'] / 1e12:.3f} TFLOP/s fp32, {peak['peak_flops_bfloat16'] / 1e12:.3f} "
-             f"TFLOP/s bf16 (best jitted matmul of {peak['matmul_n']}^3 and BERT-base's GEMM shapes)",
-             head, "-" * len(head)]
+    head = (
+        f"{'framework':<22} {'dtype':<9} {'seq/s':>9} {'TFLOP/s':>8} {'%peak':>6} {'compile s':>9} "
+        f"{'e2e text/s':>10} {'e2e cold s':>10} {'peak MB':>8}"
+    )
+    lines = [
+        f"fixed shape: batch {s['batch']} x length {s['length']} (all tokens real); end to end: "
+        f"{s['n_texts']} real texts, max_length {s['max_length']}, batch {s['e2e_batch']}, tokenize + encode",
+        f"device: {results['meta']['device']}; matmul peak measured here: "
+        f"{peak['peak_flops_float32'] / 1e12:.3f} TFLOP/s fp32, {peak['peak_flops_bfloat16'] / 1e12:.3f} "
+        f"TFLOP/s bf16 (best jitted matmul of {peak['matmul_n']}^3 and BERT-base's GEMM shapes)",
+        head,
+        "-" * len(head),
+    ]
     for r in results["rows"]:
         tf = r.get("flops_per_s")
         frac = tf / peak[f"peak_flops_{r['dtype']}"] if tf else None
         comp = r.get("compile_s", r.get("warmup_s"))
-        lines.append(f"{r['framework']:<22} {r['dtype']:<9} {fmt(r.get('throughput'), '9.1f')} "
-                     f"{fmt(tf and tf / 1e12, '8.3f')} {fmt(frac and 100 * frac, '5.1f')}{'%' if frac else ' '} "
-                     f"{fmt(comp, '9.2f')} "
-                     f"{fmt(r.get('e2e_throughput'), '10.1f')} {fmt(r.get('e2e_cold_s'), '10.2f')} "
-                     f"{fmt(r['peak_memory_bytes'] / 2**20, '8.0f')}")
+        lines.append(
+            f"{r['framework']:<22} {r['dtype']:<9} {fmt(r.get('throughput'), '9.1f')} "
+            f"{fmt(tf and tf / 1e12, '8.3f')} {fmt(frac and 100 * frac, '5.1f')}{'%' if frac else ' '} "
+            f"{fmt(comp, '9.2f')} "
+            f"{fmt(r.get('e2e_throughput'), '10.1f')} {fmt(r.get('e2e_cold_s'), '10.2f')} "
+            f"{fmt(r['peak_memory_bytes'] / 2**20, '8.0f')}"
+        )
     lines.append("compile s: XLA compile time for the jax frameworks (count below), first-call overhead otherwise")
     for r in results["rows"]:
         if "compile_count" in r:
-            lines.append(f"  {label(r)}: {r['compile_count']} compilation(s) for the fixed shape, "
-                         f"{r.get('e2e_compile_count', 0)} ({r.get('e2e_compile_s', 0.0):.2f} s) for the real-text run")
+            lines.append(
+                f"  {label(r)}: {r['compile_count']} compilation(s) for the fixed shape, "
+                f"{r.get('e2e_compile_count', 0)} ({r.get('e2e_compile_s', 0.0):.2f} s) for the real-text run"
+            )
     lines.append(FLOPS_FORMULA)
     ours = [r for r in results["rows"] if r["framework"] == "retribert_jax"]
     peers = [r for r in results["rows"] if r["framework"] != "retribert_jax"]
@@ -225,17 +292,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few iterations: a smoke run (under a minute)")
     p.add_argument("--out", default=os.path.join(REPO, "bench_out"), help="where results go (default: bench_out/)")
-    p.add_argument("--model-dir", default=None,
-                   help="where the shared random weights are saved (reused when complete); default under --out")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="where the shared random weights are saved (reused when complete); default under --out",
+    )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
     p.add_argument("--no-scaling", action="store_true", help="skip the batch/length sweep")
-    p.add_argument("--device-check", action="store_true",
-                   help="the accelerator run instead (benchmarks/device_check.py): ours beside PyTorch, torch.compile, "
-                        "sentence-transformers and PyTorch AMP, and fp32 parity against the CPU; ~6 min on an H200")
+    p.add_argument(
+        "--device-check",
+        action="store_true",
+        help="the accelerator run instead (benchmarks/device_check.py): ours beside PyTorch, torch.compile, "
+        "sentence-transformers and PyTorch AMP, and fp32 parity against the CPU; ~6 min on an H200",
+    )
     p.add_argument("--parts", help="--device-check: a comma-separated subset of its parts (default: all)")
     p.add_argument("--weights", help="--device-check: real weights for the parity check (see --prepare-weights)")
-    p.add_argument("--prepare-weights", metavar="DIR",
-                   help="write the real-weights model (MiniLM, float16 Flax safetensors, ~45 MB) to DIR and exit")
+    p.add_argument(
+        "--prepare-weights",
+        metavar="DIR",
+        help="write the real-weights model (MiniLM, float16 Flax safetensors, ~45 MB) to DIR and exit",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -300,15 +376,27 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.setdefault(f, "torch has no CUDA here; a CPU run at GPU batch sizes would not be a peer")
     rows, scaling = [], {}
     results = {
-        "meta": {"command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
-                 "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-                 "device": probe["device"] if gpu else f"CPU: {cpu_name()} ({os.cpu_count()} cores)",
-                 "backend": probe["backend"], "quick": args.quick, "gpu": gpu, "isolated_processes": isolate,
-                 "model": "tiny random" if args.quick else "RetriBERT-base shape, random weights",
-                 "config": cfg.to_hf_dict(), "flops_formula": FLOPS_FORMULA, "versions": versions(),
-                 "platform": platform.platform(), "corpus": corpus_stats(dirs.retribert, sz["n_texts"],
-                                                                         sz["max_length"])},
-        "sizes": sz, "peak": probe, "rows": rows, "scaling": scaling, "skipped": skipped, "complete": False,
+        "meta": {
+            "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+            "device": probe["device"] if gpu else f"CPU: {cpu_name()} ({os.cpu_count()} cores)",
+            "backend": probe["backend"],
+            "quick": args.quick,
+            "gpu": gpu,
+            "isolated_processes": isolate,
+            "model": "tiny random" if args.quick else "RetriBERT-base shape, random weights",
+            "config": cfg.to_hf_dict(),
+            "flops_formula": FLOPS_FORMULA,
+            "versions": versions(),
+            "platform": platform.platform(),
+            "corpus": corpus_stats(dirs.retribert, sz["n_texts"], sz["max_length"]),
+        },
+        "sizes": sz,
+        "peak": probe,
+        "rows": rows,
+        "scaling": scaling,
+        "skipped": skipped,
+        "complete": False,
     }
 
     def save() -> str:
@@ -321,10 +409,20 @@ def main(argv: list[str] | None = None) -> int:
     for framework in wanted:
         if framework not in skipped:
             for dtype in PLAN_DTYPES[device][framework]:
-                headline_specs.append({
-                    "task": "headline", "framework": framework, "dtype": dtype, "gpu": gpu, "quick": args.quick,
-                    "dirs": vars(dirs), **{k: sz[k] for k in ("batch", "length", "min_time", "max_iters", "n_texts",
-                                                               "e2e_batch", "max_length")}})
+                headline_specs.append(
+                    {
+                        "task": "headline",
+                        "framework": framework,
+                        "dtype": dtype,
+                        "gpu": gpu,
+                        "quick": args.quick,
+                        "dirs": vars(dirs),
+                        **{
+                            k: sz[k]
+                            for k in ("batch", "length", "min_time", "max_iters", "n_texts", "e2e_batch", "max_length")
+                        },
+                    }
+                )
     for spec in headline_specs:
         name = f"{spec['framework']} {spec['dtype']}"
         print(f"[{time.perf_counter() - start:6.1f} s] {name} ...", flush=True)
@@ -337,20 +435,28 @@ def main(argv: list[str] | None = None) -> int:
         save()
     by_batch = [[b, sz["scale_length"]] for b in sz["scale_batches"]]
     by_length = [[sz["scale_length_batch"], n] for n in sz["scale_lengths"]]
-    for framework in ([] if args.no_scaling else SCALED):
+    for framework in [] if args.no_scaling else SCALED:
         ran = [r for r in rows if r["framework"] == framework]
         if not ran:
             continue
         spec = next(s for s in headline_specs if s["framework"] == framework)  # its first dtype
         name = f"{framework} {spec['dtype']}"
         print(f"[{time.perf_counter() - start:6.1f} s] {name} scaling ...", flush=True)
-        r = execute({**spec, "task": "scaling", "points": by_batch + by_length, "min_time": sz["scale_min_time"],
-                     "max_iters": sz["scale_max_iters"]}, sz["timeout"])
+        r = execute(
+            {
+                **spec,
+                "task": "scaling",
+                "points": by_batch + by_length,
+                "min_time": sz["scale_min_time"],
+                "max_iters": sz["scale_max_iters"],
+            },
+            sz["timeout"],
+        )
         if "error" in r:
             skipped[f"{name} scaling"] = r["error"]
         else:
             pts = r["points"]
-            scaling[name] = {"by_batch": pts[:len(by_batch)], "by_length": pts[len(by_batch):]}
+            scaling[name] = {"by_batch": pts[: len(by_batch)], "by_length": pts[len(by_batch) :]}
         save()
     results["complete"] = True
     report = save()

@@ -1,7 +1,7 @@
 """Convert an HF PyTorch RetriBERT checkpoint to Flax: the same options as `retribert-jax convert`.
 
-    python convert/convert_pytorch_checkpoint.py SRC OUT [--config config.json] [--format orbax|safetensors]
-        [--dtype float32|bfloat16|float16] [--tokenizer DIR] [--overwrite] [--verify]
+python convert/convert_pytorch_checkpoint.py SRC OUT [--config config.json] [--format orbax|safetensors]
+    [--dtype float32|bfloat16|float16] [--tokenizer DIR] [--overwrite] [--verify]
 """
 
 from __future__ import annotations

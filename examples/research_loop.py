@@ -62,15 +62,31 @@ def run(out: str, quick: bool = False) -> dict[str, dict[str, float]]:
 
         start = tiny_model_dir(os.path.join(out, "start"), share_encoders=True)
         n_train, n_test = 64, 32
-        tcfg = TrainConfig(batch_size=16, max_length=32, num_epochs=2, learning_rate=5e-3, warmup_steps=2,
-                           checkpoint_batch_size=-1, save_every=1000, log_every=4)
+        tcfg = TrainConfig(
+            batch_size=16,
+            max_length=32,
+            num_epochs=2,
+            learning_rate=5e-3,
+            warmup_steps=2,
+            checkpoint_batch_size=-1,
+            save_every=1000,
+            log_every=4,
+        )
     else:
         from retribert_jax.minilm import build_minilm_retribert
 
         start = build_minilm_retribert(os.path.join(out, "start"), projection_dim=128)
         n_train, n_test = 1024, 256
-        tcfg = TrainConfig(batch_size=32, max_length=128, num_epochs=2, learning_rate=1e-4, warmup_steps=10,
-                           checkpoint_batch_size=-1, save_every=1000, log_every=8)
+        tcfg = TrainConfig(
+            batch_size=32,
+            max_length=128,
+            num_epochs=2,
+            learning_rate=1e-4,
+            warmup_steps=10,
+            checkpoint_batch_size=-1,
+            save_every=1000,
+            log_every=8,
+        )
     tok = RetriBertTokenizer.from_pretrained(start)
     pairs = question_answer_pairs(n_train + n_test, seed=7)
     train_pairs, test_pairs = pairs[:n_train], pairs[n_train:]
@@ -78,25 +94,46 @@ def run(out: str, quick: bool = False) -> dict[str, dict[str, float]]:
     queries = {f"q{i}": q for i, (q, _) in enumerate(test_pairs)}
     qrels = {f"q{i}": {f"p{n_train + i}": 1} for i in range(len(test_pairs))}
 
-    results = {"start": score(RetriBertModel.from_pretrained(start), tok, corpus, queries, qrels,
-                              os.path.join(out, "index-start"))}
-    first = train(RetriBertModel.from_pretrained(start), tok, train_pairs, os.path.join(out, "run-in-batch"),
-                  TrainConfig(**{**tcfg.to_dict(), "num_negatives": 0}), progress=not quick, save_final=False)
+    results = {
+        "start": score(
+            RetriBertModel.from_pretrained(start), tok, corpus, queries, qrels, os.path.join(out, "index-start")
+        )
+    }
+    first = train(
+        RetriBertModel.from_pretrained(start),
+        tok,
+        train_pairs,
+        os.path.join(out, "run-in-batch"),
+        TrainConfig(**{**tcfg.to_dict(), "num_negatives": 0}),
+        progress=not quick,
+        save_final=False,
+    )
     results["in-batch negatives"] = score(first.model, tok, corpus, queries, qrels, os.path.join(out, "index-1"))
 
     # Mine with the trained model over the training answers only (the test answers must not leak in).
     encoder = Encoder(first.model, tok)
-    train_index = build_index(encoder, [a for _, a in train_pairs], os.path.join(out, "index-train"),
-                              ids=[f"p{i}" for i in range(n_train)], overwrite=True)
+    train_index = build_index(
+        encoder,
+        [a for _, a in train_pairs],
+        os.path.join(out, "index-train"),
+        ids=[f"p{i}" for i in range(n_train)],
+        overwrite=True,
+    )
     rows = [{"question": q, "answer": a, "pid": f"p{i}"} for i, (q, a) in enumerate(train_pairs)]
-    mined = mine_hard_negatives(train_index, encoder, rows, num_negatives=3, range_min=2, positive_id_field="pid",
-                                max_length=tcfg.max_length).rows
+    mined = mine_hard_negatives(
+        train_index, encoder, rows, num_negatives=3, range_min=2, positive_id_field="pid", max_length=tcfg.max_length
+    ).rows
     with open(os.path.join(out, "mined.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mined)
-    second = train(RetriBertModel.from_pretrained(start), tok, [(r["question"], r["answer"], r["negatives"])
-                                                               for r in mined],
-                   os.path.join(out, "run-hard"), TrainConfig(**{**tcfg.to_dict(), "num_negatives": 1}),
-                   progress=not quick, save_final=False)
+    second = train(
+        RetriBertModel.from_pretrained(start),
+        tok,
+        [(r["question"], r["answer"], r["negatives"]) for r in mined],
+        os.path.join(out, "run-hard"),
+        TrainConfig(**{**tcfg.to_dict(), "num_negatives": 1}),
+        progress=not quick,
+        save_final=False,
+    )
     results["+ mined hard negatives"] = score(second.model, tok, corpus, queries, qrels, os.path.join(out, "index-2"))
     return results
 

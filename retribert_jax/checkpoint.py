@@ -44,8 +44,14 @@ def expected_shapes(config: RetriBertConfig) -> dict[FlaxPath, tuple[int, ...]]:
     return checkpoint_shapes(model_shapes(abstract_model(config)), config)
 
 
-def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, source: str = "checkpoint",
-                sharding: jax.sharding.Sharding | None = None, alias_host: bool = False) -> RetriBertModel:
+def build_model(
+    abstract: RetriBertModel,
+    arrays: Mapping[FlaxPath, Any],
+    *,
+    source: str = "checkpoint",
+    sharding: jax.sharding.Sharding | None = None,
+    alias_host: bool = False,
+) -> RetriBertModel:
     """A model from Flax path -> array (one per HF tensor), cast to the parameter dtype (float32) and placed.
 
     Args:
@@ -73,8 +79,9 @@ def build_model(abstract: RetriBertModel, arrays: Mapping[FlaxPath, Any], *, sou
         variables.append((path, var))
         values.append(value.astype(dtype) if value.dtype != dtype else value)
     # One batched transfer: per-array `jnp.asarray` would dispatch (and on first use compile) once per parameter.
-    placed = jax.device_put(values, sharding if sharding is not None else jax.local_devices()[0],
-                            may_alias=alias_host or None)
+    placed = jax.device_put(
+        values, sharding if sharding is not None else jax.local_devices()[0], may_alias=alias_host or None
+    )
     filled = [(path, var.replace(value)) for (path, var), value in zip(variables, placed, strict=True)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -87,8 +94,13 @@ def _stack_aligned(rows: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, run_config: RunConfig | None = None,
-                       sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_hf_checkpoint(
+    path: str,
+    config: RetriBertConfig | None = None,
+    *,
+    run_config: RunConfig | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> RetriBertModel:
     """An HF RetriBERT checkpoint (directory, or a single weight file with `config`) as a RetriBertModel."""
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(path)
@@ -102,8 +114,13 @@ def load_hf_checkpoint(path: str, config: RetriBertConfig | None = None, *, run_
     return build_model(abstract, arrays, source=source, sharding=sharding)
 
 
-def load_flax_model(directory: str, config: RetriBertConfig | None = None, *, run_config: RunConfig | None = None,
-                    sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_flax_model(
+    directory: str,
+    config: RetriBertConfig | None = None,
+    *,
+    run_config: RunConfig | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> RetriBertModel:
     """Loads a directory written by `save_model` / `retribert-jax convert`; needs no torch.
 
     Args:
@@ -123,9 +140,16 @@ def load_flax_model(directory: str, config: RetriBertConfig | None = None, *, ru
     return build_model(abstract, arrays, source=directory, sharding=sharding, alias_host=True)
 
 
-def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None, run_config: RunConfig | None = None,
-               dtype: Any = None, precision: Any = None, attention_impl: str | None = None,
-               sharding: jax.sharding.Sharding | None = None) -> RetriBertModel:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    config: RetriBertConfig | None = None,
+    run_config: RunConfig | None = None,
+    dtype: Any = None,
+    precision: Any = None,
+    attention_impl: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> RetriBertModel:
     """Loads a RetriBertModel (what `RetriBertModel.from_pretrained` does).
 
     Args:
@@ -155,8 +179,9 @@ def load_model(path: str | os.PathLike, *, config: RetriBertConfig | None = None
     return load_hf_checkpoint(local, config=config, **kwargs)
 
 
-def _adding_tokenizer(tokenizer: Any, directory: str, before_commit: Callable[[str], None] | None = None
-                      ) -> Callable[[str], None]:
+def _adding_tokenizer(
+    tokenizer: Any, directory: str, before_commit: Callable[[str], None] | None = None
+) -> Callable[[str], None]:
     """What a Flax directory's writer runs on its finished temporary directory: the tokenizer written into it (by a
     tokenizer object's `save_pretrained`, or its files copied verbatim from a directory), then `before_commit`.
     With `tokenizer` None and `directory` already there (an overwrite), that directory's tokenizer files are kept."""
@@ -174,8 +199,14 @@ def _adding_tokenizer(tokenizer: Any, directory: str, before_commit: Callable[[s
     return finish
 
 
-def save_model(model: RetriBertModel, directory: str, format: str = "orbax", dtype: Any = None,
-               overwrite: bool = False, tokenizer: Any = None) -> str:
+def save_model(
+    model: RetriBertModel,
+    directory: str,
+    format: str = "orbax",
+    dtype: Any = None,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+) -> str:
     """Writes a model as a self-contained Flax checkpoint directory (what `RetriBertModel.save_pretrained` does).
 
     Args:
@@ -189,15 +220,21 @@ def save_model(model: RetriBertModel, directory: str, format: str = "orbax", dty
     Returns:
       The directory's absolute path.
     """
-    state = {p: np.asarray(jax.device_get(v.get_value()))
-             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    return flax_files.write_flax_directory(flat_params(state, model.config), model.config, directory, format=format,
-                                           dtype=dtype, overwrite=overwrite,
-                                           before_commit=_adding_tokenizer(tokenizer, os.path.abspath(directory)))
+    state = {p: np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return flax_files.write_flax_directory(
+        flat_params(state, model.config),
+        model.config,
+        directory,
+        format=format,
+        dtype=dtype,
+        overwrite=overwrite,
+        before_commit=_adding_tokenizer(tokenizer, os.path.abspath(directory)),
+    )
 
 
-def read_flax_params(directory: str, config: RetriBertConfig | None = None
-                     ) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
+def read_flax_params(
+    directory: str, config: RetriBertConfig | None = None
+) -> tuple[RetriBertConfig, dict[FlaxPath, np.ndarray]]:
     """The config and Flax path -> numpy array of a Flax checkpoint directory, as stored (dtype kept), every name
     and shape checked against the config (for export and re-conversion)."""
     config = config or RetriBertConfig.from_pretrained(directory)
@@ -247,9 +284,17 @@ def _source_config(local: str, config: str | RetriBertConfig | None) -> RetriBer
     raise CheckpointError(f"{local}: {what} (give the model's config.json with --config)")
 
 
-def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | None = None, format: str = "orbax",
-                       dtype: Any = None, overwrite: bool = False, tokenizer: str | None = None,
-                       before_commit: Callable[[str], None] | None = None) -> tuple[str, list[str]]:
+def convert_checkpoint(
+    src: str,
+    out: str,
+    *,
+    config: str | RetriBertConfig | None = None,
+    format: str = "orbax",
+    dtype: Any = None,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    before_commit: Callable[[str], None] | None = None,
+) -> tuple[str, list[str]]:
     """Converts an HF PyTorch RetriBERT checkpoint into a self-contained Flax checkpoint directory.
 
     `hf_files.read_torch_state_dict` reads (weights_only), `params.torch_to_flax` maps and checks every name and
@@ -303,11 +348,20 @@ def convert_checkpoint(src: str, out: str, *, config: str | RetriBertConfig | No
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise FileNotFoundError(f"{tokenizer}: no such tokenizer directory")
     if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "vocab.txt")):
-        warnings.append(f"{tok_dir} has no tokenizer.json or vocab.txt: {out} holds weights and config only; "
-                        "add the tokenizer with --tokenizer DIR (RetriBERT uses bert-base-uncased's vocab.txt)")
+        warnings.append(
+            f"{tok_dir} has no tokenizer.json or vocab.txt: {out} holds weights and config only; "
+            "add the tokenizer with --tokenizer DIR (RetriBERT uses bert-base-uncased's vocab.txt)"
+        )
         tok_dir = None
-    flax_files.write_flax_directory(arrays, cfg, out, format=format, dtype=dtype, overwrite=overwrite,
-                                    before_commit=_adding_tokenizer(tok_dir, out, before_commit))
+    flax_files.write_flax_directory(
+        arrays,
+        cfg,
+        out,
+        format=format,
+        dtype=dtype,
+        overwrite=overwrite,
+        before_commit=_adding_tokenizer(tok_dir, out, before_commit),
+    )
     return out, warnings
 
 
@@ -336,8 +390,10 @@ def export_pytorch(src: str | RetriBertModel, out: str, *, overwrite: bool = Fal
         if not os.path.isdir(src):
             raise FileNotFoundError(f"{src}: no such directory")
         if not flax_files.has_flax_weights(src):
-            raise CheckpointError(f"{src}: not a Flax checkpoint (no flax_model.safetensors or flax_params/); "
-                                  "an HF PyTorch directory needs no export")
+            raise CheckpointError(
+                f"{src}: not a Flax checkpoint (no flax_model.safetensors or flax_params/); "
+                "an HF PyTorch directory needs no export"
+            )
         cfg, arrays = read_flax_params(src)
         tok_dir = src
     else:

@@ -62,13 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         g = p.add_argument_group("start-up")
-        g.add_argument("--compilation-cache", metavar="DIR",
-                       help=f"keep compiled programs in DIR (default: ${CACHE_ENV}, else "
-                            "$XDG_CACHE_HOME/retribert_jax/jax-compilation-cache, else ~/.cache/...)")
-        g.add_argument("--no-compilation-cache", action="store_true",
-                       help=f"compile everything afresh and keep nothing (also: {CACHE_ENV}=off)")
-        g.add_argument("-v", "--verbose", action="store_true",
-                       help="report where the time goes before the first batch (imports, load, compilation, ...)")
+        g.add_argument(
+            "--compilation-cache",
+            metavar="DIR",
+            help=f"keep compiled programs in DIR (default: ${CACHE_ENV}, else "
+            "$XDG_CACHE_HOME/retribert_jax/jax-compilation-cache, else ~/.cache/...)",
+        )
+        g.add_argument(
+            "--no-compilation-cache",
+            action="store_true",
+            help=f"compile everything afresh and keep nothing (also: {CACHE_ENV}=off)",
+        )
+        g.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="report where the time goes before the first batch (imports, load, compilation, ...)",
+        )
         # `check(args)`: the mistakes a command can find without JAX, found before JAX is imported (seconds).
         p.set_defaults(_run=module.run, _check=getattr(module, "check", None))
     return parser
@@ -188,8 +198,11 @@ def _one_line_cache_warnings() -> None:
             previous(message, category, filename, lineno, file, line)
         elif not said:
             said = True
-            print(f"retribert-jax: warning: the compilation cache could not be used "
-                  f"({text.split(': ', 1)[-1][:200]}); programs are compiled afresh", file=sys.stderr)
+            print(
+                f"retribert-jax: warning: the compilation cache could not be used "
+                f"({text.split(': ', 1)[-1][:200]}); programs are compiled afresh",
+                file=sys.stderr,
+            )
 
     warnings.showwarning = show
 
@@ -219,8 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         if cache is not None:
             enable_compilation_cache(cache)
         return int(args._run(args) or 0)
-    except (UserError, CheckpointError, MissingDependency, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ValueError) as e:
+    except (
+        UserError,
+        CheckpointError,
+        MissingDependency,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        ValueError,
+    ) as e:
         print(f"retribert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -228,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # `train` names its own remedy (OutOfMemory, above); the encoding commands' is fewer rows per call.
         hint = "; pass a smaller --batch-size" if hasattr(args, "batch_size") else ""
-        print(f"retribert-jax {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}){hint}",
-              file=sys.stderr)
+        print(
+            f"retribert-jax {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}){hint}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as e:
         # A resumable job says what it kept and how to go on (the exception's message); others say nothing more.

@@ -82,9 +82,15 @@ def candidate_lengths(max_length: int, lengths: Sequence[int] = BUCKET_LENGTHS) 
     return tuple(sorted({b for b in lengths if b < max_length} | {max_length}))
 
 
-def fit_buckets(batch_lengths: Sequence[int], rows: int, max_length: int, row_flops: Callable[[int], float],
-                cost: CompileCost, compiled: Sequence[int] = (), candidates: Sequence[int] = BUCKET_LENGTHS
-                ) -> tuple[int, ...]:
+def fit_buckets(
+    batch_lengths: Sequence[int],
+    rows: int,
+    max_length: int,
+    row_flops: Callable[[int], float],
+    cost: CompileCost,
+    compiled: Sequence[int] = (),
+    candidates: Sequence[int] = BUCKET_LENGTHS,
+) -> tuple[int, ...]:
     """The padded lengths that minimise compile time plus the time spent on padded rows, for a job's batches.
 
     A dynamic programme over the candidate lengths (ascending): the cheapest way to cover every batch up to
@@ -116,10 +122,14 @@ def fit_buckets(batch_lengths: Sequence[int], rows: int, max_length: int, row_fl
         program = 0.0 if c in free else cost.compile_seconds
         options = []
         for j in range(-1, k):  # j = -1: bucket k alone covers every batch up to it
-            covered = sum(counts[j + 1:k + 1]) * seconds[k]
+            covered = sum(counts[j + 1 : k + 1]) * seconds[k]
             base = (0.0, ()) if j < 0 else best[j]
-            options.append((base[0] + covered + (program if sum(counts[j + 1:k + 1]) else 0.0),
-                            base[1] + ((c,) if sum(counts[j + 1:k + 1]) else ())))
+            options.append(
+                (
+                    base[0] + covered + (program if sum(counts[j + 1 : k + 1]) else 0.0),
+                    base[1] + ((c,) if sum(counts[j + 1 : k + 1]) else ()),
+                )
+            )
         best.append(min(options))
     last = max(k for k, n in enumerate(counts) if n)
     return best[last][1]

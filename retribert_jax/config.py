@@ -58,15 +58,25 @@ class RetriBertConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings", "type_vocab_size", "projection_dim")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "projection_dim",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"config: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"config: unknown hidden_act {self.hidden_act!r}; expected one of {ACTIVATIONS}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
@@ -154,8 +164,15 @@ class RetriBertConfig:
     @classmethod
     def tiny(cls, **changes) -> RetriBertConfig:
         """A tiny random configuration for tests and smoke runs."""
-        base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    max_position_embeddings=64, projection_dim=16)
+        base = dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            projection_dim=16,
+        )
         return cls(**{**base, **changes})
 
 
@@ -173,7 +190,7 @@ def _dtype_name(value: Any, what: str) -> str:
 
 
 def precision_name(value: Any) -> str | None:
-    """"default", "high" or "highest" for a `jax.lax.Precision`, its name or an alias JAX accepts ("float32",
+    """ "default", "high" or "highest" for a `jax.lax.Precision`, its name or an alias JAX accepts ("float32",
     "tensorfloat32", "bfloat16"); None for None. Raises ValueError for anything else."""
     if value is None:
         return None
@@ -288,10 +305,12 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
-        if self.micro_batch_size is not None and (self.micro_batch_size <= 0
-                                                  or self.batch_size % self.micro_batch_size):
-            raise ValueError(f"micro_batch_size {self.micro_batch_size} must be positive and divide "
-                             f"batch_size {self.batch_size}")
+        if self.micro_batch_size is not None and (
+            self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size
+        ):
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must be positive and divide batch_size {self.batch_size}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,8 +28,17 @@ from typing import Any, BinaryIO, TextIO
 from retribert_jax.embedding_dir import id_string
 
 FORMATS = ("text", "jsonl", "tsv", "csv", "parquet")
-_EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-               ".tsv": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".tsv": "tsv",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 # Whole-file compressions read as a stream, told by the file's first bytes (so `--format jsonl` works on any name):
 # name -> magic bytes. The suffixes are only stripped to find the format beneath ("corpus.jsonl.gz" is JSONL).
 COMPRESSIONS = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
@@ -54,7 +63,7 @@ class Record:
 
 
 def compression(path: str) -> str | None:
-    """"gzip", "bz2", "xz" or "zstd" when the file starts with that format's magic bytes, else None."""
+    """ "gzip", "bz2", "xz" or "zstd" when the file starts with that format's magic bytes, else None."""
     with open(path, "rb") as f:
         head = f.read(6)
     return next((name for name, magic in COMPRESSIONS.items() if head.startswith(magic)), None)
@@ -74,8 +83,10 @@ def open_input(path: str) -> BinaryIO:
         try:
             import pyarrow as pa
         except ImportError:
-            raise ValueError(f"{path}: zstd-compressed; reading it needs pyarrow (pip install 'retribert_jax[data]'), "
-                             f"or decompress it (zstd -d)") from None
+            raise ValueError(
+                f"{path}: zstd-compressed; reading it needs pyarrow (pip install 'retribert_jax[data]'), "
+                f"or decompress it (zstd -d)"
+            ) from None
         return io.BufferedReader(pa.input_stream(path, compression="zstd"))
     return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[kind](path, "rb")
 
@@ -123,8 +134,9 @@ def detect_format(path: str) -> str:
     `.xz` or `.zst` after it); ValueError otherwise."""
     ext = format_extension(path)
     if ext not in _EXTENSIONS:
-        raise ValueError(f"{path}: cannot tell the input format from the extension {ext!r}; pass --format "
-                         f"({', '.join(FORMATS)})")
+        raise ValueError(
+            f"{path}: cannot tell the input format from the extension {ext!r}; pass --format ({', '.join(FORMATS)})"
+        )
     return _EXTENSIONS[ext]
 
 
@@ -155,11 +167,11 @@ def read_lines(path: str, file: BinaryIO | None = None) -> Iterator[tuple[int, s
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
             if n == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield n, BadRecord(f"{path}:{n}: invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r})")
+                yield n, BadRecord(f"{path}:{n}: invalid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r})")
 
 
 def _damage_named(path: str, lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
@@ -187,8 +199,9 @@ def _text(path: str, **_) -> Iterator[Record | BadRecord]:
         yield line if isinstance(line, BadRecord) else Record(n, None, line)
 
 
-def _jsonl(path: str, text_field: str, id_field: str | None, title_field: str | None = None
-           ) -> Iterator[Record | BadRecord]:
+def _jsonl(
+    path: str, text_field: str, id_field: str | None, title_field: str | None = None
+) -> Iterator[Record | BadRecord]:
     for n, line in read_lines(path):
         if isinstance(line, BadRecord):
             yield line
@@ -219,8 +232,9 @@ def _jsonl(path: str, text_field: str, id_field: str | None, title_field: str | 
         yield Record(n, obj[id_field] if id_field is not None else None, with_title(obj.get(title_field), text))
 
 
-def _tsv(path: str, text_field: str, id_field: str | None, title_field: str | None = None
-         ) -> Iterator[Record | BadRecord]:
+def _tsv(
+    path: str, text_field: str, id_field: str | None, title_field: str | None = None
+) -> Iterator[Record | BadRecord]:
     # Fields are split on tabs with no quoting (passages may contain quotes). The first line is a header when it
     # names the text column; a first line of two fields that does not is the first record of a headerless
     # `id<TAB>text` file, as `evaluate` reads queries and MS MARCO ships its collection.
@@ -263,8 +277,9 @@ def _headerless_tsv(path: str, lines: Iterator[tuple[int, str | BadRecord]]) -> 
         yield Record(n, fields[0], fields[1])
 
 
-def _csv(path: str, text_field: str, id_field: str | None, title_field: str | None = None
-         ) -> Iterator[Record | BadRecord]:
+def _csv(
+    path: str, text_field: str, id_field: str | None, title_field: str | None = None
+) -> Iterator[Record | BadRecord]:
     # RFC 4180 as Python's csv module and pandas read it: a header line, quoted fields may hold commas and line
     # ends (so a record's number is the line it starts on).
     with io.TextIOWrapper(open_input(path), encoding="utf-8-sig", newline="") as f:
@@ -295,8 +310,15 @@ def _csv(path: str, text_field: str, id_field: str | None, title_field: str | No
             yield _row_record(path, n, fields, len(columns), (ti, ii, hi), id_field, "fields")
 
 
-def _row_record(path: str, n: int, fields: list[str], width: int, at: tuple[int, int | None, int | None],
-                id_field: str | None, what: str) -> Record | BadRecord:
+def _row_record(
+    path: str,
+    n: int,
+    fields: list[str],
+    width: int,
+    at: tuple[int, int | None, int | None],
+    id_field: str | None,
+    what: str,
+) -> Record | BadRecord:
     """The record of one TSV or CSV row: its text (titled), at column `at[0]`, and its id at `at[1]` (title at
     `at[2]`); a row of another width or an empty id is bad. An empty field is how both formats write a missing
     value (pandas reads it as NaN)."""
@@ -305,20 +327,24 @@ def _row_record(path: str, n: int, fields: list[str], width: int, at: tuple[int,
         return BadRecord(f"{path}:{n}: {len(fields)} {what}, the header has {width}")
     if ii is not None and not fields[ii]:
         return BadRecord(f"{path}:{n}: id field {id_field!r} is empty")
-    return Record(n, fields[ii] if ii is not None else None, with_title(fields[hi] if hi is not None else None,
-                                                                        fields[ti]))
+    return Record(
+        n, fields[ii] if ii is not None else None, with_title(fields[hi] if hi is not None else None, fields[ti])
+    )
 
 
-def _parquet(path: str, text_field: str, id_field: str | None, title_field: str | None = None
-             ) -> Iterator[Record | BadRecord]:
+def _parquet(
+    path: str, text_field: str, id_field: str | None, title_field: str | None = None
+) -> Iterator[Record | BadRecord]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'retribert_jax[data]')") from None
     kind = compression(path)
     if kind is not None:
-        raise ValueError(f"{path}: a {kind}-compressed parquet file; parquet compresses its columns itself, so "
-                         f"decompress the file first")
+        raise ValueError(
+            f"{path}: a {kind}-compressed parquet file; parquet compresses its columns itself, so "
+            f"decompress the file first"
+        )
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError... for non-parquet files
@@ -337,8 +363,10 @@ def _parquet(path: str, text_field: str, id_field: str | None, title_field: str 
         for text, id_, title in zip(texts, ids, titles, strict=True):
             row += 1
             if not isinstance(text, str):
-                yield BadRecord(f"{path}:row {row}: text column {text_field!r} is "
-                                f"{'null' if text is None else type(text).__name__}, not a string")
+                yield BadRecord(
+                    f"{path}:row {row}: text column {text_field!r} is "
+                    f"{'null' if text is None else type(text).__name__}, not a string"
+                )
                 continue
             if id_field is not None and id_ is None:
                 yield BadRecord(f"{path}:row {row}: id column {id_field!r} is null")
@@ -347,7 +375,12 @@ def _parquet(path: str, text_field: str, id_field: str | None, title_field: str 
 
 
 _READERS: dict[str, Callable[..., Iterator[Record | BadRecord]]] = {
-    "text": _text, "jsonl": _jsonl, "tsv": _tsv, "csv": _csv, "parquet": _parquet}
+    "text": _text,
+    "jsonl": _jsonl,
+    "tsv": _tsv,
+    "csv": _csv,
+    "parquet": _parquet,
+}
 
 
 def count_records(path: str, fmt: str) -> int | None:
@@ -368,10 +401,17 @@ def count_records(path: str, fmt: str) -> int | None:
         return None
 
 
-def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", id_field: str | None = None,
-                title_field: str | None = None, skip_bad_lines: bool = False, log: TextIO | None = None,
-                unique_ids: bool = True
-                ) -> Iterator[Record]:
+def read_corpus(
+    path: str,
+    fmt: str | None = None,
+    *,
+    text_field: str = "text",
+    id_field: str | None = None,
+    title_field: str | None = None,
+    skip_bad_lines: bool = False,
+    log: TextIO | None = None,
+    unique_ids: bool = True,
+) -> Iterator[Record]:
     """Streams the records of `path`.
 
     Args:
@@ -406,8 +446,9 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
     kwargs = {} if fmt == "text" else {"title_field": title_field}
 
     def records():
-        return (r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field, **kwargs)
-                if isinstance(r, Record))
+        return (
+            r for r in _READERS[fmt](path, text_field=text_field, id_field=id_field, **kwargs) if isinstance(r, Record)
+        )
 
     repeats = RepeatedIds(lambda: ((r.line, r.id) for r in records()))
     for rec in _READERS[fmt](path, text_field=text_field, id_field=id_field, **kwargs):
@@ -421,6 +462,8 @@ def read_corpus(path: str, fmt: str | None = None, *, text_field: str = "text", 
             if first is not None:
                 unit = "row" if fmt == "parquet" else "line"
                 where = f"row {rec.line}" if fmt == "parquet" else str(rec.line)
-                raise ValueError(f"{path}:{where}: id {id_string(rec.id)!r} again (first on {unit} {first}); ids "
-                                 f"must be unique, and are compared as text (7 and \"7\" are one id)")
+                raise ValueError(
+                    f"{path}:{where}: id {id_string(rec.id)!r} again (first on {unit} {first}); ids "
+                    f'must be unique, and are compared as text (7 and "7" are one id)'
+                )
         yield rec

@@ -40,9 +40,21 @@ BACKENDS = ("jax", "faiss")
 # What the jax backend scans: the float rows (exact), or a compressed copy for a shortlist (`quantization`).
 SCANS = ("float", *quantization.FORMS)
 # The manifest's keys and their types (a run's settings plus num_shards and count; a few more are informational).
-MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str, "kind": str, "dtype": str,
-                 "max_length": int, "projection_dim": int, "normalized": bool, "shard_size": int, "num_shards": int,
-                 "count": int, "has_text": bool}
+MANIFEST_KEYS = {
+    "format": str,
+    "version": int,
+    "model": str,
+    "config_hash": str,
+    "kind": str,
+    "dtype": str,
+    "max_length": int,
+    "projection_dim": int,
+    "normalized": bool,
+    "shard_size": int,
+    "num_shards": int,
+    "count": int,
+    "has_text": bool,
+}
 # Keys that manifests written before them lack: checked when present.
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
@@ -51,14 +63,25 @@ MANIFEST_KEYS = {"format": str, "version": int, "model": str, "config_hash": str
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
 CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
-_OWN_FILES = ("embeddings-*.npy", "int8-*.npy", "binary-*.npy", "ids-*.jsonl", "texts-*.jsonl", MANIFEST, RUN_SETTINGS,
-              ".piece-*", ".*.tmp-*")
+_OWN_FILES = (
+    "embeddings-*.npy",
+    "int8-*.npy",
+    "binary-*.npy",
+    "ids-*.jsonl",
+    "texts-*.jsonl",
+    MANIFEST,
+    RUN_SETTINGS,
+    ".piece-*",
+    ".*.tmp-*",
+)
 
 
 def shard_paths(directory: str, i: int) -> dict[str, str]:
     """The three files of shard i: {"embeddings", "ids", "texts"} -> path."""
-    return {name: os.path.join(directory, f"{name}-{i:05d}.{ext}")
-            for name, ext in (("embeddings", "npy"), ("ids", "jsonl"), ("texts", "jsonl"))}
+    return {
+        name: os.path.join(directory, f"{name}-{i:05d}.{ext}")
+        for name, ext in (("embeddings", "npy"), ("ids", "jsonl"), ("texts", "jsonl"))
+    }
 
 
 def shard_done(directory: str, i: int) -> bool:
@@ -78,8 +101,9 @@ def _write_lines(path: str, values: Sequence[Any]) -> None:
             f.write(json.dumps(v, ensure_ascii=False, default=str) + "\n")
 
 
-def write_shard(directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarray,
-                texts: Sequence[str] | None = None) -> None:
+def write_shard(
+    directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarray, texts: Sequence[str] | None = None
+) -> None:
     """Writes shard i: ids, texts (if given), then the embeddings file that marks it complete.
 
     Args:
@@ -94,15 +118,19 @@ def write_shard(directory: str, i: int, ids: Sequence[Any], embeddings: np.ndarr
         ids of such rows.
     """
     if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
-        raise ValueError(f"shard {i}: {len(ids)} ids, {embeddings.shape[0]} embeddings"
-                         + ("" if texts is None else f", {len(texts)} texts"))
+        raise ValueError(
+            f"shard {i}: {len(ids)} ids, {embeddings.shape[0]} embeddings"
+            + ("" if texts is None else f", {len(texts)} texts")
+        )
     bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if bad.size:
         # A NaN row is never found by a search and spoils every measure: an index must not hold one.
         names = ", ".join(json.dumps(ids[r], ensure_ascii=False, default=str) for r in bad[:5])
-        raise ValueError(f"{directory}: the model gave {bad.size} record(s) NaN or infinite embeddings (in the stored "
-                         f"dtype {embeddings.dtype}), ids {names}{', ...' if bad.size > 5 else ''}; are its weights "
-                         f"damaged (retribert-jax verify MODEL)? shard {i} was not written")
+        raise ValueError(
+            f"{directory}: the model gave {bad.size} record(s) NaN or infinite embeddings (in the stored "
+            f"dtype {embeddings.dtype}), ids {names}{', ...' if bad.size > 5 else ''}; are its weights "
+            f"damaged (retribert-jax verify MODEL)? shard {i} was not written"
+        )
     paths = shard_paths(directory, i)
     _write_lines(paths["ids"], ids)
     if texts is not None:
@@ -157,8 +185,10 @@ def start_run(directory: str, settings: dict[str, Any], *, overwrite: bool = Fal
         if diff and not overwrite and (name == MANIFEST or _has_work(directory)):
             desc = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
             what = "embeddings" if name == MANIFEST else "an unfinished run's embeddings"
-            raise ValueError(f"{directory}: holds {what} made with other settings ({desc}); use another OUT or "
-                             f"pass --overwrite to replace them")
+            raise ValueError(
+                f"{directory}: holds {what} made with other settings ({desc}); use another OUT or "
+                f"pass --overwrite to replace them"
+            )
         if diff:
             for own in _own_files(directory):
                 os.remove(own)
@@ -174,8 +204,14 @@ def _piece_files(directory: str, shard: int | None = None) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, pattern)))
 
 
-def write_piece(directory: str, shard: int, start: int, ids: Sequence[Any], embeddings: np.ndarray,
-                texts: Sequence[str] | None = None) -> None:
+def write_piece(
+    directory: str,
+    shard: int,
+    start: int,
+    ids: Sequence[Any],
+    embeddings: np.ndarray,
+    texts: Sequence[str] | None = None,
+) -> None:
     """Keeps rows [start, start + len(ids)) of an unfinished shard as one hidden file (one write, one flush).
 
     Args:
@@ -186,8 +222,10 @@ def write_piece(directory: str, shard: int, start: int, ids: Sequence[Any], embe
     if len(ids) != embeddings.shape[0] or (texts is not None and len(texts) != len(ids)):
         raise ValueError(f"shard {shard} piece at {start}: {len(ids)} ids, {embeddings.shape[0]} embeddings")
     end = start + len(ids)
-    arrays = {"embeddings": embeddings,
-              "ids": np.array([json.dumps(v, ensure_ascii=False, default=str) for v in ids], dtype=str)}
+    arrays = {
+        "embeddings": embeddings,
+        "ids": np.array([json.dumps(v, ensure_ascii=False, default=str) for v in ids], dtype=str),
+    }
     if texts is not None:
         arrays["texts"] = np.array(list(texts), dtype=str)
     with atomic_file(os.path.join(directory, f".piece-{shard:05d}-{start:09d}-{end:09d}.npz"), "wb") as f:
@@ -239,8 +277,9 @@ def finish_run(directory: str, settings: dict[str, Any], count: int, num_shards:
       ValueError: count is 0: an index of nothing would only fail later, where the cause is no longer visible.
     """
     if count == 0:
-        raise ValueError(f"{directory}: no records were embedded (the input holds none, or every line was skipped); "
-                         f"nothing to write")
+        raise ValueError(
+            f"{directory}: no records were embedded (the input holds none, or every line was skipped); nothing to write"
+        )
     for tmp in glob.glob(os.path.join(directory, ".*.tmp-*")) + _piece_files(directory):
         os.remove(tmp)
     manifest = {**settings, "format": FORMAT, "version": VERSION, "num_shards": num_shards, "count": count}
@@ -360,8 +399,10 @@ class Lines:
 def row_files(directory: str, manifest: dict[str, Any], name: str) -> list[Lines]:
     """Per shard, random access to its `name` file ("ids" or "texts")."""
     m = manifest
-    return [Lines(shard_paths(directory, i)[name], min(m["shard_size"], m["count"] - i * m["shard_size"]))
-            for i in range(m["num_shards"])]
+    return [
+        Lines(shard_paths(directory, i)[name], min(m["shard_size"], m["count"] - i * m["shard_size"]))
+        for i in range(m["num_shards"])
+    ]
 
 
 def code_path(directory: str, i: int, form: str) -> str:
@@ -406,8 +447,10 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
             continue
         shards = open_shards(directory, manifest)
         if form == "binary" and manifest["projection_dim"] % 8:
-            raise ValueError(f"{directory}: binary codes need a width that is a multiple of 8, the index's is "
-                             f"{manifest['projection_dim']}")
+            raise ValueError(
+                f"{directory}: binary codes need a width that is a multiple of 8, the index's is "
+                f"{manifest['projection_dim']}"
+            )
         fit = quantization.int8_ranges(shards) if form == "int8" else quantization.binary_centers(shards)
         for i, shard in enumerate(shards):
             with atomic_file(code_path(directory, i, form), "wb") as f:
@@ -430,18 +473,24 @@ def open_codes(directory: str, manifest: dict[str, Any], form: str) -> list[np.n
     """
     if form not in manifest.get("compressed", {}):
         have = ", ".join(manifest.get("compressed", {})) or "none"
-        raise ValueError(f"{directory}: holds no {form} copy (it has: {have}); write one with "
-                         f"`retribert-jax compress {directory} --forms {form}`")
+        raise ValueError(
+            f"{directory}: holds no {form} copy (it has: {have}); write one with "
+            f"`retribert-jax compress {directory} --forms {form}`"
+        )
     if CALIBRATION[form] not in manifest["compressed"][form]:
-        raise ValueError(f"{directory}: its {form} copy records no {CALIBRATION[form]!r}; write it again with "
-                         f"`retribert-jax compress {directory} --forms {form} --overwrite`")
+        raise ValueError(
+            f"{directory}: its {form} copy records no {CALIBRATION[form]!r}; write it again with "
+            f"`retribert-jax compress {directory} --forms {form} --overwrite`"
+        )
     width = manifest["projection_dim"] if form == "int8" else manifest["projection_dim"] // 8
     out = []
     for i in range(manifest["num_shards"]):
         path = code_path(directory, i, form)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: shard {i}'s {form} copy is missing; write it again with "
-                                    f"`retribert-jax compress {directory} --forms {form} --overwrite`")
+            raise FileNotFoundError(
+                f"{path}: shard {i}'s {form} copy is missing; write it again with "
+                f"`retribert-jax compress {directory} --forms {form} --overwrite`"
+            )
         try:
             codes = np.load(path, mmap_mode="r")
         except ValueError as e:

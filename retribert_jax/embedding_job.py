@@ -54,25 +54,60 @@ class EmbedResult:
     seconds: float = 0.0
 
 
-def run_settings(encoder, *, kind: str, model: str, max_length: int, normalize: bool, dtype: str, shard_size: int,
-                 store_text: bool, source: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_settings(
+    encoder,
+    *,
+    kind: str,
+    model: str,
+    max_length: int,
+    normalize: bool,
+    dtype: str,
+    shard_size: int,
+    store_text: bool,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What makes two runs the same run: the model (name, architecture, weights, how it runs), what was embedded and
     how it is stored, and `source` (what the caller knows of its input: a file's SHA-256, format and fields)."""
     from retribert_jax.params import weights_fingerprint
 
     cfg, run = encoder.config, encoder.model.run_config
-    return {"model": model, "config_hash": cfg.architecture_hash(), "weights_fingerprint": weights_fingerprint(
-        encoder.model), "compute_dtype": run.dtype, "precision": run.precision, "kind": kind, "dtype": dtype,
-        "max_length": max_length, "projection_dim": cfg.projection_dim, "normalized": bool(normalize),
-        "shard_size": shard_size, "has_text": bool(store_text), **(source or {})}
+    return {
+        "model": model,
+        "config_hash": cfg.architecture_hash(),
+        "weights_fingerprint": weights_fingerprint(encoder.model),
+        "compute_dtype": run.dtype,
+        "precision": run.precision,
+        "kind": kind,
+        "dtype": dtype,
+        "max_length": max_length,
+        "projection_dim": cfg.projection_dim,
+        "normalized": bool(normalize),
+        "shard_size": shard_size,
+        "has_text": bool(store_text),
+        **(source or {}),
+    }
 
 
-def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *, kind: str = "passages",
-                 model: str = "", source: dict[str, Any] | None = None, shard_size: int = 100_000,
-                 piece_size: int | None = None, batch_size: int | None = None, max_length: int = 128,
-                 normalize: bool = False, dtype: str = "float32", store_text: bool = False, overwrite: bool = False,
-                 total: int | None = None, show_progress: bool = False, wait_timeout: float = 3600.0
-                 ) -> EmbedResult:
+def embed_corpus(
+    encoder,
+    records: Iterable[tuple[Any, str]],
+    directory: str,
+    *,
+    kind: str = "passages",
+    model: str = "",
+    source: dict[str, Any] | None = None,
+    shard_size: int = 100_000,
+    piece_size: int | None = None,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    normalize: bool = False,
+    dtype: str = "float32",
+    store_text: bool = False,
+    overwrite: bool = False,
+    total: int | None = None,
+    show_progress: bool = False,
+    wait_timeout: float = 3600.0,
+) -> EmbedResult:
     """Embeds records into `directory`, resuming what an earlier run with the same settings left there.
 
     Args:
@@ -117,8 +152,17 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     piece_size = min(shard_size, piece_size or PIECE_SIZE.get(jax.default_backend(), ACCELERATOR_PIECE_SIZE))
-    settings = run_settings(encoder, kind=kind, model=model, max_length=max_length, normalize=normalize,
-                            dtype=dtype, shard_size=shard_size, store_text=store_text, source=source)
+    settings = run_settings(
+        encoder,
+        kind=kind,
+        model=model,
+        max_length=max_length,
+        normalize=normalize,
+        dtype=dtype,
+        shard_size=shard_size,
+        store_text=store_text,
+        source=source,
+    )
     done = embedding_dir.start_run(directory, settings, overwrite=overwrite)
     if done is not None:
         return EmbedResult(done, done["count"], already_complete=True)
@@ -151,11 +195,11 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
         last = 0  # the records of the last piece, which is kept as the shard itself
         while pos < len(shard):
             end = min(pos + piece_size, len(shard))
-            emb = encode(texts[pos:end], batch_size=batch_size, max_length=max_length,
-                         normalize=normalize).astype(np.dtype(dtype))
+            emb = encode(texts[pos:end], batch_size=batch_size, max_length=max_length, normalize=normalize).astype(
+                np.dtype(dtype)
+            )
             if end < len(shard):  # the last piece becomes the shard at once
-                embedding_dir.write_piece(directory, i, pos, ids[pos:end], emb,
-                                          texts[pos:end] if store_text else None)
+                embedding_dir.write_piece(directory, i, pos, ids[pos:end], emb, texts[pos:end] if store_text else None)
                 kept += end - pos
             else:
                 last = end - pos
@@ -165,16 +209,24 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
             pos = end
         # The kept pieces' ids went through JSON, as the shard's lines do: the same lines either way.
         earlier_ids = [v for piece_ids, _, _ in earlier for v in piece_ids]
-        embedding_dir.write_shard(directory, i, earlier_ids + ids[len(earlier_ids):], np.concatenate(pieces),
-                                  texts if store_text else None)
+        embedding_dir.write_shard(
+            directory, i, earlier_ids + ids[len(earlier_ids) :], np.concatenate(pieces), texts if store_text else None
+        )
         embedding_dir.remove_pieces(directory, i)
         kept += last
         shards_done += 1
 
     desc = f"embedding {kind}" + (f" [{rank}/{nproc}]" if nproc > 1 else "")
     # The bar is closed (its line ended) before any error is printed, so the error is the last line on the screen.
-    with tqdm(total=total, unit=kind[:-1], unit_scale=True, smoothing=0.1, desc=desc, disable=not show_progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit=kind[:-1],
+        unit_scale=True,
+        smoothing=0.1,
+        desc=desc,
+        disable=not show_progress,
+        dynamic_ncols=True,
+    ) as bar:
         try:
             shard: list[tuple[Any, str]] = []
             for record in records:
@@ -186,8 +238,10 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
             if shard:
                 embed_shard(result.count // shard_size, shard, bar)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{directory} keeps {kept} {kind} embedded ({shards_done} whole shards, the rest "
-                                    f"in pieces of {piece_size}); rerunning the same job resumes from there") from None
+            raise KeyboardInterrupt(
+                f"{directory} keeps {kept} {kind} embedded ({shards_done} whole shards, the rest "
+                f"in pieces of {piece_size}); rerunning the same job resumes from there"
+            ) from None
     result.seconds = time.perf_counter() - start
     if result.count == 0:
         embedding_dir.discard_run(directory)
@@ -198,8 +252,10 @@ def embed_corpus(encoder, records: Iterable[tuple[Any, str]], directory: str, *,
     deadline = time.monotonic() + wait_timeout
     while missing := embedding_dir.missing_shards(directory, num_shards):
         if time.monotonic() > deadline:
-            raise UserError(f"{directory}: shards {missing[:10]} still missing after {wait_timeout:.0f}s; "
-                            "rerun the same command to finish them")
+            raise UserError(
+                f"{directory}: shards {missing[:10]} still missing after {wait_timeout:.0f}s; "
+                "rerun the same command to finish them"
+            )
         time.sleep(0.5)
     result.manifest = embedding_dir.finish_run(directory, settings, result.count, num_shards)
     return result

@@ -97,9 +97,17 @@ class Encoder:
       ValueError: a dtype or precision outside its choices, or a mesh without a "data" axis.
     """
 
-    def __init__(self, model: RetriBertModel, tokenizer: RetriBertTokenizer, *, dtype: Any = None,
-                 precision: Any = None, mesh: jax.sharding.Mesh | None = None,
-                 compilation_cache_dir: str | None = None, compile_cost: CompileCost | None = None):
+    def __init__(
+        self,
+        model: RetriBertModel,
+        tokenizer: RetriBertTokenizer,
+        *,
+        dtype: Any = None,
+        precision: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        compilation_cache_dir: str | None = None,
+        compile_cost: CompileCost | None = None,
+    ):
         if compilation_cache_dir:
             from retribert_jax.compilation import enable_compilation_cache
 
@@ -107,10 +115,16 @@ class Encoder:
         own = model.run_config
         run = own.with_overrides(dtype=dtype, precision=precision)
         if run != own:
-            changed = ", ".join(f"{k} {getattr(run, k)!r} instead of its {getattr(own, k)!r}"
-                                for k in ("dtype", "precision") if getattr(run, k) != getattr(own, k))
-            warnings.warn(f"Encoder: running the model with {changed} (load the model with these settings to run "
-                          "it so everywhere)", stacklevel=2)
+            changed = ", ".join(
+                f"{k} {getattr(run, k)!r} instead of its {getattr(own, k)!r}"
+                for k in ("dtype", "precision")
+                if getattr(run, k) != getattr(own, k)
+            )
+            warnings.warn(
+                f"Encoder: running the model with {changed} (load the model with these settings to run "
+                "it so everywhere)",
+                stacklevel=2,
+            )
         mesh = mesh if mesh is not None else data_mesh(jax.local_devices())
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
@@ -167,8 +181,9 @@ class Encoder:
         spec = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=self._data_sharding)
         cls_spec = jax.ShapeDtypeStruct((rows, texts_per_row(length)), jnp.int32, sharding=self._data_sharding)
         start, hits = time.perf_counter(), cache_hits()
-        lowered = embed.lower(self._graphdef(trim, precision), self._state, spec, spec, kind=kind, position_ids=spec,
-                              cls_index=cls_spec)
+        lowered = embed.lower(
+            self._graphdef(trim, precision), self._state, spec, spec, kind=kind, position_ids=spec, cls_index=cls_spec
+        )
         program = compile_lowered(lowered, self.platform, self.run_config.compiler_options(self.platform))
         self.compile_seconds += time.perf_counter() - start
         self.programs_from_cache += cache_hits() > hits  # the hit counter is this (the compiling) thread's
@@ -196,8 +211,14 @@ class Encoder:
             self._programs[key] = self._compiler.submit(self._compile, *key)
         return self._programs[key]
 
-    def encode_questions(self, texts: str | Sequence[str], batch_size: int | None = None, max_length: int = 128,
-                         show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
+    def encode_questions(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int = 128,
+        show_progress_bar: bool = False,
+        normalize: bool = False,
+    ) -> np.ndarray:
         """Question embeddings through `bert_query` and `project_query`.
 
         Args:
@@ -213,8 +234,14 @@ class Encoder:
         """
         return self.encode(texts, "questions", batch_size, max_length, show_progress_bar, normalize)
 
-    def encode_passages(self, texts: str | Sequence[str], batch_size: int | None = None, max_length: int = 128,
-                        show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
+    def encode_passages(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int = 128,
+        show_progress_bar: bool = False,
+        normalize: bool = False,
+    ) -> np.ndarray:
         """Passage embeddings through the document encoder and `project_doc`; same arguments as `encode_questions`."""
         return self.encode(texts, "passages", batch_size, max_length, show_progress_bar, normalize)
 
@@ -302,16 +329,25 @@ class Encoder:
             return []
         return planner.add(np.asarray(lengths, np.int64), 0) + planner.finish()
 
-    def encode(self, texts: str | Sequence[str], kind: str, batch_size: int | None = None, max_length: int = 128,
-               show_progress_bar: bool = False, normalize: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        kind: str,
+        batch_size: int | None = None,
+        max_length: int = 128,
+        show_progress_bar: bool = False,
+        normalize: bool = False,
+    ) -> np.ndarray:
         """`encode_questions` (kind="questions") or `encode_passages` (kind="passages")."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 2 <= max_length <= self.config.max_position_embeddings:
-            raise ValueError(f"max_length must be in [2, {self.config.max_position_embeddings}] (the model's "
-                             f"max_position_embeddings), got {max_length}")
+            raise ValueError(
+                f"max_length must be in [2, {self.config.max_position_embeddings}] (the model's "
+                f"max_position_embeddings), got {max_length}"
+            )
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         out = np.zeros((len(texts), self.config.projection_dim), np.float32)
@@ -330,8 +366,16 @@ class Encoder:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out[0] if single else out
 
-    def _run_job(self, texts: list[str], kind: str, batch_size: int | None, max_length: int, out: np.ndarray,
-                 bar: Any, alone: bool = False) -> None:
+    def _run_job(
+        self,
+        texts: list[str],
+        kind: str,
+        batch_size: int | None,
+        max_length: int,
+        out: np.ndarray,
+        bar: Any,
+        alone: bool = False,
+    ) -> None:
         """Tokenizes, plans and runs `texts` into `out` (rows in input order); `alone`: one text per row."""
         planner = _Planner(self, kind, batch_size, max_length, len(texts), alone=alone)
         runner = _Runner(self, kind, self._precision(), out, bar)
@@ -356,8 +400,9 @@ class _Planner:
     """Turns a job's token lengths, chunk by chunk, into batches of packed rows (see `Encoder.plan`): rows of one
     length per job where the texts allow, full batches as soon as they are full, partial ones at `finish`."""
 
-    def __init__(self, enc: Encoder, kind: str, batch_size: int | None, max_length: int, total_texts: int,
-                 alone: bool = False):
+    def __init__(
+        self, enc: Encoder, kind: str, batch_size: int | None, max_length: int, total_texts: int, alone: bool = False
+    ):
         self.enc, self.kind, self.max_length, self.total = enc, kind, max_length, total_texts
         self.batch_size, self.alone = batch_size, alone
         self.length: int | None = None
@@ -419,7 +464,6 @@ class _Planner:
         self.planned.update((rows, length) for _, rows, length in plan)
         return plan
 
-
     def _per_row(self, length: int) -> int:
         return 1 if self.alone else texts_per_row(length)
 
@@ -458,8 +502,9 @@ class _Runner:
         text_index = batch.text_index
         shared = text_index[(text_index >= 0).sum(axis=1) > 1]
         self.texts_in_shared_rows[shared[shared >= 0]] = True
-        arrays = jax.device_put([batch.input_ids, batch.attention_mask, batch.position_ids, batch.cls_index],
-                                enc._data_sharding)
+        arrays = jax.device_put(
+            [batch.input_ids, batch.attention_mask, batch.position_ids, batch.cls_index], enc._data_sharding
+        )
         result = program.result()(enc._state, arrays[0], arrays[1], position_ids=arrays[2], cls_index=arrays[3])
         self.pending.append((text_index, result))
         # Dispatch is asynchronous: building the next batch overlaps with this one's compute.

@@ -90,8 +90,9 @@ def _jsonl_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tup
             id_field = "_id"
     except json.JSONDecodeError:
         pass  # read_corpus reports the line
-    for rec in read_corpus(path, "jsonl", text_field="text", id_field=id_field, skip_bad_lines=skip_bad_lines,
-                           log=log, unique_ids=False):  # read_queries names a repeated query id itself
+    for rec in read_corpus(
+        path, "jsonl", text_field="text", id_field=id_field, skip_bad_lines=skip_bad_lines, log=log, unique_ids=False
+    ):  # read_queries names a repeated query id itself
         yield rec.line, id_string(rec.id), rec.text
 
 
@@ -101,14 +102,19 @@ def _tsv_queries(path: str, skip_bad_lines: bool, log: TextIO) -> Iterator[tuple
             continue
         if isinstance(line, str):
             fields = line.split("\t", 1)
-            if n == 1 and len(fields) == 2 and fields[0].strip().lower() in QUERY_ID_COLUMNS \
-                    and fields[1].strip().lower() in QUERY_TEXT_COLUMNS:
+            if (
+                n == 1
+                and len(fields) == 2
+                and fields[0].strip().lower() in QUERY_ID_COLUMNS
+                and fields[1].strip().lower() in QUERY_TEXT_COLUMNS
+            ):
                 continue  # the header
             if len(fields) == 2 and fields[0]:
                 yield n, fields[0], fields[1]
                 continue
-            line = ValueError(f"{path}:{n}: expected 'id<TAB>text'" + (", got no tab" if len(fields) == 1 else
-                                                                        ", got an empty id"))
+            line = ValueError(
+                f"{path}:{n}: expected 'id<TAB>text'" + (", got no tab" if len(fields) == 1 else ", got an empty id")
+            )
         if not skip_bad_lines:
             raise ValueError(f"{line} (pass --skip-bad-lines to skip bad lines)")
         print(f"skipping bad line: {line}", file=log)
@@ -165,15 +171,19 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
         if beir:
             fields = line.split("\t")
             if len(fields) != 3:
-                raise ValueError(f"{path}:{n}: {len(fields)} tab-separated fields, expected 3 "
-                                 f"(query-id, corpus-id, score) as the header says")
+                raise ValueError(
+                    f"{path}:{n}: {len(fields)} tab-separated fields, expected 3 "
+                    f"(query-id, corpus-id, score) as the header says"
+                )
             qid, doc, rel = (f.strip() for f in fields)
         else:
             fields = line.split()
             if len(fields) != 4:
-                raise ValueError(f"{path}:{n}: {len(fields)} fields, expected 4 ('query-id iteration doc-id "
-                                 f"relevance', TREC qrels), or a BEIR file whose first line is "
-                                 f"'query-id<TAB>corpus-id<TAB>score'")
+                raise ValueError(
+                    f"{path}:{n}: {len(fields)} fields, expected 4 ('query-id iteration doc-id "
+                    f"relevance', TREC qrels), or a BEIR file whose first line is "
+                    f"'query-id<TAB>corpus-id<TAB>score'"
+                )
             qid, _, doc, rel = fields
         if not qid or not doc:
             raise ValueError(f"{path}:{n}: empty {'query' if not qid else 'document'} id")
@@ -182,8 +192,9 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
         except ValueError:
             raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer") from None
         if (qid, doc) in first_line:
-            raise ValueError(f"{path}:{n}: query {qid!r}, document {doc!r} judged again "
-                             f"(first on line {first_line[qid, doc]})")
+            raise ValueError(
+                f"{path}:{n}: query {qid!r}, document {doc!r} judged again (first on line {first_line[qid, doc]})"
+            )
         first_line[qid, doc] = n
         qrels.setdefault(qid, {})[doc] = relevance
     if not qrels:
@@ -213,12 +224,12 @@ def parse_metrics(names: Sequence[str] | None, depth: int) -> list:
         try:
             measure = irm.parse_measure(name)
         except (NameError, ValueError) as e:
-            raise ValueError(f"unknown measure {name!r} ({e}); use ir-measures names, e.g. R@10 RR@10 nDCG@10 "
-                             f"AP") from None
+            raise ValueError(
+                f"unknown measure {name!r} ({e}); use ir-measures names, e.g. R@10 RR@10 nDCG@10 AP"
+            ) from None
         cutoff = measure.params.get("cutoff")
         if cutoff is not None and cutoff > depth:
-            raise ValueError(f"measure {measure} needs the top {cutoff}, but the depth is {depth}; "
-                             f"raise --depth")
+            raise ValueError(f"measure {measure} needs the top {cutoff}, but the depth is {depth}; raise --depth")
         if measure not in measures:
             measures.append(measure)
     if not measures:
@@ -258,9 +269,13 @@ def judged_queries(queries: Iterable[str], qrels: Mapping[str, Mapping[str, int]
     return [qid for qid in queries if qrels.get(qid)]
 
 
-def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mapping[str, int]],
-                    metrics: Sequence[str] | None = None, *, depth: int = 100
-                    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def compute_metrics(
+    run: Mapping[str, Sequence[Hit]],
+    qrels: Mapping[str, Mapping[str, int]],
+    metrics: Sequence[str] | None = None,
+    *,
+    depth: int = 100,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The measures of a run, averaged over the queries that are in both the run and the qrels, by ir-measures.
 
     Args:
@@ -280,16 +295,20 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
     measures = parse_metrics(metrics, depth)
     judged = judged_queries(run, qrels)
     if not judged:
-        raise ValueError(f"no query of the run has judgments (ids compared as strings; run ids such as "
-                         f"{list(run)[:3]}, qrels ids such as {list(qrels)[:3]})")
+        raise ValueError(
+            f"no query of the run has judgments (ids compared as strings; run ids such as "
+            f"{list(run)[:3]}, qrels ids such as {list(qrels)[:3]})"
+        )
     docs = []
     for qid in judged:
         seen = set()
         for h in run[qid]:
             doc = id_string(h.id)
             if doc in seen:
-                raise ValueError(f"query {qid!r}: doc id {doc!r} is retrieved twice; the index's ids must be unique "
-                                 f"(as strings) for evaluation")
+                raise ValueError(
+                    f"query {qid!r}: doc id {doc!r} is retrieved twice; the index's ids must be unique "
+                    f"(as strings) for evaluation"
+                )
             seen.add(doc)
             docs.append(irm.ScoredDoc(qid, doc, float(h.score)))
     # ir-measures averages over every query of the qrels it is given (absent or unjudged ones score 0);
@@ -302,8 +321,9 @@ def compute_metrics(run: Mapping[str, Sequence[Hit]], qrels: Mapping[str, Mappin
     return aggregate, {qid: {str(m): per_query[qid][str(m)] for m in measures} for qid in judged}
 
 
-def judged_documents_in_index(index: Index, qrels: Mapping[str, Mapping[str, int]], judged: Sequence[str]
-                              ) -> tuple[int, int]:
+def judged_documents_in_index(
+    index: Index, qrels: Mapping[str, Mapping[str, int]], judged: Sequence[str]
+) -> tuple[int, int]:
     """(judged documents found in the index, judged documents) over the judgments of the `judged` queries, in one
     pass over the index's ids.
 
@@ -317,17 +337,21 @@ def judged_documents_in_index(index: Index, qrels: Mapping[str, Mapping[str, int
     for row, value in enumerate(index.iter_ids()):
         first = repeats.first_position(row, value)
         if first is not None:
-            raise ValueError(f"{index.directory}: id {id_string(value)!r} is on rows {first} and {row}; evaluation "
-                             f"needs unique ids (compared as text); embed the corpus again")
+            raise ValueError(
+                f"{index.directory}: id {id_string(value)!r} is on rows {first} and {row}; evaluation "
+                f"needs unique ids (compared as text); embed the corpus again"
+            )
         key = id_string(value)
         if key in wanted:
             found.add(key)
     if not found:
         sample = list(itertools.islice(index.iter_ids(), 3))
-        raise ValueError(f"{index.directory}: none of the {len(wanted)} documents judged for the {len(judged)} "
-                         f"queries is in the index (ids compared as text; index ids such as {sample}, judged ids "
-                         f"such as {sorted(wanted)[:3]}); embed the corpus with its ids (--id-field, e.g. _id for "
-                         f"BEIR)")
+        raise ValueError(
+            f"{index.directory}: none of the {len(wanted)} documents judged for the {len(judged)} "
+            f"queries is in the index (ids compared as text; index ids such as {sample}, judged ids "
+            f"such as {sorted(wanted)[:3]}); embed the corpus with its ids (--id-field, e.g. _id for "
+            f"BEIR)"
+        )
     return len(found), len(wanted)
 
 
@@ -367,10 +391,16 @@ class Evaluation:
         return len(self.run)
 
     def to_dict(self, per_query: bool = True) -> dict[str, Any]:
-        d = {"metrics": self.metrics, "num_queries": self.num_queries, "depth": self.depth,
-             "skipped_queries": len(self.skipped_queries), "unmatched_qrels": len(self.unmatched_qrels),
-             "judged_documents": self.judged_documents, "judged_documents_in_index": self.judged_documents_in_index,
-             "identical_ids": self.identical_ids}
+        d = {
+            "metrics": self.metrics,
+            "num_queries": self.num_queries,
+            "depth": self.depth,
+            "skipped_queries": len(self.skipped_queries),
+            "unmatched_qrels": len(self.unmatched_qrels),
+            "judged_documents": self.judged_documents,
+            "judged_documents_in_index": self.judged_documents_in_index,
+            "identical_ids": self.identical_ids,
+        }
         if per_query:
             d["per_query"] = self.per_query
         return d
@@ -381,10 +411,20 @@ class Evaluation:
         return "\n".join(rows)
 
 
-def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str | Mapping[str, Mapping[str, int]],
-             *, depth: int = 100, metrics: Sequence[str] | None = None, batch_size: int | None = None,
-             max_length: int = 128, skip_bad_lines: bool = False, show_progress: bool = False,
-             ignore_identical_ids: bool = False) -> Evaluation:
+def evaluate(
+    index: Index,
+    encoder,
+    queries: str | Mapping[str, str],
+    qrels: str | Mapping[str, Mapping[str, int]],
+    *,
+    depth: int = 100,
+    metrics: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    skip_bad_lines: bool = False,
+    show_progress: bool = False,
+    ignore_identical_ids: bool = False,
+) -> Evaluation:
     """Encodes the judged queries, retrieves the top `depth` passages of each and measures the run with ir-measures.
 
     Args:
@@ -423,11 +463,18 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
     index.check_model(encoder)
     judged = judged_queries(queries, qrels)
     if not judged:
-        raise ValueError(f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "
-                         f"qrels ids such as {list(qrels)[:3]})")
+        raise ValueError(
+            f"no query has judgments (ids compared as strings; query ids such as {list(queries)[:3]}, "
+            f"qrels ids such as {list(qrels)[:3]})"
+        )
     in_index, judged_docs = judged_documents_in_index(index, qrels, judged)
-    q = encoder.encode_questions([queries[qid] for qid in judged], batch_size=batch_size, max_length=max_length,
-                                 show_progress_bar=show_progress, normalize=index.manifest["normalized"])  # Q P
+    q = encoder.encode_questions(
+        [queries[qid] for qid in judged],
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress_bar=show_progress,
+        normalize=index.manifest["normalized"],
+    )  # Q P
     # An id names one row (checked above), so one hit at most is dropped: depth + 1 is deep enough.
     found = index.search_embeddings(q, depth + 1 if ignore_identical_ids else depth)
     identical = sum(any(id_string(h.id) == qid for h in hits[:depth]) for qid, hits in zip(judged, found, strict=True))
@@ -435,7 +482,14 @@ def evaluate(index: Index, encoder, queries: str | Mapping[str, str], qrels: str
         found = [[h for h in hits if id_string(h.id) != qid][:depth] for qid, hits in zip(judged, found, strict=True)]
     run = dict(zip(judged, found, strict=True))
     aggregate, per_query = compute_metrics(run, qrels, metrics, depth=depth)
-    return Evaluation(metrics=aggregate, per_query=per_query, run=run,
-                      skipped_queries=[qid for qid in queries if not qrels.get(qid)],
-                      unmatched_qrels=[qid for qid in qrels if qid not in queries], depth=depth,
-                      judged_documents=judged_docs, judged_documents_in_index=in_index, identical_ids=identical)
+    return Evaluation(
+        metrics=aggregate,
+        per_query=per_query,
+        run=run,
+        skipped_queries=[qid for qid in queries if not qrels.get(qid)],
+        unmatched_qrels=[qid for qid in qrels if qid not in queries],
+        depth=depth,
+        judged_documents=judged_docs,
+        judged_documents_in_index=in_index,
+        identical_ids=identical,
+    )

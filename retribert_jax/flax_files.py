@@ -79,13 +79,21 @@ def _orbax_writer():
 
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.ArrayHandler()))
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
 
 
-def write_flax_directory(arrays: Mapping[FlaxPath, Any], config: RetriBertConfig, directory: str, *,
-                         format: str = "orbax", dtype: Any = None, overwrite: bool = False,
-                         before_commit: Callable[[str], None] | None = None) -> str:
+def write_flax_directory(
+    arrays: Mapping[FlaxPath, Any],
+    config: RetriBertConfig,
+    directory: str,
+    *,
+    format: str = "orbax",
+    dtype: Any = None,
+    overwrite: bool = False,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
     """Writes config.json and parameters (Flax path -> array), and what `before_commit` adds, as one atomic directory.
 
     Args:
@@ -166,8 +174,9 @@ def _read_safetensors(path: str) -> dict[FlaxPath, np.ndarray]:
                     arrays[name] = st.get_tensor(name)
                     continue
                 begin, end = info["data_offsets"]
-                arrays[name] = np.frombuffer(buf, dtype, count=(end - begin) // dtype.itemsize,
-                                             offset=begin).reshape(info["shape"])
+                arrays[name] = np.frombuffer(buf, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(
+                    info["shape"]
+                )
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return {parse_path(k): a for k, a in arrays.items()}
@@ -180,8 +189,9 @@ ORBAX_READS_ABANDONED = "orbax_reads_abandoned"
 
 
 def _orbax_error(path: str, e: BaseException) -> CheckpointError:
-    _log.info("%s: an orbax read failed; orbax leaves its other reads running", path,
-              extra={ORBAX_READS_ABANDONED: True})
+    _log.info(
+        "%s: an orbax read failed; orbax leaves its other reads running", path, extra={ORBAX_READS_ABANDONED: True}
+    )
     # Orbax wraps tensorstore's error (which names the array and the byte range) in its own generic one.
     while e.__cause__ is not None:
         e = e.__cause__
@@ -209,13 +219,15 @@ def _orbax_stored(path: str) -> dict[FlaxPath, jax.ShapeDtypeStruct]:
     finally:
         absl.removeFilter(quiet)
     if item is None:
-        raise CheckpointError(f"{path}: not a readable orbax checkpoint (its metadata or array store is missing or "
-                              "damaged)")
+        raise CheckpointError(
+            f"{path}: not a readable orbax checkpoint (its metadata or array store is missing or damaged)"
+        )
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in _flat(dict(item)).items()}
 
 
-def _read_orbax(path: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtype: Any = None
-                ) -> dict[FlaxPath, np.ndarray]:
+def _read_orbax(
+    path: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtype: Any = None
+) -> dict[FlaxPath, np.ndarray]:
     """Flax path -> numpy array restored by orbax, cast to `dtype` (None keeps each stored dtype).
 
     Names and shapes are checked against `expected` first: orbax would refuse a mismatch too, but from inside its
@@ -256,11 +268,13 @@ def weights_file(directory: str) -> tuple[str, str]:
 
 def has_flax_weights(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, FLAX_SAFETENSORS)) or os.path.isdir(
-        os.path.join(directory, FLAX_ORBAX))
+        os.path.join(directory, FLAX_ORBAX)
+    )
 
 
-def read_flax_arrays(directory: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtype: Any = None
-                     ) -> tuple[str, dict[FlaxPath, np.ndarray]]:
+def read_flax_arrays(
+    directory: str, expected: Mapping[FlaxPath, tuple[int, ...]], *, dtype: Any = None
+) -> tuple[str, dict[FlaxPath, np.ndarray]]:
     """The Flax parameters of a checkpoint directory, every name and shape checked against `expected`.
 
     Args:

@@ -25,8 +25,13 @@ PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 HF_WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
 # The files a checkpoint directory's tokenizer may consist of, as HF names them (copied verbatim when a checkpoint is
 # converted or exported).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def _safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -57,8 +62,10 @@ def _torch_load(path: str, mmap: bool) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: this PyTorch checkpoint needs torch to read "
-                              "(pip install 'retribert_jax[torch]'), or convert it to safetensors") from None
+        raise CheckpointError(
+            f"{path}: this PyTorch checkpoint needs torch to read "
+            "(pip install 'retribert_jax[torch]'), or convert it to safetensors"
+        ) from None
     try:
         # weights_only: refuse pickled code. mmap: do not copy the file into memory before converting; without it
         # each tensor owns its memory, so a caller that drops tensors as it converts them frees them one by one.
@@ -102,8 +109,7 @@ def _read_index(directory: str, index_name: str, mmap: bool = True) -> dict[str,
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index ({type(e).__name__}: {e})") \
-            from None
+        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index ({type(e).__name__}: {e})") from None
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         tensors = read_weight_file(os.path.join(directory, shard), mmap)
@@ -122,8 +128,9 @@ def find_hf_weights(directory: str) -> str:
     for name in HF_WEIGHT_FILES:
         if os.path.isfile(os.path.join(directory, name)):
             return name
-    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)}, "
-                          "flax_model.safetensors, flax_params/)")
+    raise CheckpointError(
+        f"{directory}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)}, flax_model.safetensors, flax_params/)"
+    )
 
 
 def read_torch_state_dict(path: str, mmap: bool = True) -> tuple[dict[str, np.ndarray], str]:
@@ -144,8 +151,14 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-def write_hf_directory(tensors: Mapping[str, np.ndarray], config: RetriBertConfig, out: str, *,
-                       overwrite: bool = False, tokenizer_dir: str | None = None) -> str:
+def write_hf_directory(
+    tensors: Mapping[str, np.ndarray],
+    config: RetriBertConfig,
+    out: str,
+    *,
+    overwrite: bool = False,
+    tokenizer_dir: str | None = None,
+) -> str:
     """Writes an HF RetriBERT directory atomically: config.json as transformers reads it, `model.safetensors`
     (PyTorch names and layout), and the tokenizer files of `tokenizer_dir`.
 

@@ -26,5 +26,6 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     try:
         return snapshot_download(repo_id=path, allow_patterns=_PATTERNS)
     except Exception as e:  # network errors, unknown repo, offline mode: all mean "cannot get it"
-        raise FileNotFoundError(f"{path}: not a local path, and the hub download failed ({type(e).__name__}: {e})") \
-            from None
+        raise FileNotFoundError(
+            f"{path}: not a local path, and the hub download failed ({type(e).__name__}: {e})"
+        ) from None

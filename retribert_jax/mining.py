@@ -171,8 +171,10 @@ def check_index(index: Index, model) -> None:
     Encoder; see `Index.check_model`)."""
     index.check_model(model)
     if not index.manifest["has_text"]:
-        raise ValueError(f"{index.directory}: holds no passage texts; mining writes negatives as text, so embed the "
-                         f"corpus again with `retribert-jax embed ... --store-text`")
+        raise ValueError(
+            f"{index.directory}: holds no passage texts; mining writes negatives as text, so embed the "
+            f"corpus again with `retribert-jax embed ... --store-text`"
+        )
 
 
 @dataclasses.dataclass
@@ -198,8 +200,9 @@ def question_key(question: str) -> str:
     return normalize_whitespace(question)
 
 
-def shared_positives(rows: Callable[[], Iterable[Mapping[str, Any]]], positive_id_field: str | None
-                     ) -> dict[str, Positives]:
+def shared_positives(
+    rows: Callable[[], Iterable[Mapping[str, Any]]], positive_id_field: str | None
+) -> dict[str, Positives]:
     """The positives of every question asked on more than one row, by `question_key`, in two passes over `rows`
     (a callable giving them again): a question's rows may lie anywhere in a file mined chunk by chunk. Only hashes
     are kept for the questions asked once (the most of a large file)."""
@@ -245,8 +248,9 @@ def _search_deep(index: Index, q: np.ndarray, positives: list[Positives], depth:
     return out
 
 
-def _row_positives(rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Positives], key: str | None
-                   ) -> list[Positives]:
+def _row_positives(
+    rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Positives], key: str | None
+) -> list[Positives]:
     """Each row's question's positives: the shared ones of a question asked on several rows, else the row's own."""
     out = []
     for r in rows:
@@ -256,8 +260,15 @@ def _row_positives(rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Posit
     return out
 
 
-def _positive_scores(encoder, q: np.ndarray, rows: Sequence[Mapping[str, Any]], positives: list[Positives],
-                     batch_size: int | None, max_length: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+def _positive_scores(
+    encoder,
+    q: np.ndarray,
+    rows: Sequence[Mapping[str, Any]],
+    positives: list[Positives],
+    batch_size: int | None,
+    max_length: int,
+    normalize: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """(each row's own answer's score, the lowest score of its question's positives), float [N] each."""
     texts = list(dict.fromkeys([r["answer"] for r in rows] + [a for p in positives for a in p.answers]))
     # Truncated as the index's passages were, so that the positives' scores are comparable with theirs.
@@ -268,8 +279,15 @@ def _positive_scores(encoder, q: np.ndarray, rows: Sequence[Mapping[str, Any]], 
     return own, lowest
 
 
-def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningConfig, batch_size: int | None,
-          max_length: int, shared: Mapping[str, Positives]) -> Mined:
+def _mine(
+    index: Index,
+    encoder,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: MiningConfig,
+    batch_size: int | None,
+    max_length: int,
+    shared: Mapping[str, Positives],
+) -> Mined:
     questions = [r["question"] for r in rows]
     key = cfg.positive_id_field
     stats = MiningStats(pairs=len(rows), with_positive_id=sum(key is not None and key in r for r in rows))
@@ -280,13 +298,12 @@ def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningC
     q = encoder.encode_questions(questions, batch_size=batch_size, max_length=max_length, normalize=normalize)  # N P
     own = lowest = None
     if cfg.needs_positive_score:
-        own, lowest = _positive_scores(encoder, q, rows, positives, batch_size, index.manifest["max_length"],
-                                       normalize)
+        own, lowest = _positive_scores(encoder, q, rows, positives, batch_size, index.manifest["max_length"], normalize)
     candidates = _search_deep(index, q, positives, cfg.window_end)
     out = []
     for i, row in enumerate(rows):
         pos = None if lowest is None else float(lowest[i])
-        window = candidates[i][cfg.range_min:cfg.window_end]
+        window = candidates[i][cfg.range_min : cfg.window_end]
         chosen = []
         for h in window:
             reason = cfg.rejects(h.score, pos)
@@ -305,12 +322,23 @@ def _mine(index: Index, encoder, rows: Sequence[Mapping[str, Any]], cfg: MiningC
     return Mined(out, stats)
 
 
-def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]], *, num_negatives: int = 3,
-                        range_min: int = 0, range_max: int | None = None, max_score: float | None = None,
-                        min_score: float | None = None, absolute_margin: float | None = None,
-                        relative_margin: float | None = None, positive_id_field: str | None = None,
-                        include_scores: bool = False, batch_size: int | None = None,
-                        max_length: int = 128) -> Mined:
+def mine_hard_negatives(
+    index: Index,
+    encoder,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    num_negatives: int = 3,
+    range_min: int = 0,
+    range_max: int | None = None,
+    max_score: float | None = None,
+    min_score: float | None = None,
+    absolute_margin: float | None = None,
+    relative_margin: float | None = None,
+    positive_id_field: str | None = None,
+    include_scores: bool = False,
+    batch_size: int | None = None,
+    max_length: int = 128,
+) -> Mined:
     """Hard negatives for (question, answer) rows from an index of passages (see the module docstring).
 
     Args:
@@ -331,9 +359,17 @@ def mine_hard_negatives(index: Index, encoder, rows: Sequence[Mapping[str, Any]]
       ValueError: a row without string question/answer, a bad setting, or an index without texts, of questions, or
         of another architecture.
     """
-    cfg = MiningConfig(num_negatives=num_negatives, range_min=range_min, range_max=range_max, max_score=max_score,
-                       min_score=min_score, absolute_margin=absolute_margin, relative_margin=relative_margin,
-                       positive_id_field=positive_id_field, include_scores=include_scores)
+    cfg = MiningConfig(
+        num_negatives=num_negatives,
+        range_min=range_min,
+        range_max=range_max,
+        max_score=max_score,
+        min_score=min_score,
+        absolute_margin=absolute_margin,
+        relative_margin=relative_margin,
+        positive_id_field=positive_id_field,
+        include_scores=include_scores,
+    )
     check_index(index, encoder)
     for i, row in enumerate(rows):
         check_pair_row(row, f"row {i}")
@@ -370,10 +406,12 @@ def _open_parts(parts: str, settings: dict[str, Any], overwrite: bool) -> None:
         if old == settings:
             return
         if not overwrite:
-            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in sorted(settings.items())
-                             if old.get(k) != v)
-            raise ValueError(f"{parts}: holds an unfinished run with other settings ({diff}); pass --overwrite to "
-                             f"start again")
+            diff = ", ".join(
+                f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in sorted(settings.items()) if old.get(k) != v
+            )
+            raise ValueError(
+                f"{parts}: holds an unfinished run with other settings ({diff}); pass --overwrite to start again"
+            )
     if os.path.exists(parts):
         shutil.rmtree(parts)
     os.makedirs(parts)
@@ -396,10 +434,22 @@ def _read_part_stats(parts: str, i: int) -> MiningStats:
         return MiningStats(**json.load(f))
 
 
-def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig | None = None, *,
-              chunk_size: int = 10_000, drop_incomplete: bool = False, overwrite: bool = False,
-              batch_size: int | None = None, max_length: int = 128, model_name: str | None = None,
-              show_progress: bool = True, fields: PairFields | None = None) -> MiningStats:
+def mine_file(
+    index: Index,
+    encoder,
+    pairs: str,
+    out: str,
+    config: MiningConfig | None = None,
+    *,
+    chunk_size: int = 10_000,
+    drop_incomplete: bool = False,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    model_name: str | None = None,
+    show_progress: bool = True,
+    fields: PairFields | None = None,
+) -> MiningStats:
     """Mines a JSONL pairs file into a JSONL file `retribert-jax train` reads, resumably.
 
     The pairs are mined `chunk_size` at a time into `{out}.parts/part-NNNNN.jsonl` (each written atomically); a rerun
@@ -440,11 +490,20 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
         raise FileNotFoundError(f"{pairs}: no such pairs file")
     check_index(index, encoder)
     parts = out + ".parts"
-    settings = {"format": PARTS_FORMAT, "version": 1, "pairs_sha256": file_sha256(pairs),
-                "index": os.path.abspath(index.directory), "index_config_hash": index.manifest["config_hash"],
-                "index_count": len(index), "model": model_name, "config": dataclasses.asdict(config),
-                "chunk_size": chunk_size, "drop_incomplete": drop_incomplete, "max_length": max_length,
-                "fields": dataclasses.asdict(fields or PairFields())}
+    settings = {
+        "format": PARTS_FORMAT,
+        "version": 1,
+        "pairs_sha256": file_sha256(pairs),
+        "index": os.path.abspath(index.directory),
+        "index_config_hash": index.manifest["config_hash"],
+        "index_count": len(index),
+        "model": model_name,
+        "config": dataclasses.asdict(config),
+        "chunk_size": chunk_size,
+        "drop_incomplete": drop_incomplete,
+        "max_length": max_length,
+        "fields": dataclasses.asdict(fields or PairFields()),
+    }
     record = job_record(out)
     if os.path.isfile(out) and not overwrite and os.path.isfile(record):
         with open(record, encoding="utf-8") as f:
@@ -467,7 +526,7 @@ def mine_file(index: Index, encoder, pairs: str, out: str, config: MiningConfig 
                 continue
             kept, part_stats = [], MiningStats()
             for s in range(0, len(chunk), STEP):
-                mined = _mine(index, encoder, chunk[s:s + STEP], config, batch_size, max_length, shared)
+                mined = _mine(index, encoder, chunk[s : s + STEP], config, batch_size, max_length, shared)
                 part_stats.add(mined.stats)
                 for row in mined.rows:
                     if drop_incomplete and len(row["negatives"]) < config.num_negatives:

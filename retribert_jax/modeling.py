@@ -63,19 +63,35 @@ def _normal(cfg: RetriBertConfig):
     return _init(nnx.initializers.normal(cfg.initializer_range))
 
 
-def _linear(cfg: RetriBertConfig, din: int, dout: int, run: RunConfig, *, rngs: nnx.Rngs,
-            use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=jnp.dtype(run.dtype), param_dtype=jnp.float32,
-                      precision=run.precision, kernel_init=_normal(cfg), bias_init=_init(nnx.initializers.zeros),
-                      rngs=rngs)
+def _linear(
+    cfg: RetriBertConfig, din: int, dout: int, run: RunConfig, *, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=jnp.dtype(run.dtype),
+        param_dtype=jnp.float32,
+        precision=run.precision,
+        kernel_init=_normal(cfg),
+        bias_init=_init(nnx.initializers.zeros),
+        rngs=rngs,
+    )
 
 
 def _layer_norm(cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - mean^2. Flax computes the
     # statistics and the normalisation in float32 whatever `dtype` is, and casts only the output to it.
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
-                         dtype=jnp.dtype(run.stream_dtype), param_dtype=jnp.float32,
-                         scale_init=_init(nnx.initializers.ones), bias_init=_init(nnx.initializers.zeros), rngs=rngs)
+    return nnx.LayerNorm(
+        cfg.hidden_size,
+        epsilon=cfg.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=jnp.dtype(run.stream_dtype),
+        param_dtype=jnp.float32,
+        scale_init=_init(nnx.initializers.ones),
+        bias_init=_init(nnx.initializers.zeros),
+        rngs=rngs,
+    )
 
 
 class BertEmbeddings(nnx.Module):
@@ -84,14 +100,14 @@ class BertEmbeddings(nnx.Module):
     def __init__(self, cfg: RetriBertConfig, run: RunConfig, *, rngs: nnx.Rngs):
         init = _normal(cfg)
         self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
-        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                                             rngs=rngs)
+        self.position_embeddings = nnx.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, rngs=rngs
+        )
         self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
         self.LayerNorm = _layer_norm(cfg, run, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, deterministic=True)
 
-    def __call__(self, input_ids: Array, position_ids: Array | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> Array:
+    def __call__(self, input_ids: Array, position_ids: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
         """int [B, L] token ids (and positions, default 0..L-1) -> [B, L, D] in the residual stream's dtype.
 
         Raises:
@@ -100,8 +116,10 @@ class BertEmbeddings(nnx.Module):
         length = input_ids.shape[1]
         limit = self.position_embeddings.num_embeddings
         if length > limit:
-            raise ValueError(f"input length {length} is longer than the model's max_position_embeddings ({limit}); "
-                             f"truncate the input to at most {limit} tokens")
+            raise ValueError(
+                f"input length {length} is longer than the model's max_position_embeddings ({limit}); "
+                f"truncate the input to at most {limit} tokens"
+            )
         with jax.named_scope("embeddings"):  # trace and HLO names read like the modules
             return self._embed(input_ids, position_ids, length, rngs)
 
@@ -128,8 +146,15 @@ class BertSelfAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, deterministic=True)
         self.attention_impl, self.precision = run.attention_impl, run.precision
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
-                 cls_index: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cls_only: bool = False,
+        cls_index: Array | None = None,
+    ) -> Array:
         """Context vectors [B, L, D] under `mask` (an attention mask [B, L], or `visible_keys`' bool [B, 1 or L, L]);
         when `cls_only`, for the [CLS] queries alone: [B, 1, D], or [B, S, D] at `cls_index` [B, S]."""
         b, length, _ = x.shape
@@ -158,8 +183,9 @@ class BertSelfAttention(nnx.Module):
             # it splits into slow [B, H, L, L] passes). Dropout of the probabilities commutes with the per-row
             # division, so it drops the same entries of the unnormalised weights.
             qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # B H L Dh (Lq for q)
-            scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, precision=self.precision,
-                                preferred_element_type=jnp.float32)  # B H Lq L
+            scores = jnp.einsum(
+                "bhqd,bhkd->bhqk", qh, kh, precision=self.precision, preferred_element_type=jnp.float32
+            )  # B H Lq L
             # HF's additive mask (float32's most negative finite value, not -inf): a row with no unmasked key (a
             # padding row) gets uniform weights, not NaN.
             bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # B 1 (1 or Lq) L
@@ -167,8 +193,13 @@ class BertSelfAttention(nnx.Module):
             weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
             total = weights.sum(axis=-1, keepdims=True)  # B H Lq 1
             weights = self.dropout(weights, rngs=rngs)
-            ctx = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), vh, precision=self.precision,
-                             preferred_element_type=jnp.float32)
+            ctx = jnp.einsum(
+                "bhqk,bhkd->bhqd",
+                weights.astype(v.dtype),
+                vh,
+                precision=self.precision,
+                preferred_element_type=jnp.float32,
+            )
             ctx = (ctx / total).astype(v.dtype).transpose(0, 2, 1, 3)  # B Lq H Dh
         return ctx.reshape(b, q.shape[1], -1)  # B Lq D
 
@@ -192,8 +223,15 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, run, rngs=rngs)
         self.output = BertSelfOutput(cfg, run, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
-                 cls_index: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cls_only: bool = False,
+        cls_index: Array | None = None,
+    ) -> Array:
         with jax.named_scope("attention"):
             residual = cls_rows(x, cls_index) if cls_only else x
             ctx = self.self(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
@@ -231,8 +269,15 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, run, rngs=rngs)
         self.output = BertOutput(cfg, run, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
-                 cls_index: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cls_only: bool = False,
+        cls_index: Array | None = None,
+    ) -> Array:
         """[B, L, D] -> [B, L, D]; with `cls_only`, the [CLS] rows alone (keys still see every token): [B, 1, D], or
         [B, S, D] at `cls_index` [B, S] for packed rows."""
         a = self.attention(x, mask, rngs=rngs, cls_only=cls_only, cls_index=cls_index)
@@ -272,8 +317,15 @@ class BertEncoder(nnx.Module):
         self.num_layers = cfg.num_hidden_layers
         self.scan_unroll, self.trim_last_layer = run.scan_unroll, run.trim_last_layer
 
-    def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None, cls_only: bool = False,
-                 cls_index: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cls_only: bool = False,
+        cls_index: Array | None = None,
+    ) -> Array:
         """Hidden states [B, L, D] under `mask` ([B, L], or [B, 1 or L, L] from `visible_keys`); with `cls_only`,
         the last layer computes only the [CLS] rows: [B, 1, D], or [B, S, D] at `cls_index` [B, S] (packed rows).
 
@@ -290,8 +342,16 @@ class BertEncoder(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cls_only", "unroll"))
-def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array, key: Array | None,
-                cls_index: Array | None, cls_only: bool, unroll: int | bool = 1) -> Array:
+def _run_layers(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    x: Array,
+    mask: Array,
+    key: Array | None,
+    cls_index: Array | None,
+    cls_only: bool,
+    unroll: int | bool = 1,
+) -> Array:
     """The layer stack as one scan (`BertEncoder.__call__`). Jitted on its own so that a model called eagerly
     compiles it once per shape rather than tracing a new scan every call; inside another jit it is inlined."""
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -310,8 +370,12 @@ def _run_layers(graphdef: nnx.GraphDef, state: nnx.State, x: Array, mask: Array,
         return x  # B L D
     # The last layer runs apart, so the scan indexes the first num_layers - 1 rows of the stack (slicing them off as
     # xs would copy them every call).
-    x, _ = jax.lax.scan(lambda h, i: (block(h, jax.tree.map(lambda a: a[i], state), i), None), x,
-                        jnp.arange(num_layers - 1), unroll=unroll)  # B L D
+    x, _ = jax.lax.scan(
+        lambda h, i: (block(h, jax.tree.map(lambda a: a[i], state), i), None),
+        x,
+        jnp.arange(num_layers - 1),
+        unroll=unroll,
+    )  # B L D
     last = num_layers - 1
     x = block(x, jax.tree.map(lambda a: a[last], state), last, last=True)  # B 1 D, or B S D
     return x
@@ -336,15 +400,21 @@ class BertModel(nnx.Module):
         self.encoder = BertEncoder(cfg, run, rngs=rngs)
         self.pooler = BertPooler(cfg, run, rngs=rngs)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, position_ids: Array | None = None,
-                 cls_index: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        position_ids: Array | None = None,
+        cls_index: Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> Array:
         """The pooler output: float32 [B, D]; for packed rows (`cls_index` int [B, S] given, with the
         `position_ids` [B, L] that mark where sequences start), [B, S, D], one per packed sequence."""
         h = self.embeddings(input_ids, position_ids, rngs=rngs)
         return self.pooled(h, visible_keys(attention_mask, position_ids), cls_index, rngs=rngs)
 
-    def pooled(self, h: Array, mask: Array, cls_index: Array | None = None, *,
-               rngs: nnx.Rngs | None = None) -> Array:
+    def pooled(self, h: Array, mask: Array, cls_index: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
         """The encoder and pooler over embedded tokens `h` [B, L, D] (see `__call__`)."""
         h = self.encoder(h, mask, rngs=rngs, cls_only=True, cls_index=cls_index)  # B 1 D, or B S D
         b, s, d = h.shape
@@ -391,17 +461,24 @@ class RetriBertModel(nnx.Module):
       ValueError: a run setting outside its choices (see `RunConfig`).
     """
 
-    def __init__(self, config: RetriBertConfig, *, run_config: RunConfig | None = None, dtype: Any = None,
-                 precision: Any = None, attention_impl: str | None = None, rngs: nnx.Rngs):
-        run = (run_config or RunConfig()).with_overrides(dtype=dtype, precision=precision,
-                                                          attention_impl=attention_impl)
+    def __init__(
+        self,
+        config: RetriBertConfig,
+        *,
+        run_config: RunConfig | None = None,
+        dtype: Any = None,
+        precision: Any = None,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        run = (run_config or RunConfig()).with_overrides(
+            dtype=dtype, precision=precision, attention_impl=attention_impl
+        )
         self.config, self.run_config = config, run
         self.bert_query = BertModel(config, run, rngs=rngs)
         self.bert_doc = None if config.share_encoders else BertModel(config, run, rngs=rngs)
-        self.project_query = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False,
-                                     rngs=rngs)
-        self.project_doc = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False,
-                                   rngs=rngs)
+        self.project_query = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False, rngs=rngs)
+        self.project_doc = _linear(config, config.hidden_size, config.projection_dim, run, use_bias=False, rngs=rngs)
 
     def with_run_config(self, run_config: RunConfig) -> RetriBertModel:
         """The same parameters (shared, not copied) under another `RunConfig`: another graph, the same state."""
@@ -424,9 +501,17 @@ class RetriBertModel(nnx.Module):
 
         save_model(self, directory, **kwargs)
 
-    def embed_sentences_checkpointed(self, input_ids: Array, attention_mask: Array | None, sent_encoder: BertModel,
-                                     checkpoint_batch_size: int = -1, *, rngs: nnx.Rngs | None = None,
-                                     position_ids: Array | None = None, cls_index: Array | None = None) -> Array:
+    def embed_sentences_checkpointed(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None,
+        sent_encoder: BertModel,
+        checkpoint_batch_size: int = -1,
+        *,
+        rngs: nnx.Rngs | None = None,
+        position_ids: Array | None = None,
+        cls_index: Array | None = None,
+    ) -> Array:
         """Pooler outputs [B, D] ([B, S, D] for packed rows, see `BertModel`); with `checkpoint_batch_size` > 0 and
         B >= it, chunk-wise under remat as in HF."""
         if attention_mask is None:
@@ -440,17 +525,32 @@ class RetriBertModel(nnx.Module):
         mask = visible_keys(attention_mask, position_ids)
         chunk = nnx.remat(_encode_chunk)
         end = checkpoint_batch_size
-        pooled = [chunk(sent_encoder, rngs, h[s:s + end], mask[s:s + end],
-                        None if cls_index is None else cls_index[s:s + end]) for s in range(0, n, end)]
+        pooled = [
+            chunk(
+                sent_encoder,
+                rngs,
+                h[s : s + end],
+                mask[s : s + end],
+                None if cls_index is None else cls_index[s : s + end],
+            )
+            for s in range(0, n, end)
+        ]
         return jnp.concatenate(pooled, axis=0)
 
     @property
     def doc_encoder(self) -> BertModel:
         return self.bert_query if self.bert_doc is None else self.bert_doc
 
-    def embed_questions(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
-                        *, rngs: nnx.Rngs | None = None, position_ids: Array | None = None,
-                        cls_index: Array | None = None) -> Array:
+    def embed_questions(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        checkpoint_batch_size: int = -1,
+        *,
+        rngs: nnx.Rngs | None = None,
+        position_ids: Array | None = None,
+        cls_index: Array | None = None,
+    ) -> Array:
         """Question embeddings.
 
         Args:
@@ -466,21 +566,49 @@ class RetriBertModel(nnx.Module):
         Returns:
           float32 [B, projection_dim], not normalised; [B, S, projection_dim] with `cls_index`.
         """
-        reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.bert_query, checkpoint_batch_size,
-                                                 rngs=rngs, position_ids=position_ids, cls_index=cls_index)
+        reps = self.embed_sentences_checkpointed(
+            input_ids,
+            attention_mask,
+            self.bert_query,
+            checkpoint_batch_size,
+            rngs=rngs,
+            position_ids=position_ids,
+            cls_index=cls_index,
+        )
         return self.project_query(reps).astype(jnp.float32)
 
-    def embed_answers(self, input_ids: Array, attention_mask: Array | None = None, checkpoint_batch_size: int = -1,
-                      *, rngs: nnx.Rngs | None = None, position_ids: Array | None = None,
-                      cls_index: Array | None = None) -> Array:
+    def embed_answers(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        checkpoint_batch_size: int = -1,
+        *,
+        rngs: nnx.Rngs | None = None,
+        position_ids: Array | None = None,
+        cls_index: Array | None = None,
+    ) -> Array:
         """Answer (passage) embeddings through `bert_doc` when present; same arguments as `embed_questions`."""
-        reps = self.embed_sentences_checkpointed(input_ids, attention_mask, self.doc_encoder, checkpoint_batch_size,
-                                                 rngs=rngs, position_ids=position_ids, cls_index=cls_index)
+        reps = self.embed_sentences_checkpointed(
+            input_ids,
+            attention_mask,
+            self.doc_encoder,
+            checkpoint_batch_size,
+            rngs=rngs,
+            position_ids=position_ids,
+            cls_index=cls_index,
+        )
         return self.project_doc(reps).astype(jnp.float32)
 
-    def __call__(self, input_ids_query: Array, attention_mask_query: Array | None, input_ids_doc: Array,
-                 attention_mask_doc: Array | None, checkpoint_batch_size: int = -1, *,
-                 rngs: nnx.Rngs | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids_query: Array,
+        attention_mask_query: Array | None,
+        input_ids_doc: Array,
+        attention_mask_doc: Array | None,
+        checkpoint_batch_size: int = -1,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> Array:
         """The bidirectional in-batch cross-entropy `(CE(Q A^T) + CE(A Q^T)) / 2`, a float32 scalar.
 
         Args:
@@ -494,8 +622,9 @@ class RetriBertModel(nnx.Module):
         return in_batch_loss(q, a, precision=self.run_config.precision)
 
 
-def in_batch_loss(q: Array, a: Array, negatives: Array | None = None, negatives_valid: Array | None = None, *,
-                  precision: Any = None) -> Array:
+def in_batch_loss(
+    q: Array, a: Array, negatives: Array | None = None, negatives_valid: Array | None = None, *, precision: Any = None
+) -> Array:
     """RetriBERT's bidirectional in-batch cross-entropy, `(CE(Q A^T, arange) + CE(A Q^T, arange)) / 2`, a float32
     scalar (HF's `RetriBertModel.forward`).
 
@@ -557,8 +686,15 @@ class _NoKeys:
 KINDS = ("questions", "passages")
 
 
-def embed_batch(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
-                kind: str, position_ids: Array | None = None, cls_index: Array | None = None) -> Array:
+def embed_batch(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    input_ids: Array,
+    attention_mask: Array,
+    kind: str,
+    position_ids: Array | None = None,
+    cls_index: Array | None = None,
+) -> Array:
     """Embeddings of one batch, as a pure function of the model's split state (jit it with `graphdef` and `kind`
     static: `embed` is that jitted function).
 

@@ -52,8 +52,9 @@ class TokenIds:
         if not parts:
             return cls(np.zeros(0, np.int32), np.zeros(1, np.int64))
         starts = np.cumsum([0] + [len(p.flat) for p in parts[:-1]])
-        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts,
-                                                                                             strict=True)])
+        offsets = np.concatenate(
+            [parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)]
+        )
         return cls(np.concatenate([p.flat for p in parts]), offsets)
 
     @property
@@ -66,7 +67,7 @@ class TokenIds:
 
     def ids(self, i: int) -> list[int]:
         """Text i's ids as a list."""
-        return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].tolist()
 
 
 class TokenBuffer:
@@ -80,19 +81,19 @@ class TokenBuffer:
     def append(self, chunk: TokenIds) -> None:
         tokens, texts = self._tokens + len(chunk.flat), self._texts + len(chunk)
         self._flat, self._offsets = _grown(self._flat, tokens), _grown(self._offsets, texts + 1)
-        self._flat[self._tokens:tokens] = chunk.flat
-        self._offsets[self._texts + 1:texts + 1] = chunk.offsets[1:] + self._tokens
+        self._flat[self._tokens : tokens] = chunk.flat
+        self._offsets[self._texts + 1 : texts + 1] = chunk.offsets[1:] + self._tokens
         self._tokens, self._texts = tokens, texts
 
     def view(self) -> TokenIds:
-        return TokenIds(self._flat[:self._tokens], self._offsets[:self._texts + 1])
+        return TokenIds(self._flat[: self._tokens], self._offsets[: self._texts + 1])
 
 
 def _grown(a: np.ndarray, size: int) -> np.ndarray:
     if size <= len(a):
         return a
     out = np.empty(max(size, 2 * len(a)), a.dtype)
-    out[:len(a)] = a
+    out[: len(a)] = a
     return out
 
 
@@ -158,8 +159,9 @@ class PackedBatch:
     text_index: np.ndarray
 
 
-def build_batch(token_ids: TokenIds, rows: Sequence[Sequence[int]], num_rows: int, length: int,
-                pad_token_id: int) -> PackedBatch:
+def build_batch(
+    token_ids: TokenIds, rows: Sequence[Sequence[int]], num_rows: int, length: int, pad_token_id: int
+) -> PackedBatch:
     """The arrays of one batch of packed rows, with vectorised numpy.
 
     Args:
@@ -209,5 +211,5 @@ def build_batch(token_ids: TokenIds, rows: Sequence[Sequence[int]], num_rows: in
     position_ids[dest_row, dest_col] = position
     cls_index[row_of, slot_of] = start_in_row
     text_index[row_of, slot_of] = text
-    attention_mask[len(rows):, 0] = 1
+    attention_mask[len(rows) :, 0] = 1
     return PackedBatch(input_ids, attention_mask, position_ids, cls_index, text_index)

@@ -28,8 +28,15 @@ from typing import Any, NamedTuple
 from retribert_jax.corpus import BadRecord, format_extension, open_input, read_lines, with_title
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet")
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-               ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _NUMBERED_NEGATIVE = re.compile(r"negative_\d+$")
 
 
@@ -56,17 +63,20 @@ class PairFields:
 
 
 # The known shapes: (name, question field, positive field, negatives field). ST's numbered negatives are found apart.
-SHAPES = (("ours", "question", "answer", "negatives"),
-          ("tevatron", "query", "positive_passages", "negative_passages"),
-          ("sentence-transformers", "anchor", "positive", "negative"))
+SHAPES = (
+    ("ours", "question", "answer", "negatives"),
+    ("tevatron", "query", "positive_passages", "negative_passages"),
+    ("sentence-transformers", "anchor", "positive", "negative"),
+)
 
 
 def detect_format(path: str) -> str:
     """The pairs format from the file extension, beneath a compression suffix ("p.jsonl.gz" is JSONL)."""
     ext = format_extension(path)
     if ext not in _EXTENSIONS:
-        raise ValueError(f"{path}: cannot tell the pairs format from the extension {ext!r}; expected one of "
-                         f"{sorted(_EXTENSIONS)}")
+        raise ValueError(
+            f"{path}: cannot tell the pairs format from the extension {ext!r}; expected one of {sorted(_EXTENSIONS)}"
+        )
     return _EXTENSIONS[ext]
 
 
@@ -121,8 +131,10 @@ def _shape(row: dict[str, Any], fields: PairFields, where: str) -> tuple[str, st
     if fields.question and fields.positive:
         return "given fields", fields.question, fields.positive, fields.negatives
     known = "; ".join(f"{q}/{p}[/{n}]" for _, q, p, n in SHAPES)
-    raise ValueError(f"{where}: no question and positive passage among the fields {sorted(row)}; expected one of "
-                     f"{known}, or name them with --question-field and --positive-field")
+    raise ValueError(
+        f"{where}: no question and positive passage among the fields {sorted(row)}; expected one of "
+        f"{known}, or name them with --question-field and --positive-field"
+    )
 
 
 def _passage(value: Any, where: str, field: str, strings_only: bool = False) -> str:
@@ -133,8 +145,9 @@ def _passage(value: Any, where: str, field: str, strings_only: bool = False) -> 
         return with_title(value.get("title"), value["text"])
     if strings_only:
         raise ValueError(f"{where}: field {field!r} must be a list of strings")
-    raise ValueError(f"{where}: field {field!r} must hold strings or {{'title', 'text'}} passages, got "
-                     f"{type(value).__name__}")
+    raise ValueError(
+        f"{where}: field {field!r} must hold strings or {{'title', 'text'}} passages, got {type(value).__name__}"
+    )
 
 
 def normalize_row(row: Any, shape: tuple[str, str, str, str | None], where: str) -> dict[str, Any]:
@@ -175,8 +188,9 @@ def normalize_row(row: Any, shape: tuple[str, str, str, str | None], where: str)
     return {**out, "question": row[qf], "answer": positive, "negatives": negatives}
 
 
-def read_pair_rows(path: str, fields: PairFields | None = None, fmt: str | None = None
-                   ) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_pair_rows(
+    path: str, fields: PairFields | None = None, fmt: str | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every record of a training-pairs file, each row in our shape (`normalize_row`), other keys
     kept (what `mine` writes back). Blank lines and rows are skipped.
 

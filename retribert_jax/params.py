@@ -55,8 +55,10 @@ RULES: tuple[Rule, ...] = (
 # Buffers HF stores beside the parameters; they hold no learned values and are skipped on reading.
 SKIPPED_BUFFERS = re.compile(r"^(bert_query|bert_doc)\.embeddings\.(position_ids|token_type_ids)$")
 # Checkpoints from before transformers 2.x name LayerNorm parameters gamma/beta.
-_LEGACY = ((re.compile(r"\.LayerNorm\.gamma$"), ".LayerNorm.weight"), (re.compile(r"\.LayerNorm\.beta$"),
-                                                                       ".LayerNorm.bias"))
+_LEGACY = (
+    (re.compile(r"\.LayerNorm\.gamma$"), ".LayerNorm.weight"),
+    (re.compile(r"\.LayerNorm\.beta$"), ".LayerNorm.bias"),
+)
 
 
 def _placeholders(cfg: RetriBertConfig) -> dict[str, tuple[Any, ...]]:
@@ -96,7 +98,7 @@ def _layer_split(path: FlaxPath) -> tuple[FlaxPath, int | None]:
     """A Flax path -> (its path in the model, its layer index); paths outside `encoder.layer.{i}` are unchanged."""
     for k in range(len(path) - 1):
         if path[k] == "layer" and isinstance(path[k + 1], int):
-            return path[:k + 1] + path[k + 2:], path[k + 1]
+            return path[: k + 1] + path[k + 2 :], path[k + 1]
     return path, None
 
 
@@ -113,10 +115,11 @@ def param_table(cfg: RetriBertConfig) -> list[Entry]:
     return entries
 
 
-def checkpoint_shapes(model_shapes: Mapping[FlaxPath, tuple[int, ...]], cfg: RetriBertConfig
-                      ) -> dict[FlaxPath, tuple[int, ...]]:
+def checkpoint_shapes(
+    model_shapes: Mapping[FlaxPath, tuple[int, ...]], cfg: RetriBertConfig
+) -> dict[FlaxPath, tuple[int, ...]]:
     """Flax path -> shape of each stored tensor, from the model's (stacked) shapes, e.g. of `abstract_model`."""
-    return {e.flax_path: tuple(model_shapes[e.model_path])[e.layer is not None:] for e in param_table(cfg)}
+    return {e.flax_path: tuple(model_shapes[e.model_path])[e.layer is not None :] for e in param_table(cfg)}
 
 
 def check_arrays(arrays: Mapping[FlaxPath, Any], expected: Mapping[FlaxPath, tuple[int, ...]], source: str) -> None:
@@ -128,12 +131,16 @@ def check_arrays(arrays: Mapping[FlaxPath, Any], expected: Mapping[FlaxPath, tup
     missing = [path_str(p) for p in expected if p not in arrays]
     extra = [path_str(p) for p in arrays if p not in expected]
     if missing or extra:
-        raise ValueError(f"{source}: parameters do not match the config: {len(missing)} missing {missing[:3]}, "
-                         f"{len(extra)} unexpected {extra[:3]}")
+        raise ValueError(
+            f"{source}: parameters do not match the config: {len(missing)} missing {missing[:3]}, "
+            f"{len(extra)} unexpected {extra[:3]}"
+        )
     for p, shape in expected.items():
         if tuple(arrays[p].shape) != tuple(shape):
-            raise ValueError(f"{source}: parameter {path_str(p)!r} has shape {tuple(arrays[p].shape)}, expected "
-                             f"{tuple(shape)} from the config")
+            raise ValueError(
+                f"{source}: parameter {path_str(p)!r} has shape {tuple(arrays[p].shape)}, expected "
+                f"{tuple(shape)} from the config"
+            )
 
 
 def stack_layers(arrays: Mapping[FlaxPath, Any], cfg: RetriBertConfig, stack=np.stack) -> dict[FlaxPath, Any]:
@@ -163,8 +170,9 @@ def flat_params(state: Any, cfg: RetriBertConfig | None = None) -> dict[FlaxPath
         state = nnx.state(state, nnx.Param)
     if isinstance(state, nnx.State):
         state = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
-    return {e.flax_path: state[e.model_path] if e.layer is None else state[e.model_path][e.layer]
-            for e in param_table(cfg)}
+    return {
+        e.flax_path: state[e.model_path] if e.layer is None else state[e.model_path][e.layer] for e in param_table(cfg)
+    }
 
 
 def weights_fingerprint(model: nnx.Module, samples: int = 1024) -> str:
@@ -187,13 +195,19 @@ def weights_fingerprint(model: nnx.Module, samples: int = 1024) -> str:
         arr = state[e.model_path]
         shapes[e.flax_path] = tuple(arr.shape[1:] if e.layer is not None else arr.shape)
         n = int(np.prod(shapes[e.flax_path]))
-        wanted.setdefault(e.model_path, []).append((e.layer or 0) * n + np.linspace(0, n - 1, min(n, samples),
-                                                                                     dtype=np.int64))
+        wanted.setdefault(e.model_path, []).append(
+            (e.layer or 0) * n + np.linspace(0, n - 1, min(n, samples), dtype=np.int64)
+        )
     # Gathered on the host: on a CPU the arrays are there already, and a device-side gather would compile a program
     # per shape (a second for RetriBERT-base), where one copy of the weights costs milliseconds.
-    values = {p: iter(np.split(np.asarray(state[p], np.float32).reshape(-1)[np.concatenate(idx)],
-                               np.cumsum([len(i) for i in idx])[:-1]))
-              for p, idx in wanted.items()}
+    values = {
+        p: iter(
+            np.split(
+                np.asarray(state[p], np.float32).reshape(-1)[np.concatenate(idx)], np.cumsum([len(i) for i in idx])[:-1]
+            )
+        )
+        for p, idx in wanted.items()
+    }
     h = hashlib.sha256()
     for e in table:
         h.update(f"{path_str(e.flax_path)}{shapes[e.flax_path]}".encode())
@@ -207,8 +221,12 @@ def canonical_torch_key(key: str) -> str:
     return key
 
 
-def torch_to_flax(tensors: Mapping[str, Any], cfg: RetriBertConfig, expected: Mapping[FlaxPath, tuple[int, ...]],
-                  source: str = "checkpoint") -> dict[FlaxPath, np.ndarray]:
+def torch_to_flax(
+    tensors: Mapping[str, Any],
+    cfg: RetriBertConfig,
+    expected: Mapping[FlaxPath, tuple[int, ...]],
+    source: str = "checkpoint",
+) -> dict[FlaxPath, np.ndarray]:
     """Maps a PyTorch state dict (name -> array-like) onto Flax paths, strictly.
 
     Args:
@@ -235,8 +253,9 @@ def torch_to_flax(tensors: Mapping[str, Any], cfg: RetriBertConfig, expected: Ma
             unknown.append(key)
             continue
         if entry.flax_path in out:
-            raise ValueError(f"{source}: parameter {entry.torch_key!r} is given twice, as {origin[entry.flax_path]!r}"
-                             f" and {key!r}")
+            raise ValueError(
+                f"{source}: parameter {entry.torch_key!r} is given twice, as {origin[entry.flax_path]!r} and {key!r}"
+            )
         want = tuple(expected[entry.flax_path])
         want_torch = want[::-1] if entry.transpose else want
         value = tensors[key]

@@ -44,7 +44,7 @@ MAX_SCREEN_K = 1024  # a larger k takes the blocked path
 
 
 def default_screen_dtype() -> str:
-    """"bfloat16" where bfloat16 matmuls are faster than float32 ones (accelerators; CPUs whose flags in
+    """ "bfloat16" where bfloat16 matmuls are faster than float32 ones (accelerators; CPUs whose flags in
     /proc/cpuinfo include avx512_bf16 or amx_bf16), else "float32"."""
     if jax.default_backend() != "cpu":
         return "bfloat16"
@@ -172,9 +172,19 @@ class Index:
       FileNotFoundError: a missing shard, float copy included.
     """
 
-    def __init__(self, directory: str, *, backend: str = "jax", mesh: jax.sharding.Mesh | None = None,
-                 scan: str = "float", rescore_multiplier: int = 4, max_device_rows: int | None = None,
-                 block_size: int = 65536, recall_target: float | None = None, screen_dtype: str | None = None):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        backend: str = "jax",
+        mesh: jax.sharding.Mesh | None = None,
+        scan: str = "float",
+        rescore_multiplier: int = 4,
+        max_device_rows: int | None = None,
+        block_size: int = 65536,
+        recall_target: float | None = None,
+        screen_dtype: str | None = None,
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if block_size <= 0:
@@ -229,14 +239,18 @@ class Index:
         model = getattr(model, "model", model)  # an Encoder's model
         config = getattr(model, "config", model)
         if m["config_hash"] != config.architecture_hash():
-            raise ValueError(f"{self.directory}: embedded by a model with config hash {m['config_hash']} "
-                             f"({m['model']}), but this model's is {config.architecture_hash()}")
+            raise ValueError(
+                f"{self.directory}: embedded by a model with config hash {m['config_hash']} "
+                f"({m['model']}), but this model's is {config.architecture_hash()}"
+            )
         if "weights_fingerprint" in m and model is not config:
             mine = weights_fingerprint(model)
             if mine != m["weights_fingerprint"]:
-                raise ValueError(f"{self.directory}: embedded by {m['model']} (weights fingerprint "
-                                 f"{m['weights_fingerprint']}), but this model's weights differ (fingerprint {mine}); "
-                                 "search with the model that embedded the index, or embed the corpus again")
+                raise ValueError(
+                    f"{self.directory}: embedded by {m['model']} (weights fingerprint "
+                    f"{m['weights_fingerprint']}), but this model's weights differ (fingerprint {mine}); "
+                    "search with the model that embedded the index, or embed the corpus again"
+                )
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -267,7 +281,7 @@ class Index:
         while pos < stop:
             shard, at = divmod(pos, size)
             take = min(stop - pos, source[shard].shape[0] - at)
-            out[pos - start:pos - start + take] = source[shard][at:at + take]
+            out[pos - start : pos - start + take] = source[shard][at : at + take]
             pos += take
         return out
 
@@ -292,8 +306,10 @@ class Index:
 
         rows = jax.make_array_from_callback((mesh.size * local, width), batch_sharding(mesh), read)
         norm = jax.make_array_from_callback(
-            (mesh.size,), batch_sharding(mesh),
-            lambda index: np.asarray([norms.get(d, 0.0) for d in range(mesh.size)][index[0]], np.float32))
+            (mesh.size,),
+            batch_sharding(mesh),
+            lambda index: np.asarray([norms.get(d, 0.0) for d in range(mesh.size)][index[0]], np.float32),
+        )
         return _Pass(start, stop, rows, norm, screen, block)
 
     def _passes(self) -> Iterator[_Pass]:
@@ -330,14 +346,21 @@ class Index:
         if self.scan != "float":
             candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
             scale = quantization.query_weights(self.scan, embedding_dir.calibration(self.manifest, self.scan))
-            fn = _mesh_program(self.mesh, "shortlist", form=self.scan, candidates=candidates,
-                               screen_dtype=self._screen_dtype())
+            fn = _mesh_program(
+                self.mesh, "shortlist", form=self.scan, candidates=candidates, screen_dtype=self._screen_dtype()
+            )
             return fn(queries, placed.rows, n, scale)
         if placed.screen and k <= MAX_SCREEN_K:
-            return _mesh_program(self.mesh, "screened", k=k, candidates=screen_candidates(k, self._screen_dtype()),
-                                 screen_dtype=self._screen_dtype())(queries, placed.rows, n, placed.norm)
-        return _mesh_program(self.mesh, "blocked", k=k, block=placed.block,
-                             recall_target=self.recall_target)(queries, placed.rows, n, placed.norm)
+            return _mesh_program(
+                self.mesh,
+                "screened",
+                k=k,
+                candidates=screen_candidates(k, self._screen_dtype()),
+                screen_dtype=self._screen_dtype(),
+            )(queries, placed.rows, n, placed.norm)
+        return _mesh_program(self.mesh, "blocked", k=k, block=placed.block, recall_target=self.recall_target)(
+            queries, placed.rows, n, placed.norm
+        )
 
     def _screen_dtype(self) -> str:
         return self.screen_dtype or default_screen_dtype()
@@ -354,15 +377,18 @@ class Index:
             scores, rows = scores.copy(), rows.copy()
             for redo, retry in self._retries(exact, needed, screen_candidates(k, self._screen_dtype())):
                 sub = np.zeros((_pow2(len(redo)), q.shape[1]), np.float32)
-                sub[:len(redo)] = q[redo]
-                sub_q = jax.make_array_from_callback(sub.shape, replicated(self.mesh),
-                                                     lambda index, sub=sub: sub[index])
+                sub[: len(redo)] = q[redo]
+                sub_q = jax.make_array_from_callback(
+                    sub.shape, replicated(self.mesh), lambda index, sub=sub: sub[index]
+                )
                 n = np.int32(placed.stop - placed.start)
-                fn = _mesh_program(self.mesh, "blocked", k=k, block=placed.block, recall_target=self.recall_target) \
-                    if retry is None else \
-                    _mesh_program(self.mesh, "screened", k=k, candidates=retry, screen_dtype=self._screen_dtype())
+                fn = (
+                    _mesh_program(self.mesh, "blocked", k=k, block=placed.block, recall_target=self.recall_target)
+                    if retry is None
+                    else _mesh_program(self.mesh, "screened", k=k, candidates=retry, screen_dtype=self._screen_dtype())
+                )
                 again = fn(sub_q, placed.rows, n, placed.norm)
-                scores[redo], rows[redo] = _host(again[0])[:len(redo)], _host(again[1])[:len(redo)]
+                scores[redo], rows[redo] = _host(again[0])[: len(redo)], _host(again[1])[: len(redo)]
         return scores, np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1)
 
     @staticmethod
@@ -402,7 +428,7 @@ class Index:
             index = faiss.IndexFlatIP(self.dim)
             for shard in self.shards:
                 for s in range(0, shard.shape[0], self.block_size):
-                    index.add(np.ascontiguousarray(shard[s:s + self.block_size], dtype=np.float32))
+                    index.add(np.ascontiguousarray(shard[s : s + self.block_size], dtype=np.float32))
             self._faiss = index
         q = np.ascontiguousarray(q, dtype=np.float32)
         # faiss orders equal scores as its heap leaves them. Ask for one more than k: where the (k+1)-th ties with
@@ -451,16 +477,16 @@ class Index:
             return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
         parts = []
         for s in range(0, q.shape[0], QUERY_CHUNK):
-            part = q[s:s + QUERY_CHUNK]  # S P
+            part = q[s : s + QUERY_CHUNK]  # S P
             if self.backend == "faiss":
                 parts.append(self._search_faiss(part, k))
                 continue
             # Padded to a power of two, so that any number of queries compiles a handful of programs.
             rows = min(QUERY_CHUNK, _pow2(part.shape[0]))
             padded = np.zeros((rows, q.shape[1]), np.float32)
-            padded[:part.shape[0]] = part
+            padded[: part.shape[0]] = part
             top, idx = self._search_jax(padded, k)
-            parts.append((top[:part.shape[0]], idx[:part.shape[0]]))
+            parts.append((top[: part.shape[0]], idx[: part.shape[0]]))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
     def rows(self, rows: Sequence[int], what: str = "ids") -> list[Any]:
@@ -489,8 +515,15 @@ class Index:
         texts = self.rows(rows, "texts") if self._texts else [None] * len(ids)
         return [Hit(id=i, score=float(s), text=t) for i, s, t in zip(ids, scores, texts, strict=True)]
 
-    def search(self, encoder, questions: str | Sequence[str], k: int = 10, *, batch_size: int | None = None,
-               max_length: int = 128) -> list[Hit] | list[list[Hit]]:
+    def search(
+        self,
+        encoder,
+        questions: str | Sequence[str],
+        k: int = 10,
+        *,
+        batch_size: int | None = None,
+        max_length: int = 128,
+    ) -> list[Hit] | list[list[Hit]]:
         """Encodes questions with `encoder.encode_questions` (in batches) and searches.
 
         Args:
@@ -504,15 +537,26 @@ class Index:
         """
         single = isinstance(questions, str)
         texts = [questions] if single else list(questions)
-        q = encoder.encode_questions(texts, batch_size=batch_size, max_length=max_length,
-                                     normalize=self.manifest["normalized"])
+        q = encoder.encode_questions(
+            texts, batch_size=batch_size, max_length=max_length, normalize=self.manifest["normalized"]
+        )
         hits = self.search_embeddings(np.atleast_2d(q), k)
         return hits[0] if single else hits
 
 
-def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequence[Any] | None = None,
-                store_text: bool = True, batch_size: int | None = None, max_length: int = 128, normalize: bool = False,
-                shard_size: int = 100_000, overwrite: bool = False) -> Index:
+def build_index(
+    encoder,
+    passages: Sequence[str],
+    directory: str,
+    *,
+    ids: Sequence[Any] | None = None,
+    store_text: bool = True,
+    batch_size: int | None = None,
+    max_length: int = 128,
+    normalize: bool = False,
+    shard_size: int = 100_000,
+    overwrite: bool = False,
+) -> Index:
     """Embeds passages into an embedding directory (the layout `retribert-jax embed` writes) and opens it: the job
     of `embed` (`embedding_job.embed_corpus`), for corpora that fit in a Python list.
 
@@ -547,14 +591,25 @@ def build_index(encoder, passages: Sequence[str], directory: str, *, ids: Sequen
     for i, v in enumerate(ids):
         first = repeats.first_position(i, v)
         if first is not None:
-            raise ValueError(f"ids[{i}] ({id_string(v)!r}) repeats ids[{first}]; ids must be unique, and are compared "
-                             f"as text (7 and \"7\" are one id)")
+            raise ValueError(
+                f"ids[{i}] ({id_string(v)!r}) repeats ids[{first}]; ids must be unique, and are compared "
+                f'as text (7 and "7" are one id)'
+            )
     check_overwrite(directory, overwrite)
     if os.path.exists(directory):
         shutil.rmtree(directory)
-    embed_corpus(encoder, zip(ids, passages, strict=True), directory, kind="passages",
-                 model="in-memory (build_index)", shard_size=shard_size, batch_size=batch_size,
-                 max_length=max_length, normalize=normalize, store_text=store_text)
+    embed_corpus(
+        encoder,
+        zip(ids, passages, strict=True),
+        directory,
+        kind="passages",
+        model="in-memory (build_index)",
+        shard_size=shard_size,
+        batch_size=batch_size,
+        max_length=max_length,
+        normalize=normalize,
+        store_text=store_text,
+    )
     return Index(directory)
 
 

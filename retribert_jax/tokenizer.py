@@ -28,8 +28,13 @@ DEFAULT_MAX_LENGTH = 512
 TRUNCATION_SIDES = ("right", "left")
 # HF's SPECIAL_TOKENS_ATTRIBUTES order: tokens absent from the vocabulary get new ids in this order.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-BERT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                       "mask_token": "[MASK]"}
+BERT_SPECIAL_TOKENS = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
 # Every input holds these, so one missing from the vocabulary is an error rather than a new id past the embeddings.
 _REQUIRED = ("pad_token", "unk_token", "cls_token", "sep_token")
 _FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
@@ -65,9 +70,14 @@ def _check_required(vocab: Mapping[str, int], special_tokens: Mapping[str, Token
             raise ValueError(f"{where}: the vocabulary has no {_content(token)} token (the {key})")
 
 
-def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True, *, strip_accents: bool | None = None,
-                         tokenize_chinese_chars: bool = True,
-                         special_tokens: Mapping[str, Token | None] | None = None) -> Tokenizer:
+def wordpiece_from_vocab(
+    vocab_file: str,
+    lowercase: bool = True,
+    *,
+    strip_accents: bool | None = None,
+    tokenize_chinese_chars: bool = True,
+    special_tokens: Mapping[str, Token | None] | None = None,
+) -> Tokenizer:
     """BERT's tokenizer from a `vocab.txt`, as HF's BertConverter builds it (special tokens not yet registered).
 
     Args:
@@ -85,12 +95,15 @@ def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True, *, strip_accen
     _check_required(vocab, special_tokens, vocab_file)
     unk, cls, sep = (_content(special_tokens[k]) for k in ("unk_token", "cls_token", "sep_token"))
     tok = Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
-                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
     return tok
 
 
@@ -101,8 +114,13 @@ class RetriBertTokenizer:
     `strip_accents`, `tokenize_chinese_chars` read it back), so what `save_pretrained` writes is what it does.
     """
 
-    def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MAX_LENGTH,
-                 special_tokens: Mapping[str, Any] | None = None, truncation_side: str | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model_max_length: int = DEFAULT_MAX_LENGTH,
+        special_tokens: Mapping[str, Any] | None = None,
+        truncation_side: str | None = None,
+    ):
         """Wraps a `tokenizers.Tokenizer` and registers its special tokens as HF's PreTrainedTokenizerFast does.
 
         Args:
@@ -133,8 +151,11 @@ class RetriBertTokenizer:
             raise ValueError(f"unknown special token names {sorted(unknown)}; expected {SPECIAL_TOKEN_KEYS}")
         self.special_tokens = {k: specials[k] for k in SPECIAL_TOKEN_KEYS if specials.get(k) is not None}
         self.additional_special_tokens = additional
-        _add_tokens(self._tok, [*self.special_tokens.values(), *additional],
-                    _special_contents({**self.special_tokens, "additional_special_tokens": additional}))
+        _add_tokens(
+            self._tok,
+            [*self.special_tokens.values(), *additional],
+            _special_contents({**self.special_tokens, "additional_special_tokens": additional}),
+        )
         self.pad_token_id = self._tok.token_to_id(_content(self.special_tokens["pad_token"]))
         self.cls_token_id = self._tok.token_to_id(_content(self.special_tokens["cls_token"]))
         self.sep_token_id = self._tok.token_to_id(_content(self.special_tokens["sep_token"]))
@@ -184,13 +205,25 @@ class RetriBertTokenizer:
         return self._normalizer_setting("handle_chinese_chars")
 
     @classmethod
-    def from_vocab_file(cls, vocab_file: str, lowercase: bool = True, model_max_length: int = DEFAULT_MAX_LENGTH,
-                        *, strip_accents: bool | None = None, tokenize_chinese_chars: bool = True,
-                        special_tokens: Mapping[str, Any] | None = None) -> RetriBertTokenizer:
+    def from_vocab_file(
+        cls,
+        vocab_file: str,
+        lowercase: bool = True,
+        model_max_length: int = DEFAULT_MAX_LENGTH,
+        *,
+        strip_accents: bool | None = None,
+        tokenize_chinese_chars: bool = True,
+        special_tokens: Mapping[str, Any] | None = None,
+    ) -> RetriBertTokenizer:
         """HF's `BertTokenizerFast(vocab_file=..., do_lower_case=lowercase, ...)`; arguments as in
         `wordpiece_from_vocab` and `__init__`."""
-        tok = wordpiece_from_vocab(vocab_file, lowercase, strip_accents=strip_accents,
-                                   tokenize_chinese_chars=tokenize_chinese_chars, special_tokens=special_tokens)
+        tok = wordpiece_from_vocab(
+            vocab_file,
+            lowercase,
+            strip_accents=strip_accents,
+            tokenize_chinese_chars=tokenize_chinese_chars,
+            special_tokens=special_tokens,
+        )
         return cls(tok, model_max_length, special_tokens)
 
     @classmethod
@@ -219,9 +252,13 @@ class RetriBertTokenizer:
             _configure_normalizer(tok, s["do_lower_case"], s["strip_accents"], s["tokenize_chinese_chars"])
             _check_required(tok.get_vocab(), s["special_tokens"], tok_json)
         elif os.path.isfile(vocab):
-            tok = wordpiece_from_vocab(vocab, s["do_lower_case"], strip_accents=s["strip_accents"],
-                                       tokenize_chinese_chars=s["tokenize_chinese_chars"],
-                                       special_tokens=s["special_tokens"])
+            tok = wordpiece_from_vocab(
+                vocab,
+                s["do_lower_case"],
+                strip_accents=s["strip_accents"],
+                tokenize_chinese_chars=s["tokenize_chinese_chars"],
+                special_tokens=s["special_tokens"],
+            )
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
         _add_tokens(tok, s["added_tokens"], _special_contents(s["special_tokens"]))
@@ -241,14 +278,19 @@ class RetriBertTokenizer:
             specials["additional_special_tokens"] = [_content(t) for t in self.additional_special_tokens]
         config: dict[str, Any] = {"tokenizer_class": "BertTokenizer"}
         if isinstance(self._tok.normalizer, normalizers.BertNormalizer):
-            config.update(do_lower_case=self.do_lower_case, strip_accents=self.strip_accents,
-                          tokenize_chinese_chars=self.tokenize_chinese_chars)
+            config.update(
+                do_lower_case=self.do_lower_case,
+                strip_accents=self.strip_accents,
+                tokenize_chinese_chars=self.tokenize_chinese_chars,
+            )
         config.update(model_max_length=self.model_max_length, truncation_side=self.truncation_side, **specials)
         if self._tok.encode_special_tokens:
             config["split_special_tokens"] = True
         # HF takes the lstrip/rstrip/normalized flags of the special tokens from here.
-        config["added_tokens_decoder"] = {str(i): {"content": t.content, **{k: getattr(t, k) for k in _FLAGS}}
-                                          for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, **{k: getattr(t, k) for k in _FLAGS}}
+            for i, t in sorted(self._tok.get_added_tokens_decoder().items())
+        }
         for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
             with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
                 json.dump(value, f, indent=2, ensure_ascii=False)
@@ -277,13 +319,22 @@ class RetriBertTokenizer:
         if longest > self.model_max_length and not self._warned_too_long:
             # As HF's tokenizers do, once: the ids are returned, but a model with that many positions will refuse them.
             self._warned_too_long = True
-            warnings.warn(f"a sequence of {longest} tokens is longer than this tokenizer's model_max_length "
-                          f"({self.model_max_length}); the model will refuse it: truncate with max_length <= "
-                          f"{self.model_max_length}", stacklevel=3)
+            warnings.warn(
+                f"a sequence of {longest} tokens is longer than this tokenizer's model_max_length "
+                f"({self.model_max_length}); the model will refuse it: truncate with max_length <= "
+                f"{self.model_max_length}",
+                stacklevel=3,
+            )
         return enc
 
-    def __call__(self, texts: str | Sequence[str], max_length: int | None = None, padding: bool | str = True,
-                 truncation: bool = True, pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        max_length: int | None = None,
+        padding: bool | str = True,
+        truncation: bool = True,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Tokenizes like HF's BertTokenizerFast, minus token_type_ids.
 
         Args:
@@ -308,8 +359,9 @@ class RetriBertTokenizer:
             width = max(max_length, max(lengths, default=0))
         elif padding in (False, "do_not_pad"):
             if len(set(lengths)) > 1:
-                raise ValueError("padding=False with texts of different lengths cannot make one array; "
-                                 "use padding=True")
+                raise ValueError(
+                    "padding=False with texts of different lengths cannot make one array; use padding=True"
+                )
             width = lengths[0] if lengths else 0
         else:
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
@@ -318,8 +370,8 @@ class RetriBertTokenizer:
         ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int32)
         mask = np.zeros((len(batch), width), dtype=np.int32)
         for row, e in enumerate(enc):
-            ids[row, :len(e.ids)] = e.ids
-            mask[row, :len(e.ids)] = 1
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
         if single:
             return {"input_ids": ids[0], "attention_mask": mask[0]}
         return {"input_ids": ids, "attention_mask": mask}
@@ -341,8 +393,16 @@ def _add_tokens(tok: Tokenizer, tokens: Sequence[Token], specials: set[str]) -> 
             continue
         have.add(content)
         if isinstance(t, AddedToken):
-            new.append(AddedToken(content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
-                                  normalized=t.normalized, special=t.special or content in specials))
+            new.append(
+                AddedToken(
+                    content,
+                    single_word=t.single_word,
+                    lstrip=t.lstrip,
+                    rstrip=t.rstrip,
+                    normalized=t.normalized,
+                    special=t.special or content in specials,
+                )
+            )
         else:
             new.append(AddedToken(content, special=content in specials))
     tok.add_tokens(new)
@@ -352,10 +412,14 @@ def _configure_normalizer(tok: Tokenizer, lowercase: bool, strip_accents: bool |
     # BertTokenizerFast.__init__: a BertNormalizer that disagrees with the config is rebuilt from the config (other
     # normalisers have none of these keys, so HF leaves them alone).
     n = tok.normalizer
-    if isinstance(n, normalizers.BertNormalizer) and \
-            (n.lowercase, n.strip_accents, n.handle_chinese_chars) != (lowercase, strip_accents, chinese):
-        tok.normalizer = normalizers.BertNormalizer(clean_text=n.clean_text, handle_chinese_chars=chinese,
-                                                    strip_accents=strip_accents, lowercase=lowercase)
+    if isinstance(n, normalizers.BertNormalizer) and (n.lowercase, n.strip_accents, n.handle_chinese_chars) != (
+        lowercase,
+        strip_accents,
+        chinese,
+    ):
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=n.clean_text, handle_chinese_chars=chinese, strip_accents=strip_accents, lowercase=lowercase
+        )
 
 
 def _tokenizer_json(path: str) -> Tokenizer:
@@ -421,8 +485,9 @@ def _directory_settings(directory: str) -> dict[str, Any]:
         decoder = cfg["added_tokens_decoder"]
         if not isinstance(decoder, dict) or not all(isinstance(k, str) and k.isdigit() for k in decoder):
             raise ValueError(f"{cfg_path}: key 'added_tokens_decoder' must map ids to AddedToken objects")
-        added = [_token(decoder[k], cfg_path, f"added_tokens_decoder[{k}]", special=False)
-                 for k in sorted(decoder, key=int)]
+        added = [
+            _token(decoder[k], cfg_path, f"added_tokens_decoder[{k}]", special=False) for k in sorted(decoder, key=int)
+        ]
     else:
         # Only without added_tokens_decoder (HF's "legacy" branch) are these two files read.
         stm_path = os.path.join(directory, "special_tokens_map.json")
@@ -437,18 +502,24 @@ def _directory_settings(directory: str) -> dict[str, Any]:
         if not all(isinstance(v, int) for v in index.values()):
             raise ValueError(f"{at_path}: expected an object of token -> id")
         named = _special_contents({**specials, "additional_special_tokens": additional})
-        added = [AddedToken(t, normalized=t not in named, special=t in named)
-                 for t, _ in sorted(index.items(), key=lambda kv: kv[1])]
+        added = [
+            AddedToken(t, normalized=t not in named, special=t in named)
+            for t, _ in sorted(index.items(), key=lambda kv: kv[1])
+        ]
     specials["additional_special_tokens"] = additional
     side = cfg.get("truncation_side")
     if side is not None and side not in TRUNCATION_SIDES:
         raise ValueError(f"{cfg_path}: key 'truncation_side' is {side!r}, expected 'right' or 'left'")
-    return {"do_lower_case": _flag(cfg, cfg_path, "do_lower_case", True),
-            "strip_accents": _flag(cfg, cfg_path, "strip_accents", None, allow_none=True),
-            "tokenize_chinese_chars": _flag(cfg, cfg_path, "tokenize_chinese_chars", True),
-            "split_special_tokens": _flag(cfg, cfg_path, "split_special_tokens", False),
-            "model_max_length": max_len, "special_tokens": specials, "added_tokens": added,
-            "truncation_side": side}
+    return {
+        "do_lower_case": _flag(cfg, cfg_path, "do_lower_case", True),
+        "strip_accents": _flag(cfg, cfg_path, "strip_accents", None, allow_none=True),
+        "tokenize_chinese_chars": _flag(cfg, cfg_path, "tokenize_chinese_chars", True),
+        "split_special_tokens": _flag(cfg, cfg_path, "split_special_tokens", False),
+        "model_max_length": max_len,
+        "special_tokens": specials,
+        "added_tokens": added,
+        "truncation_side": side,
+    }
 
 
 # What BERT's normalizer and pre-tokenizer count as whitespace: space, tab, newline, carriage return, Unicode Zs.
@@ -467,8 +538,11 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
     that the prefix was itself truncated (`Encoding.overflowing`) and tokenize the whole text when it was not.
     """
     kinds = (type(backend.normalizer).__name__, type(backend.pre_tokenizer).__name__, type(backend.model).__name__)
-    if truncation_side != "right" or kinds[1:] != ("BertPreTokenizer", "WordPiece") or \
-            kinds[0] not in ("BertNormalizer", "NoneType"):
+    if (
+        truncation_side != "right"
+        or kinds[1:] != ("BertPreTokenizer", "WordPiece")
+        or kinds[0] not in ("BertNormalizer", "NoneType")
+    ):
         return None
     import re
 
@@ -483,7 +557,6 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
         if len(text) <= long_text:
             return None
         m = prefix.match(text)
-        return text[:m.end()] if m is not None and m.end() < len(text) else None
+        return text[: m.end()] if m is not None and m.end() < len(text) else None
 
     return cut
-

@@ -99,12 +99,15 @@ def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, num_q: int, dept
         best = scores.max(axis=1)  # S Q: group bests; NaN where a group holds a NaN score (max propagates it)
         # Masking every score costs a pass over them; only a block with padding or a NaN score needs it.
         masked = ((b + 1) * slots * group > n_valid) | jnp.any(jnp.isnan(best))
-        best = jax.lax.cond(masked, lambda: _masked_scores(scores, b * slots * group + in_block, n_valid).max(axis=1),
-                            lambda: best)
+        best = jax.lax.cond(
+            masked, lambda: _masked_scores(scores, b * slots * group + in_block, n_valid).max(axis=1), lambda: best
+        )
         return _insert(kept, best, b), None
 
-    init = (tuple(jnp.full((slots, num_q), -jnp.inf, jnp.float32) for _ in range(depth)),
-            tuple(jnp.zeros((slots, num_q), jnp.int32) for _ in range(depth)))
+    init = (
+        tuple(jnp.full((slots, num_q), -jnp.inf, jnp.float32) for _ in range(depth)),
+        tuple(jnp.zeros((slots, num_q), jnp.int32) for _ in range(depth)),
+    )
     (values, ids), _ = jax.lax.scan(step, init, (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
     values, ids = jnp.stack(values), jnp.stack(ids)  # depth S Q
     group_ids = ids * slots + jnp.arange(slots, dtype=jnp.int32)[:, None]  # depth S Q: the group's number in `rows`
@@ -126,9 +129,19 @@ def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "group", "depth", "candidates", "screen_dtype"))
-def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm: jax.Array, *, k: int,
-                  block: int = 2048,
-                  group: int = 8, depth: int = 6, candidates: int = 256, screen_dtype: str = "float32"):
+def screened_topk(
+    queries: jax.Array,
+    rows: jax.Array,
+    n_valid: jax.Array,
+    norm: jax.Array,
+    *,
+    k: int,
+    block: int = 2048,
+    group: int = 8,
+    depth: int = 6,
+    candidates: int = 256,
+    screen_dtype: str = "float32",
+):
     """Each query's exact top-k rows by inner product, screened as the module docstring says.
 
     Args:
@@ -152,8 +165,9 @@ def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm:
     q_screen = queries.astype(screen)
 
     def score_block(blk):  # S G D -> S G Q
-        scores = jnp.dot(blk.reshape(block, dim).astype(screen), q_screen.T, precision=HIGHEST,
-                         preferred_element_type=jnp.float32)  # B Q
+        scores = jnp.dot(
+            blk.reshape(block, dim).astype(screen), q_screen.T, precision=HIGHEST, preferred_element_type=jnp.float32
+        )  # B Q
         return scores.reshape(block // group, group, num_q)
 
     blocks = rows.reshape(rows.shape[0] // block, block // group, group, dim)  # NB S G D
@@ -175,9 +189,19 @@ def screened_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, norm:
 
 
 @functools.partial(jax.jit, static_argnames=("form", "block", "group", "depth", "candidates", "screen_dtype"))
-def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Array, scale: jax.Array, *, form: str,
-                         block: int = 2048, group: int = 8, depth: int = 6, candidates: int = 256,
-                         screen_dtype: str = "bfloat16"):
+def compressed_shortlist(
+    queries: jax.Array,
+    codes: jax.Array,
+    n_valid: jax.Array,
+    scale: jax.Array,
+    *,
+    form: str,
+    block: int = 2048,
+    group: int = 8,
+    depth: int = 6,
+    candidates: int = 256,
+    screen_dtype: str = "bfloat16",
+):
     """The rows worth rescoring for each query, from a compressed copy of the index (approximate by design).
 
     Args:
@@ -202,8 +226,9 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
         q_screen = (queries * scale).astype(screen)
 
         def score_block(blk):  # S G D int8 -> S G Q
-            return jnp.dot(blk.reshape(block, dim).astype(screen), q_screen.T,
-                           preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
+            return jnp.dot(
+                blk.reshape(block, dim).astype(screen), q_screen.T, preferred_element_type=jnp.float32
+            ).reshape(block // group, group, num_q)
     else:
         q_screen = (queries * scale).astype(screen)
         shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
@@ -219,8 +244,15 @@ def compressed_shortlist(queries: jax.Array, codes: jax.Array, n_valid: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "recall_target"))
-def blocked_topk(queries: jax.Array, rows: jax.Array, n_valid: jax.Array, *, k: int, block: int = 65536,
-                 recall_target: float | None = None):
+def blocked_topk(
+    queries: jax.Array,
+    rows: jax.Array,
+    n_valid: jax.Array,
+    *,
+    k: int,
+    block: int = 65536,
+    recall_target: float | None = None,
+):
     """Each query's top-k rows by inner product, by a plain blocked float32 matmul + top-k merged across blocks.
 
     Args:

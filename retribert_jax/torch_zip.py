@@ -67,8 +67,9 @@ class _Tensor:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> _Tensor:
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise Unsupported(f"a tensor built on {type(storage).__name__}, not a storage")
     return _Tensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
@@ -101,8 +102,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         raise RefusedGlobal(f"refused to unpickle the global {module}.{name}: a weights file holds tensors, not code")
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise Unsupported(f"unknown persistent id {str(pid)[:80]}")
         _, storage_type, key, _location, numel = pid
         return _Storage(str(key), storage_type.dtype, int(numel))
@@ -165,8 +165,9 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, np.ndarray]:
                 raise ValueError(f"storage {name!r} is missing from the archive") from None
             nbytes = s.numel * s.dtype.itemsize
             if info.file_size != nbytes:
-                raise ValueError(f"storage {name!r} holds {info.file_size} bytes, expected {nbytes} "
-                                 f"({s.numel} x {s.dtype})")
+                raise ValueError(
+                    f"storage {name!r} holds {info.file_size} bytes, expected {nbytes} ({s.numel} x {s.dtype})"
+                )
             dtype = s.dtype.newbyteorder(">") if big_endian else s.dtype
             if info.compress_type != zipfile.ZIP_STORED:
                 arr = np.frombuffer(bytearray(zf.read(name)), dtype=dtype)
@@ -196,8 +197,11 @@ def read_state_dict(path: str, mmap: bool = False) -> dict[str, np.ndarray]:
                 raise ValueError(f"entry {key!r} has an invalid size {t.shape} or stride {t.stride}")
             extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True)) if all(t.shape) else 0
             if t.offset < 0 or t.offset + extent > buf.size:
-                raise ValueError(f"entry {key!r} (shape {t.shape}, offset {t.offset}) reaches past its storage "
-                                 f"of {buf.size} elements")
+                raise ValueError(
+                    f"entry {key!r} (shape {t.shape}, offset {t.offset}) reaches past its storage "
+                    f"of {buf.size} elements"
+                )
             out[str(key)] = np.lib.stride_tricks.as_strided(
-                buf[t.offset:], shape=t.shape, strides=tuple(s * item for s in t.stride), writeable=False)
+                buf[t.offset :], shape=t.shape, strides=tuple(s * item for s in t.stride), writeable=False
+            )
     return out

@@ -54,8 +54,7 @@ def lr_schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> op
 def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW over every parameter (no mask, as the recipe's `AdamW(model.parameters())`), optionally clipped."""
     schedule = lr_schedule(tcfg.learning_rate, tcfg.warmup_steps, total_steps)
-    adamw = optax.adamw(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
-                        weight_decay=tcfg.weight_decay)
+    adamw = optax.adamw(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
     if tcfg.grad_clip is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw)
@@ -65,19 +64,26 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransfo
 # Loss and gradients
 
 
-def _embed_batch(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None,
-                 checkpoint_batch_size: int) -> dict[str, jax.Array]:
+def _embed_batch(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, checkpoint_batch_size: int
+) -> dict[str, jax.Array]:
     """Embeddings of one (micro-)batch: {"q": [b, P], "p": [b, P]} and, with hard negatives, "n": [b * m, P]
     (question i's negatives at rows i*m .. i*m + m-1). Dropout from `key` when the graph is in train mode."""
     model = nnx.merge(graphdef, params)
     # Separate streams for the towers, so that equal texts on two sides do not share dropout masks.
     rngs = [nnx.Rngs(dropout=jax.random.fold_in(key, i)) if key is not None else None for i in range(3)]
-    out = {"q": model.embed_questions(batch["q_ids"], batch["q_mask"], checkpoint_batch_size, rngs=rngs[0]),
-           "p": model.embed_answers(batch["p_ids"], batch["p_mask"], checkpoint_batch_size, rngs=rngs[1])}
+    out = {
+        "q": model.embed_questions(batch["q_ids"], batch["q_mask"], checkpoint_batch_size, rngs=rngs[0]),
+        "p": model.embed_answers(batch["p_ids"], batch["p_mask"], checkpoint_batch_size, rngs=rngs[1]),
+    }
     if "n_ids" in batch:
         b, m, length = batch["n_ids"].shape
-        out["n"] = model.embed_answers(batch["n_ids"].reshape(b * m, length), batch["n_mask"].reshape(b * m, length),
-                                       checkpoint_batch_size, rngs=rngs[2])  # (b m) P
+        out["n"] = model.embed_answers(
+            batch["n_ids"].reshape(b * m, length),
+            batch["n_mask"].reshape(b * m, length),
+            checkpoint_batch_size,
+            rngs=rngs[2],
+        )  # (b m) P
     return out
 
 
@@ -87,9 +93,16 @@ def _batch_loss(emb: dict[str, jax.Array], batch: Batch, precision: str | None) 
     return in_batch_loss(emb["q"], emb["p"], emb["n"], batch["n_valid"].reshape(-1), precision=precision)
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key: jax.Array | None, *,
-                   checkpoint_batch_size: int = -1, micro_batch_size: int | None = None,
-                   batch_sharding: NamedSharding | None = None) -> tuple[jax.Array, nnx.State]:
+def loss_and_grads(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Batch,
+    key: jax.Array | None,
+    *,
+    checkpoint_batch_size: int = -1,
+    micro_batch_size: int | None = None,
+    batch_sharding: NamedSharding | None = None,
+) -> tuple[jax.Array, nnx.State]:
     """The in-batch loss of the whole batch and its gradient with respect to `params`.
 
     Args:
@@ -109,6 +122,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     b = batch["q_ids"].shape[0]
     precision = nnx.merge(graphdef, params).run_config.precision  # the model's, for the score matmuls too
     if micro_batch_size is None or micro_batch_size >= b:
+
         def loss_fn(p):
             return _batch_loss(_embed_batch(graphdef, p, batch, key, checkpoint_batch_size), batch, precision)
 
@@ -117,6 +131,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     n_micro = b // micro_batch_size
     # As JAX arrays: a micro-batch is taken by a traced index inside the scans below, which numpy cannot do.
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
     # Row r = i * n_micro + j goes to micro-batch j: the leading axis stays the sharded one, so every micro-batch
     # is spread over all devices instead of living on one.
     def split(x):
@@ -126,7 +141,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
         return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # back to row order
 
     micro = {k: split(v) for k, v in batch.items()}
-    keys = (jax.random.split(key, n_micro) if key is not None else None)
+    keys = jax.random.split(key, n_micro) if key is not None else None
 
     def constrain(tree):
         if batch_sharding is None:
@@ -144,6 +159,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     # params travel as the carry, not a closure: NNX variables must not cross into the scan's trace.
     _, emb = jax.lax.scan(lambda p, j: (p, embed_micro(p, j)), params, jnp.arange(n_micro))  # M m ...
     full = {k: join(v) for k, v in emb.items()}  # B P (negatives: B m P)
+
     # 2. The loss over the full batch and its gradient with respect to the embeddings.
     def loss_of(e):
         if "n" in e:
@@ -165,9 +181,15 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, key:
     return loss, grads
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tcfg: TrainConfig,
-                    schedule: optax.Schedule | None = None, batch_sharding: NamedSharding | None = None,
-                    param_sharding: NamedSharding | None = None, run_config: RunConfig | None = None) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    tcfg: TrainConfig,
+    schedule: optax.Schedule | None = None,
+    batch_sharding: NamedSharding | None = None,
+    param_sharding: NamedSharding | None = None,
+    run_config: RunConfig | None = None,
+) -> Callable:
     """The jitted step `(params, opt_state, batch, key, step) -> (params, opt_state, metrics)`.
 
     `key` is the step's dropout key (ignored when the graph is in eval mode); `step` only feeds the logged
@@ -179,9 +201,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     dropout = tcfg.dropout
 
     def step_fn(params, opt_state, batch, key, step):
-        loss, grads = loss_and_grads(graphdef, params, batch, key if dropout else None,
-                                     checkpoint_batch_size=tcfg.checkpoint_batch_size,
-                                     micro_batch_size=tcfg.micro_batch_size, batch_sharding=batch_sharding)
+        loss, grads = loss_and_grads(
+            graphdef,
+            params,
+            batch,
+            key if dropout else None,
+            checkpoint_batch_size=tcfg.checkpoint_batch_size,
+            micro_batch_size=tcfg.micro_batch_size,
+            batch_sharding=batch_sharding,
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -191,10 +219,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
 
     kwargs = {}
     if param_sharding is not None and batch_sharding is not None:
-        kwargs = dict(in_shardings=(param_sharding, param_sharding, batch_sharding, None, None),
-                      out_shardings=(param_sharding, param_sharding, None))
-    platform = (param_sharding.mesh.devices.flat[0].platform if param_sharding is not None
-                else jax.default_backend())
+        kwargs = dict(
+            in_shardings=(param_sharding, param_sharding, batch_sharding, None, None),
+            out_shardings=(param_sharding, param_sharding, None),
+        )
+    platform = param_sharding.mesh.devices.flat[0].platform if param_sharding is not None else jax.default_backend()
     options = (run_config or RunConfig()).compiler_options(platform, training=True)
     return jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=options or None, **kwargs)
 
@@ -208,8 +237,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def sample_negatives(pairs: Sequence[Pair], rows: np.ndarray, m: int, seed: int, epoch: int
-                     ) -> list[list[str]]:
+def sample_negatives(pairs: Sequence[Pair], rows: np.ndarray, m: int, seed: int, epoch: int) -> list[list[str]]:
     """Up to `m` hard negatives for each of `rows`, drawn without replacement, a pure function of (seed, epoch, row)
     so that every epoch sees another sample and a resumed run the same one."""
     out = []
@@ -241,20 +269,26 @@ def fit_train_buckets(tok: RetriBertTokenizer, pairs: Sequence[Pair], tcfg: Trai
     out = []
     for texts in ([p.question for p in pairs], [p.passage for p in pairs]):
         lengths = tok.encode_lengths(texts, tcfg.max_length)
-        longest = [int(lengths[order[s * tcfg.batch_size:(s + 1) * tcfg.batch_size]].max()) for s in range(steps)]
-        out.append(fit_buckets(longest, tcfg.batch_size, tcfg.max_length,
-                               lambda length: flops_per_sequence(cfg, length), cost))
+        longest = [int(lengths[order[s * tcfg.batch_size : (s + 1) * tcfg.batch_size]].max()) for s in range(steps)]
+        out.append(
+            fit_buckets(longest, tcfg.batch_size, tcfg.max_length, lambda length: flops_per_sequence(cfg, length), cost)
+        )
     return Buckets(*out)
 
 
-def tokenize_batch(tok: RetriBertTokenizer, pairs: Sequence[Pair], max_length: int, buckets: Buckets,
-                   negatives: Sequence[Sequence[str]] | None = None, num_negatives: int = 0) -> dict[str, np.ndarray]:
+def tokenize_batch(
+    tok: RetriBertTokenizer,
+    pairs: Sequence[Pair],
+    max_length: int,
+    buckets: Buckets,
+    negatives: Sequence[Sequence[str]] | None = None,
+    num_negatives: int = 0,
+) -> dict[str, np.ndarray]:
     """One batch as arrays: q_ids, q_mask [B, Lq], p_ids, p_mask [B, Lp], each side padded to its bucket; with
     `num_negatives` m > 0 also n_ids, n_mask [B, m, Ln] and n_valid [B, m] (negatives padded to the passages'
     buckets; empty slots hold [CLS] [SEP] and are not valid)."""
     out = {}
-    sides = [("q", [p.question for p in pairs], buckets.questions), ("p", [p.passage for p in pairs],
-                                                                       buckets.passages)]
+    sides = [("q", [p.question for p in pairs], buckets.questions), ("p", [p.passage for p in pairs], buckets.passages)]
     if num_negatives:
         flat = [n for negs in negatives for n in list(negs) + [""] * (num_negatives - len(negs))]
         sides.append(("n", flat, buckets.passages))
@@ -306,8 +340,9 @@ def device_memory_bytes(device=None) -> int | None:
     return None
 
 
-def fit_micro_batch(cfg, tcfg: TrainConfig, num_negatives: int, num_devices: int, memory_bytes: int | None
-                    ) -> int | None:
+def fit_micro_batch(
+    cfg, tcfg: TrainConfig, num_negatives: int, num_devices: int, memory_bytes: int | None
+) -> int | None:
     """The gradient-cache micro-batch that fits a device's memory: the largest divisor of the batch (a multiple of
     the device count) whose activations (`activation_bytes_per_pair`) take at most half of what the parameters, their
     gradients and AdamW's two moments leave; None when the whole batch fits (one pass), or when the memory is
@@ -316,15 +351,15 @@ def fit_micro_batch(cfg, tcfg: TrainConfig, num_negatives: int, num_devices: int
     if memory_bytes is None:
         return None
     n_params = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
-        4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+        4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size
+    )
     n_params *= 1 if cfg.share_encoders else 2
     budget = 0.5 * max(0.0, memory_bytes - 4 * 4 * n_params)
     per_pair = activation_bytes_per_pair(cfg, tcfg.max_length, num_negatives)
     b = tcfg.batch_size
     if b // num_devices * per_pair <= budget:
         return None
-    fits = [m for m in range(num_devices, b, num_devices)
-            if b % m == 0 and m // num_devices * per_pair <= budget]
+    fits = [m for m in range(num_devices, b, num_devices) if b % m == 0 and m // num_devices * per_pair <= budget]
     return max(fits) if fits else num_devices
 
 
@@ -339,16 +374,22 @@ def run_warnings(num_pairs: int, tcfg: TrainConfig) -> list[str]:
     total = per_epoch * tcfg.num_epochs
     last = min(total, tcfg.max_steps or total)
     if per_epoch < 10:
-        out.append(f"{num_pairs} pairs in batches of {b} make {per_epoch} step{'s' * (per_epoch > 1)} an epoch, "
-                   f"{last} in all; a smaller --batch-size gives more steps")
+        out.append(
+            f"{num_pairs} pairs in batches of {b} make {per_epoch} step{'s' * (per_epoch > 1)} an epoch, "
+            f"{last} in all; a smaller --batch-size gives more steps"
+        )
     if dropped and dropped / num_pairs >= 0.1:
-        out.append(f"each epoch leaves out {dropped} of {num_pairs} pairs ({dropped / num_pairs:.0%}): those past "
-                   f"the last whole batch of {b} (a different sample each epoch)")
+        out.append(
+            f"each epoch leaves out {dropped} of {num_pairs} pairs ({dropped / num_pairs:.0%}): those past "
+            f"the last whole batch of {b} (a different sample each epoch)"
+        )
     if tcfg.warmup_steps and last <= tcfg.warmup_steps:
         peak = tcfg.learning_rate * (last - 1) / tcfg.warmup_steps  # `lr_schedule` at the last step, last - 1
-        out.append(f"the run's {last} steps never leave the {tcfg.warmup_steps}-step warm-up: the learning rate "
-                   f"peaks at {peak:.2g}, not {tcfg.learning_rate:g}; lower --warmup-steps (e.g. "
-                   f"{max(1, last // 10)})")
+        out.append(
+            f"the run's {last} steps never leave the {tcfg.warmup_steps}-step warm-up: the learning rate "
+            f"peaks at {peak:.2g}, not {tcfg.learning_rate:g}; lower --warmup-steps (e.g. "
+            f"{max(1, last // 10)})"
+        )
     return out
 
 
@@ -441,8 +482,10 @@ def _check_run(out_dir: str, run_info: dict[str, Any]) -> None:
     if previous != run_info:
         old, new = previous.get("train_config", {}), run_info["train_config"]
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ValueError(f"{path}: {out_dir} holds a run with different settings "
-                         f"({', '.join(diff) or 'data or model'}); use a new output directory")
+        raise ValueError(
+            f"{path}: {out_dir} holds a run with different settings "
+            f"({', '.join(diff) or 'data or model'}); use a new output directory"
+        )
 
 
 class _Checkpoints:
@@ -454,8 +497,10 @@ class _Checkpoints:
         self._ocp, self._sharding = ocp, sharding
         self.manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(out_dir), "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=False,
-                                                 create=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=False, create=True
+            ),
+        )
 
     def restore(self, params, opt_state, key):
         """(params, opt_state, step, key) of the latest checkpoint, or the given ones at step 0."""
@@ -467,27 +512,45 @@ class _Checkpoints:
         def abstract(tree):
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._sharding), tree)
 
-        restored = self.manager.restore(latest, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
-            meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract(params)),
+                opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         key = jax.random.wrap_key_data(jnp.asarray(restored.meta["rng"], dtype=jnp.uint32))
         return restored.params, restored.opt_state, int(restored.meta["step"]), key
 
     def save(self, step: int, params, opt_state, key) -> None:
         ocp = self._ocp
         meta = {"step": step, "rng": np.asarray(jax.random.key_data(key)).tolist()}
-        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                        opt_state=ocp.args.StandardSave(opt_state),
-                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[Pair | tuple], out_dir: str,
-          tcfg: TrainConfig | None = None, *, mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-          save_final: bool = True) -> TrainResult:
+def train(
+    model: RetriBertModel,
+    tokenizer: RetriBertTokenizer,
+    pairs: Sequence[Pair | tuple],
+    out_dir: str,
+    tcfg: TrainConfig | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    save_final: bool = True,
+) -> TrainResult:
     """Trains `model` on (question, passage[, negatives]) pairs, resuming from `out_dir`'s checkpoints when present.
 
     Args:
@@ -514,8 +577,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     n_dev = mesh.devices.size
     per = tcfg.micro_batch_size or tcfg.batch_size
     if tcfg.batch_size % n_dev or per % n_dev:
-        raise ValueError(f"batch_size {tcfg.batch_size} (micro-batch {per}) must be a multiple of the "
-                         f"{n_dev} devices")
+        raise ValueError(f"batch_size {tcfg.batch_size} (micro-batch {per}) must be a multiple of the {n_dev} devices")
     steps_per_epoch = len(pairs) // tcfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"only {len(pairs)} pairs: fewer than one batch of {tcfg.batch_size} (lower --batch-size)")
@@ -523,8 +585,15 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     last_step = min(total_steps, tcfg.max_steps or total_steps)
     # Hard negatives per question: as many as the richest pair offers, capped by the setting.
     m = min(tcfg.num_negatives, max(len(p.negatives) for p in pairs)) if tcfg.num_negatives else 0
-    _check_run(out_dir, {"train_config": tcfg.to_dict(), "num_pairs": len(pairs), "negatives_per_question": m,
-                         "config_hash": model.config.architecture_hash()})
+    _check_run(
+        out_dir,
+        {
+            "train_config": tcfg.to_dict(),
+            "num_pairs": len(pairs),
+            "negatives_per_question": m,
+            "config_hash": model.config.architecture_hash(),
+        },
+    )
 
     rep, data = replicated(mesh), batch_sharding(mesh)
     model.train() if tcfg.dropout else model.eval()
@@ -533,8 +602,9 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     tx = make_optimizer(tcfg, total_steps)
     params = jax.device_put(params, rep)
     ckpts = _Checkpoints(out_dir, tcfg, rep)
-    params, opt_state, step, base_key = ckpts.restore(params, jax.device_put(tx.init(params), rep),
-                                                      jax.random.key(tcfg.seed))
+    params, opt_state, step, base_key = ckpts.restore(
+        params, jax.device_put(tx.init(params), rep), jax.random.key(tcfg.seed)
+    )
     start_step = step
     log_path = os.path.join(out_dir, "metrics.jsonl")
     _rewrite_log(log_path, step)
@@ -543,7 +613,7 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
 
     def batch_at(step: int) -> dict[str, jax.Array]:
         epoch, pos = divmod(step, steps_per_epoch)
-        rows = epoch_order(len(pairs), tcfg.seed, epoch)[pos * tcfg.batch_size:(pos + 1) * tcfg.batch_size]
+        rows = epoch_order(len(pairs), tcfg.seed, epoch)[pos * tcfg.batch_size : (pos + 1) * tcfg.batch_size]
         negatives = sample_negatives(pairs, rows, m, tcfg.seed, epoch) if m else None
         host = tokenize_batch(tokenizer, [pairs[i] for i in rows], tcfg.max_length, buckets, negatives, m)
         return {k: jax.device_put(v, data) for k, v in host.items()}
@@ -557,25 +627,34 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
         ckpts.close()
         model = nnx.merge(graphdef, jax.device_get(params))
         model.eval()
-        return TrainResult(model=model, step=step, loss=_last_logged_loss(log_path), start_step=step,
-                           already_complete=True)
+        return TrainResult(
+            model=model, step=step, loss=_last_logged_loss(log_path), start_step=step, already_complete=True
+        )
     loss_value, t0, seen = None, time.perf_counter(), 0
     try:
-        with open(log_path, "a", encoding="utf-8") as log, \
-                tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not progress,
-                     dynamic_ncols=True) as tbar:
+        with (
+            open(log_path, "a", encoding="utf-8") as log,
+            tqdm(
+                total=last_step, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+            ) as tbar,
+        ):
             bar = _StepBar(tbar)
             while step < last_step:
-                params, opt_state, metrics = train_step(params, opt_state, batch_at(step),
-                                                        jax.random.fold_in(base_key, step), step)
+                params, opt_state, metrics = train_step(
+                    params, opt_state, batch_at(step), jax.random.fold_in(base_key, step), step
+                )
                 bar.dispatched(metrics)
                 step, seen = step + 1, seen + tcfg.batch_size
                 if step % tcfg.log_every == 0 or step == last_step:
                     m_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     bar.finish()
                     loss_value, rate = m_host["loss"], seen / max(time.perf_counter() - t0, 1e-9)
-                    log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, **m_host,
-                                          "examples_per_s": rate}) + "\n")
+                    log.write(
+                        json.dumps(
+                            {"step": step, "epoch": (step - 1) // steps_per_epoch, **m_host, "examples_per_s": rate}
+                        )
+                        + "\n"
+                    )
                     log.flush()
                     tbar.set_postfix(loss=f"{m_host['loss']:.4f}", lr=f"{m_host['lr']:.2e}", ex_s=f"{rate:.1f}")
                     t0, seen = time.perf_counter(), 0
@@ -587,10 +666,15 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
             raise
         per = tcfg.micro_batch_size or tcfg.batch_size
         smaller = max((m for m in range(n_dev, per, n_dev) if tcfg.batch_size % m == 0), default=None)
-        hint = (f"pass --micro-batch-size {smaller} (micro-batches of {per} pairs did not fit)" if smaller else
-                "lower --max-length or --negatives-per-question")
-        raise OutOfMemory(f"a training step of {tcfg.batch_size} pairs at max_length {tcfg.max_length} ran out of "
-                          f"device memory; {hint}") from None
+        hint = (
+            f"pass --micro-batch-size {smaller} (micro-batches of {per} pairs did not fit)"
+            if smaller
+            else "lower --max-length or --negatives-per-question"
+        )
+        raise OutOfMemory(
+            f"a training step of {tcfg.batch_size} pairs at max_length {tcfg.max_length} ran out of "
+            f"device memory; {hint}"
+        ) from None
     finally:
         ckpts.close()
     model = nnx.merge(graphdef, jax.device_get(params))
@@ -600,5 +684,15 @@ def train(model: RetriBertModel, tokenizer: RetriBertTokenizer, pairs: Sequence[
     return TrainResult(model=model, step=step, loss=loss_value, start_step=start_step)
 
 
-__all__ = ["TrainResult", "activation_bytes_per_pair", "device_memory_bytes", "fit_micro_batch", "loss_and_grads",
-           "lr_schedule", "make_optimizer", "make_train_step", "run_warnings", "train"]
+__all__ = [
+    "TrainResult",
+    "activation_bytes_per_pair",
+    "device_memory_bytes",
+    "fit_micro_batch",
+    "loss_and_grads",
+    "lr_schedule",
+    "make_optimizer",
+    "make_train_step",
+    "run_warnings",
+    "train",
+]

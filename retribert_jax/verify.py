@@ -52,8 +52,12 @@ def default_atol(stored_dtype: str | None = None, dtype: str | None = None, prec
     `precision` (None: float32 at the highest precision, how `verify` runs by default)."""
     reduced = dtype == "bfloat16" or precision in ("default", "high")
     return max(DEFAULT_ATOL[stored_dtype], REDUCED_COMPUTE_ATOL if reduced else 0.0)
-TORCH_MISSING = ("verify needs torch and transformers for the PyTorch reference: "
-                 "pip install 'retribert_jax[test]' (torch==2.13.0, transformers>=4.57,<5)")
+
+
+TORCH_MISSING = (
+    "verify needs torch and transformers for the PyTorch reference: "
+    "pip install 'retribert_jax[test]' (torch==2.13.0, transformers>=4.57,<5)"
+)
 
 
 class VerificationFailed(Exception):
@@ -92,16 +96,23 @@ def _inputs(directory: str, max_length: int, vocab_size: int) -> tuple[dict[str,
         def fake(n: int) -> dict[str, Any]:
             ids = rng.integers(1, vocab_size, size=(n, 24)).astype(np.int32)
             mask = np.ones_like(ids)
-            mask[n // 2:, 12:] = 0
+            mask[n // 2 :, 12:] = 0
             return {"input_ids": np.where(mask == 1, ids, 0), "attention_mask": mask}
 
         return fake(len(QUESTIONS)), fake(len(PASSAGES)), "random token ids (no tokenizer in the checkpoint)"
     return tok(QUESTIONS, max_length=max_length), tok(PASSAGES, max_length=max_length), "built-in sample texts"
 
 
-def verify_checkpoint(directory: str, *, reference: str | None = None, atol: float = 1e-4,
-                      min_agreement: float = 0.9, max_length: int = 128, dtype: str | None = None,
-                      precision: str | None = None) -> dict[str, Any]:
+def verify_checkpoint(
+    directory: str,
+    *,
+    reference: str | None = None,
+    atol: float = 1e-4,
+    min_agreement: float = 0.9,
+    max_length: int = 128,
+    dtype: str | None = None,
+    precision: str | None = None,
+) -> dict[str, Any]:
     """Runs both models on the built-in texts and compares them.
 
     Args:
@@ -149,10 +160,12 @@ def verify_checkpoint(directory: str, *, reference: str | None = None, atol: flo
                 reference = export_pytorch(directory, os.path.join(tmp, "hf"), dtype="float32")
         ref = torch_reference(reference)
         with torch.no_grad():
-            tq = ref.embed_questions(torch.as_tensor(q_in["input_ids"], dtype=torch.long),
-                                     torch.as_tensor(q_in["attention_mask"])).numpy()
-            ta = ref.embed_answers(torch.as_tensor(a_in["input_ids"], dtype=torch.long),
-                                   torch.as_tensor(a_in["attention_mask"])).numpy()
+            tq = ref.embed_questions(
+                torch.as_tensor(q_in["input_ids"], dtype=torch.long), torch.as_tensor(q_in["attention_mask"])
+            ).numpy()
+            ta = ref.embed_answers(
+                torch.as_tensor(a_in["input_ids"], dtype=torch.long), torch.as_tensor(a_in["attention_mask"])
+            ).numpy()
     fq = np.asarray(model.embed_questions(q_in["input_ids"], q_in["attention_mask"]))
     fa = np.asarray(model.embed_answers(a_in["input_ids"], a_in["attention_mask"]))
     k = min(TOP_K, fa.shape[0])
@@ -168,16 +181,19 @@ def verify_checkpoint(directory: str, *, reference: str | None = None, atol: flo
         "reference": "HF transformers RetriBertModel (PyTorch, fp32)",
         "run": f"ours in {model.run_config.dtype} at {model.run_config.precision} precision",
     }
-    result["ok"] = (result["question_max_abs_diff"] <= atol and result["answer_max_abs_diff"] <= atol
-                    and overlap >= min_agreement)
+    result["ok"] = (
+        result["question_max_abs_diff"] <= atol and result["answer_max_abs_diff"] <= atol and overlap >= min_agreement
+    )
     return result
 
 
 def report(result: dict[str, Any], atol: float, min_agreement: float) -> str:
     verdict = "OK" if result["ok"] else "FAILED"
-    return (f"verify: {result['inputs']}; {result['run']}; reference: {result['reference']}\n"
-            f"  question embeddings max |flax - torch| = {result['question_max_abs_diff']:.3g}\n"
-            f"  answer embeddings   max |flax - torch| = {result['answer_max_abs_diff']:.3g}  (atol {atol:g})\n"
-            f"  top-{TOP_K} ranking overlap = {result['top10_overlap']:.3f} (min {min_agreement:g}), "
-            f"identical order in {result['top10_same_order']:.0%} of questions\n"
-            f"verify: {verdict}")
+    return (
+        f"verify: {result['inputs']}; {result['run']}; reference: {result['reference']}\n"
+        f"  question embeddings max |flax - torch| = {result['question_max_abs_diff']:.3g}\n"
+        f"  answer embeddings   max |flax - torch| = {result['answer_max_abs_diff']:.3g}  (atol {atol:g})\n"
+        f"  top-{TOP_K} ranking overlap = {result['top10_overlap']:.3f} (min {min_agreement:g}), "
+        f"identical order in {result['top10_same_order']:.0%} of questions\n"
+        f"verify: {verdict}"
+    )

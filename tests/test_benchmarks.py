@@ -65,8 +65,14 @@ def test_model_dirs_hold_the_same_encoder_weights(tmp_path):
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"run.py --quick exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     with open(out / "results.json", encoding="utf-8") as f:
         return out, json.load(f), proc.stdout
@@ -161,8 +167,9 @@ def test_device_check_quick_run_on_cpu(tmp_path):
     assert {"ours", "PyTorch eager (HF BertModel, sdpa, bf16)", "torch.compile"} <= set(r["forward"]["rows"])
     assert "PyTorch AMP (bf16 autocast, fused AdamW)" in r["train"]["rows"]
     text = r["real_text"]
-    assert [e["rows_per_call"] for e in text["encoder"]][1:] == [4] and all(e["texts_per_s"] > 0
-                                                                          for e in text["encoder"])
+    assert [e["rows_per_call"] for e in text["encoder"]][1:] == [4] and all(
+        e["texts_per_s"] > 0 for e in text["encoder"]
+    )
     assert text["host"]["tokenizer_texts_per_s"] > 0 and text["sentence_transformers"][0]["texts_per_s"] > 0
     p = r["parity_fp32"]
     assert "cli_error" not in p, p["cli_error"]
@@ -203,8 +210,10 @@ def test_job_benchmark_reads_what_the_commands_print():
     timings.report(file=out)
     assert list(phases(out.getvalue())) == ["import jax and flax", "import retribert_jax", "place parameters"]
     assert phases("no timings here") == {}
-    line = ("process 0/1: embedded 500 passages (140.0/s), skipped 0 (finished earlier or another process's); "
-            "1 programs (1 from the compilation cache), compiled in 0.2s")
+    line = (
+        "process 0/1: embedded 500 passages (140.0/s), skipped 0 (finished earlier or another process's); "
+        "1 programs (1 from the compilation cache), compiled in 0.2s"
+    )
     assert programs(line) == {"programs": 1, "from_cache": 1, "compile_s": 0.2}
 
 
@@ -212,9 +221,25 @@ def test_job_benchmark_reads_what_the_commands_print():
 def test_compile_profile_quick_run():
     """`profiling.py compile` on MiniLM's shape at a small program: every form measured, and the untrimmed last layer
     leaves XLA fewer loop kernels to generate than the [CLS]-only one (what makes it compile sooner)."""
-    r = subprocess.run([sys.executable, "benchmarks/profiling.py", "compile", "--minilm", "--rows", "2", "--length",
-                        "16", "--rounds", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/profiling.py",
+            "compile",
+            "--minilm",
+            "--rows",
+            "2",
+            "--length",
+            "16",
+            "--rounds",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 0, r.stderr
     rows = {line[:34].strip(): line[34:].split() for line in r.stdout.splitlines()[2:]}
     assert len(rows) == 4 and all(len(v) == 6 and float(v[3]) > 0 for v in rows.values()), r.stdout

@@ -48,8 +48,10 @@ def test_single_weight_file_with_config(tmp_path, ref_and_ids):
 
 def test_legacy_gamma_beta_and_buffers(tmp_path, ref_and_ids):
     cfg, ref, ids, mask, q = ref_and_ids
-    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-             for k, v in ref.state_dict().items()}
+    state = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in ref.state_dict().items()
+    }
     state["bert_query.embeddings.position_ids"] = torch.arange(cfg.max_position_embeddings)[None]
     state["bert_query.embeddings.token_type_ids"] = torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long)
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -71,11 +73,18 @@ def test_strict_both_ways(tmp_path, ref_and_ids):
     cases = {
         "unknown": ({**base, "bert_query.extra.weight": torch.zeros(2)}, r"unexpected key\(s\): 'bert_query.extra"),
         "missing": ({k: v for k, v in base.items() if k != "project_doc.weight"}, r"missing key\(s\): 'project_doc"),
-        "twice": ({**base, "bert_query.pooler.dense.bias": base["bert_query.pooler.dense.bias"],
-                   "bert_query.embeddings.LayerNorm.gamma": base["bert_query.embeddings.LayerNorm.weight"]},
-                  "'bert_query.embeddings.LayerNorm.weight' is given twice"),
-        "shape": ({**base, "project_query.weight": torch.zeros(7, cfg.hidden_size)},
-                  r"key 'project_query.weight' has shape \(7, 32\), expected \(16, 32\)"),
+        "twice": (
+            {
+                **base,
+                "bert_query.pooler.dense.bias": base["bert_query.pooler.dense.bias"],
+                "bert_query.embeddings.LayerNorm.gamma": base["bert_query.embeddings.LayerNorm.weight"],
+            },
+            "'bert_query.embeddings.LayerNorm.weight' is given twice",
+        ),
+        "shape": (
+            {**base, "project_query.weight": torch.zeros(7, cfg.hidden_size)},
+            r"key 'project_query.weight' has shape \(7, 32\), expected \(16, 32\)",
+        ),
     }
     for name, (state, message) in cases.items():
         with pytest.raises(CheckpointError, match=message):

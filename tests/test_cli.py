@@ -39,22 +39,33 @@ def test_embed_names_the_stored_dtype_apart_from_the_compute_dtype():
 
 def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # sys.modules is printed after main returns: whether JAX was imported to find the mistake.
-    code = ("import sys; from retribert_jax import cli; sys.argv = ['retribert-jax', *sys.argv[1:]]\n"
-            "try:\n    rc = cli.main()\nexcept SystemExit as e:\n    rc = e.code\n"
-            "print('jax imported' if 'jax' in sys.modules else 'no jax', rc)")
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
+    code = (
+        "import sys; from retribert_jax import cli; sys.argv = ['retribert-jax', *sys.argv[1:]]\n"
+        "try:\n    rc = cli.main()\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print('jax imported' if 'jax' in sys.modules else 'no jax', rc)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("argv, says", [
-    (("embed", "m", "in.txt", "out", "--kind", "passages", "--batch-size", "0"), "--batch-size: must be positive"),
-    (("search", "idx", "m", "q", "-k", "-3"), "-k: must be positive, got -3"),
-    (("train", "m", "d.jsonl", "out", "--epochs", "ten"), "expected a positive integer, got 'ten'"),
-    (("embed", "m", "missing.txt", "out", "--kind", "passages"), "missing.txt: no such input file"),
-    (("evaluate", "idx", "m", "missing.jsonl", "qrels"), "missing.jsonl: no such queries file"),
-    (("train", "m", "missing.jsonl", "out"), "missing.jsonl: no such data file"),
-    (("search", "idx", "m", "--dtype", "float16"), "invalid choice: 'float16'"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (("embed", "m", "in.txt", "out", "--kind", "passages", "--batch-size", "0"), "--batch-size: must be positive"),
+        (("search", "idx", "m", "q", "-k", "-3"), "-k: must be positive, got -3"),
+        (("train", "m", "d.jsonl", "out", "--epochs", "ten"), "expected a positive integer, got 'ten'"),
+        (("embed", "m", "missing.txt", "out", "--kind", "passages"), "missing.txt: no such input file"),
+        (("evaluate", "idx", "m", "missing.jsonl", "qrels"), "missing.jsonl: no such queries file"),
+        (("train", "m", "missing.jsonl", "out"), "missing.jsonl: no such data file"),
+        (("search", "idx", "m", "--dtype", "float16"), "invalid choice: 'float16'"),
+    ],
+)
 def test_mistakes_end_in_one_line_before_jax_is_imported(argv, says, tmp_path):
     r = _run(*argv)
     assert r.stdout.split() == ["no", "jax", "2"], f"{argv}: {r.stdout} {r.stderr}"
@@ -101,5 +112,7 @@ def test_out_of_memory_while_encoding_ends_in_one_line(tmp_path, monkeypatch, ca
     monkeypatch.setattr(search, "run", runs_out)
     assert cli.main(["search", str(tmp_path), "model", "why"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["retribert-jax search: error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
-                   "allocate 17179869184 bytes.); pass a smaller --batch-size"], err
+    assert err == [
+        "retribert-jax search: error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
+        "allocate 17179869184 bytes.); pass a smaller --batch-size"
+    ], err

@@ -35,9 +35,26 @@ def test_where_the_cache_lives():
 def _embed(model_dir: str, corpus: str, out: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     env.pop(CACHE_ENV, None)
-    return subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", model_dir, corpus, out, "--kind",
-                           "passages", "--no-progress", *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retribert_jax.cli",
+            "embed",
+            model_dir,
+            corpus,
+            out,
+            "--kind",
+            "passages",
+            "--no-progress",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _programs(stderr: str) -> tuple[int, int]:
@@ -102,8 +119,14 @@ print("done")
 
 
 def test_full_cache_gives_one_warning_line(tmp_path):
-    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "cache")], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    run = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "cache")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+    )
     assert run.returncode == 0 and "done" in run.stdout, run.stderr[-2000:]
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "No space left" in lines[0], f"expected one warning line, got: {lines}"

@@ -30,16 +30,19 @@ def test_hf_config_json_round_trip_is_lossless(tmp_path):
     assert RetriBertConfig.from_pretrained(out) == cfg
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
-    (dict(hidden_act="gelu_fancy"), "unknown hidden_act"),
-    (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
-    (dict(vocab_size=-3), "vocab_size must be a positive integer"),
-    (dict(projection_dim=1.5), "projection_dim must be a positive integer"),
-    (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
-    (dict(layer_norm_eps=0), "layer_norm_eps"),
-    (dict(pad_token_id=99999), "pad_token_id"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
+        (dict(hidden_act="gelu_fancy"), "unknown hidden_act"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
+        (dict(vocab_size=-3), "vocab_size must be a positive integer"),
+        (dict(projection_dim=1.5), "projection_dim must be a positive integer"),
+        (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
+        (dict(layer_norm_eps=0), "layer_norm_eps"),
+        (dict(pad_token_id=99999), "pad_token_id"),
+    ],
+)
 def test_impossible_configs_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         RetriBertConfig(**changes)

@@ -76,8 +76,12 @@ def test_single_weight_file_with_config(tmp_path, tiny_cfg, suffix):
     lone.mkdir()
     name = "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
     os.rename(os.path.join(hf, name), lone / f"weights{suffix}")
-    out, _ = convert_checkpoint(str(lone / f"weights{suffix}"), str(tmp_path / "flax"),
-                                config=os.path.join(hf, "config.json"), format="safetensors")
+    out, _ = convert_checkpoint(
+        str(lone / f"weights{suffix}"),
+        str(tmp_path / "flax"),
+        config=os.path.join(hf, "config.json"),
+        format="safetensors",
+    )
     _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg)
 
 
@@ -102,8 +106,12 @@ def test_dtype_cast(tmp_path, tiny_cfg, dtype):
         # Loaded back as float32 holding exactly the rounded values.
         import ml_dtypes
 
-        _assert_params_equal_hf(RetriBertModel.from_pretrained(out), ref, tiny_cfg,
-                                dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+        _assert_params_equal_hf(
+            RetriBertModel.from_pretrained(out),
+            ref,
+            tiny_cfg,
+            dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16,
+        )
 
 
 def test_save_pretrained_writes_the_same_layout(tmp_path, tiny_cfg):
@@ -146,9 +154,23 @@ def _embed_error_line(tmp_path, model_dir: str) -> str:
     """`retribert-jax embed` on `model_dir` as a command (in its own process, so reports at exit count): it must
     fail with exit 2 and exactly one line on stderr, which is returned."""
     (tmp_path / "in.txt").write_text("a passage\n")
-    proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", model_dir, str(tmp_path / "in.txt"),
-                           str(tmp_path / "out"), "--kind", "passages"], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retribert_jax.cli",
+            "embed",
+            model_dir,
+            str(tmp_path / "in.txt"),
+            str(tmp_path / "out"),
+            "--kind",
+            "passages",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2, err
     assert err.count("\n") == 0, f"expected one line:\n{err}"
@@ -168,8 +190,10 @@ def test_flax_directory_that_disagrees_with_its_config(tmp_path, tiny_cfg, fmt):
     saved = json.loads((d / "config.json").read_text())
     wrong_shape = r"parameter 'bert_query.encoder.layer.0.intermediate.dense.(bias|kernel)' has shape"
     wrong_names = r"missing \['bert_query.encoder.layer.2.|'bert_query.encoder.layer.2.\S+' is missing"
-    for change, needle in (({"intermediate_size": saved["intermediate_size"] + 4}, wrong_shape),
-                           ({"num_hidden_layers": saved["num_hidden_layers"] + 1}, wrong_names)):
+    for change, needle in (
+        ({"intermediate_size": saved["intermediate_size"] + 4}, wrong_shape),
+        ({"num_hidden_layers": saved["num_hidden_layers"] + 1}, wrong_names),
+    ):
         (d / "config.json").write_text(json.dumps({**saved, **change}))
         for load in (RetriBertModel.from_pretrained, read_flax_params):
             with pytest.raises(CheckpointError, match=needle):
@@ -214,8 +238,10 @@ def test_cli_drops_asyncio_reports_only_after_orbax_failed():
     def record(msg: str) -> logging.LogRecord:
         return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
 
-    never = [record("Task exception was never retrieved\nfuture: <Task finished>"),
-             record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>")]
+    never = [
+        record("Task exception was never retrieved\nfuture: <Task finished>"),
+        record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>"),
+    ]
     other = record("Task was destroyed but it is pending!")
     keep = cli._OrbaxLeftovers()
     assert keep.FILES_LOGGER == flax_files.__name__
@@ -266,6 +292,7 @@ def test_safetensors_load_reads_once_into_aligned_memory(tmp_path, tiny_cfg, dty
     arrays = _read_safetensors(str(tmp_path / "m" / FLAX_SAFETENSORS))
     unaligned = [p for p, a in arrays.items() if a.ctypes.data % 64]
     assert not unaligned, f"not 64-byte aligned: {unaligned[:3]}"
+
     def owner(a):
         while isinstance(a, np.ndarray) and a.base is not None:
             a = a.base
@@ -277,12 +304,14 @@ def test_safetensors_load_reads_once_into_aligned_memory(tmp_path, tiny_cfg, dty
     state = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(built, nnx.Param))}
     unstacked = [e.flax_path for e in param_table(tiny_cfg) if e.layer is None]
     in_place = [p for p in unstacked if state[p].unsafe_buffer_pointer() == arrays[p].ctypes.data]
-    assert len(in_place) == (len(unstacked) if dtype == "float32" else 0), \
+    assert len(in_place) == (len(unstacked) if dtype == "float32" else 0), (
         f"{len(in_place)} of {len(unstacked)} in place"
+    )
     placed = flat_params(built)
     for p, a in flat_params(model).items():
         want = np.asarray(a).astype(jax.numpy.dtype(dtype)).astype(np.float32)
         np.testing.assert_array_equal(np.asarray(placed[p]), want, err_msg=str(p))
+
 
 def test_tokenizer_files_carried_and_missing_ones_warned(tmp_path, tiny_cfg):
     ref = hf_reference(tiny_cfg)
@@ -316,10 +345,10 @@ def test_converted_checkpoint_loads_without_torch(tmp_path, tiny_cfg):
         f"out = [np.asarray(RetriBertModel.from_pretrained(d).embed_questions(b['ids'], b['mask'])).tolist() "
         f"for d in {dirs!r}]\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, f"loading without torch failed:\n{proc.stderr[-2000:]}"
     for fmt, got in zip(("orbax", "safetensors"), json.loads(proc.stdout.splitlines()[-1]), strict=True):
         diff = np.abs(np.asarray(got) - want).max()
@@ -331,13 +360,25 @@ def test_cli_and_script_convert(tmp_path, tiny_cfg):
     src = save_hf(hf_reference(tiny_cfg), str(tmp_path / "hf"))
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     script = os.path.join(REPO, "convert", "convert_pytorch_checkpoint.py")
-    proc = subprocess.run([sys.executable, script, src, str(tmp_path / "out"), "--format", "safetensors"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, script, src, str(tmp_path / "out"), "--format", "safetensors"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.isfile(tmp_path / "out" / FLAX_SAFETENSORS), os.listdir(tmp_path / "out")
     assert "warning" in proc.stderr and "tokenizer" in proc.stderr, f"no tokenizer warning: {proc.stderr!r}"
-    proc = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "convert", src, str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "convert", src, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 2, f"existing OUT: exit {proc.returncode}, stderr {proc.stderr!r}"
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "already exists" in proc.stderr, proc.stderr

@@ -56,8 +56,9 @@ def test_empty_src_directory(capsys, tmp_path):
 
 def test_empty_weight_file(capsys, tmp_path, good):
     (tmp_path / "w.safetensors").write_bytes(b"")
-    _convert_fails(capsys, tmp_path, [str(tmp_path / "w.safetensors"), "--config", good["st"]], "w.safetensors",
-                   "empty")
+    _convert_fails(
+        capsys, tmp_path, [str(tmp_path / "w.safetensors"), "--config", good["st"]], "w.safetensors", "empty"
+    )
 
 
 def test_directory_without_weights(capsys, tmp_path, good):
@@ -72,10 +73,13 @@ def test_single_file_without_config(capsys, tmp_path, good):
     _convert_fails(capsys, tmp_path, [str(tmp_path / "w.safetensors")], "--config")
 
 
-@pytest.mark.parametrize("kind,name,message", [
-    ("st", "model.safetensors", "not a readable safetensors file"),
-    ("bin", "pytorch_model.bin", "not a loadable PyTorch weights file"),
-])
+@pytest.mark.parametrize(
+    "kind,name,message",
+    [
+        ("st", "model.safetensors", "not a readable safetensors file"),
+        ("bin", "pytorch_model.bin", "not a loadable PyTorch weights file"),
+    ],
+)
 def test_truncated_weights(capsys, tmp_path, good, kind, name, message):
     d = _copy(good[kind], tmp_path / "trunc")
     f = os.path.join(d, name)
@@ -115,8 +119,15 @@ def test_bin_with_pickled_code_is_refused(capsys, tmp_path, good):
     state = torch.load(os.path.join(d, "pytorch_model.bin"), weights_only=True)
     state["evil"] = _Payload(str(marker))
     torch.save(state, os.path.join(d, "pytorch_model.bin"))
-    _convert_fails(capsys, tmp_path, [d], "pytorch_model.bin", "not a loadable PyTorch weights file",
-                   "refused to unpickle the global", "system")
+    _convert_fails(
+        capsys,
+        tmp_path,
+        [d],
+        "pytorch_model.bin",
+        "not a loadable PyTorch weights file",
+        "refused to unpickle the global",
+        "system",
+    )
     assert not marker.exists(), "the pickled code was executed"
 
 
@@ -137,8 +148,9 @@ def test_missing_key(capsys, tmp_path, good):
 
 
 def test_extra_key(capsys, tmp_path, good):
-    d = _edit_state(good["st"], tmp_path / "extra", lambda t: t.__setitem__("classifier.weight", np.zeros((2, 2),
-                                                                                                       np.float32)))
+    d = _edit_state(
+        good["st"], tmp_path / "extra", lambda t: t.__setitem__("classifier.weight", np.zeros((2, 2), np.float32))
+    )
     _convert_fails(capsys, tmp_path, [d], "unexpected key", "classifier.weight")
 
 
@@ -157,9 +169,14 @@ def test_config_not_json(capsys, tmp_path, good):
     _convert_fails(capsys, tmp_path, [d], "config.json", "not valid JSON")
 
 
-@pytest.mark.parametrize("field,value,needle", [("hidden_size", -32, "hidden_size must be a positive integer"),
-                                                ("num_attention_heads", 5, "not divisible"),
-                                                ("hidden_act", "swishy", "unknown hidden_act")])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("hidden_size", -32, "hidden_size must be a positive integer"),
+        ("num_attention_heads", 5, "not divisible"),
+        ("hidden_act", "swishy", "unknown hidden_act"),
+    ],
+)
 def test_config_impossible_values(capsys, tmp_path, good, field, value, needle):
     d = _copy(good["st"], tmp_path / "badcfg")
     cfg_path = os.path.join(d, "config.json")

@@ -33,8 +33,11 @@ def pyarrow_tsv(path) -> list[dict]:
     csv = pytest.importorskip("pyarrow.csv")
     import pyarrow as pa
 
-    table = csv.read_csv(str(path), parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
-                         convert_options=csv.ConvertOptions(column_types={"id": pa.string()}))
+    table = csv.read_csv(
+        str(path),
+        parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=csv.ConvertOptions(column_types={"id": pa.string()}),
+    )
     return table.to_pylist()
 
 
@@ -50,6 +53,7 @@ def records(path, fmt=None, **kw) -> list[tuple]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # One line is one item (item 6)
+
 
 def test_lines_end_at_newline_only_in_every_reader(tmp_path, monkeypatch):
     texts = [f"item {i} with{c}inside" for i, c in enumerate(NOT_LINE_ENDS)]
@@ -73,8 +77,11 @@ def test_lines_end_at_newline_only_in_every_reader(tmp_path, monkeypatch):
     assert [(i, t) for _, i, t in records(jsonl, id_field="id")] == [(o["id"], o["text"]) for o in want]
     pairs = tmp_path / "pairs.jsonl"
     # \r as JSON whitespace between the fields: Python's text mode would cut each record in two.
-    pairs.write_bytes("".join(f'{{"question": {json.dumps(o["text"], ensure_ascii=False)},\r"answer": "{o["id"]}"}}\n'
-                              for o in want).encode())
+    pairs.write_bytes(
+        "".join(
+            f'{{"question": {json.dumps(o["text"], ensure_ascii=False)},\r"answer": "{o["id"]}"}}\n' for o in want
+        ).encode()
+    )
     want_pairs = pyarrow_jsonl(pairs)
     assert len(want_pairs) == wc_l(pairs) == 4
     assert [p[:2] for p in read_pairs(str(pairs))] == [(o["question"], o["answer"]) for o in want_pairs]
@@ -132,6 +139,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # A byte-order mark is not data (item 4)
 
+
 def test_byte_order_mark_is_not_data(tmp_path, monkeypatch):
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_bytes(BOM + b'{"id": "d1", "text": "first"}\r\n{"id": "d2", "text": "second"}\r\n')
@@ -162,6 +170,7 @@ def test_byte_order_mark_is_not_data(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Ids are never invented (item 5)
 
+
 def test_null_ids_are_bad_records(tmp_path):
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"id": 7, "text": "a"}\n{"id": null, "text": "b"}\n{"id": 1, "text": "c"}\n')
@@ -170,8 +179,9 @@ def test_null_ids_are_bad_records(tmp_path):
     with pytest.raises(BadRecord, match=r"c.jsonl:2: id field 'id' is null"):
         records(jsonl, id_field="id")
     log = io.StringIO()
-    assert [i for _, i, _ in records(jsonl, id_field="id", skip_bad_lines=True, log=log)] == \
-        [i for i in ids if i is not None]
+    assert [i for _, i, _ in records(jsonl, id_field="id", skip_bad_lines=True, log=log)] == [
+        i for i in ids if i is not None
+    ]
     assert "c.jsonl:2: id field 'id' is null" in log.getvalue()
     # Without --id-field the id key is not read at all, null or not.
     assert [i for _, i, _ in records(jsonl)] == [None, None, None]
@@ -184,8 +194,9 @@ def test_null_ids_are_bad_records(tmp_path):
     ids = pq.read_table(str(parquet)).column("id").to_pylist()
     with pytest.raises(BadRecord, match=r"c.parquet:row 2: id column 'id' is null"):
         records(parquet, id_field="id")
-    assert [i for _, i, _ in records(parquet, id_field="id", skip_bad_lines=True, log=io.StringIO())] == \
-        [i for i in ids if i is not None]
+    assert [i for _, i, _ in records(parquet, id_field="id", skip_bad_lines=True, log=io.StringIO())] == [
+        i for i in ids if i is not None
+    ]
 
     tsv = tmp_path / "c.tsv"
     tsv.write_text("id\ttext\n7\ta\n\tb\n1\tc\n")
@@ -196,6 +207,7 @@ def test_null_ids_are_bad_records(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compressed inputs are read, as pyarrow and pyserini read them (issue 23, item 6)
+
 
 def _compress(data: bytes, kind: str) -> bytes:
     import bz2
@@ -255,7 +267,7 @@ def test_damaged_compressed_input_is_one_line(tmp_path):
 
     data = gzip.compress(b"".join(b'{"text": "passage %d"}\n' % i for i in range(20000)))
     cut = tmp_path / "cut.jsonl.gz"
-    cut.write_bytes(data[:len(data) // 2])
+    cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot be read past line \d+ \(EOFError"):
         records(cut)
     pa = pytest.importorskip("pyarrow")
@@ -270,6 +282,7 @@ def test_damaged_compressed_input_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # An id names one record (issue 23, item 8): as text, as qrels and TREC runs carry ids, so 7 and "7" are one id
+
 
 def test_repeated_ids_are_refused_naming_both_lines(tmp_path):
     jsonl = tmp_path / "c.jsonl"

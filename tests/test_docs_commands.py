@@ -106,8 +106,10 @@ def commands(doc: str) -> list[Command]:
             elif tokens[0] == "python" and len(tokens) > 1 and tokens[1] in SCRIPTS:
                 argv = tokens[1:]
             else:
-                raise ValueError(f"{doc}:{number}: `{text}` is neither a retribert-jax command nor skipped: run it in "
-                            "tests/test_docs_commands.py or add it to SKIPPED")
+                raise ValueError(
+                    f"{doc}:{number}: `{text}` is neither a retribert-jax command nor skipped: run it in "
+                    "tests/test_docs_commands.py or add it to SKIPPED"
+                )
             found.append(Command(doc, number, text, argv, stdout))
     return found
 
@@ -124,8 +126,9 @@ def expected_outputs(argv: list[str]) -> list[str]:
     if argv[0] not in cli.COMMANDS:
         return []
     args = cli.build_parser().parse_args(argv)
-    paths = [p for p in (getattr(args, "out", None), getattr(args, "output", None), getattr(args, "run_file", None))
-             if p]
+    paths = [
+        p for p in (getattr(args, "out", None), getattr(args, "output", None), getattr(args, "run_file", None)) if p
+    ]
     if argv[0] == "embed":
         paths.append(os.path.join(args.out, "manifest.json"))
     if argv[0] == "train":
@@ -138,8 +141,9 @@ def run(command: Command, port: int) -> tuple[int, str]:
     argv = stand_ins(command.argv, port)
     if "--coordinator" in argv:  # jax.distributed must start before this process's JAX computes anything
         env = {**os.environ, "PYTHONPATH": REPO}
-        r = subprocess.run([sys.executable, "-m", "retribert_jax.cli", *argv], capture_output=True, text=True,
-                           env=env, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "retribert_jax.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+        )
         return r.returncode, (r.stderr + r.stdout)[-3000:]
     out, err = io.StringIO(), io.StringIO()
     try:
@@ -192,8 +196,10 @@ def prepare(directory: str, model: str) -> None:
 
     passages = [_sentence(rng, 12) for _ in range(24)]
     _jsonl(os.path.join(directory, "corpus.jsonl"), [{"id": f"d{i}", "text": t} for i, t in enumerate(passages)])
-    _jsonl(os.path.join(_mkdir(directory, "beir/scifact"), "corpus.jsonl"),
-           [{"_id": f"d{i}", "title": "the sky", "text": t} for i, t in enumerate(passages)])
+    _jsonl(
+        os.path.join(_mkdir(directory, "beir/scifact"), "corpus.jsonl"),
+        [{"_id": f"d{i}", "title": "the sky", "text": t} for i, t in enumerate(passages)],
+    )
     _jsonl(os.path.join(directory, "wiki_passages.jsonl"), [{"text": t} for t in passages])
     questions = [_sentence(rng, 5) + "?" for _ in range(6)]
     with open(os.path.join(directory, "questions.txt"), "w", encoding="utf-8") as f:
@@ -209,9 +215,16 @@ def prepare(directory: str, model: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"anchor": [p["question"] for p in pairs], "positive": [p["answer"] for p in pairs],
-                             "negative": [pairs[i - 1]["answer"] for i in range(len(pairs))]}),
-                   os.path.join(directory, "triplets.parquet"))
+    pq.write_table(
+        pa.table(
+            {
+                "anchor": [p["question"] for p in pairs],
+                "positive": [p["answer"] for p in pairs],
+                "negative": [pairs[i - 1]["answer"] for i in range(len(pairs))],
+            }
+        ),
+        os.path.join(directory, "triplets.parquet"),
+    )
 
 
 def _bin_checkpoint(model: str, directory: str) -> None:

@@ -20,8 +20,14 @@ SHARD = 100
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "retribert_jax.cli", "embed", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "embed", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def files(directory: str) -> dict[str, bytes]:
@@ -65,13 +71,37 @@ def test_jsonl_to_shards(model_dir, corpus, tmp_path):
 
     texts, path = corpus
     out = str(tmp_path / "out")
-    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid",
-                "--shard-size", str(SHARD), "--store-text", "--no-progress")
+    r = run_cli(
+        model_dir,
+        path,
+        out,
+        "--kind",
+        "passages",
+        "--text-field",
+        "body",
+        "--id-field",
+        "pid",
+        "--shard-size",
+        str(SHARD),
+        "--store-text",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     manifest, emb, ids = load_all(out)
-    want = {"format": "retribert_jax.embeddings", "version": 1, "model": model_dir, "kind": "passages",
-            "dtype": "float32", "max_length": 128, "projection_dim": 16, "normalized": False, "shard_size": SHARD,
-            "num_shards": 3, "count": 250, "has_text": True}
+    want = {
+        "format": "retribert_jax.embeddings",
+        "version": 1,
+        "model": model_dir,
+        "kind": "passages",
+        "dtype": "float32",
+        "max_length": 128,
+        "projection_dim": 16,
+        "normalized": False,
+        "shard_size": SHARD,
+        "num_shards": 3,
+        "count": 250,
+        "has_text": True,
+    }
     assert {k: manifest[k] for k in want} == want
     assert [np.load(f"{out}/embeddings-{i:05d}.npy").shape for i in range(3)] == [(100, 16), (100, 16), (50, 16)]
     assert ids == [f"p{i}" for i in range(250)]
@@ -108,8 +138,20 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
         assert np.array_equal(results[name], results["txt"]), f"{name} embeddings differ from the plain-text run's"
     out = str(tmp_path / "out-f16")
     cache = tmp_path / "jax-cache"
-    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--embedding-dtype",
-                "float16", "--no-progress", "--compilation-cache", str(cache))
+    r = run_cli(
+        model_dir,
+        str(inputs["txt"]),
+        out,
+        "--kind",
+        "questions",
+        "--shard-size",
+        "50",
+        "--embedding-dtype",
+        "float16",
+        "--no-progress",
+        "--compilation-cache",
+        str(cache),
+    )
     assert r.returncode == 0, r.stderr
     assert cache.is_dir() and any(cache.iterdir()), "--compilation-cache wrote nothing to the cache directory"
     manifest, emb, _ = load_all(out)
@@ -120,21 +162,40 @@ def test_formats_agree_and_float16(model_dir, corpus, tmp_path):
     assert r.returncode == 2 and "dtype" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # So is an input that changed since: its records would no longer be the ones numbered into the shards.
     inputs["txt"].write_text("".join(t + "\n" for t in texts[1:]), encoding="utf-8")
-    r = run_cli(model_dir, str(inputs["txt"]), out, "--kind", "questions", "--shard-size", "50", "--embedding-dtype",
-                "float16", "--no-progress")
+    r = run_cli(
+        model_dir,
+        str(inputs["txt"]),
+        out,
+        "--kind",
+        "questions",
+        "--shard-size",
+        "50",
+        "--embedding-dtype",
+        "float16",
+        "--no-progress",
+    )
     assert r.returncode == 2 and "input_sha256" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bad_lines(model_dir, tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"text": "why is the sky blue"})
-    path.write_bytes(b"\n".join([good.encode(), b'{"text": "unterminated', b'{"body": "no text field"}',
-                                 b'{"text": "caf\xe9"}', good.encode(), b""]))
+    path.write_bytes(
+        b"\n".join(
+            [
+                good.encode(),
+                b'{"text": "unterminated',
+                b'{"body": "no text field"}',
+                b'{"text": "caf\xe9"}',
+                good.encode(),
+                b"",
+            ]
+        )
+    )
     r = run_cli(model_dir, str(path), str(tmp_path / "o1"), "--kind", "passages", "--no-progress")
     assert r.returncode == 2, r.stderr
     assert f"{path}:2: invalid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run_cli(model_dir, str(path), str(tmp_path / "o2"), "--kind", "passages", "--no-progress",
-                "--skip-bad-lines")
+    r = run_cli(model_dir, str(path), str(tmp_path / "o2"), "--kind", "passages", "--no-progress", "--skip-bad-lines")
     assert r.returncode == 0, r.stderr
     for line, why in ((2, "invalid JSON"), (3, "missing text field 'text'"), (4, "invalid UTF-8")):
         assert f"{path}:{line}: {why}" in r.stderr, f"line {line} ({why}) not reported in:\n{r.stderr}"
@@ -155,8 +216,13 @@ def test_resume_after_kill9(model_dir, tmp_path):
     opts = ["--kind", "passages", "--shard-size", "200", "--batch-size", "16", "--no-progress"]
     killed = str(tmp_path / "killed")
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "retribert_jax.cli", "embed", *args, killed, *opts], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retribert_jax.cli", "embed", *args, killed, *opts],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not os.path.exists(os.path.join(killed, "embeddings-00001.npy")):
         assert proc.poll() is None, "the embed run ended before it could be killed"
@@ -188,17 +254,29 @@ def test_byte_order_mark_and_null_ids(model_dir, tmp_path):
     line, and no id is invented for it (pyarrow reads the same records and ids)."""
     pa_json = pytest.importorskip("pyarrow.json")
     path = tmp_path / "excel.jsonl"
-    rows = [{"id": 7, "text": "why is the sky blue"}, {"id": None, "text": "why does ice float"},
-            {"id": 1, "text": "why does bread rise"}]
+    rows = [
+        {"id": 7, "text": "why is the sky blue"},
+        {"id": None, "text": "why does ice float"},
+        {"id": 1, "text": "why does bread rise"},
+    ]
     path.write_bytes("\ufeff".encode() + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
     want = pa_json.read_json(str(path)).to_pylist()
     assert want == rows
-    r = run_cli(model_dir, str(path), str(tmp_path / "o1"), "--kind", "passages", "--id-field", "id",
-                "--no-progress")
+    r = run_cli(model_dir, str(path), str(tmp_path / "o1"), "--kind", "passages", "--id-field", "id", "--no-progress")
     assert r.returncode == 2 and f"{path}:2: id field 'id' is null" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
-    r = run_cli(model_dir, str(path), str(tmp_path / "o2"), "--kind", "passages", "--id-field", "id",
-                "--skip-bad-lines", "--store-text", "--no-progress")
+    r = run_cli(
+        model_dir,
+        str(path),
+        str(tmp_path / "o2"),
+        "--kind",
+        "passages",
+        "--id-field",
+        "id",
+        "--skip-bad-lines",
+        "--store-text",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert f"{path}:2: id field 'id' is null" in r.stderr and f"{path}:1:" not in r.stderr, r.stderr
     manifest, _, ids = load_all(str(tmp_path / "o2"))
@@ -220,8 +298,26 @@ def test_compressed_corpus_embeds_as_the_plain_one(model_dir, corpus, tmp_path):
     outs = []
     for source in (path, str(packed)):
         outs.append(str(tmp_path / ("out-" + os.path.basename(source))))
-        assert cli.main(["embed", model_dir, source, outs[-1], "--kind", "passages", "--text-field", "body",
-                         "--id-field", "pid", "--shard-size", str(SHARD), "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "embed",
+                    model_dir,
+                    source,
+                    outs[-1],
+                    "--kind",
+                    "passages",
+                    "--text-field",
+                    "body",
+                    "--id-field",
+                    "pid",
+                    "--shard-size",
+                    str(SHARD),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     (m1, e1, i1), (m2, e2, i2) = load_all(outs[0]), load_all(outs[1])
     assert m2["count"] == m1["count"] == 250 and i2 == i1
     np.testing.assert_array_equal(e2, e1)
@@ -234,8 +330,10 @@ def test_an_empty_input_is_refused(model_dir, tmp_path, capsys):
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     empty.write_text("\n")
     bad.write_text('{"body": "no text field"}\n')
-    for path, extra, why in ((empty, [], "no passages to embed"),
-                             (bad, ["--skip-bad-lines"], "no passages to embed that could be read")):
+    for path, extra, why in (
+        (empty, [], "no passages to embed"),
+        (bad, ["--skip-bad-lines"], "no passages to embed that could be read"),
+    ):
         out = str(tmp_path / ("out-" + path.stem))
         assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--no-progress", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -249,12 +347,18 @@ def test_repeated_ids_are_refused(model_dir, tmp_path, capsys):
     from retribert_jax import cli
 
     path = tmp_path / "dup.jsonl"
-    path.write_text('{"id": 7, "text": "why is the sky blue"}\n{"id": "d1", "text": "why does ice float"}\n'
-                    '{"id": "7", "text": "why does bread rise"}\n')
+    path.write_text(
+        '{"id": 7, "text": "why is the sky blue"}\n{"id": "d1", "text": "why does ice float"}\n'
+        '{"id": "7", "text": "why does bread rise"}\n'
+    )
     for n, extra in enumerate(([], ["--skip-bad-lines"])):
         out = str(tmp_path / f"out{n}")
-        assert cli.main(["embed", model_dir, str(path), out, "--kind", "passages", "--id-field", "id",
-                         "--no-progress", *extra]) == 2
+        assert (
+            cli.main(
+                ["embed", model_dir, str(path), out, "--kind", "passages", "--id-field", "id", "--no-progress", *extra]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"retribert-jax embed: error: {path}:3: id '7' again (first on line 1)"), err
         assert not os.path.isfile(os.path.join(out, "manifest.json"))
@@ -275,11 +379,18 @@ def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
         tensors[name][tiny_vocab().index("blue")] = np.nan
     save_file(tensors, path)
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (
-        ("p-ice", "why does ice float"), ("p-blue", "why is the sky blue"), ("p-cat", "the cat and bread"))))
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t}) + "\n"
+            for i, t in (
+                ("p-ice", "why does ice float"),
+                ("p-blue", "why is the sky blue"),
+                ("p-cat", "the cat and bread"),
+            )
+        )
+    )
     out = str(tmp_path / "out")
-    assert cli.main(["embed", model, str(corpus), out, "--kind", "passages", "--id-field", "id",
-                     "--no-progress"]) == 2
+    assert cli.main(["embed", model, str(corpus), out, "--kind", "passages", "--id-field", "id", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"retribert-jax embed: error: {out}: the model gave "), err
     assert "NaN or infinite embeddings" in err and '"p-blue"' in err, err
@@ -314,8 +425,22 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
     path = tmp_path / "big.txt"
     path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     out = str(tmp_path / "out")
-    argv = [sys.executable, "-m", "retribert_jax.cli", "embed", model_dir, str(path), out, "--kind", "passages",
-            "--shard-size", "3000", "--batch-size", "16", "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "retribert_jax.cli",
+        "embed",
+        model_dir,
+        str(path),
+        out,
+        "--kind",
+        "passages",
+        "--shard-size",
+        "3000",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -330,9 +455,11 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
         f"retribert-jax embed: interrupted; {out} keeps {kept} passages embedded (0 whole shards, the rest in pieces "
-        "of 1024); rerunning the same job resumes from there"), err
-    r = run_cli(model_dir, str(path), out, "--kind", "passages", "--shard-size", "3000", "--batch-size", "16",
-                "--no-progress")
+        "of 1024); rerunning the same job resumes from there"
+    ), err
+    r = run_cli(
+        model_dir, str(path), out, "--kind", "passages", "--shard-size", "3000", "--batch-size", "16", "--no-progress"
+    )
     assert r.returncode == 0 and f"embedded {3000 - kept} passages" in r.stderr, r.stderr
     assert f"{kept} kept from an earlier run" in r.stderr, r.stderr
     assert load_all(out)[0]["count"] == 3000 and not [n for n in os.listdir(out) if n.startswith(".")]
@@ -340,8 +467,9 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
 
 def test_errors_are_not_drawn_into_the_progress_bar(model_dir, tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(20, seed=2)) + "{oops\n",
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in random_texts(20, seed=2)) + "{oops\n", encoding="utf-8"
+    )
     r = run_cli(model_dir, str(path), str(tmp_path / "out"), "--kind", "passages", "--shard-size", "10")
     assert r.returncode == 2, r.stderr
     last = r.stderr.rstrip("\n").split("\n")[-1]
@@ -354,19 +482,59 @@ def test_compute_settings_are_recorded_and_the_weights_checked(model_dir, corpus
     architecture but other weights is refused."""
     _, path = corpus
     out = str(tmp_path / "out")
-    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid", "--dtype",
-                "bfloat16", "--precision", "highest", "--no-progress")
+    r = run_cli(
+        model_dir,
+        path,
+        out,
+        "--kind",
+        "passages",
+        "--text-field",
+        "body",
+        "--id-field",
+        "pid",
+        "--dtype",
+        "bfloat16",
+        "--precision",
+        "highest",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     manifest = load_all(out)[0]
     assert (manifest["compute_dtype"], manifest["precision"]) == ("bfloat16", "highest"), manifest
-    r = run_cli(model_dir, path, out, "--kind", "passages", "--text-field", "body", "--id-field", "pid",
-                "--compute-dtype", "float32", "--precision", "highest", "--no-progress")
+    r = run_cli(
+        model_dir,
+        path,
+        out,
+        "--kind",
+        "passages",
+        "--text-field",
+        "body",
+        "--id-field",
+        "pid",
+        "--compute-dtype",
+        "float32",
+        "--precision",
+        "highest",
+        "--no-progress",
+    )
     assert r.returncode == 2 and "compute_dtype: 'bfloat16' there, 'float32' now" in r.stderr, r.stderr
     other = tiny_model_dir(str(tmp_path / "tuned"), seed=1)
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", out, other, "why"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "search", out, other, "why"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "this model's weights differ" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", out, model_dir, "why", "-k", "2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "search", out, model_dir, "why", "-k", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "  p" in r.stdout and '"p' not in r.stdout, r.stdout + r.stderr

@@ -38,8 +38,9 @@ class Interrupting:
 
 
 def visible(directory) -> dict[str, bytes]:
-    return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory))
-            if not n.startswith(".")}
+    return {
+        n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory)) if not n.startswith(".")
+    }
 
 
 def test_interrupted_job_keeps_its_pieces_and_resumes_to_the_same_bytes(encoder, tmp_path):
@@ -53,8 +54,9 @@ def test_interrupted_job_keeps_its_pieces_and_resumes_to_the_same_bytes(encoder,
         embed_corpus(Interrupting(encoder, 6), records, out, **options)
     assert f"{out} keeps 130 passages embedded (1 whole shards, the rest in pieces of 30)" in str(e.value)
     assert "rerunning the same job resumes" in str(e.value)
-    assert sorted(n for n in os.listdir(out) if n.startswith(".piece-")) == [
-        ".piece-00001-000000000-000000030.npz"], os.listdir(out)
+    assert sorted(n for n in os.listdir(out) if n.startswith(".piece-")) == [".piece-00001-000000000-000000030.npz"], (
+        os.listdir(out)
+    )
     resumed = embed_corpus(encoder, records, out, **options)
     assert (resumed.resumed, resumed.embedded) == (130, 100), "the kept shard and piece were embedded again"
     assert visible(out) == visible(str(tmp_path / "fresh")), "resumed output differs from an uninterrupted run"
@@ -75,11 +77,15 @@ def test_a_run_that_finished_nothing_is_no_obstacle_and_overwrite_replaces(encod
         embed_corpus(encoder, failing(), out, source={"text_field": "body"})
     assert os.path.isfile(os.path.join(out, embedding_dir.RUN_SETTINGS))
     embed_corpus(encoder, records, out, source={"text_field": "text"}, shard_size=20)  # not refused
-    with pytest.raises(ValueError, match=r"holds embeddings made with other settings \(max_length: 128 there, 64 "
-                                         r"now\); use another OUT or pass --overwrite"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds embeddings made with other settings \(max_length: 128 there, 64 "
+        r"now\); use another OUT or pass --overwrite",
+    ):
         embed_corpus(encoder, records, out, source={"text_field": "text"}, shard_size=20, max_length=64)
-    result = embed_corpus(encoder, records, out, source={"text_field": "text"}, shard_size=20, max_length=64,
-                          overwrite=True)
+    result = embed_corpus(
+        encoder, records, out, source={"text_field": "text"}, shard_size=20, max_length=64, overwrite=True
+    )
     assert result.embedded == 40 and embedding_dir.read_manifest(out)["max_length"] == 64
     # An unfinished run that did finish a shard is work: other settings are refused, not discarded.
     with pytest.raises(KeyboardInterrupt):
@@ -130,5 +136,6 @@ def test_fingerprint_ignores_how_the_model_runs_and_where_it_is_stored(encoder, 
     assert weights_fingerprint(RetriBertModel.from_pretrained(saved)) == weights_fingerprint(encoder.model)
     half = str(tmp_path / "half")
     encoder.model.save_pretrained(half, format="safetensors", dtype="float16")
-    assert weights_fingerprint(RetriBertModel.from_pretrained(half)) != weights_fingerprint(encoder.model), \
+    assert weights_fingerprint(RetriBertModel.from_pretrained(half)) != weights_fingerprint(encoder.model), (
         "weights rounded to float16 are other weights"
+    )

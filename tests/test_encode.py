@@ -92,12 +92,14 @@ def test_left_truncation_matches_hf_pytorch(hf_and_dir, tmp_path):
     encoder = Encoder(RetriBertModel.from_pretrained(str(left)), RetriBertTokenizer.from_pretrained(str(left)))
     texts = random_texts(10, seed=5, max_words=80)
     batch = hf_tok(texts, max_length=24, truncation=True, padding=True, return_tensors="pt")
-    assert encoder.tokenize(texts, 24) == [[t for t, m in zip(ids, mask, strict=True) if m] for ids, mask in
-                                           zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
-                                               strict=True)]
+    assert encoder.tokenize(texts, 24) == [
+        [t for t, m in zip(ids, mask, strict=True) if m]
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True)
+    ]
     with torch.no_grad():
-        want = ref.project_doc(ref.embed_sentences_checkpointed(batch["input_ids"], batch["attention_mask"],
-                                                                ref.bert_doc)).numpy()
+        want = ref.project_doc(
+            ref.embed_sentences_checkpointed(batch["input_ids"], batch["attention_mask"], ref.bert_doc)
+        ).numpy()
     got = encoder.encode_passages(texts, batch_size=4, max_length=24)
     diff = np.abs(got - want).max()
     assert diff <= TOL, f"left-truncated passages: Encoder vs HF PyTorch differ by {diff:.3g}"
@@ -129,8 +131,11 @@ def test_short_jobs_compile_the_untrimmed_program(hf_and_dir):
     cost = CompileCost(compile_seconds=1.0, flops_per_second=1e11, trim_seconds=0.3)
     enc = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), compile_cost=cost)
     cfg = enc.config
-    saved_per_call = 2 * (32 - texts_per_row(32)) * (4 * cfg.hidden_size ** 2 + 4 * cfg.hidden_size
-                                                     * cfg.intermediate_size + 4 * 32 * cfg.hidden_size)
+    saved_per_call = (
+        2
+        * (32 - texts_per_row(32))
+        * (4 * cfg.hidden_size**2 + 4 * cfg.hidden_size * cfg.intermediate_size + 4 * 32 * cfg.hidden_size)
+    )
     calls = int(cost.trim_seconds * cost.flops_per_second / saved_per_call)  # the most calls that do not repay it
     assert enc._trim_last_layer("passages", 2, 32, calls) is False
     assert enc._trim_last_layer("passages", 2, 32, calls + 1) is True
@@ -235,19 +240,19 @@ def test_packed_rows_match_hf_pytorch_text_by_text(hf_and_dir, encoder, kind):
         start = 0
         for j, i in enumerate(row):
             n = len(ids[i])
-            input_ids[r, start:start + n], mask[r, start:start + n] = ids[i], 1
-            positions[r, start:start + n], cls_index[r, j] = np.arange(n), start
+            input_ids[r, start : start + n], mask[r, start : start + n] = ids[i], 1
+            positions[r, start : start + n], cls_index[r, j] = np.arange(n), start
             start += n
     model = RetriBertModel.from_pretrained(d)
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(embed(graphdef, state, input_ids, mask, kind=kind, position_ids=positions,
-                               cls_index=cls_index))
+        got = np.asarray(
+            embed(graphdef, state, input_ids, mask, kind=kind, position_ids=positions, cls_index=cls_index)
+        )
         fn = model.embed_questions if kind == "questions" else model.embed_answers
-        chunked = np.asarray(fn(input_ids, mask, checkpoint_batch_size=1, position_ids=positions,
-                                cls_index=cls_index))
+        chunked = np.asarray(fn(input_ids, mask, checkpoint_batch_size=1, position_ids=positions, cls_index=cls_index))
     assert got.shape == (len(rows), texts_per_row(length), 16)
     encoder_pt = ref.bert_query if kind == "questions" else ref.bert_doc
     project = ref.project_query if kind == "questions" else ref.project_doc
@@ -260,7 +265,7 @@ def test_packed_rows_match_hf_pytorch_text_by_text(hf_and_dir, encoder, kind):
             assert diff <= TOL, f"{kind}: text {i} packed in row {r} slot {j} differs from HF by {diff:.3g}"
     used = np.zeros(cls_index.shape, bool)
     for r, row in enumerate(rows):
-        used[r, :len(row)] = True
+        used[r, : len(row)] = True
     assert np.abs(chunked[used] - got[used]).max() <= TOL, "checkpoint_batch_size changed packed embeddings"
 
 
@@ -321,8 +326,9 @@ def test_fitted_buckets_are_the_cheapest_subset(seed):
     cands = candidate_lengths(64)
     subsets = [b for r in range(1, len(cands) + 1) for b in itertools.combinations(cands, r) if b[-1] >= max(longest)]
     best = min(_job_seconds(b, longest, 8, flops, cost, compiled) for b in subsets)
-    assert abs(_job_seconds(got, longest, 8, flops, cost, compiled) - best) <= 1e-9 * best, \
+    assert abs(_job_seconds(got, longest, 8, flops, cost, compiled) - best) <= 1e-9 * best, (
         f"fit_buckets chose {got} ({_job_seconds(got, longest, 8, flops, cost, compiled):.4f} s), best {best:.4f} s"
+    )
     assert got == tuple(sorted(got)) and all(n <= got[-1] for n in longest)
 
 
@@ -408,12 +414,31 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
     from retribert_jax.minilm import minilm_dir
 
     rng = np.random.default_rng(0)
-    words = ["the", "sky's", "blue", "naïve", "CAFÉ", "über", "東京", "x\u0301y", "a-b", "don't", "42.5%", "résumé",
-             "supercalifragilisticexpialidocious", "\u00a0", "(", ")"]
+    words = [
+        "the",
+        "sky's",
+        "blue",
+        "naïve",
+        "CAFÉ",
+        "über",
+        "東京",
+        "x\u0301y",
+        "a-b",
+        "don't",
+        "42.5%",
+        "résumé",
+        "supercalifragilisticexpialidocious",
+        "\u00a0",
+        "(",
+        ")",
+    ]
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(300, 3000, size=20)]
-    texts += ["\u200b " * 400 + " ".join(words * 20),  # 400 'words' that normalise to nothing come first
-              "\x07\t" * 600 + "why is the sky blue " * 50,  # control characters between tabs
-              "short text", ""]
+    texts += [
+        "\u200b " * 400 + " ".join(words * 20),  # 400 'words' that normalise to nothing come first
+        "\x07\t" * 600 + "why is the sky blue " * 50,  # control characters between tabs
+        "short text",
+        "",
+    ]
     from retribert_jax.modeling import init_model
 
     d = minilm_dir()

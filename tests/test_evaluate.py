@@ -80,8 +80,13 @@ def test_measures_equal_trec_eval_definitions():
         # no qrels: not counted
         "unjudged": hits_of(("d1", 1.0)),
     }
-    qrels = {"graded": {"d1": 2, "d2": 1, "d3": 0, "7": 3, "d4": 1}, "late": {"rel": 1, "x1": 0},
-             "ties": {"a": 1, "c": 0}, "nonrel": {"n1": 0}, "absent": {"d1": 1}}
+    qrels = {
+        "graded": {"d1": 2, "d2": 1, "d3": 0, "7": 3, "d4": 1},
+        "late": {"rel": 1, "x1": 0},
+        "ties": {"a": 1, "c": 0},
+        "nonrel": {"n1": 0},
+        "absent": {"d1": 1},
+    }
     names = ["R@1", "R@3", "R@5", "R@10", "R@100", "RR@10", "nDCG@3", "nDCG@10"]
     aggregate, per_query = compute_metrics(run, qrels, names)
     judged = ["graded", "late", "ties", "nonrel"]
@@ -94,8 +99,9 @@ def test_measures_equal_trec_eval_definitions():
     for q in judged:
         for name in names:
             got = per_query[q][name]
-            assert abs(got - want[q][name]) < 1e-9, f"query {q!r} {name}: ir-measures {got} != definition " \
-                                                    f"{want[q][name]}"
+            assert abs(got - want[q][name]) < 1e-9, (
+                f"query {q!r} {name}: ir-measures {got} != definition {want[q][name]}"
+            )
     for name in names:
         mean = sum(want[q][name] for q in judged) / len(judged)
         assert abs(aggregate[name] - mean) < 1e-9, f"{name}: aggregate {aggregate[name]} != mean {mean}"
@@ -105,11 +111,16 @@ def test_empty_judgment_sets_are_skipped_as_pytrec_eval_does():
     """A query mapped to no judgments (what dropping relevance-0 lines leaves) is not scored; one whose judgments are
     all 0 is scored 0. Expected values: pytrec_eval averaged over the queries it returns, as BEIR averages."""
     pytrec_eval = pytest.importorskip("pytrec_eval")
-    run = {"q1": hits_of(("d1", 0.9), ("x", 0.5)), "q2": hits_of(("d2", 0.9)),
-           "q3": hits_of(("x", 0.9), ("d3", 0.5)), "q4": hits_of(("n", 0.9))}
+    run = {
+        "q1": hits_of(("d1", 0.9), ("x", 0.5)),
+        "q2": hits_of(("d2", 0.9)),
+        "q3": hits_of(("x", 0.9), ("d3", 0.5)),
+        "q4": hits_of(("n", 0.9)),
+    }
     qrels = {"q1": {"d1": 1}, "q2": {}, "q3": {"d3": 1, "d9": 1}, "q4": {"n": 0}}
     theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
-        {q: {str(h.id): h.score for h in hits} for q, hits in run.items()})
+        {q: {str(h.id): h.score for h in hits} for q, hits in run.items()}
+    )
     aggregate, per_query = compute_metrics(run, qrels, ["R@5", "nDCG@10"])
     assert sorted(per_query) == sorted(theirs) == ["q1", "q3", "q4"], "q2 is skipped, q4 (all zeros) is judged"
     for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
@@ -161,24 +172,32 @@ def test_byte_order_mark_and_crlf_are_not_data(tmp_path):
     for q in irm.read_trec_qrels(clean):
         want.setdefault(q.query_id, {})[q.doc_id] = q.relevance
     assert read_qrels(write(tmp_path / "bom.txt", bom + trec)) == want
-    beir = bom + "query-id\tcorpus-id\tscore\r\n" + "".join(
-        "\t".join(ln.split()[i] for i in (0, 2, 3)) + "\r\n" for ln in trec.splitlines())
+    beir = (
+        bom
+        + "query-id\tcorpus-id\tscore\r\n"
+        + "".join("\t".join(ln.split()[i] for i in (0, 2, 3)) + "\r\n" for ln in trec.splitlines())
+    )
     assert read_qrels(write(tmp_path / "bom.tsv", beir)) == want
     queries = {"q1": "why is the sky blue", "q2": "does ice float"}
-    files = {"beir.jsonl": "".join(json.dumps({"_id": q, "text": t}) + "\r\n" for q, t in queries.items()),
-             "header.tsv": "qid\tquery\r\n" + "".join(f"{q}\t{t}\r\n" for q, t in queries.items()),
-             "plain.tsv": "".join(f"{q}\t{t}\r\n" for q, t in queries.items())}
+    files = {
+        "beir.jsonl": "".join(json.dumps({"_id": q, "text": t}) + "\r\n" for q, t in queries.items()),
+        "header.tsv": "qid\tquery\r\n" + "".join(f"{q}\t{t}\r\n" for q, t in queries.items()),
+        "plain.tsv": "".join(f"{q}\t{t}\r\n" for q, t in queries.items()),
+    }
     for name, text in files.items():
         assert read_queries(write(tmp_path / name, bom + text)) == queries, name
 
 
-@pytest.mark.parametrize("name,text,message", [
-    ("qrels.txt", "q1 0 d1 1\nq1 d2 1\n", r"qrels.txt:2: 3 fields, expected 4"),
-    ("qrels.txt", "q1 0 d1 yes\n", r"qrels.txt:1: relevance 'yes' is not an integer"),
-    ("qrels.txt", "q1 0 d1 1\nq2 0 d1 1\nq1 0 d1 2\n", r"qrels.txt:3: .*judged again \(first on line 1\)"),
-    ("qrels.tsv", "query-id\tcorpus-id\tscore\nq1\td1\n", r"qrels.tsv:2: 2 tab-separated fields, expected 3"),
-    ("qrels.txt", "\n\n", r"no judgments"),
-])
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("qrels.txt", "q1 0 d1 1\nq1 d2 1\n", r"qrels.txt:2: 3 fields, expected 4"),
+        ("qrels.txt", "q1 0 d1 yes\n", r"qrels.txt:1: relevance 'yes' is not an integer"),
+        ("qrels.txt", "q1 0 d1 1\nq2 0 d1 1\nq1 0 d1 2\n", r"qrels.txt:3: .*judged again \(first on line 1\)"),
+        ("qrels.tsv", "query-id\tcorpus-id\tscore\nq1\td1\n", r"qrels.tsv:2: 2 tab-separated fields, expected 3"),
+        ("qrels.txt", "\n\n", r"no judgments"),
+    ],
+)
 def test_qrels_errors_name_file_and_line(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=message):
         read_qrels(write(tmp_path / name, text))
@@ -189,7 +208,7 @@ def test_queries_formats(tmp_path):
     files = {
         "id.jsonl": '{"id": 1, "text": "why is the sky blue"}\n{"id": "q2", "text": "does ice float"}\n',
         "beir.jsonl": '{"_id": "1", "text": "why is the sky blue", "metadata": {}}\n'
-                      '{"_id": "q2", "text": "does ice float"}\n',
+        '{"_id": "q2", "text": "does ice float"}\n',
         "header.tsv": "qid\tquery\n1\twhy is the sky blue\nq2\tdoes ice float\n",
         "plain.tsv": "1\twhy is the sky blue\nq2\tdoes ice float\n\n",
         "sniffed.queries": '{"id": 1, "text": "why is the sky blue"}\n{"id": "q2", "text": "does ice float"}\n',
@@ -198,12 +217,18 @@ def test_queries_formats(tmp_path):
         assert read_queries(write(tmp_path / name, text)) == want, name
 
 
-@pytest.mark.parametrize("name,text,message", [
-    ("q.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n',
-     r"q.jsonl:3: query id 'a' again \(first on line 1\)"),
-    ("q.tsv", "a\tx\nb y\n", r"q.tsv:2: expected 'id<TAB>text', got no tab"),
-    ("q.jsonl", '{"id": "a", "text": "x"}\n{"id": "b"}\n', r"q.jsonl:2: missing text field 'text'"),
-])
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        (
+            "q.jsonl",
+            '{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n',
+            r"q.jsonl:3: query id 'a' again \(first on line 1\)",
+        ),
+        ("q.tsv", "a\tx\nb y\n", r"q.tsv:2: expected 'id<TAB>text', got no tab"),
+        ("q.jsonl", '{"id": "a", "text": "x"}\n{"id": "b"}\n', r"q.jsonl:2: missing text field 'text'"),
+    ],
+)
 def test_queries_errors_name_file_and_line(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=message):
         read_queries(write(tmp_path / name, text))
@@ -214,8 +239,11 @@ def test_run_file_round_trips(tmp_path):
     path = str(tmp_path / "run.txt")
     write_trec_run(path, run, tag="mine")
     back = list(irm.read_trec_run(path))
-    assert back == [irm.ScoredDoc("q1", "d1", 0.1 + 0.2), irm.ScoredDoc("q1", "3", -1.5e-7),
-                    irm.ScoredDoc("q2", "d2", 1 / 3)], "scores are written so that they read back exactly"
+    assert back == [
+        irm.ScoredDoc("q1", "d1", 0.1 + 0.2),
+        irm.ScoredDoc("q1", "3", -1.5e-7),
+        irm.ScoredDoc("q2", "d2", 1 / 3),
+    ], "scores are written so that they read back exactly"
     assert [ln.split()[3] for ln in open(path)] == ["1", "2", "1"]
     with pytest.raises(ValueError, match="holds whitespace"):
         write_trec_run(path, {"q1": hits_of(("doc one", 1.0))})
@@ -233,21 +261,59 @@ def tiny_index(tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     index_dir = str(root / "index")
-    assert cli.main(["embed", model_dir, str(corpus), index_dir, "--kind", "passages", "--id-field", "id",
-                     "--store-text", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                model_dir,
+                str(corpus),
+                index_dir,
+                "--kind",
+                "passages",
+                "--id-field",
+                "id",
+                "--store-text",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return model_dir, index_dir, texts
 
 
 def test_end_to_end_equals_ir_measures_on_the_run_file(tiny_index, tmp_path, capsys):
     model_dir, index_dir, texts = tiny_index
-    queries = write(tmp_path / "queries.jsonl", "".join(
-        json.dumps({"_id": f"q{i}", "text": " ".join(texts[3 * i].split()[:6])}) + "\n" for i in range(8)))
+    queries = write(
+        tmp_path / "queries.jsonl",
+        "".join(json.dumps({"_id": f"q{i}", "text": " ".join(texts[3 * i].split()[:6])}) + "\n" for i in range(8)),
+    )
     # Graded judgments for q0..q6; q7 has none and is skipped.
     lines = [f"q{i} 0 p{(3 * i + j) % 48} {rel}" for i in range(7) for j, rel in enumerate((2, 1, 0, 1))]
     qrels = write(tmp_path / "qrels.txt", "\n".join(lines) + "\n")
     out, run_file = str(tmp_path / "metrics.json"), str(tmp_path / "run.txt")
-    rc = cli.main(["evaluate", index_dir, model_dir, queries, qrels, "-k", "20", "--metrics", "R@1", "R@5", "R@10",
-                   "RR@10", "nDCG@10", "AP", "--output", out, "--run-file", run_file, "--no-progress"])
+    rc = cli.main(
+        [
+            "evaluate",
+            index_dir,
+            model_dir,
+            queries,
+            qrels,
+            "-k",
+            "20",
+            "--metrics",
+            "R@1",
+            "R@5",
+            "R@10",
+            "RR@10",
+            "nDCG@10",
+            "AP",
+            "--output",
+            out,
+            "--run-file",
+            run_file,
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     assert "7 queries with qrels evaluated" in printed and "1 queries without qrels skipped" in printed
@@ -259,15 +325,32 @@ def test_end_to_end_equals_ir_measures_on_the_run_file(tiny_index, tmp_path, cap
     measures = [irm.parse_measure(m) for m in report["metrics"]]
     theirs = irm.calc_aggregate(measures, irm.read_trec_qrels(qrels), run)
     for m in measures:
-        assert abs(report["metrics"][str(m)] - theirs[m]) < 1e-12, \
+        assert abs(report["metrics"][str(m)] - theirs[m]) < 1e-12, (
             f"{m}: ours {report['metrics'][str(m)]} != ir-measures on the run file {theirs[m]}"
+        )
     assert report["num_queries"] == 7 and report["skipped_queries"] == 1 and report["depth"] == 20
 
     # The same qrels as BEIR's TSV give the same numbers.
-    beir = write(tmp_path / "qrels.tsv", "query-id\tcorpus-id\tscore\n" + "".join(
-        "\t".join(ln.split()[i] for i in (0, 2, 3)) + "\n" for ln in lines))
-    rc = cli.main(["evaluate", index_dir, model_dir, queries, beir, "-k", "20", "--metrics", *report["metrics"],
-                   "--output", str(tmp_path / "beir.json"), "--no-progress"])
+    beir = write(
+        tmp_path / "qrels.tsv",
+        "query-id\tcorpus-id\tscore\n" + "".join("\t".join(ln.split()[i] for i in (0, 2, 3)) + "\n" for ln in lines),
+    )
+    rc = cli.main(
+        [
+            "evaluate",
+            index_dir,
+            model_dir,
+            queries,
+            beir,
+            "-k",
+            "20",
+            "--metrics",
+            *report["metrics"],
+            "--output",
+            str(tmp_path / "beir.json"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert json.loads(open(tmp_path / "beir.json").read())["metrics"] == report["metrics"]
 
@@ -277,8 +360,9 @@ def tiny_encoder(tiny_index):
     from retribert_jax import Encoder, Index, RetriBertModel, RetriBertTokenizer
 
     model_dir, index_dir, _ = tiny_index
-    return Index(index_dir), Encoder(RetriBertModel.from_pretrained(model_dir),
-                                     RetriBertTokenizer.from_pretrained(model_dir))
+    return Index(index_dir), Encoder(
+        RetriBertModel.from_pretrained(model_dir), RetriBertTokenizer.from_pretrained(model_dir)
+    )
 
 
 def test_evaluate_skips_queries_with_empty_judgments(tiny_index, tiny_encoder):
@@ -292,7 +376,8 @@ def test_evaluate_skips_queries_with_empty_judgments(tiny_index, tiny_encoder):
     result = evaluate(index, encoder, queries, qrels, depth=10, metrics=["R@5", "nDCG@10"])
     assert result.skipped_queries == ["q1"] and list(result.run) == ["q0", "q2", "q3"]
     theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(
-        {q: {str(h.id): h.score for h in hits} for q, hits in result.run.items()})
+        {q: {str(h.id): h.score for h in hits} for q, hits in result.run.items()}
+    )
     assert sorted(theirs) == ["q0", "q2", "q3"]
     for ours, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
         want = sum(v[key] for v in theirs.values()) / len(theirs)
@@ -313,8 +398,10 @@ def test_qrels_ids_not_in_the_index_are_counted_and_none_is_refused(tiny_index, 
     assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress"]) == 0
     assert "3 queries with qrels evaluated" in capsys.readouterr().out
     out = tmp_path / "m.json"
-    assert cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress", "--output",
-                     str(out)]) == 0
+    assert (
+        cli.main(["evaluate", index_dir, model_dir, queries, some, "-k", "5", "--no-progress", "--output", str(out)])
+        == 0
+    )
     assert "2 of their 4 judged documents in the index" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert (report["judged_documents"], report["judged_documents_in_index"]) == (4, 2)
@@ -331,8 +418,7 @@ def test_an_index_with_a_repeated_id_is_refused_at_every_depth(tiny_encoder, tmp
     _, encoder = tiny_encoder
     cfg = encoder.config
     emb = np.random.default_rng(0).standard_normal((6, cfg.projection_dim)).astype(np.float32)
-    d = write_index(tmp_path / "dup", emb, 4, ids=["d0", 1, "d2", "1", "d4", "d5"],
-                    config_hash=cfg.architecture_hash())
+    d = write_index(tmp_path / "dup", emb, 4, ids=["d0", 1, "d2", "1", "d4", "d5"], config_hash=cfg.architecture_hash())
     for depth in (1, 5):
         with pytest.raises(ValueError, match=r"dup: id '1' is on rows 1 and 3"):
             evaluate(Index(d), encoder, {"q": "why"}, {"q": {"d0": 1}}, depth=depth, metrics=["R@1"])
@@ -359,33 +445,34 @@ def test_ignore_identical_ids_follows_beir(tiny_index, tiny_encoder, tmp_path, c
     scores = q @ docs.T
     beir, identical = {}, 0
     for qid, row in zip(queries, scores, strict=True):
-        top = np.argsort(-row, kind="stable")[:depth + 1]
+        top = np.argsort(-row, kind="stable")[: depth + 1]
         identical += qid in [ids[r] for r in top[:depth]]
         beir[qid] = {ids[r]: float(row[r]) for r in top if ids[r] != qid}
         beir[qid] = dict(sorted(beir[qid].items(), key=lambda kv: -kv[1])[:depth])
     assert all(qid not in beir[qid] for qid in beir) and all(len(v) == depth for v in beir.values())
     theirs = pytrec_eval.RelevanceEvaluator(qrels, {"recall.5", "ndcg_cut.10"}).evaluate(beir)
 
-    ours = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"],
-                    ignore_identical_ids=True)
-    assert {qid: [str(h.id) for h in hits] for qid, hits in ours.run.items()} == \
-        {qid: list(v) for qid, v in beir.items()}, "the run differs from BEIR's"
+    ours = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"], ignore_identical_ids=True)
+    assert {qid: [str(h.id) for h in hits] for qid, hits in ours.run.items()} == {
+        qid: list(v) for qid, v in beir.items()
+    }, "the run differs from BEIR's"
     for name, key in (("R@5", "recall_5"), ("nDCG@10", "ndcg_cut_10")):
         want = sum(v[key] for v in theirs.values()) / len(theirs)
         assert abs(ours.metrics[name] - want) < 1e-12, f"{name}: ours {ours.metrics[name]}, BEIR's rule {want}"
     assert identical >= 1, "the case must bite: some query retrieves itself within the depth"
     assert ours.identical_ids == identical
     kept = evaluate(index, encoder, queries, qrels, depth=depth, metrics=["R@5", "nDCG@10"])
-    assert sum(qid in [str(h.id) for h in hits] for qid, hits in kept.run.items()) == identical, \
+    assert sum(qid in [str(h.id) for h in hits] for qid, hits in kept.run.items()) == identical, (
         "by default (trec_eval's rule) the hit is kept"
+    )
     assert kept.identical_ids == identical and kept.metrics["nDCG@10"] != ours.metrics["nDCG@10"]
 
     qfile = write(tmp_path / "q.tsv", "".join(f"{k}\t{v}\n" for k, v in queries.items()))
-    qrels_file = write(tmp_path / "qrels.txt", "".join(f"{k} 0 {d} {r}\n" for k, v in qrels.items()
-                                                       for d, r in v.items()))
+    qrels_file = write(
+        tmp_path / "qrels.txt", "".join(f"{k} 0 {d} {r}\n" for k, v in qrels.items() for d, r in v.items())
+    )
     for flag, word in (([], "kept; BEIR drops them"), (["--ignore-identical-ids"], "dropped")):
-        assert cli.main(["evaluate", index_dir, model_dir, qfile, qrels_file, "-k", "10", "--no-progress",
-                         *flag]) == 0
+        assert cli.main(["evaluate", index_dir, model_dir, qfile, qrels_file, "-k", "10", "--no-progress", *flag]) == 0
         assert f"{identical} queries retrieved a document under their own id: {word}" in capsys.readouterr().out
 
 

@@ -11,9 +11,11 @@ import pytest
 from retribert_jax.corpus import read_corpus, with_title
 from retribert_jax.pairs import Pair, PairFields, read_pair_rows, read_pairs
 
-ROWS = [{"_id": "d1", "title": "Sky", "text": "Air scatters blue light, more than red."},
-        {"_id": "d2", "title": "", "text": "  Yeast makes \"bread\" rise.\n(Ferments sugars.)"},
-        {"_id": "d3", "title": "Ice", "text": "Ice floats, being less dense."}]
+ROWS = [
+    {"_id": "d1", "title": "Sky", "text": "Air scatters blue light, more than red."},
+    {"_id": "d2", "title": "", "text": '  Yeast makes "bread" rise.\n(Ferments sugars.)'},
+    {"_id": "d3", "title": "Ice", "text": "Ice floats, being less dense."},
+]
 
 
 def beir_text(row: dict) -> str:
@@ -74,19 +76,47 @@ def test_embed_reads_csv_and_beir_titles(tmp_path):
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "idx"
-    assert cli.main(["embed", model, str(path), str(out), "--kind", "passages", "--id-field", "_id", "--store-text",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                model,
+                str(path),
+                str(out),
+                "--kind",
+                "passages",
+                "--id-field",
+                "_id",
+                "--store-text",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     texts = [json.loads(line) for line in open(out / "texts-00000.jsonl", encoding="utf-8")]
     assert texts == [beir_text(r) for r in rows]
     assert np.load(out / "embeddings-00000.npy").shape[0] == 6
 
 
-TEVATRON = [{"query_id": "1", "query": "why is the sky blue",
-             "positive_passages": [{"docid": "d1", "title": "Sky", "text": "air scatters blue"}],
-             "negative_passages": [{"docid": "d2", "title": "", "text": "bread rises"},
-                                   {"docid": "d3", "title": "Ice", "text": "ice floats"}]}]
-SENTENCE_TRANSFORMERS = [{"anchor": "why is the sky blue", "positive": "air scatters blue",
-                          "negative_1": "bread rises", "negative_2": "ice floats"}]
+TEVATRON = [
+    {
+        "query_id": "1",
+        "query": "why is the sky blue",
+        "positive_passages": [{"docid": "d1", "title": "Sky", "text": "air scatters blue"}],
+        "negative_passages": [
+            {"docid": "d2", "title": "", "text": "bread rises"},
+            {"docid": "d3", "title": "Ice", "text": "ice floats"},
+        ],
+    }
+]
+SENTENCE_TRANSFORMERS = [
+    {
+        "anchor": "why is the sky blue",
+        "positive": "air scatters blue",
+        "negative_1": "bread rises",
+        "negative_2": "ice floats",
+    }
+]
 WANT = [Pair("why is the sky blue", "Sky air scatters blue", ("bread rises", "Ice ice floats"))]
 
 
@@ -111,8 +141,12 @@ def test_tevatron_pairs(tmp_path):
         path = _write(tmp_path / f"train.{fmt}", TEVATRON, fmt)
         assert read_pairs(path) == WANT, fmt
     rows = list(read_pair_rows(str(tmp_path / "train.jsonl")))
-    assert rows[0][1] == {"query_id": "1", "question": WANT[0].question, "answer": WANT[0].passage,
-                          "negatives": list(WANT[0].negatives)}, "other keys kept, the shape's own ones replaced"
+    assert rows[0][1] == {
+        "query_id": "1",
+        "question": WANT[0].question,
+        "answer": WANT[0].passage,
+        "negatives": list(WANT[0].negatives),
+    }, "other keys kept, the shape's own ones replaced"
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])
@@ -128,7 +162,8 @@ def test_pairs_by_named_fields(tmp_path):
     with pytest.raises(ValueError, match=r"qa.csv:2: no question and positive passage among the fields"):
         read_pairs(path)
     assert read_pairs(path, PairFields(question="title", positive="body")) == [
-        Pair("why is the sky blue", "air scatters blue")]
+        Pair("why is the sky blue", "air scatters blue")
+    ]
 
 
 def test_mine_and_train_take_the_field_options(tmp_path):
@@ -137,6 +172,17 @@ def test_mine_and_train_take_the_field_options(tmp_path):
 
     parser = cli.build_parser()
     for command in ("train", "mine"):
-        args = parser.parse_args([command, "a", "b", "c", *(["d"] if command == "mine" else []),
-                                  "--question-field", "title", "--positive-field", "body"])
+        args = parser.parse_args(
+            [
+                command,
+                "a",
+                "b",
+                "c",
+                *(["d"] if command == "mine" else []),
+                "--question-field",
+                "title",
+                "--positive-field",
+                "body",
+            ]
+        )
         assert (args.question_field, args.positive_field) == ("title", "body"), command

@@ -58,7 +58,7 @@ def test_no_import_cycle_among_module_level_imports():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [m, n]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [m, n]))
             if n not in state:
                 visit(n, stack + [m])
         state[m] = 2
@@ -93,18 +93,21 @@ SIDEWAYS = {
 
 def _reads_sys_modules(path: str) -> bool:
     tree = ast.parse(open(path, encoding="utf-8").read())
-    return any((isinstance(n, ast.Attribute) and n.attr == "modules" and isinstance(n.value, ast.Name)
-                and n.value.id == "sys")
-               or (isinstance(n, ast.ImportFrom) and n.module == "sys" and any(a.name == "modules" for a in n.names))
-               for n in ast.walk(tree))
+    return any(
+        (isinstance(n, ast.Attribute) and n.attr == "modules" and isinstance(n.value, ast.Name) and n.value.id == "sys")
+        or (isinstance(n, ast.ImportFrom) and n.module == "sys" and any(a.name == "modules" for a in n.names))
+        for n in ast.walk(tree)
+    )
 
 
 def _imports_package_face(path: str) -> bool:
     """Whether `path` imports from `retribert_jax` itself (its lazy face) rather than from one of its modules."""
     tree = ast.parse(open(path, encoding="utf-8").read())
-    return any((isinstance(n, ast.ImportFrom) and n.level == 0 and n.module == "retribert_jax")
-               or (isinstance(n, ast.Import) and any(a.name == "retribert_jax" for a in n.names))
-               for n in ast.walk(tree))
+    return any(
+        (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module == "retribert_jax")
+        or (isinstance(n, ast.Import) and any(a.name == "retribert_jax" for a in n.names))
+        for n in ast.walk(tree)
+    )
 
 
 def test_no_sideways_imports():
@@ -116,8 +119,11 @@ def test_no_sideways_imports():
     commands = sorted(m for m in mods if m.startswith("commands."))
     assert len(commands) >= 10, f"found only {commands}"
     for m in commands:
-        other = {n for n in _imports(mods[m], top_level_only=False)
-                 if n.startswith("commands.") and n not in (m, "commands.common")}
+        other = {
+            n
+            for n in _imports(mods[m], top_level_only=False)
+            if n.startswith("commands.") and n not in (m, "commands.common")
+        }
         assert not other, f"{m} imports {sorted(other)}; what commands share belongs in commands/common.py"
         assert not _imports_package_face(mods[m]), f"{m} imports from the package face; import the module"
     readers = sorted(m for m, path in mods.items() if _reads_sys_modules(path))
@@ -130,8 +136,9 @@ def test_package_face_only_re_exports():
 
     for name in retribert_jax.__all__:
         obj = getattr(retribert_jax, name)
-        assert obj.__module__.startswith("retribert_jax.") and obj.__module__ != "retribert_jax", \
+        assert obj.__module__.startswith("retribert_jax.") and obj.__module__ != "retribert_jax", (
             f"{name} is defined in __init__, not re-exported"
+        )
     tree = ast.parse(open(os.path.join(PACKAGE, "__init__.py"), encoding="utf-8").read())
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert defined <= {"__getattr__", "__dir__"}, f"__init__ defines {defined - {'__getattr__', '__dir__'}}"
@@ -153,10 +160,18 @@ def test_abstract_model_equals_nnx_eval_shape():
 
 def test_command_line_start_does_not_import_ipython(tmp_path):
     """flax.nnx probes for IPython at import; a command hides it (0.5 s a start) and leaves sys.modules clean."""
-    code = ("import sys; from retribert_jax import cli; "
-            f"sys.argv = ['retribert-jax', 'search', {str(tmp_path)!r}, 'model', 'q']; code = cli.main(); "
-            "import flax.nnx; print(code, 'flax.nnx' in sys.modules, 'IPython' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    code = (
+        "import sys; from retribert_jax import cli; "
+        f"sys.argv = ['retribert-jax', 'search', {str(tmp_path)!r}, 'model', 'q']; code = cli.main(); "
+        "import flax.nnx; print(code, 'flax.nnx' in sys.modules, 'IPython' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "True", "False"], f"exit code, flax loaded, IPython loaded: {out.stdout}"

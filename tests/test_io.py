@@ -68,10 +68,17 @@ def test_outputs_follow_the_umask(tmp_path, umask):
             f.write("{}")
     finally:
         os.umask(previous)
-    modes = {os.path.relpath(os.path.join(d, n), tmp_path): os.stat(os.path.join(d, n)).st_mode & 0o777
-             for d, dirs, files in os.walk(tmp_path) for n in dirs + files}
-    want = {"ckpt": 0o777 & ~umask, "ckpt/sub": 0o777 & ~umask, "ckpt/sub/model.safetensors": 0o666 & ~umask,
-            "one.json": 0o666 & ~umask}
+    modes = {
+        os.path.relpath(os.path.join(d, n), tmp_path): os.stat(os.path.join(d, n)).st_mode & 0o777
+        for d, dirs, files in os.walk(tmp_path)
+        for n in dirs + files
+    }
+    want = {
+        "ckpt": 0o777 & ~umask,
+        "ckpt/sub": 0o777 & ~umask,
+        "ckpt/sub/model.safetensors": 0o666 & ~umask,
+        "one.json": 0o666 & ~umask,
+    }
     assert {k: oct(v) for k, v in modes.items()} == {k: oct(v) for k, v in want.items()}
 
 
@@ -85,6 +92,10 @@ def test_saved_checkpoints_follow_the_umask(tmp_path):
             model.save_pretrained(str(tmp_path / fmt), format=fmt)
     finally:
         os.umask(previous)
-    private = [os.path.relpath(os.path.join(d, n), tmp_path) for d, dirs, files in os.walk(tmp_path)
-               for n in dirs + files if not os.stat(os.path.join(d, n)).st_mode & 0o044]
+    private = [
+        os.path.relpath(os.path.join(d, n), tmp_path)
+        for d, dirs, files in os.walk(tmp_path)
+        for n in dirs + files
+        if not os.stat(os.path.join(d, n)).st_mode & 0o044
+    ]
     assert not private, f"written unreadable to group and others under umask 022: {private}"

@@ -27,8 +27,17 @@ from tests.conftest import REPO
 PLATFORMS = ("cuda", "tpu")
 
 
-def lowered_text(cfg: RetriBertConfig, dtype, kind: str = "passages", rows: int = 16, length: int = 48,
-                 platforms=PLATFORMS, attention_impl: str = "xla", packed: bool = False, trim: bool = True) -> str:
+def lowered_text(
+    cfg: RetriBertConfig,
+    dtype,
+    kind: str = "passages",
+    rows: int = 16,
+    length: int = 48,
+    platforms=PLATFORMS,
+    attention_impl: str = "xla",
+    packed: bool = False,
+    trim: bool = True,
+) -> str:
     """The embedding program's StableHLO; `packed`: the Encoder's, with position_ids and cls_index (6 texts a row);
     `trim`: the last layer on the [CLS] rows alone (False: on every row, what the Encoder compiles for short jobs)."""
     run = RunConfig(dtype=dtype, attention_impl=attention_impl, trim_last_layer=trim)
@@ -67,8 +76,9 @@ def test_bf16_program_multiplies_in_bf16_and_scores_in_f32(kind):
 def test_untrimmed_program_is_one_loop_with_bf16_matmuls_and_f32_scores():
     """The program a short job compiles (every layer in the scan, no layer index without dropout) lowers for CUDA and
     TPU with the same precision split, and stays one scanned body whatever the depth."""
-    small, deep = (lowered_text(RetriBertConfig.tiny(num_hidden_layers=n), jnp.bfloat16, packed=True, trim=False)
-                   for n in (2, 6))
+    small, deep = (
+        lowered_text(RetriBertConfig.tiny(num_hidden_layers=n), jnp.bfloat16, packed=True, trim=False) for n in (2, 6)
+    )
     found = dots(small)
     assert [d for d in found if d[0] != ["bf16", "bf16"]] == [], found
     assert len([d for d in found if d[1] == "f32"]) == 2, f"expected only the scanned QK^T and PV in f32: {found}"
@@ -111,8 +121,13 @@ def test_cudnn_attention_lowers_to_the_fused_call(monkeypatch, packed):
     from jax._src.cudnn import fused_attention_stablehlo
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
-    text = lowered_text(RetriBertConfig.tiny(num_attention_heads=2), jnp.bfloat16, attention_impl="cudnn",
-                        platforms=("cuda",), packed=packed)
+    text = lowered_text(
+        RetriBertConfig.tiny(num_attention_heads=2),
+        jnp.bfloat16,
+        attention_impl="cudnn",
+        platforms=("cuda",),
+        packed=packed,
+    )
     fused = {c for c in custom_calls(text) if c.startswith("__cudnn$fmha")}
     assert fused, f"the cudnn branch did not lower to cuDNN's fused attention: {custom_calls(text)}"
 
@@ -183,8 +198,14 @@ print("OK")
 
 @pytest.mark.slow
 def test_shardings_over_eight_devices_for_cuda_and_tpu():
-    proc = subprocess.run([sys.executable, "-c", MULTI], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -208,8 +229,9 @@ def test_unrolled_stack_computes_the_same_and_lets_xla_count_every_layer():
     two, four = (cost(RetriBertConfig.tiny(num_hidden_layers=n), jnp.float32, 8, 32)["flops"] for n in (2, 4))
     d, f, length = cfg.hidden_size, cfg.intermediate_size, 32
     per_layer = 8 * length * (8 * d * d + 4 * d * f + 4 * length * d)  # 8 rows, matmul FLOPs of one full layer
-    assert 0.95 <= (four - two) / (2 * per_layer) <= 1.3, f"two more layers added {four - two:.3g} FLOPs, " \
-                                                            f"expected about {2 * per_layer:.3g}"
+    assert 0.95 <= (four - two) / (2 * per_layer) <= 1.3, (
+        f"two more layers added {four - two:.3g} FLOPs, expected about {2 * per_layer:.3g}"
+    )
 
 
 def test_programs_name_the_blocks_as_the_modules_do():

@@ -48,11 +48,31 @@ def setup(tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     index_dir = str(root / "index")
-    assert cli.main(["embed", model_dir, str(corpus), index_dir, "--kind", "passages", "--id-field", "id",
-                     "--store-text", "--normalize", "--shard-size", str(SHARD), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                model_dir,
+                str(corpus),
+                index_dir,
+                "--kind",
+                "passages",
+                "--id-field",
+                "id",
+                "--store-text",
+                "--normalize",
+                "--shard-size",
+                str(SHARD),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     encoder = Encoder(RetriBertModel.from_pretrained(model_dir), RetriBertTokenizer.from_pretrained(model_dir))
-    rows = [{"question": " ".join(texts[i].split()[:5]), "answer": texts[i], "pid": f"p{i}", "meta": {"i": i}}
-            for i in (0, 2, 5, 10, 17, 23, 31)]
+    rows = [
+        {"question": " ".join(texts[i].split()[:5]), "answer": texts[i], "pid": f"p{i}", "meta": {"i": i}}
+        for i in (0, 2, 5, 10, 17, 23, 31)
+    ]
     del rows[4]["pid"]  # recognised by text alone
     rows.append({"question": "why does bread rise", "answer": "not a passage of the corpus", "source": "extra"})
     return model_dir, index_dir, encoder, texts, rows
@@ -79,8 +99,9 @@ def brute_force(setup, cfg: MiningConfig) -> list[list[int]]:
     _, index_dir, encoder, _, rows = setup
     emb, ids, texts, manifest = load_index(index_dir)
     q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
-    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
-                                normalize=True).astype(np.float64)
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"], normalize=True).astype(
+        np.float64
+    )
     scores = q @ emb.astype(np.float64).T  # pairs x corpus
     out = []
     for i, row in enumerate(rows):
@@ -93,17 +114,19 @@ def brute_force(setup, cfg: MiningConfig) -> list[list[int]]:
             seen.add(norm(texts[r]))
             cands.append(int(r))
 
-        window = cands[cfg.range_min:cfg.window_end]
-        out.append([r for r in window if passes(cfg, scores[i, r], pos)][:cfg.num_negatives])
+        window = cands[cfg.range_min : cfg.window_end]
+        out.append([r for r in window if passes(cfg, scores[i, r], pos)][: cfg.num_negatives])
     return out
 
 
 def passes(cfg: MiningConfig, score: float, positive: float) -> bool:
     """sentence-transformers' inequalities: a candidate goes when any of them holds."""
-    return not ((cfg.absolute_margin is not None and score + cfg.absolute_margin > positive)
-                or (cfg.relative_margin is not None and score > positive * (1 - cfg.relative_margin))
-                or (cfg.max_score is not None and score > cfg.max_score)
-                or (cfg.min_score is not None and score < cfg.min_score))
+    return not (
+        (cfg.absolute_margin is not None and score + cfg.absolute_margin > positive)
+        or (cfg.relative_margin is not None and score > positive * (1 - cfg.relative_margin))
+        or (cfg.max_score is not None and score > cfg.max_score)
+        or (cfg.min_score is not None and score < cfg.min_score)
+    )
 
 
 def check_against_brute_force(setup, cfg: MiningConfig, mined) -> None:
@@ -113,8 +136,9 @@ def check_against_brute_force(setup, cfg: MiningConfig, mined) -> None:
     for i, (row, got) in enumerate(zip(rows, mined.rows, strict=True)):
         assert {k: got[k] for k in row} == row, f"pair {i}: input keys changed"
         want_texts = [texts[r] for r in want[i]]
-        assert [norm(t) for t in got["negatives"]] == [norm(t) for t in want_texts], \
+        assert [norm(t) for t in got["negatives"]] == [norm(t) for t in want_texts], (
             f"pair {i}: negatives {got['negative_ids']} != brute force {[ids[r] for r in want[i]]}"
+        )
         for t, id_ in zip(got["negatives"], got["negative_ids"], strict=True):
             # A passage stored twice (p10, p45, p46) is one negative, under whichever copy ranks first.
             assert texts[ids.index(id_)] == t and norm(t) != norm(row["answer"]), f"pair {i}: {id_} {t!r}"
@@ -136,21 +160,37 @@ def thresholds(setup) -> dict[str, float]:
     _, index_dir, encoder, _, rows = setup
     emb, _, _, manifest = load_index(index_dir)
     q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
-    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
-                                normalize=True).astype(np.float64)
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"], normalize=True).astype(
+        np.float64
+    )
     scores = q @ emb.astype(np.float64).T
     pos = np.einsum("np,np->n", q, p)
     top = np.sort(scores, axis=1)[:, ::-1][:, :12]
     flat = sorted(top.ravel())
     median = flat[len(flat) // 2]
-    return {"max_score": between(list(top.ravel()), median - 0.05, median + 0.05),
-            "min_score": between(list(top.ravel()), median - 0.05, median + 0.05),
-            "absolute_margin": between(list((pos[:, None] - top).ravel()), -0.1, 0.1),
-            "relative_margin": between(list((1 - top / pos[:, None]).ravel()), 0.0, 0.5)}
+    return {
+        "max_score": between(list(top.ravel()), median - 0.05, median + 0.05),
+        "min_score": between(list(top.ravel()), median - 0.05, median + 0.05),
+        "absolute_margin": between(list((pos[:, None] - top).ravel()), -0.1, 0.1),
+        "relative_margin": between(list((1 - top / pos[:, None]).ravel()), 0.0, 0.5),
+    }
 
 
-@pytest.mark.parametrize("case", ["default", "window", "window-short", "one", "max_score", "min_score",
-                                  "absolute_margin", "relative_margin", "by-text-only", "deeper-search"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "default",
+        "window",
+        "window-short",
+        "one",
+        "max_score",
+        "min_score",
+        "absolute_margin",
+        "relative_margin",
+        "by-text-only",
+        "deeper-search",
+    ],
+)
 def test_filters_equal_brute_force(setup, case, monkeypatch):
     model_dir, index_dir, encoder, texts, rows = setup
     kwargs = {"positive_id_field": "pid"}
@@ -172,8 +212,9 @@ def test_filters_equal_brute_force(setup, case, monkeypatch):
     mined = mine_hard_negatives(index, encoder, rows, **kwargs)
     check_against_brute_force(setup, cfg, mined)
     if case in mining.FILTERS:
-        unfiltered = mine_hard_negatives(index, encoder, rows, positive_id_field="pid", num_negatives=4,
-                                         range_max=cfg.window_end)
+        unfiltered = mine_hard_negatives(
+            index, encoder, rows, positive_id_field="pid", num_negatives=4, range_max=cfg.window_end
+        )
         assert mined.stats.skipped.get(case, 0) > 0, f"{case} dropped nothing: the test would prove nothing"
         assert [r["negative_ids"] for r in mined.rows] != [r["negative_ids"] for r in unfiltered.rows]
     if case == "window-short":
@@ -184,8 +225,9 @@ def test_positives_and_duplicates_never_become_negatives(setup):
     _, index_dir, encoder, texts, rows = setup
     index = Index(index_dir)
     # Every passage is a candidate: what is missing was removed as a positive or as a repeated text.
-    mined = mine_hard_negatives(index, encoder, rows, positive_id_field="pid", num_negatives=len(texts),
-                                range_max=len(texts))
+    mined = mine_hard_negatives(
+        index, encoder, rows, positive_id_field="pid", num_negatives=len(texts), range_max=len(texts)
+    )
     distinct = {norm(t) for t in texts}
     for row, out in zip(rows, mined.rows, strict=True):
         got = [norm(t) for t in out["negatives"]]
@@ -202,8 +244,9 @@ def test_pair_with_an_id_but_another_text(setup):
     """The id alone removes a positive whose stored text differs from the row's answer (say, re-cleaned)."""
     _, index_dir, encoder, texts, _ = setup
     row = {"question": "why is the sky blue", "answer": "an older wording of passage 7", "pid": "p7"}
-    mined = mine_hard_negatives(Index(index_dir), encoder, [row], positive_id_field="pid", num_negatives=len(texts),
-                                range_max=len(texts))
+    mined = mine_hard_negatives(
+        Index(index_dir), encoder, [row], positive_id_field="pid", num_negatives=len(texts), range_max=len(texts)
+    )
     assert "p7" not in mined.rows[0]["negative_ids"]
     plain = mine_hard_negatives(Index(index_dir), encoder, [row], num_negatives=len(texts), range_max=len(texts))
     assert "p7" in plain.rows[0]["negative_ids"]
@@ -228,12 +271,14 @@ def test_mine_file_resumes_and_feeds_train(setup, tmp_path, monkeypatch):
 
     back = [json.loads(line) for line in open(whole)]
     assert [{k: r[k] for k in row} for r, row in zip(back, rows, strict=True)] == rows
-    assert all(set(r) - set(row) == {"negatives", "negative_ids", "negative_scores", "positive_score"}
-               for r, row in zip(back, rows, strict=True))
-    assert read_pairs(whole) == [(r["question"], r["answer"], tuple(m["negatives"])) for r, m in zip(rows, back,
-                                                                                                    strict=True)]
-    direct = mine_hard_negatives(index, encoder, rows, num_negatives=2, positive_id_field="pid",
-                                 include_scores=True)
+    assert all(
+        set(r) - set(row) == {"negatives", "negative_ids", "negative_scores", "positive_score"}
+        for r, row in zip(back, rows, strict=True)
+    )
+    assert read_pairs(whole) == [
+        (r["question"], r["answer"], tuple(m["negatives"])) for r, m in zip(rows, back, strict=True)
+    ]
+    direct = mine_hard_negatives(index, encoder, rows, num_negatives=2, positive_id_field="pid", include_scores=True)
     assert [r["negative_ids"] for r in back] == [r["negative_ids"] for r in direct.rows]
 
     # Killed after two of three parts: the rerun mines only the third, and writes the same bytes.
@@ -251,7 +296,12 @@ def test_mine_file_resumes_and_feeds_train(setup, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mine_file(index, encoder, pairs, out, cfg, chunk_size=3, show_progress=False)
     assert not os.path.exists(out) and sorted(os.listdir(out + ".parts")) == [
-        "part-00000.jsonl", "part-00000.stats.json", "part-00001.jsonl", "part-00001.stats.json", "settings.json"]
+        "part-00000.jsonl",
+        "part-00000.stats.json",
+        "part-00001.jsonl",
+        "part-00001.stats.json",
+        "settings.json",
+    ]
     with pytest.raises(ValueError, match="other settings .*num_negatives"):
         mine_file(index, encoder, pairs, out, MiningConfig(num_negatives=3), chunk_size=3, show_progress=False)
     written.clear()
@@ -276,11 +326,13 @@ def test_incomplete_pairs_kept_or_dropped(setup, tmp_path):
     full = [json.loads(line) for line in open(tmp_path / "kept.jsonl")]
     short = [len(r["negatives"]) < 3 for r in full]
     assert len(full) == len(rows) and kept.incomplete == sum(short) and 0 < sum(short) < len(rows)
-    dropped = mine_file(index, encoder, pairs, str(tmp_path / "dropped.jsonl"), cfg, drop_incomplete=True,
-                        show_progress=False)
+    dropped = mine_file(
+        index, encoder, pairs, str(tmp_path / "dropped.jsonl"), cfg, drop_incomplete=True, show_progress=False
+    )
     assert dropped.dropped == sum(short)
-    assert [json.loads(line) for line in open(tmp_path / "dropped.jsonl")] == [r for r, s in zip(full, short,
-                                                                                                  strict=True) if not s]
+    assert [json.loads(line) for line in open(tmp_path / "dropped.jsonl")] == [
+        r for r, s in zip(full, short, strict=True) if not s
+    ]
 
 
 def test_index_without_texts_is_refused(setup, tmp_path, capsys):
@@ -307,12 +359,23 @@ def test_cli(setup, tmp_path, capsys):
     model_dir, index_dir, encoder, _, rows = setup
     pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
     out = str(tmp_path / "mined.jsonl")
-    argv = ["mine", index_dir, model_dir, pairs, out, "--positive-id-field", "pid", "-n", "2", "--range-min", "1",
-            "--no-progress"]
+    argv = [
+        "mine",
+        index_dir,
+        model_dir,
+        pairs,
+        out,
+        "--positive-id-field",
+        "pid",
+        "-n",
+        "2",
+        "--range-min",
+        "1",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert f"wrote {out}: {len(rows)} pairs" in capsys.readouterr().err
-    direct = mine_hard_negatives(Index(index_dir), encoder, rows, num_negatives=2, range_min=1,
-                                 positive_id_field="pid")
+    direct = mine_hard_negatives(Index(index_dir), encoder, rows, num_negatives=2, range_min=1, positive_id_field="pid")
     assert [json.loads(line) for line in open(out)] == direct.rows
     # A rerun of the same job finds it done, as `embed` and `train` do; another job is refused the existing OUT.
     assert cli.main(argv) == 0
@@ -333,13 +396,15 @@ def multi_positive_rows(texts: list[str]) -> list[dict]:
     """Two questions on three rows each (one row of each without its id, one spelled with other spacing), and a
     question asked once."""
     q1, q2 = " ".join(texts[3].split()[:4]), " ".join(texts[20].split()[:4])
-    return [{"question": q1, "answer": texts[3], "pid": "p3"},
-            {"question": q2, "answer": texts[20], "pid": "p20"},
-            {"question": "  " + q1.replace(" ", "\n", 1), "answer": texts[8], "pid": "p8"},
-            {"question": "why does bread rise", "answer": texts[30], "pid": "p30"},
-            {"question": q1, "answer": texts[12]},
-            {"question": q2, "answer": texts[25], "pid": "p25"},
-            {"question": q2, "answer": texts[33]}]
+    return [
+        {"question": q1, "answer": texts[3], "pid": "p3"},
+        {"question": q2, "answer": texts[20], "pid": "p20"},
+        {"question": "  " + q1.replace(" ", "\n", 1), "answer": texts[8], "pid": "p8"},
+        {"question": "why does bread rise", "answer": texts[30], "pid": "p30"},
+        {"question": q1, "answer": texts[12]},
+        {"question": q2, "answer": texts[25], "pid": "p25"},
+        {"question": q2, "answer": texts[33]},
+    ]
 
 
 def brute_force_grouped(setup, rows: list[dict], cfg: MiningConfig, *, grouped: bool = True) -> list[list[int]]:
@@ -348,8 +413,9 @@ def brute_force_grouped(setup, rows: list[dict], cfg: MiningConfig, *, grouped: 
     _, index_dir, encoder, _, _ = setup
     emb, ids, texts, manifest = load_index(index_dir)
     q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
-    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
-                                normalize=True).astype(np.float64)
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"], normalize=True).astype(
+        np.float64
+    )
     scores = q @ emb.astype(np.float64).T
     out = []
     for i, row in enumerate(rows):
@@ -362,8 +428,8 @@ def brute_force_grouped(setup, rows: list[dict], cfg: MiningConfig, *, grouped: 
                 continue
             seen.add(norm(texts[r]))
             cands.append(int(r))
-        window = cands[cfg.range_min:cfg.window_end]
-        out.append([r for r in window if passes(cfg, scores[i, r], pos)][:cfg.num_negatives])
+        window = cands[cfg.range_min : cfg.window_end]
+        out.append([r for r in window if passes(cfg, scores[i, r], pos)][: cfg.num_negatives])
     return out
 
 
@@ -378,28 +444,44 @@ def test_a_questions_other_positives_are_never_its_negatives(setup, tmp_path):
     for i, (row, got) in enumerate(zip(rows, mined.rows, strict=True)):
         assert [norm(t) for t in got["negatives"]] == [norm(stored[r]) for r in want[i]], f"row {i}"
         group = [r for r in rows if norm(r["question"]) == norm(row["question"])]
-        assert not {norm(r["answer"]) for r in group} & {norm(t) for t in got["negatives"]}, \
+        assert not {norm(r["answer"]) for r in group} & {norm(t) for t in got["negatives"]}, (
             f"row {i}: a positive of its own question mined as a negative"
+        )
     assert mined.rows[0]["negative_ids"] == mined.rows[2]["negative_ids"] == mined.rows[4]["negative_ids"]
 
     # The margins compare with the question's lowest positive score: a threshold that makes a difference.
     emb, _, _, manifest = load_index(index_dir)
     q = encoder.encode_questions([r["question"] for r in rows], normalize=True).astype(np.float64)
-    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"],
-                                normalize=True).astype(np.float64)
-    lowest = np.array([min(q[i] @ p[j] for j, s in enumerate(rows) if norm(s["question"]) == norm(r["question"]))
-                       for i, r in enumerate(rows)])
+    p = encoder.encode_passages([r["answer"] for r in rows], max_length=manifest["max_length"], normalize=True).astype(
+        np.float64
+    )
+    lowest = np.array(
+        [
+            min(q[i] @ p[j] for j, s in enumerate(rows) if norm(s["question"]) == norm(r["question"]))
+            for i, r in enumerate(rows)
+        ]
+    )
     top = np.sort(q @ emb.astype(np.float64).T, axis=1)[:, ::-1][:, :12]
-    cfg = MiningConfig(num_negatives=4, positive_id_field="pid",
-                       absolute_margin=between(list((lowest[:, None] - top).ravel()), -0.1, 0.1))
+    cfg = MiningConfig(
+        num_negatives=4,
+        positive_id_field="pid",
+        absolute_margin=between(list((lowest[:, None] - top).ravel()), -0.1, 0.1),
+    )
     want = brute_force_grouped(setup, rows, cfg)
     assert want != brute_force_grouped(setup, rows, cfg, grouped=False), "the case must bite"
-    mined = mine_hard_negatives(index, encoder, rows, num_negatives=4, positive_id_field="pid",
-                                absolute_margin=cfg.absolute_margin, include_scores=True)
-    assert [[norm(t) for t in r["negatives"]] for r in mined.rows] == \
-        [[norm(stored[r]) for r in w] for w in want]
-    assert [round(r["positive_score"], 5) for r in mined.rows] == [round(float(q[i] @ p[i]), 5)
-                                                                   for i in range(len(rows))]
+    mined = mine_hard_negatives(
+        index,
+        encoder,
+        rows,
+        num_negatives=4,
+        positive_id_field="pid",
+        absolute_margin=cfg.absolute_margin,
+        include_scores=True,
+    )
+    assert [[norm(t) for t in r["negatives"]] for r in mined.rows] == [[norm(stored[r]) for r in w] for w in want]
+    assert [round(r["positive_score"], 5) for r in mined.rows] == [
+        round(float(q[i] @ p[i]), 5) for i in range(len(rows))
+    ]
 
     # A file mined in chunks that split the questions' rows gives the same rows.
     pairs = write_pairs(tmp_path / "pairs.jsonl", rows)

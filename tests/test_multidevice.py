@@ -52,10 +52,15 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_eight_devices_equal_one(model_dir):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
-    r = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, model_dir], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES, model_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["devices"] == 8, f"expected 8 simulated devices, the Encoder's mesh has {res['devices']}"
@@ -79,9 +84,26 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     procs = []
     for i in range(2):
         with open(logs[i], "w") as log:
-            procs.append(subprocess.Popen([*cmd, two, *opts, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                           "2", "--process-id", str(i)], cwd=REPO, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *cmd,
+                        two,
+                        *opts,
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--num-processes",
+                        "2",
+                        "--process-id",
+                        str(i),
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
     try:
         for p in procs:
             p.wait(timeout=300)
@@ -130,18 +152,30 @@ def search_index(tmp_path_factory) -> str:
     from tests.test_search import write_index
 
     rng = np.random.default_rng(3)
-    return write_index(tmp_path_factory.mktemp("search") / "idx", rng.standard_normal((140_000, 32)).astype("f4"),
-                       50_000)
+    return write_index(
+        tmp_path_factory.mktemp("search") / "idx", rng.standard_normal((140_000, 32)).astype("f4"), 50_000
+    )
 
 
 def run_search(search_index, out, devices: int, processes: int = 1) -> dict:
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
+    }
     address = f"127.0.0.1:{free_port()}"
     logs = [open(f"{out}.log{i}", "w+") for i in range(processes)]
-    procs = [subprocess.Popen([sys.executable, "-c", SEARCH, str(i), str(processes), address, search_index, out],
-                              cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-             for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SEARCH, str(i), str(processes), address, search_index, out],
+            cwd=REPO,
+            env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(processes)
+    ]
     try:
         for p in procs:
             p.wait(timeout=300)

@@ -21,7 +21,7 @@ def loop_reference(ids: list[list[int]], rows: list[list[int]], num_rows: int, l
                 input_ids[r, start + p], mask[r, start + p], positions[r, start + p] = token, 1, p
             cls_index[r, j], text_index[r, j] = start, i
             start += len(ids[i])
-    mask[len(rows):, 0] = 1
+    mask[len(rows) :, 0] = 1
     return input_ids, mask, positions, cls_index, text_index
 
 
@@ -33,13 +33,16 @@ def test_build_batch_equals_the_loop(seed):
     token_ids = TokenIds.from_lists(ids)
     assert [token_ids.ids(i) for i in range(len(ids))] == ids
     rows = pack_rows(token_ids.lengths, length, texts_per_row(length))
-    chosen = rows[:int(rng.integers(1, len(rows) + 1))]
+    chosen = rows[: int(rng.integers(1, len(rows) + 1))]
     num_rows = len(chosen) + int(rng.integers(0, 3))
     got = build_batch(token_ids, chosen, num_rows, length, pad_token_id=0)
     want = loop_reference(ids, chosen, num_rows, length, 0)
-    for name, g, w in zip(("input_ids", "attention_mask", "position_ids", "cls_index", "text_index"),
-                          (got.input_ids, got.attention_mask, got.position_ids, got.cls_index, got.text_index), want,
-                          strict=True):
+    for name, g, w in zip(
+        ("input_ids", "attention_mask", "position_ids", "cls_index", "text_index"),
+        (got.input_ids, got.attention_mask, got.position_ids, got.cls_index, got.text_index),
+        want,
+        strict=True,
+    ):
         np.testing.assert_array_equal(g, w, err_msg=name)
         assert g.dtype == w.dtype, f"{name}: {g.dtype}, expected {w.dtype}"
 
@@ -95,8 +98,10 @@ def test_token_buffer_grows_chunk_by_chunk():
     from retribert_jax.packing import TokenBuffer
 
     rng = np.random.default_rng(0)
-    chunks = [[rng.integers(0, 99, size=int(rng.integers(0, 9))).tolist() for _ in range(int(rng.integers(1, 900)))]
-              for _ in range(12)]
+    chunks = [
+        [rng.integers(0, 99, size=int(rng.integers(0, 9))).tolist() for _ in range(int(rng.integers(1, 900)))]
+        for _ in range(12)
+    ]
     buffer = TokenBuffer()
     for chunk in chunks:
         buffer.append(TokenIds.from_lists(chunk))

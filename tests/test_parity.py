@@ -167,8 +167,7 @@ def test_checkpointed_path_gives_same_gradients_as_plain(pair):
     rng = np.random.default_rng(7)
     qi, qm = random_batch(rng, 6, 8, cfg.vocab_size, pad_rows=2)
     graphdef, state = nnx.split(ours)
-    grads = [jax.grad(lambda s, c=cbs: nnx.merge(graphdef, s)(qi, qm, qi[::-1], qm[::-1], c))(state)
-             for cbs in (-1, 4)]
+    grads = [jax.grad(lambda s, c=cbs: nnx.merge(graphdef, s)(qi, qm, qi[::-1], qm[::-1], c))(state) for cbs in (-1, 4)]
     for (path, a), (_, b) in zip(nnx.to_flat_state(grads[0]), nnx.to_flat_state(grads[1]), strict=True):
         assert_close(a.get_value(), b.get_value(), f"gradient of {path_str(path)}, plain vs checkpointed", atol=1e-6)
 
@@ -235,8 +234,9 @@ def test_cudnn_branch_computes_the_same_attention(monkeypatch, tiny_cfg, cls_onl
     ids, mask = random_batch(np.random.default_rng(7), 3, 12, tiny_cfg.vocab_size)
     x = jax.random.normal(jax.random.key(1), (3, 12, tiny_cfg.hidden_size))
     mask = jnp.asarray(mask, bool)
-    assert_close(cudnn(x, mask, cls_only=cls_only), xla(x, mask, cls_only=cls_only), "cudnn-branch attention",
-                 atol=1e-6)
+    assert_close(
+        cudnn(x, mask, cls_only=cls_only), xla(x, mask, cls_only=cls_only), "cudnn-branch attention", atol=1e-6
+    )
     assert calls == ["cudnn"], f"the cudnn branch did not call dot_product_attention(implementation='cudnn'): {calls}"
 
 
@@ -254,13 +254,17 @@ def test_longer_than_the_position_table_is_a_clear_error(tiny_cfg):
     limit = tiny_cfg.max_position_embeddings
     ids = np.ones((2, limit + 1), np.int32)
     graphdef, state = nnx.split(model)
-    calls = {"embed_questions": lambda: model.embed_questions(ids, ids),
-             "embed_answers": lambda: model.embed_answers(ids, ids),
-             "__call__": lambda: model(ids, ids, ids, ids),
-             "embed": lambda: embed(graphdef, state, ids, ids, kind="passages")}
+    calls = {
+        "embed_questions": lambda: model.embed_questions(ids, ids),
+        "embed_answers": lambda: model.embed_answers(ids, ids),
+        "__call__": lambda: model(ids, ids, ids, ids),
+        "embed": lambda: embed(graphdef, state, ids, ids, kind="passages"),
+    }
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=f"input length {limit + 1} is longer than the model's "
-                                             f"max_position_embeddings \\({limit}\\)"):
+        with pytest.raises(
+            ValueError,
+            match=f"input length {limit + 1} is longer than the model's max_position_embeddings \\({limit}\\)",
+        ):
             call()
             pytest.fail(f"{name} accepted {limit + 1} tokens")
     ok = np.ones((2, limit), np.int32)

@@ -41,8 +41,9 @@ def test_save_pretrained_then_from_pretrained_relative(workdir):
     model = RetriBertModel.from_pretrained("flax-st")
     model.save_pretrained("saved")  # orbax, the default format
     again = RetriBertModel.from_pretrained("saved")
-    np.testing.assert_array_equal(np.asarray(again.project_query.kernel.get_value()),
-                                  np.asarray(model.project_query.kernel.get_value()))
+    np.testing.assert_array_equal(
+        np.asarray(again.project_query.kernel.get_value()), np.asarray(model.project_query.kernel.get_value())
+    )
 
 
 def test_commands_take_a_relative_orbax_checkpoint(workdir, capsys):

@@ -5,8 +5,13 @@ import pytest
 
 from retribert_jax import RetriBertModel, RetriBertTokenizer
 
-QUESTIONS = ["Why do cats purr when they are happy?", "How do airplanes stay in the air?",
-             "What causes the seasons on Earth?", "Why is the ocean salty?", "How does a refrigerator keep food cold?"]
+QUESTIONS = [
+    "Why do cats purr when they are happy?",
+    "How do airplanes stay in the air?",
+    "What causes the seasons on Earth?",
+    "Why is the ocean salty?",
+    "How does a refrigerator keep food cold?",
+]
 ANSWERS = [
     "Purring comes from the laryngeal muscles twitching, which makes the vocal folds vibrate as the cat breathes.",
     "Wings are shaped and tilted so that they push air down; the air pushes the wing up, which is lift.",
@@ -67,8 +72,10 @@ def test_bfloat16_compute_keeps_retrieval_on_real_weights(minilm_checkpoint):
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
     top32, top16 = np.argsort(-(q32 @ p32.T), 1)[:, :10], np.argsort(-(q16 @ p16.T), 1)[:, :10]
     overlap = float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top32, top16, strict=True)]))
-    print(f"bf16 vs fp32: worst cosine {cos.min():.6f}, max relative error {rel.max():.4f}, top-10 overlap "
-          f"{overlap:.3f}, top-1 agreement {np.mean(top32[:, 0] == top16[:, 0]):.3f}")
+    print(
+        f"bf16 vs fp32: worst cosine {cos.min():.6f}, max relative error {rel.max():.4f}, top-10 overlap "
+        f"{overlap:.3f}, top-1 agreement {np.mean(top32[:, 0] == top16[:, 0]):.3f}"
+    )
     assert cos.min() >= 0.9995, f"worst cosine {cos.min():.6f}"
     assert rel.max() <= 0.02, f"max relative error {rel.max():.4f}"
     assert overlap >= 0.95, f"top-10 overlap {overlap:.3f}"

@@ -50,10 +50,15 @@ def precisions(text: str) -> set[str]:
 def test_fields_are_checked_and_named():
     assert RunConfig(dtype=jnp.bfloat16, precision=jax.lax.Precision.HIGHEST) == RunConfig("bfloat16", None, "highest")
     assert RunConfig(precision="float32").precision == "highest"  # JAX's alias
-    for bad, match in ((dict(dtype="float16"), "dtype must be one of"), (dict(precision="max"), "precision must"),
-                       (dict(attention_impl="flash"), "attention_impl"), (dict(attention_impl="cudnn"), "bfloat16"),
-                       (dict(scan_unroll=True), "scan_unroll"), (dict(scan_unroll=0), "scan_unroll"),
-                       (dict(trim_last_layer=1), "trim_last_layer")):
+    for bad, match in (
+        (dict(dtype="float16"), "dtype must be one of"),
+        (dict(precision="max"), "precision must"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(attention_impl="cudnn"), "bfloat16"),
+        (dict(scan_unroll=True), "scan_unroll"),
+        (dict(scan_unroll=0), "scan_unroll"),
+        (dict(trim_last_layer=1), "trim_last_layer"),
+    ):
         with pytest.raises(ValueError, match=match):
             RunConfig(**bad)
 
@@ -73,8 +78,9 @@ def test_the_model_holds_its_settings_through_loading(model_dir):
     layer = model.bert_query.encoder.layer
     assert layer.attention.self.query.dtype == jnp.bfloat16 and layer.attention.self.query.precision == "high"
     assert layer.output.LayerNorm.dtype == jnp.bfloat16, "bf16 mode keeps the residual stream in bf16"
-    f32_stream = RetriBertModel.from_pretrained(model_dir, dtype="bfloat16", run_config=RunConfig(
-        residual_dtype="float32"))
+    f32_stream = RetriBertModel.from_pretrained(
+        model_dir, dtype="bfloat16", run_config=RunConfig(residual_dtype="float32")
+    )
     assert f32_stream.bert_query.encoder.layer.output.LayerNorm.dtype == jnp.float32
     assert jax.tree.leaves(nnx.state(model))[0].dtype == jnp.float32, "parameters stay float32"
 
@@ -87,8 +93,9 @@ def test_precision_context_reaches_the_compile_thread(model_dir, lowered):
     texts = random_texts(20, seed=1)
     with jax.default_matmul_precision("high"):
         high = enc.encode_passages(texts)
-    assert lowered and all(precisions(text) == {"HIGH"} for text, _ in lowered), \
+    assert lowered and all(precisions(text) == {"HIGH"} for text, _ in lowered), (
         f"programs compiled under 'high' carry {[precisions(t) for t, _ in lowered]}"
+    )
     lowered.clear()
     highest = enc.encode_passages(texts)  # the global default: another program
     assert lowered and all(precisions(text) == {"HIGHEST"} for text, _ in lowered)
@@ -110,12 +117,14 @@ def test_a_bf16_model_runs_in_bf16_without_a_word(model_dir, lowered):
         enc = Encoder(model, RetriBertTokenizer.from_pretrained(model_dir))
         enc.encode_passages(random_texts(5, seed=2))
     assert enc.run_config.dtype == "bfloat16"
-    (text, options), = lowered
+    ((text, options),) = lowered
     assert re.search(r"stablehlo\.dot_general[^\n]*tensor<[^>]*bf16>", text), "no bf16 matmul in the program"
     assert options == COMPILER_OPTIONS["cpu"]
     # cuDNN attention on a bf16 model: the Encoder keeps the model's kernel rather than refusing a float32 it made up.
-    cudnn = Encoder(RetriBertModel.from_pretrained(model_dir, dtype="bfloat16", attention_impl="cudnn"),
-                    RetriBertTokenizer.from_pretrained(model_dir))
+    cudnn = Encoder(
+        RetriBertModel.from_pretrained(model_dir, dtype="bfloat16", attention_impl="cudnn"),
+        RetriBertTokenizer.from_pretrained(model_dir),
+    )
     assert cudnn.run_config.attention_impl == "cudnn" and cudnn.run_config.dtype == "bfloat16"
 
 
@@ -134,8 +143,9 @@ def test_programs_get_their_platforms_compiler_options(model_dir, lowered):
     assert RunConfig().compiler_options("cpu", training=True) == {}, "XLA:CPU's defaults compile a train step sooner"
     enc = Encoder(RetriBertModel.from_pretrained(model_dir), RetriBertTokenizer.from_pretrained(model_dir))
     enc.encode_passages(["a b c"])
-    assert [options for _, options in lowered] == [RetriBertModel.from_pretrained(model_dir).run_config
-                                                   .compiler_options("cpu")]
+    assert [options for _, options in lowered] == [
+        RetriBertModel.from_pretrained(model_dir).run_config.compiler_options("cpu")
+    ]
 
 
 def test_the_train_step_runs_as_the_model_says(model_dir):

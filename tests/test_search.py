@@ -16,8 +16,17 @@ from retribert_jax.search import Index
 from tests.conftest import REPO
 
 
-def write_index(directory, emb: np.ndarray, shard_size: int, *, ids=None, texts=None, config_hash: str = "abc",
-                kind: str = "passages", normalized: bool = False) -> str:
+def write_index(
+    directory,
+    emb: np.ndarray,
+    shard_size: int,
+    *,
+    ids=None,
+    texts=None,
+    config_hash: str = "abc",
+    kind: str = "passages",
+    normalized: bool = False,
+) -> str:
     """An embedding directory in the documented `embed` format (the writer the search side is built against)."""
     os.makedirs(directory, exist_ok=True)
     n = emb.shape[0]
@@ -30,10 +39,21 @@ def write_index(directory, emb: np.ndarray, shard_size: int, *, ids=None, texts=
         if texts is not None:
             with open(os.path.join(directory, f"texts-{i:05d}.jsonl"), "w") as f:
                 f.writelines(json.dumps(texts[r]) + "\n" for r in range(rows.start, rows.stop))
-    manifest = {"format": "retribert_jax.embeddings", "version": 1, "model": "test", "config_hash": config_hash,
-                "kind": kind, "dtype": str(emb.dtype), "max_length": 128, "projection_dim": emb.shape[1],
-                "normalized": normalized, "shard_size": shard_size, "num_shards": num_shards, "count": n,
-                "has_text": texts is not None}
+    manifest = {
+        "format": "retribert_jax.embeddings",
+        "version": 1,
+        "model": "test",
+        "config_hash": config_hash,
+        "kind": kind,
+        "dtype": str(emb.dtype),
+        "max_length": 128,
+        "projection_dim": emb.shape[1],
+        "normalized": normalized,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "count": n,
+        "has_text": texts is not None,
+    }
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return str(directory)
@@ -149,8 +169,11 @@ def test_an_empty_index_is_refused_by_every_command(tmp_path, capsys):
     queries.write_text("q1\twhy\n")
     qrels.write_text("q1 0 d1 1\n")
     pairs.write_text('{"question": "why", "answer": "because"}\n')
-    for argv in (["search", d, "model", "why"], ["evaluate", d, "model", str(queries), str(qrels)],
-                 ["mine", d, "model", str(pairs), str(tmp_path / "out.jsonl")]):
+    for argv in (
+        ["search", d, "model", "why"],
+        ["evaluate", d, "model", str(queries), str(qrels)],
+        ["mine", d, "model", str(pairs), str(tmp_path / "out.jsonl")],
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert "the index holds no passages" in err and "\n" not in err and "k must be" not in err, err
@@ -181,8 +204,14 @@ def test_check_model_refuses_other_models_and_question_indexes(tmp_path):
 
 def _cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "retribert_jax.cli", "search", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "search", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _tiny_checkpoint(tmp_path):
@@ -224,8 +253,9 @@ def test_cli_search_matches_brute_force(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [o["question"] for o in out] == questions
-    q = np.stack([np.asarray(embed(graphdef, state, **tok([x], max_length=128), kind="questions"))[0]
-                  for x in questions])
+    q = np.stack(
+        [np.asarray(embed(graphdef, state, **tok([x], max_length=128), kind="questions"))[0] for x in questions]
+    )
     want_rows, want_scores = brute_force(q, p, 5)
     for i, o in enumerate(out):
         assert [h["id"] for h in o["hits"]] == list(want_rows[i]), f"question {i}: ranks differ"
@@ -235,8 +265,14 @@ def test_cli_search_matches_brute_force(tmp_path):
 
     # Compressed copies: a shortlist as long as the corpus rescores every row, so the hits are the exact ones.
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    c = subprocess.run([sys.executable, "-m", "retribert_jax.cli", "compress", d], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    c = subprocess.run(
+        [sys.executable, "-m", "retribert_jax.cli", "compress", d],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert c.returncode == 0 and "int8 copy of 30 rows" in c.stdout, c.stderr[-2000:]
     for scan in ("int8", "binary"):
         r = _cli(d, ckpt, *questions, "-k", "5", "--json", "--scan", scan, "--rescore-multiplier", "30")
@@ -376,13 +412,23 @@ def test_compressed_copies_shortlist_and_rescore_exactly(large):
         # Rescored from the float vectors: every returned score is the exact inner product of its row.
         np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, emb[rows]), rtol=1e-5, atol=1e-5)
         # The recipe's binary copy thresholds at 0 (these rows are centred at 0, so ours is close to it).
-        decoded = np.concatenate([quantization.decode(c, scan, ranges) for c in embedding_dir.open_codes(
-            d, embedding_dir.read_manifest(d), scan)]) if scan == "int8" else np.where(emb > 0, 1.0, -1.0)
+        decoded = (
+            np.concatenate(
+                [
+                    quantization.decode(c, scan, ranges)
+                    for c in embedding_dir.open_codes(d, embedding_dir.read_manifest(d), scan)
+                ]
+            )
+            if scan == "int8"
+            else np.where(emb > 0, 1.0, -1.0)
+        )
         shortlist = np.argsort(-(q @ decoded.T), axis=1, kind="stable")[:, :100]
-        rescored = np.take_along_axis(shortlist, np.argsort(-np.einsum("qd,qnd->qn", q, emb[shortlist]), axis=1,
-                                                            kind="stable")[:, :10], axis=1)
-        assert recall(rows) >= recall(rescored), f"{scan}: recall@10 {recall(rows):.3f}, the recipe's " \
-                                                 f"{recall(rescored):.3f}"
+        rescored = np.take_along_axis(
+            shortlist, np.argsort(-np.einsum("qd,qnd->qn", q, emb[shortlist]), axis=1, kind="stable")[:, :10], axis=1
+        )
+        assert recall(rows) >= recall(rescored), (
+            f"{scan}: recall@10 {recall(rows):.3f}, the recipe's {recall(rescored):.3f}"
+        )
         if scan == "int8":
             assert recall(rows) >= 0.99, f"int8: recall@10 {recall(rows):.3f} against exact search"
 
@@ -404,14 +450,17 @@ def test_binary_copy_thresholds_at_the_corpus_mean(tmp_path):
     codes = np.concatenate(embedding_dir.open_codes(d, manifest, "binary"))
     bits = np.unpackbits(codes, axis=1).mean(axis=0)
     assert 0.4 < bits.min() and bits.max() < 0.6, f"bit frequencies {bits.min():.2f}..{bits.max():.2f}"
-    np.testing.assert_allclose(quantization.decode(codes[:3], "binary", centers),
-                               np.where(emb[:3] > centers[0], centers[0] + centers[1], centers[0] - centers[1]))
+    np.testing.assert_allclose(
+        quantization.decode(codes[:3], "binary", centers),
+        np.where(emb[:3] > centers[0], centers[0] + centers[1], centers[0] - centers[1]),
+    )
 
     exact = np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :10]
     _, rows = Index(d, scan="binary", rescore_multiplier=10).search_rows(q, 10)
     shortlist = np.argsort(-(q @ np.where(emb > 0, 1.0, -1.0).T), axis=1, kind="stable")[:, :100]  # bits at 0
-    at_zero = np.take_along_axis(shortlist, np.argsort(-np.einsum("qd,qnd->qn", q, emb[shortlist]), axis=1,
-                                                       kind="stable")[:, :10], axis=1)
+    at_zero = np.take_along_axis(
+        shortlist, np.argsort(-np.einsum("qd,qnd->qn", q, emb[shortlist]), axis=1, kind="stable")[:, :10], axis=1
+    )
 
     def recall(r):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r, exact, strict=True)])
@@ -436,8 +485,11 @@ def test_compressed_and_search_inputs_refused_in_one_line(large, tmp_path):
     manifest["compressed"]["int8"] = {}  # a copy without the calibration its codes need
     with open(os.path.join(d, embedding_dir.MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f)
-    with pytest.raises(ValueError, match="its int8 copy records no 'ranges'; write it again with `retribert-jax "
-                                         "compress .* --forms int8 --overwrite`"):
+    with pytest.raises(
+        ValueError,
+        match="its int8 copy records no 'ranges'; write it again with `retribert-jax "
+        "compress .* --forms int8 --overwrite`",
+    ):
         Index(d, scan="int8")
     os.remove(embedding_dir.shard_paths(d, 2)["embeddings"])  # the float copy that rescoring reads
     with pytest.raises(FileNotFoundError, match=r"embeddings-00002\.npy: shard 2 of 3 is missing"):

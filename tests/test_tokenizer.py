@@ -76,8 +76,9 @@ def test_save_pretrained_round_trip(minilm, tmp_path):
     np.testing.assert_array_equal(tok(TEXTS)["input_ids"], again(TEXTS)["input_ids"])
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
-    np.testing.assert_array_equal(tok(TEXTS)["input_ids"], hf(TEXTS, padding=True, truncation=True,
-                                                                return_tensors="np")["input_ids"])
+    np.testing.assert_array_equal(
+        tok(TEXTS)["input_ids"], hf(TEXTS, padding=True, truncation=True, return_tensors="np")["input_ids"]
+    )
 
 
 def test_bad_vocab_and_inputs(tmp_path):
@@ -155,10 +156,14 @@ def test_special_tokens_in_text_are_one_token_without_tokenizer_json(minilm, tmp
     _assert_same_ids(RetriBertTokenizer.from_pretrained(vocab), hf_vocab, MULTILINGUAL, "a lone vocab.txt")
     _assert_same_ids(RetriBertTokenizer.from_vocab_file(vocab), hf_vocab, MULTILINGUAL, "from_vocab_file")
     # Registered as HF registers them: special added tokens that skip normalisation ("[mask]" stays three words).
-    hf_added = {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
-                for i, t in hf_vocab.backend_tokenizer.get_added_tokens_decoder().items()}
-    ours_added = {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
-                  for i, t in RetriBertTokenizer.from_vocab_file(vocab).backend.get_added_tokens_decoder().items()}
+    hf_added = {
+        i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+        for i, t in hf_vocab.backend_tokenizer.get_added_tokens_decoder().items()
+    }
+    ours_added = {
+        i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+        for i, t in RetriBertTokenizer.from_vocab_file(vocab).backend.get_added_tokens_decoder().items()
+    }
     assert ours_added == hf_added
 
 
@@ -166,31 +171,81 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "<mask>", "
 EDGE_TEXT = "hello [MASK] <mask> [unused0] x <newmask> xhello [MASK]x Foo foo zz"
 
 
-@pytest.mark.parametrize("name, drop, config, special_map, added_json", [
-    ("mask absent from the vocabulary: a new id", "[MASK]", None, None, None),
-    ("config's mask_token replaces [MASK]", None, {"mask_token": "<mask>"}, None, None),
-    ("special_tokens_map.json overrides the config", None, {"mask_token": "<mask>"}, {"mask_token": "[unused0]"},
-     None),
-    ("a special token absent from the vocabulary", None, {"mask_token": "<newmask>"}, None, None),
-    ("additional_special_tokens of both files", None, {"additional_special_tokens": ["[unused0]"]},
-     {"additional_special_tokens": ["<newmask>"]}, None),
-    ("an AddedToken object with lstrip", None, {"mask_token": {
-        "__type": "AddedToken", "content": "[MASK]", "lstrip": True, "rstrip": True, "normalized": False,
-        "single_word": False}}, None, None),
-    ("cls_token changes the template", None, {"cls_token": "[unused0]"}, None, None),
-    ("added_tokens.json", None, {}, None, {"<newmask>": 9, "zz": 10}),
-    ("added_tokens_decoder wins over special_tokens_map.json", None, {"added_tokens_decoder": {
-        "4": {"content": "[MASK]", "lstrip": True, "rstrip": True, "normalized": False, "single_word": False,
-              "special": True},
-        "9": {"content": "Foo", "lstrip": False, "rstrip": False, "normalized": True, "single_word": False,
-              "special": False}}}, {"mask_token": "<mask>"}, None),
-    ("split_special_tokens", None, {"split_special_tokens": True}, None, None),
-])
+@pytest.mark.parametrize(
+    "name, drop, config, special_map, added_json",
+    [
+        ("mask absent from the vocabulary: a new id", "[MASK]", None, None, None),
+        ("config's mask_token replaces [MASK]", None, {"mask_token": "<mask>"}, None, None),
+        (
+            "special_tokens_map.json overrides the config",
+            None,
+            {"mask_token": "<mask>"},
+            {"mask_token": "[unused0]"},
+            None,
+        ),
+        ("a special token absent from the vocabulary", None, {"mask_token": "<newmask>"}, None, None),
+        (
+            "additional_special_tokens of both files",
+            None,
+            {"additional_special_tokens": ["[unused0]"]},
+            {"additional_special_tokens": ["<newmask>"]},
+            None,
+        ),
+        (
+            "an AddedToken object with lstrip",
+            None,
+            {
+                "mask_token": {
+                    "__type": "AddedToken",
+                    "content": "[MASK]",
+                    "lstrip": True,
+                    "rstrip": True,
+                    "normalized": False,
+                    "single_word": False,
+                }
+            },
+            None,
+            None,
+        ),
+        ("cls_token changes the template", None, {"cls_token": "[unused0]"}, None, None),
+        ("added_tokens.json", None, {}, None, {"<newmask>": 9, "zz": 10}),
+        (
+            "added_tokens_decoder wins over special_tokens_map.json",
+            None,
+            {
+                "added_tokens_decoder": {
+                    "4": {
+                        "content": "[MASK]",
+                        "lstrip": True,
+                        "rstrip": True,
+                        "normalized": False,
+                        "single_word": False,
+                        "special": True,
+                    },
+                    "9": {
+                        "content": "Foo",
+                        "lstrip": False,
+                        "rstrip": False,
+                        "normalized": True,
+                        "single_word": False,
+                        "special": False,
+                    },
+                }
+            },
+            {"mask_token": "<mask>"},
+            None,
+        ),
+        ("split_special_tokens", None, {"split_special_tokens": True}, None, None),
+    ],
+)
 def test_special_token_configs_match_hf(tmp_path, name, drop, config, special_map, added_json):
     transformers = _hf()
     (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB if t != drop))
-    for file, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
-                        ("added_tokens.json", added_json)):
+    for file, value in (
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", special_map),
+        ("added_tokens.json", added_json),
+    ):
         if value is not None:
             (tmp_path / file).write_text(json.dumps(value))
     ours = RetriBertTokenizer.from_pretrained(str(tmp_path))
@@ -205,9 +260,15 @@ def test_special_token_configs_match_hf(tmp_path, name, drop, config, special_ma
 
 
 NORMALIZER_CONFIGS = [
-    {"do_lower_case": lower, "tokenize_chinese_chars": chinese, **({} if strip == "absent" else
-                                                                  {"strip_accents": strip})}
-    for lower in (True, False) for strip in (True, False, "absent") for chinese in (True, False)]
+    {
+        "do_lower_case": lower,
+        "tokenize_chinese_chars": chinese,
+        **({} if strip == "absent" else {"strip_accents": strip}),
+    }
+    for lower in (True, False)
+    for strip in (True, False, "absent")
+    for chinese in (True, False)
+]
 
 
 @pytest.mark.parametrize("tokenizer_json", [True, False], ids=["tokenizer.json", "vocab.txt"])
@@ -220,11 +281,15 @@ def test_tokenizer_config_is_honoured_as_hf_does(minilm, tmp_path, tokenizer_jso
         ours, hf = RetriBertTokenizer.from_pretrained(d), hf_fast.from_pretrained(d)
         _assert_same_ids(ours, hf, MULTILINGUAL, f"{config}")
         assert ours.model_max_length == hf.model_max_length == 12
-        assert (ours.do_lower_case, ours.strip_accents, ours.tokenize_chinese_chars) == \
-            (config["do_lower_case"], config.get("strip_accents"), config["tokenize_chinese_chars"])
+        assert (ours.do_lower_case, ours.strip_accents, ours.tokenize_chinese_chars) == (
+            config["do_lower_case"],
+            config.get("strip_accents"),
+            config["tokenize_chinese_chars"],
+        )
     # The example of the report: uncased with strip_accents false keeps "é", which this vocabulary lacks.
-    d = _checkpoint_dir(tmp_path / "keep", minilm, {"do_lower_case": True, "strip_accents": False},
-                        tokenizer_json=tokenizer_json)
+    d = _checkpoint_dir(
+        tmp_path / "keep", minilm, {"do_lower_case": True, "strip_accents": False}, tokenizer_json=tokenizer_json
+    )
     hf = hf_fast.from_pretrained(d)
     assert hf("Café")["input_ids"] == [101, 100, 102]
     _assert_same_ids(RetriBertTokenizer.from_pretrained(d), hf, ["Café"], "strip_accents false")
@@ -279,8 +344,12 @@ def test_saved_tokenizers_read_back_by_hf(minilm, tmp_path, loader):
         _assert_same_ids(again, hf, MULTILINGUAL, f"{name} reloaded by us")
         # Without tokenizer.json HF builds the tokenizer from vocab.txt and the config alone.
         os.remove(out / "tokenizer.json")
-        _assert_same_ids(tok, getattr(transformers, loader).from_pretrained(str(out)), MULTILINGUAL,
-                         f"{name} via {loader}, vocab.txt and config only")
+        _assert_same_ids(
+            tok,
+            getattr(transformers, loader).from_pretrained(str(out)),
+            MULTILINGUAL,
+            f"{name} via {loader}, vocab.txt and config only",
+        )
 
 
 def test_settings_read_from_the_normaliser(minilm, tmp_path):
@@ -289,17 +358,22 @@ def test_settings_read_from_the_normaliser(minilm, tmp_path):
     tok.save_pretrained(str(tmp_path / "out"))
     with open(tmp_path / "out" / "tokenizer_config.json") as f:
         config = json.load(f)
-    assert {k: config[k] for k in ("do_lower_case", "strip_accents", "tokenize_chinese_chars")} == \
-        {"do_lower_case": False, "strip_accents": None, "tokenize_chinese_chars": True}
+    assert {k: config[k] for k in ("do_lower_case", "strip_accents", "tokenize_chinese_chars")} == {
+        "do_lower_case": False,
+        "strip_accents": None,
+        "tokenize_chinese_chars": True,
+    }
 
 
 def test_bad_tokenizer_config(tmp_path):
     (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
-    for config, match in (({"do_lower_case": "yes"}, "key 'do_lower_case' is 'yes', expected true or false"),
-                          ({"strip_accents": 1}, "key 'strip_accents' is 1, expected true or false or null"),
-                          ({"mask_token": 3}, "key 'mask_token' is 3, expected a token string"),
-                          ({"cls_token": "<s>"}, r"vocab.txt: the vocabulary has no <s> token \(the cls_token\)"),
-                          ([1], "expected a JSON object, got list")):
+    for config, match in (
+        ({"do_lower_case": "yes"}, "key 'do_lower_case' is 'yes', expected true or false"),
+        ({"strip_accents": 1}, "key 'strip_accents' is 1, expected true or false or null"),
+        ({"mask_token": 3}, "key 'mask_token' is 3, expected a token string"),
+        ({"cls_token": "<s>"}, r"vocab.txt: the vocabulary has no <s> token \(the cls_token\)"),
+        ([1], "expected a JSON object, got list"),
+    ):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=match):
             RetriBertTokenizer.from_pretrained(str(tmp_path))
@@ -342,11 +416,13 @@ def test_truncation_side_is_honoured_as_hf_does(minilm, tmp_path, tokenizer_json
             a = ours(texts, max_length=max_length)["input_ids"].tolist()
             b = hf(texts, max_length=max_length, truncation=True, padding=True)["input_ids"]
             assert a == b, f"truncation_side {side}, max_length {max_length}: ids differ from HF's"
-            assert ours.encode_lengths(texts, max_length).tolist() == [sum(m) for m in hf(
-                texts, max_length=max_length, truncation=True, padding=True)["attention_mask"]]
+            assert ours.encode_lengths(texts, max_length).tolist() == [
+                sum(m) for m in hf(texts, max_length=max_length, truncation=True, padding=True)["attention_mask"]
+            ]
         tail = ours(texts[-1:], max_length=8)["input_ids"][0].tolist()
-        assert (ours.backend.decode(tail).endswith("blue?") or ours.backend.decode(tail).endswith("blue ?")) \
-            == (side == "left")
+        assert (ours.backend.decode(tail).endswith("blue?") or ours.backend.decode(tail).endswith("blue ?")) == (
+            side == "left"
+        )
     # Saved and read back, by us and by HF.
     saved = tmp_path / "saved"
     RetriBertTokenizer.from_pretrained(str(tmp_path / "left")).save_pretrained(str(saved))

@@ -20,14 +20,15 @@ def brute_force(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 def padded(x: np.ndarray, block: int) -> jax.Array:
     rows = np.zeros((-(-x.shape[0] // block) * block, x.shape[1]), x.dtype)
-    rows[:x.shape[0]] = x
+    rows[: x.shape[0]] = x
     return jnp.asarray(rows)
 
 
 def screened(q, x, k, **kw):
     rows = padded(x, kw.get("block", 256))
-    top, hit, exact, needed = topk.screened_topk(jnp.asarray(q), rows, jnp.int32(x.shape[0]),
-                                                 jnp.float32(topk.row_norm(x)), k=k, **kw)
+    top, hit, exact, needed = topk.screened_topk(
+        jnp.asarray(q), rows, jnp.int32(x.shape[0]), jnp.float32(topk.row_norm(x)), k=k, **kw
+    )
     return np.asarray(top), np.asarray(hit), np.asarray(exact), np.asarray(needed)
 
 
@@ -36,14 +37,14 @@ def test_screened_topk_equals_brute_force_where_it_says_exact(screen_dtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5000, 32)).astype(np.float32)
     q = rng.standard_normal((64, 32)).astype(np.float32)
-    top, hit, exact, needed = screened(q, x, 20, block=256, group=8, depth=6, candidates=128,
-                                       screen_dtype=screen_dtype)
+    top, hit, exact, needed = screened(q, x, 20, block=256, group=8, depth=6, candidates=128, screen_dtype=screen_dtype)
     ref_s, ref_r = brute_force(q, x, 20)
     assert exact.mean() > 0.9, f"only {exact.mean():.2f} of the queries proven exact; needed {needed.max()} groups"
     # Ids equal up to scores within float32 rounding of each other (a near-tie may order either way).
     differ = hit[exact] != ref_r[exact]
-    assert not differ.any() or np.abs(top[exact][differ] - ref_s[exact][differ]).max() < 1e-4, \
+    assert not differ.any() or np.abs(top[exact][differ] - ref_s[exact][differ]).max() < 1e-4, (
         f"{differ.sum()} hits differ from the brute force beyond a near-tie"
+    )
     np.testing.assert_allclose(top, ref_s, rtol=0, atol=2e-5)
 
 
@@ -91,8 +92,11 @@ def test_screen_error_bounds_the_bfloat16_screen():
     q = (rng.standard_normal((64, dim)) * np.exp(rng.uniform(-6, 6, (64, dim)))).astype(np.float32)
     exact = q.astype(np.float64) @ x.astype(np.float64).T
     f32 = np.asarray(jnp.einsum("qd,nd->qn", q, x, precision=topk.HIGHEST))
-    bf16 = np.asarray(jnp.einsum("qd,nd->qn", jnp.asarray(q, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16),
-                                 preferred_element_type=jnp.float32))
+    bf16 = np.asarray(
+        jnp.einsum(
+            "qd,nd->qn", jnp.asarray(q, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16), preferred_element_type=jnp.float32
+        )
+    )
     scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
     for name, approx in (("float32", f32), ("bfloat16", bf16)):
         ratio = np.abs(approx - f32 if name == "bfloat16" else approx - exact) / scale

@@ -137,14 +137,21 @@ def test_reads_a_checkpoint_without_torch_installed(saved, tmp_path):
     """A JAX-only machine: torch cannot be imported, and the zip checkpoint still reads, identically."""
     path, _ = saved
     out = tmp_path / "arrays.npz"
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import numpy as np\n"
-            "from retribert_jax.hf_files import read_weight_file\n"
-            f"arrs = read_weight_file({path!r})\n"
-            "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
-            f"np.savez({str(out)!r}, **{{k: np.asarray(v, dtype=np.float64) for k, v in arrs.items()}})\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from retribert_jax.hf_files import read_weight_file\n"
+        f"arrs = read_weight_file({path!r})\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+        f"np.savez({str(out)!r}, **{{k: np.asarray(v, dtype=np.float64) for k, v in arrs.items()}})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = np.load(out)
     ref = torch.load(path, weights_only=True)

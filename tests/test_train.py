@@ -166,12 +166,15 @@ def test_one_step_matches_pytorch(tmp_path):
     loss_ref = torch_loss()
     loss_ref.backward()
     named = dict(ref.named_parameters())
-    g_ref = {e.flax_path: (named[e.torch_key].grad.numpy().T if e.transpose else named[e.torch_key].grad.numpy())
-             for e in table}
+    g_ref = {
+        e.flax_path: (named[e.torch_key].grad.numpy().T if e.transpose else named[e.torch_key].grad.numpy())
+        for e in table
+    }
     graphdef, params = nnx.split(ours, nnx.Param)
     loss, grads = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, None))(params, batch)
-    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), \
+    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), (
         f"loss {float(loss)} vs PyTorch {loss_ref.item()}"
+    )
     errs = rel_errors(flat(grads, cfg), g_ref)
     worst = max(errs, key=errs.get)
     print(f"vs PyTorch: loss {float(loss):.7f} / {loss_ref.item():.7f}, worst gradient {errs[worst]:.3g} ({worst})")
@@ -179,11 +182,17 @@ def test_one_step_matches_pytorch(tmp_path):
 
     # One AdamW step with weight decay on every parameter, at the schedule's first value (no warm-up, so HF's
     # first step runs at the full learning rate rather than at 0).
-    tcfg = TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_steps=0, batch_size=8, dropout=False,
-                       checkpoint_batch_size=-1)
+    tcfg = TrainConfig(
+        learning_rate=1e-3, weight_decay=0.01, warmup_steps=0, batch_size=8, dropout=False, checkpoint_batch_size=-1
+    )
     total = 10
-    opt = torch.optim.AdamW(ref.parameters(), lr=tcfg.learning_rate, betas=(tcfg.adam_b1, tcfg.adam_b2),
-                            eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
+    opt = torch.optim.AdamW(
+        ref.parameters(),
+        lr=tcfg.learning_rate,
+        betas=(tcfg.adam_b1, tcfg.adam_b2),
+        eps=tcfg.adam_eps,
+        weight_decay=tcfg.weight_decay,
+    )
     sched = get_linear_schedule_with_warmup(opt, tcfg.warmup_steps, total)
     tx = make_optimizer(tcfg, total)
     step = make_train_step(graphdef, tx, tcfg, lr_schedule(tcfg.learning_rate, tcfg.warmup_steps, total))
@@ -235,20 +244,28 @@ def test_hard_negative_loss_and_gradients_match_pytorch(tmp_path):
     loss_ref = (ce(torch.cat([q @ a.T, hard], dim=1), labels) + ce(a @ q.T, labels)) / 2
     loss_ref.backward()
     named = dict(ref.named_parameters())
-    g_ref = {e.flax_path: (named[e.torch_key].grad.numpy().T if e.transpose else named[e.torch_key].grad.numpy())
-             for e in param_table(cfg)}
+    g_ref = {
+        e.flax_path: (named[e.torch_key].grad.numpy().T if e.transpose else named[e.torch_key].grad.numpy())
+        for e in param_table(cfg)
+    }
 
     graphdef, params = nnx.split(ours, nnx.Param)
     loss, grads = jax.jit(lambda p, bt: loss_and_grads(graphdef, p, bt, None))(params, batch)
-    without = float(jax.jit(lambda p, bt: loss_and_grads(graphdef, p, bt, None)[0])(
-        params, {k: v for k, v in batch.items() if not k.startswith("n_")}))
-    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), \
+    without = float(
+        jax.jit(lambda p, bt: loss_and_grads(graphdef, p, bt, None)[0])(
+            params, {k: v for k, v in batch.items() if not k.startswith("n_")}
+        )
+    )
+    assert abs(float(loss) - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), (
         f"loss {float(loss)} vs PyTorch {loss_ref.item()}"
+    )
     assert float(loss) > without, f"hard negatives should raise the loss: {float(loss)} vs {without} without"
     errs = rel_errors(flat(grads, cfg), g_ref)
     worst = max(errs, key=errs.get)
-    print(f"hard negatives vs PyTorch: loss {float(loss):.7f} / {loss_ref.item():.7f}, worst gradient "
-          f"{errs[worst]:.3g} ({worst})")
+    print(
+        f"hard negatives vs PyTorch: loss {float(loss):.7f} / {loss_ref.item():.7f}, worst gradient "
+        f"{errs[worst]:.3g} ({worst})"
+    )
     assert errs[worst] <= 1e-4, f"gradient of {worst} differs from PyTorch by {errs[worst]:.3g} (relative)"
 
 
@@ -308,8 +325,9 @@ print("OK")
 @pytest.mark.slow
 def test_data_parallel_8_devices_matches_1():
     env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, "-c", DP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", DP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     print(proc.stdout)
     assert proc.returncode == 0 and "OK" in proc.stdout, f"8-device run failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
 
@@ -326,21 +344,48 @@ def tiny_start(tmp_path) -> tuple[str, str]:
 
 def cli(*args, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "retribert_jax.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "retribert_jax.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def final_params(out_dir: str) -> dict:
-    return {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(RetriBertModel.from_pretrained(
-        os.path.join(out_dir, "model")), nnx.Param))}
+    return {
+        p: np.asarray(v)
+        for p, v in nnx.to_flat_state(
+            nnx.state(RetriBertModel.from_pretrained(os.path.join(out_dir, "model")), nnx.Param)
+        )
+    }
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     config, data = tiny_start(tmp_path)
-    common = ["--batch-size", "8", "--epochs", "2", "--negatives-per-question", "2", "--save-every", "1",
-              "--warmup-steps", "2", "--lr", "1e-3", "--checkpoint-batch-size", "4", "--log-every", "1",
-              "--no-progress"]
+    common = [
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--negatives-per-question",
+        "2",
+        "--save-every",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--checkpoint-batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--no-progress",
+    ]
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
     p = cli("train", config, data, ref_out, *common)
     _, err = p.communicate(timeout=600)
@@ -390,8 +435,16 @@ def test_training_raises_held_out_recall(tmp_path):
     model = init_model(cfg, seed=0)
     train_pairs, held_out = topic_pairs(1024, seed=1), topic_pairs(64, seed=2)
     before = recall_at_1(model, tok, held_out, str(tmp_path / "index-before"))
-    tcfg = TrainConfig(learning_rate=5e-3, warmup_steps=10, batch_size=32, max_length=16, checkpoint_batch_size=-1,
-                       num_epochs=4, save_every=1000, log_every=8)
+    tcfg = TrainConfig(
+        learning_rate=5e-3,
+        warmup_steps=10,
+        batch_size=32,
+        max_length=16,
+        checkpoint_batch_size=-1,
+        num_epochs=4,
+        save_every=1000,
+        log_every=8,
+    )
     result = train(model, tok, train_pairs, str(tmp_path / "out"), tcfg, progress=False, save_final=False)
     after = recall_at_1(result.model, tok, held_out, str(tmp_path / "index-after"))
     # Measured (dropout on, seed 0, this CPU): untrained 0.000, trained 0.359 (either way of scoring); chance is 1/64.
@@ -448,8 +501,23 @@ def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
 
     config, data = tiny_start(tmp_path)
     out = str(tmp_path / "out")
-    argv = ["train", config, data, out, "--batch-size", "8", "--max-steps", "3", "--max-length", "16",
-            "--negatives-per-question", "0", "--checkpoint-batch-size", "-1", "--no-progress"]
+    argv = [
+        "train",
+        config,
+        data,
+        out,
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--max-length",
+        "16",
+        "--negatives-per-question",
+        "0",
+        "--checkpoint-batch-size",
+        "-1",
+        "--no-progress",
+    ]
     assert command_line.main(argv) == 0
     assert "trained 3 steps to step 3 (last loss " in capsys.readouterr().out
     assert command_line.main(argv) == 0

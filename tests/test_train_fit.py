@@ -13,9 +13,15 @@ from retribert_jax.config import RetriBertConfig, TrainConfig
 from retribert_jax.training import _StepBar, activation_bytes_per_pair, fit_micro_batch, run_warnings
 from tests.test_train import tiny_start
 
-MINILM = RetriBertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                         intermediate_size=1536, projection_dim=384)
-GIB = 2 ** 30
+MINILM = RetriBertConfig(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    projection_dim=384,
+)
+GIB = 2**30
 
 
 def test_activation_estimate_matches_the_allocation_that_failed():
@@ -85,8 +91,20 @@ def test_progress_counts_finished_steps():
 
 def _tiny_run(tmp_path, *extra: str) -> list[str]:
     config, data = tiny_start(tmp_path)
-    return ["train", config, data, str(tmp_path / "out"), "--batch-size", "8", "--epochs", "1", "--no-progress",
-            "--checkpoint-batch-size", "4", *extra]
+    return [
+        "train",
+        config,
+        data,
+        str(tmp_path / "out"),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--checkpoint-batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def test_out_of_memory_ends_in_one_line(tmp_path, monkeypatch, capsys):
@@ -95,13 +113,16 @@ def test_out_of_memory_ends_in_one_line(tmp_path, monkeypatch, capsys):
     def step_that_runs_out(*_args, **_kwargs):
         def step(*_):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 44840592128 bytes.")
+
         return step
 
     monkeypatch.setattr(training, "make_train_step", step_that_runs_out)
     assert cli.main(_tiny_run(tmp_path, "--micro-batch-size", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("retribert-jax train: error: a training step of 8 pairs at max_length 128 ran out of device "
-                       "memory; pass --micro-batch-size 2 (micro-batches of 4 pairs did not fit)"), err
+    assert err[-1] == (
+        "retribert-jax train: error: a training step of 8 pairs at max_length 128 ran out of device "
+        "memory; pass --micro-batch-size 2 (micro-batches of 4 pairs did not fit)"
+    ), err
     assert not any("Traceback" in line for line in err)
 
 

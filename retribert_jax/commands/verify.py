@@ -23,7 +23,13 @@ def run(args: argparse.Namespace) -> int:
     # DIR's own weights are the reference here (exported at fp32 when DIR is Flax-only), so the stored dtype adds no
     # error; the compute dtype and precision may.
     atol = default_atol(None, args.dtype, args.precision) if args.atol is None else args.atol
-    result = verify_checkpoint(args.dir, atol=atol, min_agreement=args.min_agreement, max_length=args.max_length,
-                               dtype=args.dtype, precision=args.precision)
+    result = verify_checkpoint(
+        args.dir,
+        atol=atol,
+        min_agreement=args.min_agreement,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        precision=args.precision,
+    )
     print(report(result, atol, args.min_agreement))
     return 0 if result["ok"] else 1

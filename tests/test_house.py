@@ -175,3 +175,12 @@ def test_command_line_start_does_not_import_ipython(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "True", "False"], f"exit code, flax loaded, IPython loaded: {out.stdout}"
+
+
+def test_one_format_and_lint_clean():
+    """The tree is `ruff format`ted (120 columns, pyproject.toml) and `ruff check` finds nothing: CI checks both."""
+    for args in (["format", "--check", "--diff"], ["check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *args, "."], cwd=REPO, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, f"ruff {' '.join(args)}:\n{done.stdout[-4000:]}{done.stderr[-2000:]}"

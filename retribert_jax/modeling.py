@@ -441,10 +441,6 @@ def cls_rows(x: Array, cls_index: Array | None) -> Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def _encode_chunk(bert: BertModel, rngs: nnx.Rngs | None, h: Array, mask: Array, cls_index: Array | None) -> Array:
-    return bert.pooled(h, mask, cls_index, rngs=rngs)
-
-
 class RetriBertModel(nnx.Module):
     """RetriBERT: BERT encoder(s) whose pooler outputs are projected to `projection_dim` without bias.
 
@@ -520,22 +516,39 @@ class RetriBertModel(nnx.Module):
         if checkpoint_batch_size <= 0 or n < checkpoint_batch_size:
             return sent_encoder(input_ids, attention_mask, position_ids, cls_index, rngs=rngs)
         # Embeddings once for the whole batch, then the encoder and pooler chunk by chunk, with activations
-        # recomputed in the backward pass instead of stored.
+        # recomputed in the backward pass instead of stored. The whole chunks run as one scan, so a program traces
+        # and compiles one chunk however many the batch holds (a Python loop would compile each anew); a shorter
+        # last chunk runs apart.
         h = sent_encoder.embeddings(input_ids, position_ids, rngs=rngs)  # B L D
-        mask = visible_keys(attention_mask, position_ids)
-        chunk = nnx.remat(_encode_chunk)
-        end = checkpoint_batch_size
-        pooled = [
-            chunk(
-                sent_encoder,
-                rngs,
-                h[s : s + end],
-                mask[s : s + end],
-                None if cls_index is None else cls_index[s : s + end],
-            )
-            for s in range(0, n, end)
-        ]
-        return jnp.concatenate(pooled, axis=0)
+        mask = visible_keys(attention_mask, position_ids)  # B 1|L L
+        graphdef, state = nnx.split(sent_encoder)
+        # One dropout key per call, folded with the chunk's index, so every chunk draws its own masks.
+        key = rngs.dropout() if rngs is not None else None
+
+        @jax.checkpoint
+        def chunk(state: nnx.State, i: Array, h: Array, mask: Array, cls_index: Array | None) -> Array:
+            bert = nnx.merge(graphdef, state)
+            chunk_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
+            return bert.pooled(h, mask, cls_index, rngs=chunk_rngs)
+
+        c = checkpoint_batch_size
+        m, full = n // c, n // c * c
+
+        def whole(a: Array | None) -> Array | None:
+            return None if a is None else a[:full].reshape(m, c, *a.shape[1:])
+
+        def rest(a: Array | None) -> Array | None:
+            return None if a is None else a[full:]
+
+        _, pooled = jax.lax.scan(
+            lambda carry, xs: (carry, chunk(state, *xs)),
+            None,
+            (jnp.arange(m), whole(h), whole(mask), whole(cls_index)),
+        )  # M C D, or M C S D
+        pooled = pooled.reshape(full, *pooled.shape[2:])
+        if full == n:
+            return pooled
+        return jnp.concatenate([pooled, chunk(state, jnp.asarray(m), rest(h), rest(mask), rest(cls_index))], axis=0)
 
     @property
     def doc_encoder(self) -> BertModel:

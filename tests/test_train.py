@@ -123,6 +123,40 @@ def test_accumulation_takes_a_batch_of_numpy_arrays_outside_jit():
     assert errs[worst] <= 1e-4, f"accumulated gradient of {worst} differs from full-batch by {errs[worst]:.3g}"
 
 
+REMAT = {"checkpoint", "remat", "remat2"}  # jax.checkpoint's primitive, by the names JAX has given it
+
+
+def _count_primitive(jaxpr, names: set[str]) -> int:
+    """How many equations named one of `names` a jaxpr holds, sub-jaxprs (scan bodies, remat) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's Jaxpr
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name in names
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    n += _count_primitive(sub, names)
+    return n
+
+
+@pytest.mark.parametrize("batch, traced", [(8, 1), (9, 2)])
+def test_remat_chunks_trace_one_body_and_draw_their_own_dropout(batch, traced):
+    """checkpoint_batch_size chunks run as one scan: a batch of 4 whole chunks traces (and so compiles) one chunk
+    body, not 4; a shorter last chunk adds one. With dropout on, each chunk draws its own masks."""
+    cfg = RetriBertConfig.tiny()
+    model = init_model(cfg, seed=1)
+    model.train()
+    ids = np.tile(np.random.default_rng(0).integers(1, cfg.vocab_size, (1, 12)), (batch, 1)).astype(np.int32)
+    jaxpr = jax.make_jaxpr(lambda x: model.embed_questions(x, None, 2, rngs=nnx.Rngs(dropout=0)))(ids)
+    assert _count_primitive(jaxpr, REMAT) == traced, f"remat bodies traced for {batch} rows in chunks of 2"
+    out = np.asarray(model.embed_questions(ids, None, 2, rngs=nnx.Rngs(dropout=0)))
+    # Identical rows: rows 0 and 2 sit in different chunks, so only their dropout masks differ.
+    assert np.abs(out[0] - out[2]).max() > 1e-3, "two chunks drew the same dropout masks"
+    model.eval()
+    out = np.asarray(model.embed_questions(ids, None, 2))
+    assert np.abs(out - out[:1]).max() <= 1e-6, "identical rows differ without dropout"
+
+
 @pytest.mark.slow
 def test_dropout_changes_with_key_and_accumulation_replays_it():
     """With dropout on, a micro-batch's backward pass must replay the masks of its forward pass; the gradient of

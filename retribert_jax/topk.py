@@ -117,15 +117,16 @@ def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, num_q: int, dept
 
 
 def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int):
-    """The `candidates` best kept groups as rows in row order ([Q, candidates * group], int32; a place never filled
-    gives rows past any real one), and their values [Q, candidates], best first."""
+    """The `candidates` best kept groups: their rows in row order ([Q, candidates * group], int32; a place never
+    filled gives rows past any real one), their values [Q, candidates] best first, and their group numbers in row
+    order [Q, candidates]."""
     short_v, pos = jax.lax.top_k(flat_v, candidates)  # Q C
     short_g = jnp.take_along_axis(flat_g, pos, axis=1)
     # A shortlisted -inf is an empty place (a slot never filled), not a group: its rows are no candidates.
     short_g = jnp.sort(jnp.where(short_v > -jnp.inf, short_g, jnp.iinfo(jnp.int32).max // group), axis=1)
     num_q = flat_v.shape[0]
     rows = (short_g[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(num_q, candidates * group)
-    return rows, short_v
+    return rows, short_v, short_g
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "group", "depth", "candidates", "screen_dtype"))
@@ -172,7 +173,7 @@ def screened_topk(
 
     blocks = rows.reshape(rows.shape[0] // block, block // group, group, dim)  # NB S G D
     flat_v, flat_g, last_kept = _screen(score_block, blocks, n_valid, num_q, depth)
-    cand_rows, short_v = _shortlist(flat_v, flat_g, candidates, group)
+    cand_rows, short_v, short_g = _shortlist(flat_v, flat_g, candidates, group)
 
     # The bar a group must reach to hold a possible hit (-inf: keep every finite group while fewer than k exist).
     error = screen_error(screen_dtype, dim) * jnp.linalg.norm(queries, axis=1) * norm  # Q
@@ -181,7 +182,10 @@ def screened_topk(
     dropped_none = (last_kept < bar[:, None]) | (last_kept == -jnp.inf)  # Q S
     exact = (needed <= candidates) & jnp.all(dropped_none, axis=1) & ~jnp.isnan(bar)
 
-    gathered = rows[jnp.minimum(cand_rows, rows.shape[0] - 1)].astype(jnp.float32)  # Q C*G D
+    # Gathered a group (G consecutive rows) at a time: one contiguous slice per group, not one per row.
+    groups = jnp.minimum(short_g, rows.shape[0] // group - 1)  # Q C
+    gathered = jnp.take(rows.reshape(-1, group * dim), groups, axis=0).reshape(num_q, -1, dim)  # Q C*G D
+    gathered = gathered.astype(jnp.float32)
     scores = jnp.einsum("qd,qnd->qn", queries, gathered, precision=HIGHEST)  # Q C*G
     top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), k)
     hit_rows = jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)

@@ -59,7 +59,8 @@ MANIFEST_KEYS = {
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
 #   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges",
-#     binary its "centers" (`calibration`).
+#     binary its "centers" (`calibration`) and the name of its decoder's file, "decoder" (`binary_decoder`; a copy
+#     written before decoders has none and decodes with the diagonal one).
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
 CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
@@ -411,6 +412,7 @@ def code_path(directory: str, i: int, form: str) -> str:
 
 
 CALIBRATION = {"int8": "ranges", "binary": "centers"}  # the manifest's key for each form's calibration
+DECODER = "binary-decoder.npy"  # the binary copy's least-squares decoder, float32 [D, D]
 
 
 def calibration(manifest: dict[str, Any], form: str) -> np.ndarray:
@@ -421,12 +423,11 @@ def calibration(manifest: dict[str, Any], form: str) -> np.ndarray:
 def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = False) -> dict[str, Any]:
     """Writes compressed copies of a finished embedding directory's shards and records them in the manifest.
 
-    The int8 ranges, or the binary centers, are calibrated on the whole corpus first (`quantization`), recorded in
-    the manifest under "compressed" (`{"int8": {"ranges": [2, D]}, "binary": {"centers": [2, D]}}`), then every
-    shard is encoded
-    (a second pass); each file is written atomically, the manifest last, so an interrupted run leaves the directory
-    as it was plus files that the next run writes again. A form already recorded is kept as it is unless
-    `overwrite`.
+    The int8 ranges, or the binary centers and decoder, are calibrated on the whole corpus first (`quantization`),
+    recorded in the manifest under "compressed" (`{"int8": {"ranges": [2, D]}, "binary": {"centers": [2, D],
+    "decoder": "binary-decoder.npy"}}`), then every shard is encoded (another pass); each file is written
+    atomically, the manifest last, so an interrupted run leaves the directory as it was plus files that the next run
+    writes again. A form already recorded is kept as it is unless `overwrite`.
 
     Args:
       directory: a finished `retribert-jax embed` output.
@@ -452,16 +453,46 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
                 f"{manifest['projection_dim']}"
             )
         fit = quantization.int8_ranges(shards) if form == "int8" else quantization.binary_centers(shards)
+        record: dict[str, Any] = {CALIBRATION[form]: fit.tolist()}
+        if form == "binary":
+            with atomic_file(os.path.join(directory, DECODER), "wb") as f:
+                np.save(f, quantization.binary_decoder(shards, fit), allow_pickle=False)
+            record["decoder"] = DECODER
         for i, shard in enumerate(shards):
             with atomic_file(code_path(directory, i, form), "wb") as f:
                 np.save(f, quantization.encode(shard, form, fit), allow_pickle=False)
-        done[form] = {CALIBRATION[form]: fit.tolist()}
+        done[form] = record
     if done != manifest.get("compressed", {}) or overwrite:
         manifest = {**manifest, "compressed": done}
         with atomic_file(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
     return manifest
+
+
+def binary_decoder(directory: str, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The binary copy's decoder, float32 [D, D] (`quantization.binary_decoder`), or None for a copy written before
+    decoders (it decodes with the diagonal one).
+
+    Raises:
+      FileNotFoundError: the recorded file is missing.
+      ValueError: a file that is not a float32 [D, D] .npy (named).
+    """
+    name = manifest["compressed"]["binary"].get("decoder")
+    if name is None:
+        return None
+    path = os.path.join(directory, name)
+    hint = f"write it again with `retribert-jax compress {directory} --forms binary --overwrite`"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the binary copy's decoder is missing; {hint}")
+    try:
+        decoder = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e}); {hint}") from None
+    dim = manifest["projection_dim"]
+    if decoder.dtype != np.float32 or decoder.shape != (dim, dim):
+        raise ValueError(f"{path}: {decoder.dtype} {decoder.shape}, a decoder is float32 ({dim}, {dim}); {hint}")
+    return decoder
 
 
 def open_codes(directory: str, manifest: dict[str, Any], form: str) -> list[np.ndarray]:

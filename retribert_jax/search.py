@@ -207,6 +207,16 @@ class Index:
         self.scan, self.rescore_multiplier = scan, rescore_multiplier
         self.shards = embedding_dir.open_shards(directory, self.manifest)
         self.codes = embedding_dir.open_codes(directory, self.manifest, scan) if scan != "float" else None
+        # The compressed scan's query transform (`quantization.query_weights`), [D, D].
+        self._query_weights = (
+            quantization.query_weights(
+                scan,
+                embedding_dir.calibration(self.manifest, scan),
+                embedding_dir.binary_decoder(directory, self.manifest) if scan == "binary" else None,
+            )
+            if scan != "float"
+            else None
+        )
         self._ids = embedding_dir.row_files(directory, self.manifest, "ids")
         self._texts = embedding_dir.row_files(directory, self.manifest, "texts") if self.manifest["has_text"] else []
         self._faiss = None
@@ -345,11 +355,10 @@ class Index:
         n = np.int32(placed.stop - placed.start)
         if self.scan != "float":
             candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
-            scale = quantization.query_weights(self.scan, embedding_dir.calibration(self.manifest, self.scan))
             fn = _mesh_program(
                 self.mesh, "shortlist", form=self.scan, candidates=candidates, screen_dtype=self._screen_dtype()
             )
-            return fn(queries, placed.rows, n, scale)
+            return fn(queries, placed.rows, n, self._query_weights)
         if placed.screen and k <= MAX_SCREEN_K:
             return _mesh_program(
                 self.mesh,

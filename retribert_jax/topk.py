@@ -197,7 +197,7 @@ def compressed_shortlist(
     queries: jax.Array,
     codes: jax.Array,
     n_valid: jax.Array,
-    scale: jax.Array,
+    weights: jax.Array,
     *,
     form: str,
     block: int = 2048,
@@ -212,7 +212,8 @@ def compressed_shortlist(
       queries: float32 [Q, D].
       codes: int8 [R, D] ("int8": scalar-quantized, see `quantization`) or uint8 [R, D / 8] ("binary": sign bits,
         most significant bit first, as `numpy.packbits`); R a multiple of `block`; rows past `n_valid` are padding.
-      scale: float32 [D]: the query's weights (`quantization.query_weights`: the int8 step, or the binary scale).
+      weights: float32 [D, D]: the query's transform (`quantization.query_weights`: a query q scores a code as
+        `(q @ weights.T) . code`).
       form: "int8" or "binary".
       candidates: groups of `group` rows shortlisted.
       screen_dtype: the matmul's operand dtype, "bfloat16" or "float32" (codes are exact in either; the query is
@@ -221,20 +222,20 @@ def compressed_shortlist(
     Returns:
       int32 [Q, candidates * group] rows in row order; a row at or past `n_valid` is no candidate.
 
-    Scores are the query against the decoded rows (asymmetric: the query stays float): `(q * scale) . code`, codes
-    read as integers (int8) or +-1 (binary), ranks rows as `q . decode(code)` does (the rest is constant per query).
+    Scores are the query against the decoded rows (asymmetric: the query stays float): `(q @ weights.T) . code`,
+    codes read as integers (int8) or +-1 (binary), ranks rows as `q . decode(code)` does (the rest is constant per
+    query).
     """
     num_q, dim = queries.shape
     screen = SCREEN_DTYPES[screen_dtype]
+    q_screen = jnp.dot(queries, weights.T, precision=HIGHEST).astype(screen)
     if form == "int8":
-        q_screen = (queries * scale).astype(screen)
 
         def score_block(blk):  # S G D int8 -> S G Q
             return jnp.dot(
                 blk.reshape(block, dim).astype(screen), q_screen.T, preferred_element_type=jnp.float32
             ).reshape(block // group, group, num_q)
     else:
-        q_screen = (queries * scale).astype(screen)
         shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
         def score_block(blk):  # S G D/8 uint8 -> S G Q

@@ -334,8 +334,9 @@ class Index:
         for start in range(0, len(self), step):
             yield self._place(start, min(start + step, len(self)))
 
-    def _search_jax(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over every pass, merged in the total order. The search of a pass is dispatched before the next
+    def _search_jax(self, q: np.ndarray, k: int, real: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over every pass, merged in the total order, for queries q [Q, D] of which the first `real` are
+        real (the rest, padding, are never searched again). The search of a pass is dispatched before the next
         pass is read from disk, so the two overlap."""
         mesh = self.mesh
         queries = jax.make_array_from_callback(q.shape, replicated(mesh), lambda index: q[index])
@@ -343,9 +344,9 @@ class Index:
         for placed in self._passes():
             dispatched = (placed, self._dispatch(queries, placed, k))
             if pending is not None:
-                results.append(self._collect(q, *pending, k))
+                results.append(self._collect(q, *pending, k, real))
             pending = dispatched
-        results.append(self._collect(q, *pending, k))
+        results.append(self._collect(q, *pending, k, real))
         scores = np.concatenate([r[0] for r in results], axis=1)
         rows = np.concatenate([r[1] for r in results], axis=1)
         return _rank(scores, rows, k) if len(results) > 1 else (scores, rows)
@@ -374,16 +375,19 @@ class Index:
     def _screen_dtype(self) -> str:
         return self.screen_dtype or default_screen_dtype()
 
-    def _collect(self, q: np.ndarray, placed: _Pass, out, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """One pass's hits as host arrays with index rows; queries the screen could not prove are searched again
-        (with a longer shortlist, or by the blocked path); a compressed scan's shortlist is rescored here."""
+    def _collect(self, q: np.ndarray, placed: _Pass, out, k: int, real: int) -> tuple[np.ndarray, np.ndarray]:
+        """One pass's hits as host arrays with index rows; real queries (the first `real`) that the screen could
+        not prove are searched again (with a longer shortlist, or by the blocked path); a compressed scan's
+        shortlist is rescored here."""
         if self.scan != "float":
             return self._rescore(q, _host(out) + placed.start, k)
         if len(out) == 2:
             scores, rows = _host(out[0]), _host(out[1])
         else:
             scores, rows, exact, needed = (_host(x) for x in out)
-            scores, rows = scores.copy(), rows.copy()
+            scores, rows, exact = scores.copy(), rows.copy(), exact.copy()
+            # A padding query (all zeros: every score ties) is never proven, and its hits are dropped anyway.
+            exact[real:] = True
             for redo, retry in self._retries(exact, needed, screen_candidates(k, self._screen_dtype())):
                 sub = np.zeros((_pow2(len(redo)), q.shape[1]), np.float32)
                 sub[: len(redo)] = q[redo]
@@ -494,7 +498,7 @@ class Index:
             rows = min(QUERY_CHUNK, _pow2(part.shape[0]))
             padded = np.zeros((rows, q.shape[1]), np.float32)
             padded[: part.shape[0]] = part
-            top, idx = self._search_jax(padded, k)
+            top, idx = self._search_jax(padded, k, real=part.shape[0])
             parts.append((top[: part.shape[0]], idx[: part.shape[0]]))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 

@@ -364,6 +364,26 @@ def test_screened_search_equals_faiss(large, screen_dtype):
     np.testing.assert_allclose(scores, ref_s, rtol=0, atol=1e-4)
 
 
+def test_padding_queries_are_not_searched_again(large, monkeypatch):
+    """40 queries run as a chunk of 64: the 24 all-zero padding queries tie everywhere, so the screen cannot prove
+    them, yet only real queries may be searched again (a second pass over the rows each time)."""
+    d, emb, q = large
+    index = Index(d)
+    seen = []
+    retries = Index._retries
+
+    def spy(exact, needed, candidates):
+        out = list(retries(exact, needed, candidates))
+        seen.extend(p for positions, _ in out for p in positions.tolist())
+        return iter(out)
+
+    monkeypatch.setattr(Index, "_retries", staticmethod(spy))
+    scores, rows = index.search_rows(q, 10)
+    assert index._resident.screen
+    assert all(p < len(q) for p in seen), f"padding queries searched again: {sorted(p for p in seen if p >= len(q))}"
+    np.testing.assert_array_equal(rows, np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :10])
+
+
 def test_k_ten_thousand_equals_faiss(large):
     faiss = pytest.importorskip("faiss")
     d, emb, q = large

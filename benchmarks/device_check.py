@@ -757,7 +757,8 @@ def report(results: dict[str, Any]) -> str:
         h = rt["host"]
         lines.append(
             f"real text, host: tokenizer alone {h['tokenizer_texts_per_s']:.0f} texts/s, Encoder over a "
-            f"negligible model {h['encoder_texts_per_s']:.0f} ({h['ratio']:.2f}x)"
+            f"negligible model {h['encoder_texts_per_s']:.0f} ({h['ratio']:.2f}x), the same on tokenized texts "
+            f"{h['pretokenized_texts_per_s']:.0f} (overlap {h['overlap']:.2f})"
         )
     for r in rt.get("encoder", []):
         lines.append(

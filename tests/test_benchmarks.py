@@ -171,6 +171,7 @@ def test_device_check_quick_run_on_cpu(tmp_path):
         e["texts_per_s"] > 0 for e in text["encoder"]
     )
     assert text["host"]["tokenizer_texts_per_s"] > 0 and text["sentence_transformers"][0]["texts_per_s"] > 0
+    assert text["host"]["pretokenized_texts_per_s"] > 0 and np.isfinite(text["host"]["overlap"])
     p = r["parity_fp32"]
     assert "cli_error" not in p, p["cli_error"]
     assert max(p["encoder_max_abs_diff"], p["cli_max_abs_diff"], p["train_grad_max_abs_diff"]) <= 1e-6, p

@@ -90,10 +90,10 @@ class _Pass:
 def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
     """The jitted search of rows split over the mesh's "data" axis: each device searches its own rows with
     `topk` (kind "screened", "blocked" or "shortlist"), row numbers made global, and the per-device lists gathered;
-    hits are merged exactly (devices hold consecutive rows, so one stable top-k keeps the total order), a shortlist
-    is returned whole. Arguments: (queries [Q, D] replicated, rows split over "data", n real rows, extra): extra is
-    the int8 steps [D] (replicated) for a shortlist, the per-device row norms [devices] (split) for the screen, and
-    unused by the blocked path."""
+    hits are merged exactly (devices hold consecutive rows, so one stable top-k keeps the total order), shortlists
+    by their approximate scores. Arguments: (queries [Q, D] replicated, rows split over "data", n real rows, extra):
+    extra is the query transform [D, D] (replicated) for a shortlist, the per-device row norms [devices] (split)
+    for the screen, and unused by the blocked path."""
 
     def local(queries, rows, n, extra):
         device = jax.lax.axis_index("data")
@@ -105,7 +105,9 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
             return jax.lax.all_gather(x, "data", axis=1, tiled=True)
 
         if kind == "shortlist":
-            return gather(topk.compressed_shortlist(queries, rows, valid, extra, **static) + offset)
+            top, hit = topk.compressed_shortlist(queries, rows, valid, extra, **static)
+            hit = jnp.where(hit >= 0, hit + offset, -1)
+            return topk.merge_topk(gather(top), gather(hit), static["rows_out"])
         if kind == "screened":
             top, hit, exact, needed = topk.screened_topk(queries, rows, valid, extra[0], **static)
         else:
@@ -154,9 +156,9 @@ class Index:
         every device of every process; in a multi-process run every process searches the same queries together).
       scan: jax backend: "float" (exact), or "int8" / "binary" to scan the compressed copy (`retribert-jax
         compress`) for a shortlist, rescored exactly from the float vectors on disk.
-      rescore_multiplier: scan "int8"/"binary": the shortlist is the `rescore_multiplier * k` best groups of 8
-        consecutive rows by their best approximate score (at most 1,536 groups per device): a superset of the
-        `rescore_multiplier * k` best rows that sentence-transformers' `rescore_multiplier` shortlists.
+      rescore_multiplier: scan "int8"/"binary": the shortlist is the `rescore_multiplier * k` best rows by the
+        approximate score, as sentence-transformers' `rescore_multiplier` (at most 1,536 rows per device; see
+        `topk.compressed_shortlist`).
       max_device_rows: jax backend: rows held per device at once; a larger index is streamed from the memory map in
         passes of that many rows per device, the next pass's transfer overlapping the current one's search. Default:
         every row at once on a CPU; on an accelerator, what fits in half its memory.
@@ -355,9 +357,16 @@ class Index:
         """Starts the search of one pass (asynchronously, as JAX dispatches)."""
         n = np.int32(placed.stop - placed.start)
         if self.scan != "float":
-            candidates = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
+            # Rows to rescore, as sentence-transformers' rescore_multiplier; the screen keeps 1,536 groups a device,
+            # and only that many best groups are sure to hold that many best rows.
+            wanted = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
             fn = _mesh_program(
-                self.mesh, "shortlist", form=self.scan, candidates=candidates, screen_dtype=self._screen_dtype()
+                self.mesh,
+                "shortlist",
+                form=self.scan,
+                rows_out=wanted,
+                candidates=wanted,
+                screen_dtype=self._screen_dtype(),
             )
             return fn(queries, placed.rows, n, self._query_weights)
         if placed.screen and k <= MAX_SCREEN_K:
@@ -380,7 +389,8 @@ class Index:
         not prove are searched again (with a longer shortlist, or by the blocked path); a compressed scan's
         shortlist is rescored here."""
         if self.scan != "float":
-            return self._rescore(q, _host(out) + placed.start, k)
+            rows = _host(out[1])
+            return self._rescore(q, np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1), k)
         if len(out) == 2:
             scores, rows = _host(out[0]), _host(out[1])
         else:

@@ -192,7 +192,9 @@ def screened_topk(
     return top, hit_rows, exact, needed
 
 
-@functools.partial(jax.jit, static_argnames=("form", "block", "group", "depth", "candidates", "screen_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("form", "rows_out", "block", "group", "depth", "candidates", "screen_dtype")
+)
 def compressed_shortlist(
     queries: jax.Array,
     codes: jax.Array,
@@ -200,13 +202,21 @@ def compressed_shortlist(
     weights: jax.Array,
     *,
     form: str,
+    rows_out: int,
     block: int = 2048,
     group: int = 8,
     depth: int = 6,
     candidates: int = 256,
     screen_dtype: str = "bfloat16",
 ):
-    """The rows worth rescoring for each query, from a compressed copy of the index (approximate by design).
+    """Each query's `rows_out` best rows by the approximate score of a compressed copy of the index: the rows worth
+    rescoring (approximate by design, as sentence-transformers' `rescore_multiplier` shortlist is).
+
+    The copy is screened as `screened_topk` screens float rows, for the `candidates` best groups of `group` rows;
+    their rows' codes are then gathered and scored one by one, and the `rows_out` best kept. Of the groups kept by
+    the screen, the `candidates` best by their best row hold the `candidates` best rows, so with
+    `candidates >= rows_out` the result is the `rows_out` best rows by the approximate score, save those of a group
+    the screen dropped (more than `depth` better groups in its slot).
 
     Args:
       queries: float32 [Q, D].
@@ -215,12 +225,14 @@ def compressed_shortlist(
       weights: float32 [D, D]: the query's transform (`quantization.query_weights`: a query q scores a code as
         `(q @ weights.T) . code`).
       form: "int8" or "binary".
-      candidates: groups of `group` rows shortlisted.
+      rows_out: rows returned per query, at most `candidates * group`.
+      candidates: groups of `group` rows shortlisted by the screen.
       screen_dtype: the matmul's operand dtype, "bfloat16" or "float32" (codes are exact in either; the query is
         rounded to it).
 
     Returns:
-      int32 [Q, candidates * group] rows in row order; a row at or past `n_valid` is no candidate.
+      (approximate scores float32 [Q, rows_out], rows int32 [Q, rows_out]), best first; -inf and row -1 where a
+      query has fewer candidate rows.
 
     Scores are the query against the decoded rows (asymmetric: the query stays float): `(q @ weights.T) . code`,
     codes read as integers (int8) or +-1 (binary), ranks rows as `q . decode(code)` does (the rest is constant per
@@ -229,23 +241,27 @@ def compressed_shortlist(
     num_q, dim = queries.shape
     screen = SCREEN_DTYPES[screen_dtype]
     q_screen = jnp.dot(queries, weights.T, precision=HIGHEST).astype(screen)
-    if form == "int8":
+    shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
 
-        def score_block(blk):  # S G D int8 -> S G Q
-            return jnp.dot(
-                blk.reshape(block, dim).astype(screen), q_screen.T, preferred_element_type=jnp.float32
-            ).reshape(block // group, group, num_q)
-    else:
-        shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+    def decoded(c):  # [..., width] codes -> [..., D] in the screen's dtype: integers, or +-1
+        if form == "int8":
+            return c.astype(screen)
+        bits = (c[..., None] >> shifts) & 1  # ... D/8 8
+        return (2 * bits.astype(screen) - 1).reshape(*c.shape[:-1], dim)
 
-        def score_block(blk):  # S G D/8 uint8 -> S G Q
-            bits = (blk.reshape(block, dim // 8)[..., None] >> shifts) & 1  # B D/8 8
-            signs = (2 * bits.astype(screen) - 1).reshape(block, dim)
-            return jnp.dot(signs, q_screen.T, preferred_element_type=jnp.float32).reshape(block // group, group, num_q)
+    def score_block(blk):  # S G width -> S G Q
+        scores = jnp.dot(decoded(blk.reshape(block, -1)), q_screen.T, preferred_element_type=jnp.float32)
+        return scores.reshape(block // group, group, num_q)
 
-    blocks = codes.reshape(codes.shape[0] // block, block // group, group, codes.shape[1])
+    width = codes.shape[1]
+    blocks = codes.reshape(codes.shape[0] // block, block // group, group, width)
     flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)
-    return _shortlist(flat_v, flat_g, candidates, group)[0]
+    cand_rows, _, short_g = _shortlist(flat_v, flat_g, candidates, group)
+    groups = jnp.minimum(short_g, codes.shape[0] // group - 1)  # Q C
+    gathered = jnp.take(codes.reshape(-1, group * width), groups, axis=0).reshape(num_q, -1, width)  # Q C*G width
+    scores = jnp.einsum("qnd,qd->qn", decoded(gathered), q_screen, preferred_element_type=jnp.float32)
+    top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), rows_out)
+    return top, jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "recall_target"))

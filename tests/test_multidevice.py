@@ -134,7 +134,7 @@ from retribert_jax.search import Index
 d, out = sys.argv[4], sys.argv[5]
 q = np.random.default_rng(5).standard_normal((24, 32)).astype(np.float32)
 res = {"devices": len(jax.devices()), "processes": jax.process_count()}
-for name, kw in (("resident", {}), ("streamed", {"max_device_rows": 11_000})):
+for name, kw in (("resident", {}), ("streamed", {"max_device_rows": 11_000}), ("int8", {"scan": "int8"})):
     index = Index(d, **kw)
     scores, rows = index.search_rows(q, 50)
     res[name] = {"rows": rows.tolist(), "scores": scores.tolist(), "passes": -(-len(index) // index._rows_per_pass())}
@@ -146,15 +146,17 @@ if jax.process_index() == 0:
 
 @pytest.fixture(scope="module")
 def search_index(tmp_path_factory) -> str:
-    """140,000 rows: 17,500 per device on 8 devices, enough for each to screen (search.SCREEN_MIN_ROWS)."""
+    """140,000 rows: 17,500 per device on 8 devices, enough for each to screen (search.SCREEN_MIN_ROWS); with an
+    int8 copy."""
     import numpy as np
 
+    from retribert_jax.embedding_dir import write_compressed
     from tests.test_search import write_index
 
     rng = np.random.default_rng(3)
-    return write_index(
-        tmp_path_factory.mktemp("search") / "idx", rng.standard_normal((140_000, 32)).astype("f4"), 50_000
-    )
+    d = write_index(tmp_path_factory.mktemp("search") / "idx", rng.standard_normal((140_000, 32)).astype("f4"), 50_000)
+    write_compressed(d, ["int8"])
+    return d
 
 
 def run_search(search_index, out, devices: int, processes: int = 1) -> dict:
@@ -194,7 +196,8 @@ def run_search(search_index, out, devices: int, processes: int = 1) -> dict:
 def assert_same_hits(many: dict, one: dict, what: str) -> None:
     import numpy as np
 
-    for name in ("resident", "streamed"):
+    # int8: each device shortlists its own best rows by the approximate score, the best of those are rescored.
+    for name in ("resident", "streamed", "int8"):
         assert many[name]["rows"] == one[name]["rows"], f"{what}, {name}: hits differ from one device's"
         # The same inner products; programs of other shapes may sum them in another order.
         np.testing.assert_allclose(many[name]["scores"], one[name]["scores"], rtol=1e-6, atol=0)

@@ -114,3 +114,38 @@ def test_blocked_topk_equals_brute_force(k):
     ref_s, ref_r = brute_force(q, x, k)
     np.testing.assert_array_equal(np.asarray(hit), ref_r)
     np.testing.assert_allclose(np.asarray(top), ref_s, atol=2e-5)
+
+
+@pytest.mark.parametrize("form", ["int8", "binary"])
+def test_compressed_shortlist_is_the_best_rows_by_the_approximate_score(form):
+    """Rows by approximate score, not whole groups: with every slot under its depth (3 blocks, depth 6) the result
+    is exactly the `rows_out` best rows by `(q @ W.T) . code`, computed here in float64 from the decoded codes."""
+    from retribert_jax import quantization
+
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((700, 16)).astype(np.float32)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    fit = quantization.int8_ranges([x]) if form == "int8" else quantization.binary_centers([x])
+    decoder = None if form == "int8" else quantization.binary_decoder([x], fit)
+    codes = quantization.encode(x, form, fit)
+    weights = quantization.query_weights(form, fit, decoder)
+    top, rows = topk.compressed_shortlist(
+        jnp.asarray(q),
+        padded(codes, 256),
+        jnp.int32(x.shape[0]),
+        jnp.asarray(weights),
+        form=form,
+        rows_out=40,
+        block=256,
+        group=8,
+        candidates=40,
+        screen_dtype="float32",
+    )
+    approx = q.astype(np.float64) @ quantization.decode(codes, form, fit, decoder).astype(np.float64).T
+    expected = np.argsort(-approx, axis=1, kind="stable")[:, :40]
+    for i in range(len(q)):
+        # Equal as sets up to ties at the 40th score (binary codes repeat scores).
+        cut = approx[i, expected[i, -1]]
+        assert set(expected[i][approx[i, expected[i]] > cut + 1e-4]) <= set(np.asarray(rows[i]).tolist())
+        assert np.all(approx[i, np.asarray(rows[i])] >= cut - 1e-4)
+    assert np.all(np.diff(np.asarray(top), axis=1) <= 0), "scores best first"

@@ -95,8 +95,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         "--rescore-multiplier",
         type=positive_int,
         default=4,
-        help="--scan int8/binary: shortlisted groups of 8 rows per hit, rescored exactly; a superset of the "
-        "rows sentence-transformers' rescore_multiplier shortlists (%(default)s)",
+        help="--scan int8/binary: rows shortlisted by the approximate score per hit, rescored exactly, as "
+        "sentence-transformers' rescore_multiplier (%(default)s)",
     )
     p.add_argument(
         "--max-device-rows",

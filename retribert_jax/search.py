@@ -389,8 +389,8 @@ class Index:
         not prove are searched again (with a longer shortlist, or by the blocked path); a compressed scan's
         shortlist is rescored here."""
         if self.scan != "float":
-            rows = _host(out[1])
-            return self._rescore(q, np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1), k)
+            rows = _host(out[1])[:real]  # padding queries are not rescored
+            return self._rescore(q[:real], np.where(rows >= 0, rows.astype(np.int64) + placed.start, -1), k)
         if len(out) == 2:
             scores, rows = _host(out[0]), _host(out[1])
         else:

@@ -129,6 +129,13 @@ def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int
     return rows, short_v, short_g
 
 
+def _gather_groups(x: jax.Array, groups: jax.Array, group: int) -> jax.Array:
+    """The rows [Q, C * group, W] of groups [Q, C] of `group` consecutive rows of x [R, W] (a group past the end
+    gives the last one), gathered a group at a time: one contiguous slice per group, not one per row."""
+    groups = jnp.minimum(groups, x.shape[0] // group - 1)
+    return jnp.take(x.reshape(-1, group * x.shape[1]), groups, axis=0).reshape(groups.shape[0], -1, x.shape[1])
+
+
 @functools.partial(jax.jit, static_argnames=("k", "block", "group", "depth", "candidates", "screen_dtype"))
 def screened_topk(
     queries: jax.Array,
@@ -182,10 +189,7 @@ def screened_topk(
     dropped_none = (last_kept < bar[:, None]) | (last_kept == -jnp.inf)  # Q S
     exact = (needed <= candidates) & jnp.all(dropped_none, axis=1) & ~jnp.isnan(bar)
 
-    # Gathered a group (G consecutive rows) at a time: one contiguous slice per group, not one per row.
-    groups = jnp.minimum(short_g, rows.shape[0] // group - 1)  # Q C
-    gathered = jnp.take(rows.reshape(-1, group * dim), groups, axis=0).reshape(num_q, -1, dim)  # Q C*G D
-    gathered = gathered.astype(jnp.float32)
+    gathered = _gather_groups(rows, short_g, group).astype(jnp.float32)  # Q C*G D
     scores = jnp.einsum("qd,qnd->qn", queries, gathered, precision=HIGHEST)  # Q C*G
     top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), k)
     hit_rows = jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)
@@ -257,8 +261,7 @@ def compressed_shortlist(
     blocks = codes.reshape(codes.shape[0] // block, block // group, group, width)
     flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)
     cand_rows, _, short_g = _shortlist(flat_v, flat_g, candidates, group)
-    groups = jnp.minimum(short_g, codes.shape[0] // group - 1)  # Q C
-    gathered = jnp.take(codes.reshape(-1, group * width), groups, axis=0).reshape(num_q, -1, width)  # Q C*G width
+    gathered = _gather_groups(codes, short_g, group)  # Q C*G width
     scores = jnp.einsum("qnd,qd->qn", decoded(gathered), q_screen, preferred_element_type=jnp.float32)
     top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), rows_out)
     return top, jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)

@@ -59,8 +59,9 @@ MANIFEST_KEYS = {
 #   weights_fingerprint: `params.weights_fingerprint` of the model that embedded the rows;
 #   compute_dtype, precision: how that model ran (`config.RunConfig`; precision None is JAX's default).
 #   compressed: {form: {...}} for each compressed copy written (`write_compressed`); int8 holds its "ranges",
-#     binary its "centers" (`calibration`) and the name of its decoder's file, "decoder" (`binary_decoder`; a copy
-#     written before decoders has none and decodes with the diagonal one).
+#     binary its "centers" (`calibration`) and the names of its rotation's and decoder's files, "rotation" and
+#     "decoder" (`binary_matrix`; a copy written before rotations was thresholded at the mean unrotated, and one
+#     written before decoders decodes with the diagonal one).
 OPTIONAL_KEYS = {"weights_fingerprint": str, "compute_dtype": str, "precision": (str, type(None)), "compressed": dict}
 CODE_DTYPES = {"int8": np.dtype(np.int8), "binary": np.dtype(np.uint8)}  # a compressed copy's dtype, by form
 # Every file name a run writes, by pattern: what `--overwrite` may remove (and nothing else).
@@ -413,6 +414,7 @@ def code_path(directory: str, i: int, form: str) -> str:
 
 CALIBRATION = {"int8": "ranges", "binary": "centers"}  # the manifest's key for each form's calibration
 DECODER = "binary-decoder.npy"  # the binary copy's least-squares decoder, float32 [D, D]
+ROTATION = "binary-rotation.npy"  # the binary copy's rotation before the signs are taken, float32 [D, D]
 
 
 def calibration(manifest: dict[str, Any], form: str) -> np.ndarray:
@@ -423,11 +425,12 @@ def calibration(manifest: dict[str, Any], form: str) -> np.ndarray:
 def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = False) -> dict[str, Any]:
     """Writes compressed copies of a finished embedding directory's shards and records them in the manifest.
 
-    The int8 ranges, or the binary centers and decoder, are calibrated on the whole corpus first (`quantization`),
-    recorded in the manifest under "compressed" (`{"int8": {"ranges": [2, D]}, "binary": {"centers": [2, D],
-    "decoder": "binary-decoder.npy"}}`), then every shard is encoded (another pass); each file is written
-    atomically, the manifest last, so an interrupted run leaves the directory as it was plus files that the next run
-    writes again. A form already recorded is kept as it is unless `overwrite`.
+    The int8 ranges, or the binary centers, rotation and decoder, are calibrated on the whole corpus first
+    (`quantization`), recorded in the manifest under "compressed" (`{"int8": {"ranges": [2, D]}, "binary":
+    {"centers": [2, D], "rotation": "binary-rotation.npy", "decoder": "binary-decoder.npy"}}`), then every shard
+    is encoded (another pass); each file is written atomically, the manifest last, so an interrupted run leaves the
+    directory as it was plus files that the next run writes again. A form already recorded is kept as it is unless
+    `overwrite`.
 
     Args:
       directory: a finished `retribert-jax embed` output.
@@ -454,13 +457,19 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
             )
         fit = quantization.int8_ranges(shards) if form == "int8" else quantization.binary_centers(shards)
         record: dict[str, Any] = {CALIBRATION[form]: fit.tolist()}
+        rotation = None
         if form == "binary":
-            with atomic_file(os.path.join(directory, DECODER), "wb") as f:
-                np.save(f, quantization.binary_decoder(shards, fit), allow_pickle=False)
-            record["decoder"] = DECODER
+            rotation = quantization.binary_rotation(shards, fit)
+            for key, name, matrix in (
+                ("rotation", ROTATION, rotation),
+                ("decoder", DECODER, quantization.binary_decoder(shards, fit, rotation)),
+            ):
+                with atomic_file(os.path.join(directory, name), "wb") as f:
+                    np.save(f, matrix, allow_pickle=False)
+                record[key] = name
         for i, shard in enumerate(shards):
             with atomic_file(code_path(directory, i, form), "wb") as f:
-                np.save(f, quantization.encode(shard, form, fit), allow_pickle=False)
+                np.save(f, quantization.encode(shard, form, fit, rotation), allow_pickle=False)
         done[form] = record
     if done != manifest.get("compressed", {}) or overwrite:
         manifest = {**manifest, "compressed": done}
@@ -470,29 +479,30 @@ def write_compressed(directory: str, forms: Sequence[str], *, overwrite: bool = 
     return manifest
 
 
-def binary_decoder(directory: str, manifest: dict[str, Any]) -> np.ndarray | None:
-    """The binary copy's decoder, float32 [D, D] (`quantization.binary_decoder`), or None for a copy written before
-    decoders (it decodes with the diagonal one).
+def binary_matrix(directory: str, manifest: dict[str, Any], key: str) -> np.ndarray | None:
+    """One of the binary copy's matrices, float32 [D, D]: its "decoder" (`quantization.binary_decoder`) or its
+    "rotation" (`quantization.binary_rotation`); None for a copy written before them (it decodes with the diagonal
+    decoder; its codes are unrotated).
 
     Raises:
       FileNotFoundError: the recorded file is missing.
       ValueError: a file that is not a float32 [D, D] .npy (named).
     """
-    name = manifest["compressed"]["binary"].get("decoder")
+    name = manifest["compressed"]["binary"].get(key)
     if name is None:
         return None
     path = os.path.join(directory, name)
     hint = f"write it again with `retribert-jax compress {directory} --forms binary --overwrite`"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the binary copy's decoder is missing; {hint}")
+        raise FileNotFoundError(f"{path}: the binary copy's {key} is missing; {hint}")
     try:
-        decoder = np.load(path, allow_pickle=False)
+        matrix = np.load(path, allow_pickle=False)
     except ValueError as e:
         raise ValueError(f"{path}: not a readable .npy file ({e}); {hint}") from None
     dim = manifest["projection_dim"]
-    if decoder.dtype != np.float32 or decoder.shape != (dim, dim):
-        raise ValueError(f"{path}: {decoder.dtype} {decoder.shape}, a decoder is float32 ({dim}, {dim}); {hint}")
-    return decoder
+    if matrix.dtype != np.float32 or matrix.shape != (dim, dim):
+        raise ValueError(f"{path}: {matrix.dtype} {matrix.shape}, a {key} is float32 ({dim}, {dim}); {hint}")
+    return matrix
 
 
 def open_codes(directory: str, manifest: dict[str, Any], form: str) -> list[np.ndarray]:

@@ -41,6 +41,9 @@ QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score
 SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6
 SCREEN_MIN_ROWS = 8 * SCREEN_BLOCK  # rows per device below which the blocked path is as quick
 MAX_SCREEN_K = 1024  # a larger k takes the blocked path
+# Rows a compressed scan shortlists per device at most: the gathered codes of that many groups of 8 rows, for 256
+# queries, are 134 MB (binary) to 1 GiB (int8).
+MAX_SHORTLIST_ROWS = 4096
 
 
 def default_screen_dtype() -> str:
@@ -62,6 +65,14 @@ def screen_candidates(k: int, screen_dtype: str) -> int:
     if screen_dtype == "float32":
         return -(-(k + max(8, k // 8)) // 8) * 8
     return _pow2(2 * k)
+
+
+def shortlist_rows(k: int, rescore_multiplier: int) -> int:
+    """Rows a compressed scan shortlists per device for k hits: `k * rescore_multiplier`, as sentence-transformers'
+    rescore_multiplier, at most `MAX_SHORTLIST_ROWS`. The screen keeps as many groups as rows (the best groups by
+    their best row are the only ones sure to hold the best rows), `SCREEN_BLOCK // SCREEN_GROUP` slots deep enough
+    to hold them."""
+    return min(k * rescore_multiplier, MAX_SHORTLIST_ROWS)
 
 
 def _pow2(n: int) -> int:
@@ -157,8 +168,8 @@ class Index:
       scan: jax backend: "float" (exact), or "int8" / "binary" to scan the compressed copy (`retribert-jax
         compress`) for a shortlist, rescored exactly from the float vectors on disk.
       rescore_multiplier: scan "int8"/"binary": the shortlist is the `rescore_multiplier * k` best rows by the
-        approximate score, as sentence-transformers' `rescore_multiplier` (at most 1,536 rows per device; see
-        `topk.compressed_shortlist`).
+        approximate score, as sentence-transformers' `rescore_multiplier` (at most 4,096 rows per device,
+        `shortlist_rows`; see `topk.compressed_shortlist`).
       max_device_rows: jax backend: rows held per device at once; a larger index is streamed from the memory map in
         passes of that many rows per device, the next pass's transfer overlapping the current one's search. Default:
         every row at once on a CPU; on an accelerator, what fits in half its memory.
@@ -214,7 +225,7 @@ class Index:
             quantization.query_weights(
                 scan,
                 embedding_dir.calibration(self.manifest, scan),
-                embedding_dir.binary_decoder(directory, self.manifest) if scan == "binary" else None,
+                embedding_dir.binary_matrix(directory, self.manifest, "decoder") if scan == "binary" else None,
             )
             if scan != "float"
             else None
@@ -357,15 +368,14 @@ class Index:
         """Starts the search of one pass (asynchronously, as JAX dispatches)."""
         n = np.int32(placed.stop - placed.start)
         if self.scan != "float":
-            # Rows to rescore, as sentence-transformers' rescore_multiplier; the screen keeps 1,536 groups a device,
-            # and only that many best groups are sure to hold that many best rows.
-            wanted = min(k * self.rescore_multiplier, SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP)
+            wanted = shortlist_rows(k, self.rescore_multiplier)
             fn = _mesh_program(
                 self.mesh,
                 "shortlist",
                 form=self.scan,
                 rows_out=wanted,
                 candidates=wanted,
+                depth=max(SCREEN_DEPTH, -(-wanted // (SCREEN_BLOCK // SCREEN_GROUP))),
                 screen_dtype=self._screen_dtype(),
             )
             return fn(queries, placed.rows, n, self._query_weights)

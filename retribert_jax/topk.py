@@ -262,9 +262,27 @@ def compressed_shortlist(
     flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)
     cand_rows, _, short_g = _shortlist(flat_v, flat_g, candidates, group)
     gathered = _gather_groups(codes, short_g, group)  # Q C*G width
-    scores = jnp.einsum("qnd,qd->qn", decoded(gathered), q_screen, preferred_element_type=jnp.float32)
+    if form == "int8":
+        scores = jnp.einsum("qnd,qd->qn", decoded(gathered), q_screen, preferred_element_type=jnp.float32)
+    else:
+        scores = _binary_scores(q_screen.astype(jnp.float32), gathered)
     top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), rows_out)
     return top, jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)
+
+
+def _binary_scores(queries: jax.Array, codes: jax.Array) -> jax.Array:
+    """Each query against its own rows' packed sign bits: queries float32 [Q, D], codes uint8 [Q, N, D / 8] ->
+    float32 [Q, N], `q . b` with b the bits as +-1. By table lookup, as product quantization's asymmetric distance
+    (Jegou et al., TPAMI 2011): each query's [D / 8, 256] table holds the score of every byte value at every byte
+    position, and a row's score is the sum of its bytes' entries, a gather and a sum that fuse into one loop, where
+    unpacking the bits would write 8 floats for every bit."""
+    num_q, dim = queries.shape
+    width = dim // 8
+    shifts = jnp.arange(7, -1, -1, dtype=jnp.int32)
+    signs = (2 * ((jnp.arange(256, dtype=jnp.int32)[:, None] >> shifts) & 1) - 1).astype(jnp.float32)  # 256 8
+    table = jnp.einsum("qpj,vj->qpv", queries.reshape(num_q, width, 8), signs, precision=HIGHEST)  # Q D/8 256
+    index = codes.astype(jnp.int32) + jnp.arange(width, dtype=jnp.int32) * 256  # Q N D/8
+    return jnp.take_along_axis(table.reshape(num_q, 1, width * 256), index, axis=2).sum(axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "recall_target"))

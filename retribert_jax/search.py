@@ -41,6 +41,9 @@ QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score
 SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6
 SCREEN_MIN_ROWS = 8 * SCREEN_BLOCK  # rows per device below which the blocked path is as quick
 MAX_SCREEN_K = 1024  # a larger k takes the blocked path
+# A compressed scan's shortlist is rescored by one product with every shortlisted row when the queries' shortlists
+# hold at least this many rows for each distinct one (a product's float is ~8x cheaper than a gathered one).
+RESCORE_BY_PRODUCT = 8
 # Rows a compressed scan shortlists per device at most: the gathered codes of that many groups of 8 rows, for 256
 # queries, are 134 MB (binary) to 1 GiB (int8).
 MAX_SHORTLIST_ROWS = 4096
@@ -118,6 +121,8 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
         if kind == "shortlist":
             top, hit = topk.compressed_shortlist(queries, rows, valid, extra, **static)
             hit = jnp.where(hit >= 0, hit + offset, -1)
+            if mesh.shape["data"] == 1:  # one list: merging it would sort it again
+                return top, hit
             return topk.merge_topk(gather(top), gather(hit), static["rows_out"])
         if kind == "screened":
             top, hit, exact, needed = topk.screened_topk(queries, rows, valid, extra[0], **static)
@@ -152,6 +157,14 @@ def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
     """Each query's candidates in the total order (score descending, row ascending), the first k; a slot without a
     hit (row -1) has score -inf and comes last."""
     scores = np.where(rows < 0, -np.inf, scores)
+    if scores.shape[1] > 2 * k:
+        # Only what can be among the first k is sorted: every candidate scoring at least the k-th best score (all
+        # of a tie at the k-th included), found by partitions rather than a sort of every candidate.
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+        width = int((scores >= kth).sum(axis=1).max())
+        if width < scores.shape[1]:
+            keep = np.argpartition(-scores, width - 1, axis=1)[:, :width]
+            scores, rows = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
     order = np.lexsort((rows, rows < 0, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
@@ -450,8 +463,17 @@ class Index:
         for shard in np.unique(wanted // size):
             at = np.flatnonzero(wanted // size == shard)
             vectors[at] = self.shards[shard][wanted[at] - shard * size]
-        where = np.searchsorted(wanted, np.where(valid, rows, wanted[0] if wanted.size else 0))
-        scores = np.einsum("qd,qnd->qn", q, vectors[where]) if wanted.size else np.zeros(rows.shape, np.float32)
+        position = np.zeros(len(self), np.int32)  # each shortlisted row's place in `wanted`
+        position[wanted] = np.arange(wanted.size)
+        where = position[np.where(valid, rows, 0)]
+        if not wanted.size:
+            scores = np.zeros(rows.shape, np.float32)
+        elif wanted.size * RESCORE_BY_PRODUCT <= rows.size:
+            # Queries share most of their shortlist (a small corpus, a deep shortlist): one product of every query
+            # with every shortlisted row costs less than copying each query's rows out.
+            scores = np.take_along_axis(q @ vectors.T, where, axis=1)
+        else:
+            scores = np.einsum("qd,qnd->qn", q, vectors[where])
         scores = np.where(valid & ~np.isnan(scores), scores, -np.inf).astype(np.float32)
         return _rank(scores, np.where(valid & (scores > -np.inf), rows, -1), k)
 

@@ -641,3 +641,26 @@ def test_a_deep_shortlist_is_not_cut_at_the_screens_default_depth(tmp_path):
     np.testing.assert_array_equal(rows, exact_rows)
     # Rescored on the host, searched on the device: float32 sums in another order (measured: 2.4e-7 relative).
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-6)
+
+
+def test_rank_sorts_only_the_leaders_and_keeps_the_total_order():
+    """`_rank` partitions before it sorts; with many ties at the k-th score, empty slots (row -1) and -inf scores it
+    still returns the first k of the total order (score descending, row ascending, empty slots last), as one sort
+    of every candidate by (score, row) gives."""
+    from retribert_jax.search import _rank
+
+    rng = np.random.default_rng(17)
+    for _ in range(200):
+        m = int(rng.integers(1, 80))
+        k = int(rng.integers(1, m + 1))
+        scores = rng.integers(0, 4, (3, m)).astype(np.float32)  # few distinct values: ties everywhere
+        scores[rng.random((3, m)) < 0.1] = -np.inf
+        rows = np.stack([rng.permutation(10_000)[:m] for _ in range(3)])
+        rows[rng.random((3, m)) < 0.2] = -1
+        top, hit = _rank(scores, rows, k)
+        for i in range(3):
+            expected = sorted(
+                ((-np.inf if r < 0 else s, r) for s, r in zip(scores[i], rows[i], strict=True)),
+                key=lambda sr: (-sr[0], sr[1] < 0, sr[1]),
+            )[:k]
+            assert list(zip(top[i].tolist(), hit[i].tolist(), strict=True)) == expected

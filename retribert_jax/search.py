@@ -41,9 +41,6 @@ QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score
 SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6
 SCREEN_MIN_ROWS = 8 * SCREEN_BLOCK  # rows per device below which the blocked path is as quick
 MAX_SCREEN_K = 1024  # a larger k takes the blocked path
-# A compressed scan's shortlist is rescored by one product with every shortlisted row when the queries' shortlists
-# hold at least this many rows for each distinct one (a product's float is ~8x cheaper than a gathered one).
-RESCORE_BY_PRODUCT = 8
 # Rows a compressed scan shortlists per device at most: the gathered codes of that many groups of 8 rows, for 256
 # queries, are 134 MB (binary) to 1 GiB (int8).
 MAX_SHORTLIST_ROWS = 4096
@@ -466,14 +463,9 @@ class Index:
         position = np.zeros(len(self), np.int32)  # each shortlisted row's place in `wanted`
         position[wanted] = np.arange(wanted.size)
         where = position[np.where(valid, rows, 0)]
-        if not wanted.size:
-            scores = np.zeros(rows.shape, np.float32)
-        elif wanted.size * RESCORE_BY_PRODUCT <= rows.size:
-            # Queries share most of their shortlist (a small corpus, a deep shortlist): one product of every query
-            # with every shortlisted row costs less than copying each query's rows out.
-            scores = np.take_along_axis(q @ vectors.T, where, axis=1)
-        else:
-            scores = np.einsum("qd,qnd->qn", q, vectors[where])
+        # One dot product per (query, row), each summed the same way: equal rows (duplicate passages) get equal
+        # scores, so their tie goes to the lower row. A matrix product's kernels round by a column's place in it.
+        scores = np.einsum("qd,qnd->qn", q, vectors[where]) if wanted.size else np.zeros(rows.shape, np.float32)
         scores = np.where(valid & ~np.isnan(scores), scores, -np.inf).astype(np.float32)
         return _rank(scores, np.where(valid & (scores > -np.inf), rows, -1), k)
 

@@ -664,3 +664,20 @@ def test_rank_sorts_only_the_leaders_and_keeps_the_total_order():
                 key=lambda sr: (-sr[0], sr[1] < 0, sr[1]),
             )[:k]
             assert list(zip(top[i].tolist(), hit[i].tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize("scan", ["int8", "binary"])
+def test_a_compressed_scan_ranks_duplicate_rows_as_exact_search_does(tmp_path, scan):
+    """Duplicate passages embed to equal rows: rescored, equal rows must score equal wherever they sit in a query's
+    shortlist, so their tie goes to the lower row as exact search's does (a matrix product over the shortlist rounds
+    a row by its column, which broke such ties)."""
+    from retribert_jax import embedding_dir
+
+    rng = np.random.default_rng(23)
+    distinct = rng.standard_normal((300, 32)).astype(np.float32)
+    emb = distinct[rng.integers(0, 300, 3_000)]  # ten copies of each row, on average
+    q = rng.standard_normal((64, 32)).astype(np.float32)
+    d = write_index(tmp_path / "dups", emb, 1_000)
+    embedding_dir.write_compressed(d, [scan])
+    rows = Index(d, scan=scan, rescore_multiplier=40).search_rows(q, 50)[1]  # every row is shortlisted
+    np.testing.assert_array_equal(rows, Index(d).search_rows(q, 50)[1])

@@ -96,7 +96,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=4,
         help="--scan int8/binary: rows shortlisted by the approximate score per hit, rescored exactly, as "
-        "sentence-transformers' rescore_multiplier (%(default)s)",
+        "sentence-transformers' rescore_multiplier, up to 4,096 rows a device (%(default)s; binary copies of "
+        "128-d embeddings want 20-40: docs/search.md)",
     )
     p.add_argument(
         "--max-device-rows",

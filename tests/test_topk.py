@@ -149,3 +149,30 @@ def test_compressed_shortlist_is_the_best_rows_by_the_approximate_score(form):
         assert set(expected[i][approx[i, expected[i]] > cut + 1e-4]) <= set(np.asarray(rows[i]).tolist())
         assert np.all(approx[i, np.asarray(rows[i])] >= cut - 1e-4)
     assert np.all(np.diff(np.asarray(top), axis=1) <= 0), "scores best first"
+
+
+def test_a_deep_binary_shortlist_keeps_nearly_all_the_best_rows():
+    """The screen keeps each slot's 6 best groups; a deep shortlist's block (`search.shortlist_block`) has slots
+    enough that few overflow: of the 4,000 best rows by approximate score over 262,144 random binary codes, its
+    shortlist holds 99.9% (measured; 2,048-row blocks 16 deep, as many groups kept, hold 94%)."""
+    from retribert_jax.search import SCREEN_DEPTH, shortlist_block
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (1 << 18, 16), dtype=np.uint8)
+    q = rng.standard_normal((8, 128)).astype(np.float32)
+    approx = q @ (np.unpackbits(codes, axis=1).astype(np.float32) * 2 - 1).T
+    _, rows = topk.compressed_shortlist(
+        jnp.asarray(q),
+        jnp.asarray(codes),
+        jnp.int32(codes.shape[0]),
+        jnp.eye(128, dtype=jnp.float32),
+        form="binary",
+        rows_out=4000,
+        candidates=4000,
+        block=shortlist_block(4000),
+        depth=SCREEN_DEPTH,
+        screen_dtype="float32",
+    )
+    best = np.argsort(-approx, axis=1, kind="stable")[:, :4000]
+    kept = np.mean([len(set(b.tolist()) & set(r.tolist())) / 4000 for b, r in zip(best, np.asarray(rows), strict=True)])
+    assert kept >= 0.99, f"{kept:.4f} of the best rows kept"

@@ -334,10 +334,9 @@ class Index:
         per_device = -(-(stop - start) // mesh.size)
         screen = self.scan != "float" or (per_device >= SCREEN_MIN_ROWS and self.block_size % SCREEN_BLOCK == 0)
         unit = SCREEN_BLOCK if screen else 1
-        block = min(self.block_size if self.scan == "float" else SCREEN_BLOCK, -(-per_device // unit) * unit)
+        # A compressed copy is padded so that any shortlist's block (`shortlist_block`) divides it.
+        block = MAX_SHORTLIST_BLOCK if self.scan != "float" else min(self.block_size, -(-per_device // unit) * unit)
         local = -(-per_device // block) * block
-        if self.scan != "float":  # any shortlist's block divides it
-            local = -(-per_device // MAX_SHORTLIST_BLOCK) * MAX_SHORTLIST_BLOCK
         width = (self.codes or self.shards)[0].shape[1]
         norms: dict[int, float] = {}  # device position -> its rows' largest norm (what bounds its screen's error)
 

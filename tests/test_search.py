@@ -364,6 +364,18 @@ def test_screened_search_equals_faiss(large, screen_dtype):
     np.testing.assert_allclose(scores, ref_s, rtol=0, atol=1e-4)
 
 
+def test_the_screen_defaults_to_float32_on_cpus_and_bfloat16_on_accelerators(large, monkeypatch):
+    """XLA's bfloat16 product is no faster on CPUs, AMX ones included, and its wider bound sends queries through
+    the screen again: a CPU screens in float32 whatever its flags."""
+    from retribert_jax import search
+
+    index = Index(large[0])
+    assert index._screen_dtype() == "float32"
+    monkeypatch.setattr(search.jax, "default_backend", lambda: "gpu")
+    assert index._screen_dtype() == "bfloat16"
+    assert Index(large[0], screen_dtype="float32")._screen_dtype() == "float32"
+
+
 def test_padding_queries_are_not_searched_again(large, monkeypatch):
     """40 queries run as a chunk of 64: the 24 all-zero padding queries tie everywhere, so the screen cannot prove
     them, yet only real queries may be searched again (a second pass over the rows each time)."""

@@ -32,25 +32,39 @@ BUCKET_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384
 @dataclasses.dataclass(frozen=True)
 class CompileCost:
     """What a new program costs against the compute padding wastes, in seconds: `compile_seconds` for one program,
-    `flops_per_second` sustained on padded rows, and `trim_seconds`, the part of a program's compilation that the
-    [CLS]-only last layer adds (`BertEncoder.trim_last_layer`: its kernels are shaped unlike the scanned layer's).
-    Fixed per platform rather than measured, so that the same job always plans the same programs (a second run
-    then finds every one in the persistent cache)."""
+    `flops_per_second` sustained on padded rows' matmuls, `scores_per_second` for the attention's softmax (one score
+    is one query-key pair of one head: masking, max, exp, sum and scaling pass over it at elementwise speed, not the
+    matmul's; it outweighs the matmuls in narrow models, whose heads are short), and `trim_seconds`, the part of a
+    program's compilation that the [CLS]-only last layer adds (`BertEncoder.trim_last_layer`: its kernels are shaped
+    unlike the scanned layer's). Fixed per platform rather than measured, so that the same job always plans the
+    same programs (a second run then finds every one in the persistent cache)."""
 
     compile_seconds: float
     flops_per_second: float
     trim_seconds: float = 0.0
+    scores_per_second: float = float("inf")
 
     @classmethod
     def for_platform(cls, platform: str, num_devices: int = 1) -> CompileCost:
         """Rough figures: XLA compiles a RetriBERT program in ~1 s on a CPU and several on a GPU or TPU, which
         compute 2-4 orders of magnitude faster. The trimmed last layer adds ~0.2-0.3 s to a CPU compilation, ~40% of it
-        (measured: `benchmarks/profiling.py compile`); on accelerators a like share is a prediction."""
+        (measured: `benchmarks/profiling.py compile`); on accelerators a like share is a prediction. A CPU's softmax:
+        1e9 scores/s on 2 cores, measured as what trimming a 1-layer, 32-wide model's last layer saved beyond its
+        matmul FLOPs at 1e11 FLOP/s (6.4 ms against 3.0 ms predicted, 96 rows of 128 tokens; a 2-core Xeon);
+        accelerators fuse it into their attention kernels: 1% of their FLOP rate, predicted."""
         if platform == "cpu":
-            return cls(compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3)
+            return cls(
+                compile_seconds=1.0, flops_per_second=1e11 * num_devices, trim_seconds=0.3, scores_per_second=1e9
+            )
         if platform == "tpu":
-            return cls(compile_seconds=10.0, flops_per_second=1e14 * num_devices, trim_seconds=3.0)
-        return cls(compile_seconds=5.0, flops_per_second=2e14 * num_devices, trim_seconds=1.5)
+            return cls(
+                compile_seconds=10.0, flops_per_second=1e14 * num_devices, trim_seconds=3.0, scores_per_second=1e12
+            )
+        return cls(compile_seconds=5.0, flops_per_second=2e14 * num_devices, trim_seconds=1.5, scores_per_second=2e12)
+
+    def seconds(self, flops: float, scores: float = 0.0) -> float:
+        """The predicted compute time of `flops` matmul FLOPs and `scores` attention scores (see the class)."""
+        return flops / self.flops_per_second + scores / self.scores_per_second
 
 
 def compile_lowered(lowered: Any, platform: str, options: dict[str, Any] | None = None) -> Any:

@@ -200,9 +200,13 @@ class Encoder:
                 return trim
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
-        # Per row, trimming skips the queries, attention, output projection and FFN of the non-[CLS] tokens.
-        saved_flops = (length - texts_per_row(length)) * (4 * d * d + 4 * d * f + 4 * length * d)
-        return calls * rows * saved_flops / self.compile_cost.flops_per_second > self.compile_cost.trim_seconds
+        # Per row, trimming skips the queries, attention (its matmuls and its softmax's scores), output projection
+        # and FFN of the non-[CLS] tokens.
+        skipped = calls * rows * (length - texts_per_row(length))
+        saved = self.compile_cost.seconds(
+            skipped * (4 * d * d + 4 * d * f + 4 * length * d), skipped * cfg.num_attention_heads * length
+        )
+        return saved > self.compile_cost.trim_seconds
 
     def _request(self, key: tuple[str, int, int, bool, str | None]) -> concurrent.futures.Future:
         if key not in self._programs:
@@ -422,9 +426,10 @@ class _Planner:
         longer = sorted(n for _, n in have if length < n <= self.max_length)
         if longer and all(n != length for _, n in have):
             tokens = float(lengths.sum()) * self.total / len(lengths)  # the whole job's, estimated
-            # Per token, a longer row costs only its attention: QK^T and PV, 4 * L * D FLOPs a layer.
-            extra = tokens * cfg.num_hidden_layers * 4 * (longer[0] - length) * cfg.hidden_size
-            if extra / cost.flops_per_second < cost.compile_seconds:
+            # Per token, a longer row costs only its attention: QK^T and PV, 4 * L * D FLOPs a layer, and the
+            # softmax's H * L scores.
+            extra = tokens * cfg.num_hidden_layers * (longer[0] - length)
+            if cost.seconds(4 * extra * cfg.hidden_size, extra * cfg.num_attention_heads) < cost.compile_seconds:
                 length = longer[0]
         return length
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer
+from retribert_jax import RetriBertConfig, RetriBertModel, RetriBertTokenizer, init_model
 from retribert_jax.compilation import CompileCost, bucket_length, candidate_lengths, fit_buckets
 from retribert_jax.encode import Encoder
 from retribert_jax.modeling import embed, flops_per_sequence
@@ -143,6 +145,38 @@ def test_short_jobs_compile_the_untrimmed_program(hf_and_dir):
     (key,) = enc._programs
     assert key[3] is False, f"a one-text job compiled the trimmed program {key}"
     assert enc._trim_last_layer(key[0], key[1], key[2], 10**9) is False, "an existing program was not reused"
+
+
+def test_trimming_counts_the_softmax_that_narrow_models_spend_their_time_in(hf_and_dir):
+    """In a narrow model the softmax's scores (H * L per token) cost more than the matmuls' FLOPs: with a finite
+    `scores_per_second`, a job that its FLOPs alone would not repay trims, at the call count the two terms give.
+    On a CPU's own figures, the host-rate job (1 layer, 32 wide, 111 calls of 96 rows of 128 tokens; trimming it
+    saves 0.7 s there) trims."""
+    _, d = hf_and_dir
+    model, tok = RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d)
+    cfg = model.config
+    skipped = 2 * (32 - texts_per_row(32))  # tokens a call of 2 rows of 32 skips
+    flops = skipped * (4 * cfg.hidden_size**2 + 4 * cfg.hidden_size * cfg.intermediate_size + 4 * 32 * cfg.hidden_size)
+    scores = skipped * cfg.num_attention_heads * 32
+    flops_only = CompileCost(compile_seconds=1.0, flops_per_second=1e11, trim_seconds=0.3)
+    with_scores = dataclasses.replace(flops_only, scores_per_second=1e9)
+    calls = int(0.3 / (flops / 1e11 + scores / 1e9))
+    enc = Encoder(model, tok, compile_cost=with_scores)
+    assert enc._trim_last_layer("passages", 2, 32, calls) is False
+    assert enc._trim_last_layer("passages", 2, 32, calls + 1) is True
+    assert Encoder(model, tok, compile_cost=flops_only)._trim_last_layer("passages", 2, 32, calls + 1) is False
+
+    narrow = RetriBertConfig(
+        vocab_size=tok.backend.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        projection_dim=16,
+    )
+    enc = Encoder(init_model(narrow), tok)
+    assert enc.compile_cost == CompileCost.for_platform("cpu")
+    assert enc._trim_last_layer("passages", 96, 128, 111) is True
 
 
 def test_compile_options_keep_the_numbers_and_unknown_ones_are_dropped(monkeypatch):

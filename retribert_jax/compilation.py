@@ -78,9 +78,39 @@ def compile_lowered(lowered: Any, platform: str, options: dict[str, Any] | None 
     try:
         return lowered.compile(compiler_options=dict(options))
     except Exception as e:  # jax.errors.JaxRuntimeError: INVALID_ARGUMENT: No such compile option: '...'
-        if "No such compile option" not in str(e):
+        if not _unknown_option(e):
             raise
         return lowered.compile()
+
+
+def _unknown_option(e: Exception) -> bool:
+    """Whether XLA refused an option it does not know, or a value its enum lacks (a jaxlib of another version)."""
+    return "No such compile option" in str(e) or "is not a valid enum value" in str(e)
+
+
+_SUPPORTED: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
+
+
+def supported_options(platform: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` if this jaxlib's XLA accepts them on `platform` (a tiny program compiled with them, once per
+    process), else {}: for `jax.jit(..., compiler_options=...)`, which would raise on every call instead."""
+    import jax
+    import numpy as np
+
+    key = (platform, tuple(sorted(options.items())))
+    if key not in _SUPPORTED:
+        _SUPPORTED[key] = dict(options)
+        if options:
+            device = next(d for d in jax.devices() if d.platform == platform)
+            try:
+                jax.jit(lambda x: x + 1).lower(jax.device_put(np.zeros(2, np.float32), device)).compile(
+                    compiler_options=dict(options)
+                )
+            except Exception as e:
+                if not _unknown_option(e):
+                    raise
+                _SUPPORTED[key] = {}
+    return dict(_SUPPORTED[key])
 
 
 def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:

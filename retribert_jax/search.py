@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from retribert_jax import embedding_dir, quantization, topk
+from retribert_jax import compilation, embedding_dir, quantization, topk
+from retribert_jax.config import SEARCH_COMPILER_OPTIONS
 from retribert_jax.corpus import RepeatedIds
 from retribert_jax.embedding_dir import id_string
 from retribert_jax.errors import MissingDependency
@@ -107,9 +108,9 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
     """The jitted search of rows split over the mesh's "data" axis: each device searches its own rows with
     `topk` (kind "screened", "blocked" or "shortlist"), row numbers made global, and the per-device lists gathered;
     hits are merged exactly (devices hold consecutive rows, so one stable top-k keeps the total order), shortlists
-    by their approximate scores. Arguments: (queries [Q, D] replicated, rows split over "data", n real rows, extra):
-    extra is the query transform [D, D] (replicated) for a shortlist, the per-device row norms [devices] (split)
-    for the screen, and unused by the blocked path."""
+    by their approximate scores. Compiled with `config.SEARCH_COMPILER_OPTIONS`. Arguments: (queries [Q, D]
+    replicated, rows split over "data", n real rows, extra): extra is the query transform [D, D] (replicated) for a
+    shortlist, the per-device row norms [devices] (split) for the screen, and unused by the blocked path."""
 
     def local(queries, rows, n, extra):
         device = jax.lax.axis_index("data")
@@ -137,7 +138,12 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
         return top, hit, jax.lax.pmin(exact.astype(jnp.int32), "data") > 0, jax.lax.pmax(needed, "data")
 
     specs = (P(), P("data"), P(), P("data") if kind == "screened" else P())
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
+    platform = mesh.devices.flat[0].platform
+    options = compilation.supported_options(platform, SEARCH_COMPILER_OPTIONS.get(platform, {}))
+    return jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False),
+        compiler_options=options or None,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

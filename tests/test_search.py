@@ -376,6 +376,36 @@ def test_the_screen_defaults_to_float32_on_cpus_and_bfloat16_on_accelerators(lar
     assert Index(large[0], screen_dtype="float32")._screen_dtype() == "float32"
 
 
+def test_search_programs_give_cpu_ynnpack_the_products_alone():
+    """`SEARCH_COMPILER_OPTIONS`: on CPUs YNNPACK's fusions hold the screen's matrix product and no reduction or
+    elementwise work (XLA's loops run the group maxima and insertion network faster); an option this jaxlib does not
+    know, or a value it lacks, is dropped rather than failing every search."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from retribert_jax import compilation, search
+    from retribert_jax.mesh import data_mesh
+
+    assert compilation.supported_options("cpu", {"xla_cpu_no_such_option": True}) == {}
+    assert compilation.supported_options("cpu", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"}) == {}
+    options = search.SEARCH_COMPILER_OPTIONS["cpu"]
+    if not compilation.supported_options("cpu", options):
+        pytest.skip("this jaxlib has no YNNPACK fusion option")
+    fn = search._mesh_program(
+        data_mesh(jax.devices("cpu")[:1]), "screened", k=10, candidates=16, screen_dtype="float32"
+    )
+    hlo = fn.lower(jnp.zeros((8, 16)), jnp.zeros((4096, 16)), np.int32(4096), jnp.ones((1,))).compile().as_text()
+    called = re.findall(r"ynn_fusion[.\d]* = .*?calls=(%[\w.\-]+)", hlo)
+    assert called, "the screen's product left YNNPACK"
+    ops = set()
+    for name in called:
+        body = re.search(re.escape(name) + r" .*?\{(.*?)\n\}", hlo, re.S).group(1)
+        ops |= set(re.findall(r"= \S+ (\w[\w-]*)\(", body))
+    assert "dot" in ops and not ops - {"dot", "bitcast", "parameter", "reshape", "transpose", "copy"}, ops
+
+
 def test_padding_queries_are_not_searched_again(large, monkeypatch):
     """40 queries run as a chunk of 64: the 24 all-zero padding queries tie everywhere, so the screen cannot prove
     them, yet only real queries may be searched again (a second pass over the rows each time)."""

@@ -93,12 +93,13 @@ def _host(x: jax.Array) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Pass:
     """Rows [start, stop) of the index on the mesh, [devices * per_device, width], split over "data"; `screen`: the
-    exact path may screen them; `block`: the blocked path's block; `norm`: per device, its rows' largest norm."""
+    exact path may screen them; `block`: the blocked path's block; `norm`: per device, its rows' largest norm and
+    largest rounding residual in the screen's dtype."""
 
     start: int
     stop: int
     rows: jax.Array
-    norm: jax.Array  # [devices] float32: each device's largest row norm
+    norm: jax.Array  # [devices, 2] float32: each device's largest row norm and rounding residual (`screen_bound`)
     screen: bool
     block: int
 
@@ -110,7 +111,8 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
     hits are merged exactly (devices hold consecutive rows, so one stable top-k keeps the total order), shortlists
     by their approximate scores. Compiled with `config.SEARCH_COMPILER_OPTIONS`. Arguments: (queries [Q, D]
     replicated, rows split over "data", n real rows, extra): extra is the query transform [D, D] (replicated) for a
-    shortlist, the per-device row norms [devices] (split) for the screen, and unused by the blocked path."""
+    shortlist, the per-device (row norm, rounding residual) [devices, 2] (split) for the screen, and unused by the
+    blocked path."""
 
     def local(queries, rows, n, extra):
         device = jax.lax.axis_index("data")
@@ -128,7 +130,7 @@ def _mesh_program(mesh: jax.sharding.Mesh, kind: str, **static):
                 return top, hit
             return topk.merge_topk(gather(top), gather(hit), static["rows_out"])
         if kind == "screened":
-            top, hit, exact, needed = topk.screened_topk(queries, rows, valid, extra[0], **static)
+            top, hit, exact, needed = topk.screened_topk(queries, rows, valid, extra[0, 0], extra[0, 1], **static)
         else:
             top, hit = topk.blocked_topk(queries, rows, valid, **static)
         hit = jnp.where(hit >= 0, hit + offset, -1)
@@ -339,21 +341,24 @@ class Index:
         block = MAX_SHORTLIST_BLOCK if self.scan != "float" else min(self.block_size, -(-per_device // unit) * unit)
         local = -(-per_device // block) * block
         width = (self.codes or self.shards)[0].shape[1]
-        norms: dict[int, float] = {}  # device position -> its rows' largest norm (what bounds its screen's error)
+        # Device position -> its rows' largest norm and rounding residual (what bound its screen's error).
+        norms: dict[int, tuple[float, float]] = {}
+        screen_dtype = self._screen_dtype()
 
         def read(index: tuple[slice, ...]) -> np.ndarray:
             a = index[0].start or 0
             b = index[0].stop if index[0].stop is not None else mesh.size * local
             rows = self._read(min(start + a, stop), min(start + b, stop), b - a)
             if self.codes is None:
-                norms[a // local] = topk.row_norm(rows)
+                residual = topk.row_residual(rows, screen_dtype) if screen else 0.0
+                norms[a // local] = (topk.row_norm(rows), residual)
             return rows
 
         rows = jax.make_array_from_callback((mesh.size * local, width), batch_sharding(mesh), read)
         norm = jax.make_array_from_callback(
-            (mesh.size,),
+            (mesh.size, 2),
             batch_sharding(mesh),
-            lambda index: np.asarray([norms.get(d, 0.0) for d in range(mesh.size)][index[0]], np.float32),
+            lambda index: np.asarray([norms.get(d, (0.0, 0.0)) for d in range(mesh.size)], np.float32)[index],
         )
         return _Pass(start, stop, rows, norm, screen, block)
 

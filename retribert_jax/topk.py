@@ -7,7 +7,7 @@ thread, where faiss' heap pays a compare). `screened_topk` chooses without sorti
 1. **Screen.** The rows are scanned in blocks of `block` rows, seen as `block // group` slots of `group` consecutive
    rows. A block's scores are reduced to each group's best score, and every slot keeps its `depth` best groups over
    the blocks seen (an insertion network: elementwise, no sort). The screen may run in bfloat16 (twice the matmul
-   rate on GPUs, TPUs and CPUs with AVX512-BF16): its error is bounded (`screen_error`), and the bound is what keeps
+   rate on GPUs and TPUs): its error is bounded (`screen_bound`), and the bound is what keeps
    the result exact.
 2. **Shortlist.** One top-k over the kept groups ([Q, depth * slots], small) takes the `candidates` best. Any row
    whose exact score can reach the k-th best lies in a group whose screened best is at least
@@ -35,7 +35,8 @@ SCREEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def screen_error(screen_dtype: str, dim: int) -> float:
-    """The relative bound c with |screened score - rescored score| <= c * |q| * |x| for any query q and row x.
+    """The relative bound c with |screened score - rescored score| <= c * |q| * |x| for any query q and row x: the
+    worst case of `screen_bound` (which `screened_topk` uses, from the index's own rounding residuals).
 
     Args:
       screen_dtype: "float32" or "bfloat16" (the operands' dtype; accumulation is float32 either way).
@@ -57,6 +58,51 @@ def screen_error(screen_dtype: str, dim: int) -> float:
     else:
         raise ValueError(f"screen_dtype must be one of {sorted(SCREEN_DTYPES)}, got {screen_dtype!r}")
     return c * (1 + 2.0**-10)
+
+
+def screen_bound(queries: jax.Array, screen_dtype: str, norm: jax.Array, residual: jax.Array) -> jax.Array:
+    """Each query's bound e with |screened score - rescored score| <= e for every row x of an index whose norms are
+    at most `norm` and whose rounding residuals |x - screen(x)| are at most `residual` (`row_residual`).
+
+    Args:
+      queries: float32 [Q, D].
+      screen_dtype: "float32" or "bfloat16".
+      norm, residual: float32 scalars.
+
+    Returns:
+      float32 [Q].
+
+    With q' the query rounded to the screen's dtype, dq = q - q' (exact in float32: the two are within a factor 2)
+    and dx = screen(x) - x, the screen's exact sum q'.x' differs from q.x by q'.dx + dq.x, bounded by Cauchy-Schwarz
+    by |q'| R + |dq| N; its float32 sum adds gamma_D |q'| (N + R), and the rescoring's gamma_D |q| N (Higham, eq.
+    3.5; see `screen_error`). The factor 1 + 2^-10 covers the float32 arithmetic of the norms and of the bound.
+    Rounding to bfloat16 moves a vector by ~u / 2 of its norm rather than the worst case u, and the query's share is
+    measured rather than bounded: about half `screen_error`'s margin, so fewer groups pass the bar and fewer queries
+    are searched again. A float32 screen has R = 0 and dq = 0: its bound is `screen_error`'s, 2 gamma_D |q| N.
+    """
+    dim = queries.shape[1]
+    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    q_screen = queries.astype(SCREEN_DTYPES[screen_dtype]).astype(jnp.float32)
+    q_norm = jnp.linalg.norm(queries, axis=1)
+    qs_norm = jnp.linalg.norm(q_screen, axis=1)
+    dq_norm = jnp.linalg.norm(queries - q_screen, axis=1)
+    bound = qs_norm * residual + dq_norm * norm + gamma * (qs_norm * (norm + residual) + q_norm * norm)
+    return bound * (1 + 2.0**-10)
+
+
+def row_residual(rows: np.ndarray, screen_dtype: str, chunk: int = 65536) -> float:
+    """The largest Euclidean norm of x - screen(x) over float rows [n, D] (each row rounded to the screen's dtype, to
+    nearest with ties to even, as XLA converts), rounded up by 2^-20 relative: the `residual` of `screen_bound`. 0 for
+    a float32 screen (or no rows); NaN rows, never hits, are skipped."""
+    if screen_dtype == "float32" or rows.shape[0] == 0:
+        return 0.0
+    dtype = np.dtype(SCREEN_DTYPES[screen_dtype])
+    worst = 0.0
+    for a in range(0, rows.shape[0], chunk):
+        x = np.asarray(rows[a : a + chunk], np.float32)
+        r = x - x.astype(dtype).astype(np.float32)
+        worst = max(worst, float(np.nanmax(np.sqrt(np.einsum("nd,nd->n", r, r, dtype=np.float64)), initial=0.0)))
+    return worst * (1 + 2.0**-20)
 
 
 def _masked_scores(scores: jax.Array, rows: jax.Array, n_valid: jax.Array) -> jax.Array:
@@ -142,6 +188,7 @@ def screened_topk(
     rows: jax.Array,
     n_valid: jax.Array,
     norm: jax.Array,
+    residual: jax.Array,
     *,
     k: int,
     block: int = 2048,
@@ -156,8 +203,9 @@ def screened_topk(
       queries: float32 [Q, D].
       rows: [R, D] float32, float16 or bfloat16, R a multiple of `block`; rows at or past `n_valid` are padding.
       n_valid: int32 scalar, the number of real rows.
-      norm: float32 scalar, at least the largest Euclidean norm of a real row (`row_norm`): scales the screen's
-        error bound.
+      norm: float32 scalar, at least the largest Euclidean norm of a real row (`row_norm`).
+      residual: float32 scalar, at least the largest norm of a real row's rounding to the screen's dtype
+        (`row_residual`; 0 for a float32 screen). With `norm`, it sets the screen's error bound (`screen_bound`).
       k: hits per query, at most `candidates`.
       block, group, depth, candidates: the screen's shape (rows per block, rows per group, groups kept per slot,
         groups shortlisted); `candidates` at most `depth * block // group`.
@@ -183,7 +231,7 @@ def screened_topk(
     cand_rows, short_v, short_g = _shortlist(flat_v, flat_g, candidates, group)
 
     # The bar a group must reach to hold a possible hit (-inf: keep every finite group while fewer than k exist).
-    error = screen_error(screen_dtype, dim) * jnp.linalg.norm(queries, axis=1) * norm  # Q
+    error = screen_bound(queries, screen_dtype, norm, residual)  # Q
     bar = short_v[:, k - 1] - 2 * error  # Q
     needed = jnp.sum((flat_v >= bar[:, None]) & (flat_v > -jnp.inf), axis=1)
     dropped_none = (last_kept < bar[:, None]) | (last_kept == -jnp.inf)  # Q S

@@ -134,7 +134,13 @@ from retribert_jax.search import Index
 d, out = sys.argv[4], sys.argv[5]
 q = np.random.default_rng(5).standard_normal((24, 32)).astype(np.float32)
 res = {"devices": len(jax.devices()), "processes": jax.process_count()}
-for name, kw in (("resident", {}), ("streamed", {"max_device_rows": 11_000}), ("int8", {"scan": "int8"})):
+runs = (
+    ("resident", {}),
+    ("streamed", {"max_device_rows": 11_000}),
+    ("int8", {"scan": "int8"}),
+    ("bfloat16", {"screen_dtype": "bfloat16"}),  # each device's bound from its own rows' residuals
+)
+for name, kw in runs:
     index = Index(d, **kw)
     scores, rows = index.search_rows(q, 50)
     res[name] = {"rows": rows.tolist(), "scores": scores.tolist(), "passes": -(-len(index) // index._rows_per_pass())}
@@ -197,11 +203,12 @@ def assert_same_hits(many: dict, one: dict, what: str) -> None:
     import numpy as np
 
     # int8: each device shortlists its own best rows by the approximate score, the best of those are rescored.
-    for name in ("resident", "streamed", "int8"):
+    for name in ("resident", "streamed", "int8", "bfloat16"):
         assert many[name]["rows"] == one[name]["rows"], f"{what}, {name}: hits differ from one device's"
         # The same inner products; programs of other shapes may sum them in another order.
         np.testing.assert_allclose(many[name]["scores"], one[name]["scores"], rtol=1e-6, atol=0)
     assert many["streamed"]["passes"] > 1 and many["resident"]["passes"] == 1
+    assert many["bfloat16"]["rows"] == many["resident"]["rows"], f"{what}: a bfloat16 screen changed the hits"
 
 
 @pytest.mark.slow

@@ -396,7 +396,7 @@ def test_search_programs_give_cpu_ynnpack_the_products_alone():
     fn = search._mesh_program(
         data_mesh(jax.devices("cpu")[:1]), "screened", k=10, candidates=16, screen_dtype="float32"
     )
-    hlo = fn.lower(jnp.zeros((8, 16)), jnp.zeros((4096, 16)), np.int32(4096), jnp.ones((1,))).compile().as_text()
+    hlo = fn.lower(jnp.zeros((8, 16)), jnp.zeros((4096, 16)), np.int32(4096), jnp.ones((1, 2))).compile().as_text()
     called = re.findall(r"ynn_fusion[.\d]* = .*?calls=(%[\w.\-]+)", hlo)
     assert called, "the screen's product left YNNPACK"
     ops = set()

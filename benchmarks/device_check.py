@@ -546,7 +546,9 @@ def _search(sz) -> dict[str, Any]:
     padded = -(-n // search.SCREEN_BLOCK) * search.SCREEN_BLOCK
     rows = jax.random.normal(jax.random.key(0), (padded, 128), jnp.bfloat16)
     rows = jnp.where(jnp.arange(padded)[:, None] < n, rows, 0)
-    norm = jnp.max(jnp.linalg.norm(rows.astype(jnp.float32), axis=1), keepdims=True) * (1 + 2.0**-20)
+    # Per device: the largest row norm and rounding residual (`topk.screen_bound`); bfloat16 rows have none.
+    norm = jnp.max(jnp.linalg.norm(rows.astype(jnp.float32), axis=1)) * (1 + 2.0**-20)
+    norm = jnp.stack([norm, jnp.zeros_like(norm)])[None]
     queries = np.asarray(jax.random.normal(jax.random.key(1), (nq, 128), jnp.float32))
     mesh = data_mesh(jax.devices()[:1])
     program = search._mesh_program(

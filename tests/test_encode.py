@@ -166,15 +166,9 @@ def test_trimming_counts_the_softmax_that_narrow_models_spend_their_time_in(hf_a
     assert enc._trim_last_layer("passages", 2, 32, calls + 1) is True
     assert Encoder(model, tok, compile_cost=flops_only)._trim_last_layer("passages", 2, 32, calls + 1) is False
 
-    narrow = RetriBertConfig(
-        vocab_size=tok.backend.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        projection_dim=16,
-    )
-    enc = Encoder(init_model(narrow), tok)
+    from benchmarks.host_rate import negligible_config
+
+    enc = Encoder(init_model(negligible_config(tok.backend.get_vocab_size())), tok)
     assert enc.compile_cost == CompileCost.for_platform("cpu")
     assert enc._trim_last_layer("passages", 96, 128, 111) is True
 

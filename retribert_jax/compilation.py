@@ -101,7 +101,7 @@ def supported_options(platform: str, options: dict[str, Any]) -> dict[str, Any]:
     if key not in _SUPPORTED:
         _SUPPORTED[key] = dict(options)
         if options:
-            device = next(d for d in jax.devices() if d.platform == platform)
+            device = jax.devices(platform)[0]  # the platform's, not the default backend's
             try:
                 jax.jit(lambda x: x + 1).lower(jax.device_put(np.zeros(2, np.float32), device)).compile(
                     compiler_options=dict(options)

@@ -34,6 +34,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SCREEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _gamma(dim: int) -> float:
+    """Higham's gamma_D = D u / (1 - D u), u = 2^-24: the relative error bound of a float32 sum of D products."""
+    return dim * 2.0**-24 / (1 - dim * 2.0**-24)
+
+
 def screen_error(screen_dtype: str, dim: int) -> float:
     """The relative bound c with |screened score - rescored score| <= c * |q| * |x| for any query q and row x: the
     worst case of `screen_bound` (which `screened_topk` uses, from the index's own rounding residuals).
@@ -49,7 +54,7 @@ def screen_error(screen_dtype: str, dim: int) -> float:
     1 + 2^-10 covers the rounding of the bound's own float32 arithmetic. Assumes normal numbers (a flushed subnormal
     operand moves a product by less than 2^-126 times the other one).
     """
-    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    gamma = _gamma(dim)
     if screen_dtype == "float32":
         c = 2 * gamma
     elif screen_dtype == "bfloat16":
@@ -81,7 +86,7 @@ def screen_bound(queries: jax.Array, screen_dtype: str, norm: jax.Array, residua
     are searched again. A float32 screen has R = 0 and dq = 0: its bound is `screen_error`'s, 2 gamma_D |q| N.
     """
     dim = queries.shape[1]
-    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    gamma = _gamma(dim)
     q_screen = queries.astype(SCREEN_DTYPES[screen_dtype]).astype(jnp.float32)
     q_norm = jnp.linalg.norm(queries, axis=1)
     qs_norm = jnp.linalg.norm(q_screen, axis=1)

@@ -531,11 +531,13 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
     of it that tokenizes to the same first `max_length` tokens, so that the tokenizer never reads the rest (None for a
     text not long enough to bother); None for any other tokenizer.
 
-    The prefix is the text's first 2 * `max_length` words, cut at BERT whitespace: BERT's normalizer works
-    character by character, its pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each word
-    alone, so the words before a whitespace tokenize as they do in the whole text. A word yields at least one token,
-    except one that the normalizer removes whole (control or format characters, lone accents): a caller must check
-    that the prefix was itself truncated (`Encoding.overflowing`) and tokenize the whole text when it was not.
+    The prefix is the text's first `max_length` words, cut at BERT whitespace: BERT's normalizer works character by
+    character, its pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each word alone, so the
+    words before a whitespace tokenize as they do in the whole text. A word yields at least one token, except one that
+    the normalizer removes whole (control or format characters, lone accents): a caller must check that the prefix was
+    itself truncated (`Encoding.overflowing`) and tokenize the whole text when it was not. The words are matched
+    possessively, in time linear in the text: a text with fewer words than that (a long URL, a run of CJK characters)
+    is simply not cut.
     """
     kinds = (type(backend.normalizer).__name__, type(backend.pre_tokenizer).__name__, type(backend.model).__name__)
     if (
@@ -549,9 +551,10 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
     space = re.compile(f"[{_BERT_SPACE}]")
     if any(space.search(t.content) for t in backend.get_added_tokens_decoder().values()):
         return None  # an added token with whitespace inside could span the cut
-    words = 2 * max_length
-    prefix = re.compile(f"(?:[{_BERT_SPACE}]*[^{_BERT_SPACE}]+){{{words}}}")
-    long_text = 8 * words  # characters: shorter texts cost the tokenizer little
+    # Possessive quantifiers (`*+`, `++`): a word is never split into shorter "words" to reach the count, which with
+    # backtracking takes time exponential in the text's length when it has fewer words than that.
+    prefix = re.compile(f"(?:[{_BERT_SPACE}]*+[^{_BERT_SPACE}]++){{{max_length}}}")
+    long_text = 8 * max_length  # characters: shorter texts cost the tokenizer little
 
     def cut(text: str) -> str | None:
         if len(text) <= long_text:

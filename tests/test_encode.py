@@ -192,6 +192,25 @@ def test_compile_options_keep_the_numbers_and_unknown_ones_are_dropped(monkeypat
         lowered.compile(compiler_options=unknown)
 
 
+def test_token_ids_outside_the_models_vocabulary_are_refused(hf_and_dir):
+    """A tokenizer that is not the model's (here: a model with the first 45 tokens of its vocabulary) gave NaN
+    embeddings without a word, where HF PyTorch raises IndexError; now the text, its token and both sizes are named."""
+    _, d = hf_and_dir
+    tok = RetriBertTokenizer.from_pretrained(d)
+    small = init_model(RetriBertConfig.tiny(vocab_size=45, max_position_embeddings=128))
+    enc = Encoder(small, tok)
+    inside = [t for t in tiny_vocab()[5:45] if t.isalpha()][:3]  # whole words the small model has
+    outside = next(w for w in tiny_vocab() if tok.backend.token_to_id(w) >= 45 and w.isalpha() and len(w) > 1)
+    texts = [" ".join(inside), inside[0], f"{inside[1]} {outside}", " ".join(inside)]
+    with pytest.raises(
+        ValueError,
+        match=rf"^text 2: token id \d+ \('{outside}'\) is outside the model's vocabulary "
+        r"\(vocab_size 45\); the tokenizer has \d+ tokens",
+    ):
+        enc.encode_passages(texts, max_length=16)
+    assert np.isfinite(enc.encode_passages(texts[:2], max_length=16)).all()
+
+
 def test_empty_text_is_cls_sep(hf_and_dir, encoder):
     torch = pytest.importorskip("torch")
     ref, d = hf_and_dir

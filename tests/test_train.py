@@ -518,6 +518,17 @@ def test_final_model_loads_and_exports_to_pytorch(tmp_path):
     assert diff <= 1e-5, f"exported PyTorch model's embeddings differ by {diff:.3g}"
 
 
+def test_training_refuses_token_ids_outside_the_models_vocabulary(tmp_path):
+    """A model whose vocabulary is smaller than its tokenizer's trained on NaN; now the first batch names the pair,
+    the side and the token."""
+    tok = RetriBertTokenizer.from_pretrained(make_vocab(tmp_path / "tok"))
+    model = init_model(RetriBertConfig.tiny(vocab_size=len(SPECIALS) + 50))  # w0 .. w49 only
+    pairs = [("w1 w2", "w3 w4")] * 7 + [("w5", "w6 w77")]  # w77 lies past the model's table
+    tcfg = TrainConfig(batch_size=8, max_length=16, max_steps=1, num_negatives=0, checkpoint_batch_size=-1)
+    with pytest.raises(ValueError, match=r"^pair 7's passage: token id 82 \('w77'\) is outside the model's vocab"):
+        train(model, tok, pairs, str(tmp_path / "out"), tcfg, progress=False, save_final=False)
+
+
 def test_cli_rejects_bad_data(tmp_path):
     config, _ = tiny_start(tmp_path)
     bad = tmp_path / "bad.jsonl"

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import importlib
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -214,12 +215,58 @@ def _own_the_process() -> None:
     _one_line_cache_warnings()
 
 
+# The commands' arguments by role: what they read, and what they write (a file, or a directory they replace).
+INPUT_ARGUMENTS = ("index", "model", "queries", "qrels", "pairs", "input", "data", "src", "config", "tokenizer")
+OUTPUT_ARGUMENTS = ("out", "output", "run_file")
+
+
+def _argument_name(name: str) -> str:
+    return (
+        name.upper()
+        if name in ("index", "model", "queries", "qrels", "pairs", "input", "data", "src", "out")
+        else ("--" + name.replace("_", "-"))
+    )
+
+
+def check_outputs_spare_inputs(args: argparse.Namespace) -> None:
+    """Refuses a command whose output would overwrite one of its own inputs: the same path (`evaluate --output
+    QUERIES`, `mine PAIRS PAIRS --overwrite`), or an output directory that holds an input (replaced, or filled,
+    around it), or two outputs on one path. Checked before anything is read or written.
+
+    Raises:
+      UserError: naming both arguments and the path.
+    """
+    from retribert_jax.errors import UserError
+
+    def real(path: str) -> str:
+        return os.path.realpath(os.path.expanduser(path))
+
+    inputs = [(n, getattr(args, n)) for n in INPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
+    outputs = [(n, getattr(args, n)) for n in OUTPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
+    for (a, first), (b, second) in itertools.combinations(outputs, 2):
+        if real(first) == real(second):
+            raise UserError(
+                f"{_argument_name(a)} and {_argument_name(b)} are the same file {first}: one would overwrite the other"
+            )
+    for out_name, out in outputs:
+        target = real(out)
+        for in_name, path in inputs:
+            source = real(path)
+            if source == target or source.startswith(target.rstrip(os.sep) + os.sep):
+                relation = "is" if source == target else "holds"
+                raise UserError(
+                    f"{_argument_name(out_name)} {out} {relation} {_argument_name(in_name)} {path}: the output would "
+                    "overwrite an input; write somewhere else"
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.timings = Timings(args.verbose)
     from retribert_jax.errors import CheckpointError, MissingDependency, UserError, is_out_of_memory
 
     try:
+        check_outputs_spare_inputs(args)
         if args._check is not None:
             args._check(args)
         with args.timings.phase("import jax and flax"):

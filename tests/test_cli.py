@@ -64,6 +64,30 @@ def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (("evaluate", "idx", "m", "missing.jsonl", "qrels"), "missing.jsonl: no such queries file"),
         (("train", "m", "missing.jsonl", "out"), "missing.jsonl: no such data file"),
         (("search", "idx", "m", "--dtype", "float16"), "invalid choice: 'float16'"),
+        # An output on one of the command's inputs was written over it (evaluate, mine), or replaced with it (embed).
+        (
+            ("evaluate", "idx", "m", "q.jsonl", "qrels.txt", "--output", "q.jsonl"),
+            "--output q.jsonl is QUERIES q.jsonl: the output would overwrite an input",
+        ),
+        (
+            (
+                "evaluate",
+                "idx",
+                "m",
+                "q.jsonl",
+                "qrels.txt",
+                "--run-file",
+                "../x/../" + os.path.basename(REPO) + "/qrels.txt",
+            ),
+            "is QRELS qrels.txt",
+        ),
+        (("mine", "idx", "m", "p.jsonl", "./p.jsonl"), "OUT ./p.jsonl is PAIRS p.jsonl"),
+        (("embed", "m", "out/in.jsonl", "out", "--kind", "passages"), "OUT out holds INPUT out/in.jsonl"),
+        (("train", "m", "d.jsonl", "m/"), "OUT m/ is MODEL m"),
+        (
+            ("evaluate", "idx", "m", "q.jsonl", "qrels.txt", "--output", "r.txt", "--run-file", "r.txt"),
+            "--output and --run-file are the same file r.txt",
+        ),
     ],
 )
 def test_mistakes_end_in_one_line_before_jax_is_imported(argv, says, tmp_path):

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -306,8 +307,20 @@ class TrainConfig:
             raise ValueError(f"num_negatives must be an integer >= 0, got {self.num_negatives!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # A NaN or infinite value trained a NaN model to the end without a word (every comparison below is False).
+        for name in ("learning_rate", "adam_eps", "adam_b1", "adam_b2", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.adam_eps <= 0 or self.weight_decay < 0 or not (0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1):
+            raise ValueError(
+                f"adam_eps must be positive, weight_decay >= 0 and adam_b1, adam_b2 in [0, 1); got {self.adam_eps}, "
+                f"{self.weight_decay}, {self.adam_b1}, {self.adam_b2}"
+            )
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {self.max_length}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:

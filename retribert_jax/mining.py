@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -89,6 +90,11 @@ class MiningConfig:
     def __post_init__(self):
         if self.num_negatives <= 0:
             raise ValueError(f"num_negatives must be positive, got {self.num_negatives}")
+        # NaN passes every comparison below and then filters nothing; an infinite bound means no bound (None).
+        for name in ("max_score", "min_score", "absolute_margin", "relative_margin"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r} (leave it out for no bound)")
         if self.range_min < 0:
             raise ValueError(f"range_min must be >= 0, got {self.range_min}")
         if self.range_max is not None and self.range_max <= self.range_min:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -585,6 +586,17 @@ def train(
     last_step = min(total_steps, tcfg.max_steps or total_steps)
     # Hard negatives per question: as many as the richest pair offers, capped by the setting.
     m = min(tcfg.num_negatives, max(len(p.negatives) for p in pairs)) if tcfg.num_negatives else 0
+    # Refused before `_check_run` records the settings, so that the corrected rerun may use the same directory.
+    if tcfg.max_length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"max_length {tcfg.max_length} is longer than the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings})"
+        )
+    if tcfg.batch_size == 1 and m == 0:
+        raise ValueError(
+            "batch_size 1 without hard negatives: the in-batch cross-entropy over one pair is 0 and nothing is "
+            "learned; use a batch of at least 2 pairs, or pairs with negatives"
+        )
     _check_run(
         out_dir,
         {
@@ -655,8 +667,18 @@ def train(
                 )
                 bar.dispatched(metrics)
                 step, seen = step + 1, seen + tcfg.batch_size
-                if step % tcfg.log_every == 0 or step == last_step:
+                logging_now = step % tcfg.log_every == 0 or step == last_step
+                saving_now = step % tcfg.save_every == 0 or step == last_step
+                if logging_now or saving_now:
                     m_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(m_host["loss"]):
+                        # Checked before each save too, so that no checkpoint holds what a NaN step made.
+                        raise ValueError(
+                            f"the loss is {m_host['loss']} at step {step}: training stopped, the checkpoints saved "
+                            f"before it are kept in {out_dir}; lower the learning rate or clip gradients "
+                            "(--grad-clip)"
+                        )
+                if logging_now:
                     bar.finish()
                     loss_value, rate = m_host["loss"], seen / max(time.perf_counter() - t0, 1e-9)
                     log.write(
@@ -668,7 +690,7 @@ def train(
                     log.flush()
                     tbar.set_postfix(loss=f"{m_host['loss']:.4f}", lr=f"{m_host['lr']:.2e}", ex_s=f"{rate:.1f}")
                     t0, seen = time.perf_counter(), 0
-                if step % tcfg.save_every == 0 or step == last_step:
+                if saving_now:
                     ckpts.save(step, params, opt_state, base_key)
             bar.finish()
     except Exception as e:

@@ -67,3 +67,23 @@ def test_architecture_hash_ignores_extra_keys_only():
     a = RetriBertConfig.tiny()
     assert a.architecture_hash() == RetriBertConfig.tiny(extra={"transformers_version": "4.30.0"}).architecture_hash()
     assert a.architecture_hash() != RetriBertConfig.tiny(projection_dim=8).architecture_hash()
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(learning_rate=float("nan")), "learning_rate must be a finite number, got nan"),
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
+        (dict(grad_clip=float("inf")), "grad_clip must be a finite number"),
+        (dict(adam_b2=1.0), r"adam_b1, adam_b2 in \[0, 1\)"),
+        (dict(max_length=1), r"max_length must be at least 2 \(\[CLS\] and \[SEP\]\)"),
+    ],
+)
+def test_impossible_training_settings_are_refused(changes, message):
+    """A NaN or infinite learning rate or weight decay passed every check (NaN compares False) and trained a NaN
+    model to the end, exit 0."""
+    from retribert_jax.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)

@@ -488,3 +488,12 @@ def test_a_questions_other_positives_are_never_its_negatives(setup, tmp_path):
     out = str(tmp_path / "mined.jsonl")
     mine_file(index, encoder, pairs, out, cfg, chunk_size=2, show_progress=False)
     assert [json.loads(line)["negative_ids"] for line in open(out)] == [r["negative_ids"] for r in mined.rows]
+
+
+@pytest.mark.parametrize("field", ["min_score", "max_score", "absolute_margin", "relative_margin"])
+def test_non_finite_filter_bounds_are_refused(field):
+    """`--min-score nan` passed every check and then filtered nothing."""
+    from retribert_jax.mining import MiningConfig
+
+    with pytest.raises(ValueError, match=rf"{field} must be a finite number, got nan"):
+        MiningConfig(**{field: float("nan")})

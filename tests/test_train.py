@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -527,6 +528,42 @@ def test_training_refuses_token_ids_outside_the_models_vocabulary(tmp_path):
     tcfg = TrainConfig(batch_size=8, max_length=16, max_steps=1, num_negatives=0, checkpoint_batch_size=-1)
     with pytest.raises(ValueError, match=r"^pair 7's passage: token id 82 \('w77'\) is outside the model's vocab"):
         train(model, tok, pairs, str(tmp_path / "out"), tcfg, progress=False, save_final=False)
+
+
+def test_training_that_cannot_learn_is_refused_before_the_directory_is_claimed(tmp_path):
+    """batch_size 1 without negatives trained to a loss of exactly 0 (in-batch CE over one pair); a max_length past
+    the position table failed after OUT recorded the settings, so the corrected rerun was refused. Both are now
+    refused first, and the corrected run then goes ahead in the same directory."""
+    tok = RetriBertTokenizer.from_pretrained(make_vocab(tmp_path / "tok"))
+    model = init_model(RetriBertConfig.tiny(vocab_size=len(SPECIALS) + 100, max_position_embeddings=32))
+    pairs = topic_pairs(8, seed=0)
+    out = str(tmp_path / "out")
+    single = TrainConfig(batch_size=1, max_length=16, max_steps=1, num_negatives=0, checkpoint_batch_size=-1)
+    with pytest.raises(ValueError, match="batch_size 1 without hard negatives"):
+        train(model, tok, pairs, out, single, progress=False, save_final=False)
+    long = TrainConfig(batch_size=8, max_length=64, max_steps=1, num_negatives=0, checkpoint_batch_size=-1)
+    with pytest.raises(ValueError, match=r"max_length 64 is longer than the model's max_position_embeddings \(32\)"):
+        train(model, tok, pairs, out, long, progress=False, save_final=False)
+    assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
+    fixed = dataclasses.replace(long, max_length=16)
+    assert train(model, tok, pairs, out, fixed, progress=False, save_final=False).step == 1
+
+
+def test_a_non_finite_loss_stops_training_before_it_is_saved(tmp_path):
+    """A NaN loss trained to the end and saved a NaN model, exit 0; now the first check (each log and each save)
+    stops the run, and no checkpoint holds what the NaN step made."""
+    tok = RetriBertTokenizer.from_pretrained(make_vocab(tmp_path / "tok"))
+    model = init_model(RetriBertConfig.tiny(vocab_size=len(SPECIALS) + 100))
+    table = model.bert_query.embeddings.word_embeddings.embedding
+    table.set_value(table.get_value().at[:].set(jnp.nan))
+    tcfg = TrainConfig(
+        batch_size=8, max_length=16, max_steps=3, num_negatives=0, checkpoint_batch_size=-1, save_every=1
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^the loss is nan at step 1: training stopped"):
+        train(model, tok, topic_pairs(16, seed=0), str(out), tcfg, progress=False, save_final=False)
+    saved = [n for n in os.listdir(out / "checkpoints") if n[0].isdigit()] if (out / "checkpoints").exists() else []
+    assert saved == [], saved
 
 
 def test_cli_rejects_bad_data(tmp_path):

@@ -218,6 +218,16 @@ def _own_the_process() -> None:
 # The commands' arguments by role: what they read, and what they write (a file, or a directory they replace).
 INPUT_ARGUMENTS = ("index", "model", "queries", "qrels", "pairs", "input", "data", "src", "config", "tokenizer")
 OUTPUT_ARGUMENTS = ("out", "output", "run_file")
+FILE_OUTPUTS = ("output", "run_file")  # OUT is a directory, except `mine`'s (its own check)
+
+
+def expand_user_paths(args: argparse.Namespace) -> None:
+    """`~` at the start of a path argument means the home directory in every argument (as a shell would expand it
+    unquoted), not only in those the loaders happen to expand."""
+    for name in INPUT_ARGUMENTS + OUTPUT_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
 
 
 def _argument_name(name: str) -> str:
@@ -243,6 +253,9 @@ def check_outputs_spare_inputs(args: argparse.Namespace) -> None:
 
     inputs = [(n, getattr(args, n)) for n in INPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
     outputs = [(n, getattr(args, n)) for n in OUTPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
+    for name, path in outputs:
+        if name in FILE_OUTPUTS and os.path.isdir(path):
+            raise UserError(f"{_argument_name(name)} {path} is a directory; name the file to write")
     for (a, first), (b, second) in itertools.combinations(outputs, 2):
         if real(first) == real(second):
             raise UserError(
@@ -266,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from retribert_jax.errors import CheckpointError, MissingDependency, UserError, is_out_of_memory
 
     try:
+        expand_user_paths(args)
         check_outputs_spare_inputs(args)
         if args._check is not None:
             args._check(args)

@@ -88,6 +88,14 @@ def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
             ("evaluate", "idx", "m", "q.jsonl", "qrels.txt", "--output", "r.txt", "--run-file", "r.txt"),
             "--output and --run-file are the same file r.txt",
         ),
+        # A file output naming a directory failed only after the whole evaluation (or mining) had run.
+        (("evaluate", "idx", "m", "q.jsonl", "qrels.txt", "--run-file", "tests"), "--run-file tests is a directory"),
+        (("mine", "idx", "m", "p.jsonl", "tests"), "OUT tests is a directory; name the JSONL file to write"),
+        # A quoted ~ was expanded in MODEL only; INPUT looked for ./~/..., and OUT created a directory named ~.
+        (
+            ("embed", "m", "~/no-such-corpus.txt", "out", "--kind", "passages"),
+            f"{os.path.expanduser('~')}/no-such-corpus.txt: no such input file",
+        ),
     ],
 )
 def test_mistakes_end_in_one_line_before_jax_is_imported(argv, says, tmp_path):

@@ -105,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
         import jax
 
         if args.coordinator is not None:
+            # The coordinator waits for every process (5 minutes by default, then JAX aborts the process): say so.
+            print(
+                f"retribert-jax embed: process {args.process_id} of {args.num_processes}: waiting for the others at "
+                f"{args.coordinator}",
+                file=sys.stderr,
+                flush=True,
+            )
             jax.distributed.initialize(
                 coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
             )

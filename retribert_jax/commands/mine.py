@@ -83,6 +83,8 @@ def check(args: argparse.Namespace) -> None:
 
     from retribert_jax.io import check_overwrite, job_record
 
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"OUT {args.out} is a directory; name the JSONL file to write")
     if not os.path.isfile(job_record(args.out)):  # else it may be this very run, finished: `mine_file` tells
         check_overwrite(args.out, args.overwrite)
     common.require_file(args.pairs, "pairs file")

@@ -211,10 +211,13 @@ def _jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            yield BadRecord(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+            # A .json file holding one array of records is a common near miss of JSONL.
+            hint = "; JSONL holds one JSON object per line, not one array" if line.lstrip().startswith("[") else ""
+            yield BadRecord(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}){hint}")
             continue
         if not isinstance(obj, dict):
-            yield BadRecord(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            hint = "; JSONL holds one JSON object per line, not one array" if isinstance(obj, list) else ""
+            yield BadRecord(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}{hint}")
             continue
         if text_field not in obj:
             yield BadRecord(f"{path}:{n}: missing text field {text_field!r}")

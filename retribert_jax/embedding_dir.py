@@ -399,12 +399,19 @@ class Lines:
 
 
 def row_files(directory: str, manifest: dict[str, Any], name: str) -> list[Lines]:
-    """Per shard, random access to its `name` file ("ids" or "texts")."""
-    m = manifest
-    return [
-        Lines(shard_paths(directory, i)[name], min(m["shard_size"], m["count"] - i * m["shard_size"]))
-        for i in range(m["num_shards"])
-    ]
+    """Per shard, random access to its `name` file ("ids" or "texts").
+
+    Raises:
+      FileNotFoundError: a shard's file is missing, named with its shard (checked here, when the index opens,
+        rather than at the first search that reads it).
+    """
+    m, files = manifest, []
+    for i in range(m["num_shards"]):
+        path = shard_paths(directory, i)[name]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the {name} of shard {i} of {m['num_shards']} are missing")
+        files.append(Lines(path, min(m["shard_size"], m["count"] - i * m["shard_size"])))
+    return files
 
 
 def code_path(directory: str, i: int, form: str) -> str:

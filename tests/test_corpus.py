@@ -312,3 +312,13 @@ def test_a_hash_collision_is_not_a_repeat(monkeypatch):
     ids = ["a", "b", "c", "b"]
     repeats = corpus.RepeatedIds(lambda: enumerate(ids))
     assert [repeats.first_position(i, v) for i, v in enumerate(ids)] == [None, None, None, 1]
+
+
+@pytest.mark.parametrize("layout", ["one line", "indented"])
+def test_a_json_array_given_as_jsonl_says_what_jsonl_is(tmp_path, layout):
+    """`corpus.json` holding one array of records said only "invalid JSON" (or "got list")."""
+    rows = [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps(rows, indent=2 if layout == "indented" else None) + "\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: .*; JSONL holds one JSON object per line, not one array"):
+        records(path, "jsonl")

@@ -148,6 +148,11 @@ def test_bad_directories_are_named(tmp_path):
     os.remove(os.path.join(d, "embeddings-00002.npy"))
     with pytest.raises(FileNotFoundError, match="shard 2 of 3 is missing"):
         Index(d)
+    for name in ("ids", "texts"):  # a missing ids or texts file is named when the index opens, not as an errno
+        d = write_index(tmp_path / f"no-{name}", emb, 4, texts=[f"t{i}" for i in range(10)])
+        os.remove(os.path.join(d, f"{name}-00001.jsonl"))
+        with pytest.raises(FileNotFoundError, match=rf"{name}-00001\.jsonl: the {name} of shard 1 of 3 are missing"):
+            Index(d)
     d = write_index(tmp_path / "c", emb, 4)
     m = json.load(open(os.path.join(d, "manifest.json")))
     del m["count"]

@@ -543,6 +543,7 @@ def mine_file(
             _write_part(parts, i, kept, part_stats)
             stats.add(part_stats)
     if num_parts == 0:
+        shutil.rmtree(parts)  # holds the settings alone: nothing to resume
         raise ValueError(f"{pairs}: no question/answer pairs")
     with atomic_file(out, "wb") as f:
         for i in range(num_parts):

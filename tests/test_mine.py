@@ -497,3 +497,14 @@ def test_non_finite_filter_bounds_are_refused(field):
 
     with pytest.raises(ValueError, match=rf"{field} must be a finite number, got nan"):
         MiningConfig(**{field: float("nan")})
+
+
+def test_an_empty_pairs_file_is_refused_and_leaves_nothing_behind(setup, tmp_path):
+    """`mine` of an empty pairs file was refused, but left OUT.parts/ (its settings alone) beside OUT."""
+    _, index_dir, encoder, _, _ = setup
+    pairs = tmp_path / "empty.jsonl"
+    pairs.write_text("\n")
+    out = tmp_path / "mined.jsonl"
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no question/answer pairs"):
+        mine_file(Index(index_dir), encoder, str(pairs), str(out), MiningConfig(num_negatives=2), show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]

@@ -195,9 +195,9 @@ def embed_corpus(
         last = 0  # the records of the last piece, which is kept as the shard itself
         while pos < len(shard):
             end = min(pos + piece_size, len(shard))
-            emb = encode(texts[pos:end], batch_size=batch_size, max_length=max_length, normalize=normalize).astype(
-                np.dtype(dtype)
-            )
+            emb = encode(texts[pos:end], batch_size=batch_size, max_length=max_length, normalize=normalize)
+            with np.errstate(over="ignore"):  # a value past float16's range: inf, which the shard's check names
+                emb = emb.astype(np.dtype(dtype))
             if end < len(shard):  # the last piece becomes the shard at once
                 embedding_dir.write_piece(directory, i, pos, ids[pos:end], emb, texts[pos:end] if store_text else None)
                 kept += end - pos

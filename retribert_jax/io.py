@@ -21,7 +21,7 @@ def check_overwrite(path: str, overwrite: bool) -> None:
       FileExistsError: `path` exists and `overwrite` is False.
     """
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{path}: already exists (pass --overwrite, or overwrite=True, to replace it)")
 
 
 @contextlib.contextmanager

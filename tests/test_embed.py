@@ -397,6 +397,31 @@ def test_nan_embeddings_are_refused_naming_the_ids(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "embeddings-00000.npy"))
 
 
+def test_embeddings_past_float16s_range_are_refused_in_one_line(tmp_path, capsys):
+    """Embeddings too large for float16 storage printed numpy's overflow RuntimeWarning (with a source line) before
+    the error; the cast is quiet now, and the inf rows are refused by name."""
+    import warnings
+
+    from safetensors.numpy import load_file, save_file
+
+    from retribert_jax import cli
+
+    model = tiny_model_dir(str(tmp_path / "model"))
+    path = os.path.join(model, "model.safetensors")
+    tensors = load_file(path)
+    tensors["project_doc.weight"] = tensors["project_doc.weight"] * 1e7
+    save_file(tensors, path)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("why does ice float\nthe cat and bread\n")
+    out = str(tmp_path / "out")
+    argv = ["embed", model, str(corpus), out, "--kind", "passages", "--embedding-dtype", "float16", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN or infinite embeddings (in the stored dtype float16)" in err[0], err
+
+
 @pytest.mark.slow
 def test_rerun_after_a_failed_run_and_overwrite(model_dir, tmp_path):
     """A typo in a field name leaves a run that finished nothing: the corrected command is not refused. A finished

@@ -381,7 +381,7 @@ def test_cli(setup, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert f"{out}: already complete ({len(rows)} pairs, " in capsys.readouterr().err
     assert cli.main([*argv, "--range-max", "9"]) == 2
-    assert "already exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert "already exists (pass --overwrite, or overwrite=True, to replace it)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
     assert cli.main(["mine", index_dir, model_dir, str(bad), str(tmp_path / "x.jsonl"), "--no-progress"]) == 2

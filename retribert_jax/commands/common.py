@@ -157,6 +157,8 @@ def pair_fields(args: argparse.Namespace):
 
 def require_file(path: str, what: str) -> None:
     """Refuses a missing input file before anything heavy is imported."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, not the {what}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such {what}")
 

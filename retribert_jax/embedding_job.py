@@ -169,18 +169,19 @@ def embed_corpus(
     nproc, rank = jax.process_count(), jax.process_index()
     encode = encoder.encode_passages if kind == "passages" else encoder.encode_questions
     result = EmbedResult(None, 0)
-    shards_done = kept = 0  # whole shards, and records on disk (shards and pieces), for an interruption's report
+    # Whole shards and their records, and every record on disk (shards and pieces), for an interruption's report.
+    shards_done = in_shards = kept = 0
     start = time.perf_counter()
 
     def embed_shard(i: int, shard: list[tuple[Any, str]], bar) -> None:
-        nonlocal shards_done, kept
+        nonlocal shards_done, in_shards, kept
         if i % nproc != rank:  # another process's
             bar.total = None if bar.total is None else max(bar.n, bar.total - len(shard))
             return
         if embedding_dir.shard_done(directory, i):
             result.resumed += len(shard)
             kept += len(shard)
-            shards_done += 1
+            shards_done, in_shards = shards_done + 1, in_shards + len(shard)
             bar.update(len(shard))
             return
         # Without an id a record's id is its number; a reader that was asked for ids gives real ones.
@@ -214,7 +215,7 @@ def embed_corpus(
         )
         embedding_dir.remove_pieces(directory, i)
         kept += last
-        shards_done += 1
+        shards_done, in_shards = shards_done + 1, in_shards + len(shard)
 
     desc = f"embedding {kind}" + (f" [{rank}/{nproc}]" if nproc > 1 else "")
     # The bar is closed (its line ended) before any error is printed, so the error is the last line on the screen.
@@ -238,9 +239,13 @@ def embed_corpus(
             if shard:
                 embed_shard(result.count // shard_size, shard, bar)
         except KeyboardInterrupt:
+            in_pieces = kept - in_shards
+            where = [f"{shards_done} whole shard{'s' * (shards_done != 1)}"] * bool(shards_done)
+            where += [f"{in_pieces} in pieces of up to {piece_size}"] * bool(in_pieces)
             raise KeyboardInterrupt(
-                f"{directory} keeps {kept} {kind} embedded ({shards_done} whole shards, the rest "
-                f"in pieces of {piece_size}); rerunning the same job resumes from there"
+                f"{directory} keeps {kept} {kind} embedded"
+                + (f" ({', '.join(where)})" if where else "")
+                + "; rerunning the same job resumes from there"
             ) from None
     result.seconds = time.perf_counter() - start
     if result.count == 0:

@@ -479,8 +479,9 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(model_dir, tmp_path):
     kept = sum(int(n[:-4].split("-")[3]) - int(n[:-4].split("-")[2]) for n in pieces)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
-        f"retribert-jax embed: interrupted; {out} keeps {kept} passages embedded (0 whole shards, the rest in pieces "
-        "of 1024); rerunning the same job resumes from there"
+        f"retribert-jax embed: interrupted; {out} keeps {kept} passages embedded"
+        + (f" ({kept} in pieces of up to 1024)" if kept else "")
+        + "; rerunning the same job resumes from there"
     ), err
     r = run_cli(
         model_dir, str(path), out, "--kind", "passages", "--shard-size", "3000", "--batch-size", "16", "--no-progress"

@@ -52,7 +52,7 @@ def test_interrupted_job_keeps_its_pieces_and_resumes_to_the_same_bytes(encoder,
     # Calls: shard 0 takes 4 pieces (30, 30, 30, 10), shard 1 starts with piece 5: interrupted at its second.
     with pytest.raises(KeyboardInterrupt) as e:
         embed_corpus(Interrupting(encoder, 6), records, out, **options)
-    assert f"{out} keeps 130 passages embedded (1 whole shards, the rest in pieces of 30)" in str(e.value)
+    assert f"{out} keeps 130 passages embedded (1 whole shard, 30 in pieces of up to 30)" in str(e.value)
     assert "rerunning the same job resumes" in str(e.value)
     assert sorted(n for n in os.listdir(out) if n.startswith(".piece-")) == [".piece-00001-000000000-000000030.npz"], (
         os.listdir(out)

@@ -26,6 +26,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     try:
         return snapshot_download(repo_id=path, allow_patterns=_PATTERNS)
     except Exception as e:  # network errors, unknown repo, offline mode: all mean "cannot get it"
+        reason = " ".join(str(e).split())  # huggingface_hub's messages span lines; an error is one line
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise FileNotFoundError(
-            f"{path}: not a local path, and the hub download failed ({type(e).__name__}: {e})"
+            f"{path}: not a local path, and the hub download failed ({type(e).__name__}: {reason})"
         ) from None

@@ -57,3 +57,20 @@ def test_commands_take_a_relative_orbax_checkpoint(workdir, capsys):
     assert cli.main(["search", "idx", "flax-orbax", "why does ice float", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out.splitlines()[-1])["hits"]
     assert len(hits) == 2 and {str(h["id"]) for h in hits} <= {"0", "1", "2"}
+
+
+def test_a_failed_hub_download_is_one_line(monkeypatch):
+    """huggingface_hub's errors span several lines; the command's error must stay one."""
+    import huggingface_hub
+
+    from retribert_jax.hub import resolve_checkpoint
+
+    def fail(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.\n" + "x" * 500)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_checkpoint("someone/some-model")
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith("someone/some-model: not a local path, and the hub download failed (OSError: We couldn't")

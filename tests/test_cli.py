@@ -149,3 +149,24 @@ def test_out_of_memory_while_encoding_ends_in_one_line(tmp_path, monkeypatch, ca
         "retribert-jax search: error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
         "allocate 17179869184 bytes.); pass a smaller --batch-size"
     ], err
+
+
+def test_ctrl_c_while_jax_imports_is_held_and_raised_after():
+    """Ctrl-C in a command's first second was lost: inside a JAX extension's initialisation the KeyboardInterrupt
+    became an ImportError, which an optional import took for "not available", and the job ran to the end (exit 0).
+    The CLI holds SIGINT over the imports and raises it after them."""
+    import signal
+
+    reached_end_of_block = False
+    with pytest.raises(KeyboardInterrupt):
+        with cli._interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            try:  # what the extension did to it: had it been raised here, this would swallow it
+                import time
+
+                time.sleep(0.05)
+            except BaseException:
+                pass
+            reached_end_of_block = True
+    assert reached_end_of_block
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

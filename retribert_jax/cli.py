@@ -24,9 +24,7 @@ import itertools
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 import warnings
 
@@ -275,35 +273,20 @@ def check_outputs_spare_inputs(args: argparse.Namespace) -> None:
                 )
 
 
-@contextlib.contextmanager
-def _interrupts_held():
-    """Holds Ctrl-C (SIGINT) while JAX's extensions import, and raises it after them. A KeyboardInterrupt inside an
-    extension's initialisation comes out as an ImportError, which an optional import then takes for "not available":
-    the interrupt was lost and the job ran to the end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.timings = Timings(args.verbose)
     from retribert_jax.errors import CheckpointError, MissingDependency, UserError, is_out_of_memory
+    from retribert_jax.io import interrupts_held
 
     try:
         expand_user_paths(args)
         check_outputs_spare_inputs(args)
         if args._check is not None:
             args._check(args)
-        with args.timings.phase("import jax and flax"), _interrupts_held():
+        # A KeyboardInterrupt inside a JAX extension's initialisation comes out as an ImportError, which an optional
+        # import takes for "not available": Ctrl-C in a command's first second was lost, and the job ran to the end.
+        with args.timings.phase("import jax and flax"), interrupts_held():
             if argv is None:  # run as the command, not called from Python
                 _own_the_process()
             import flax.nnx  # noqa: F401 - every command needs it; timed here so that the phases below are our own

@@ -1,5 +1,6 @@
 """What every file format of the package shares: atomic writes (readers never see half an output, a crash never
-leaves one behind), the one overwrite check, and page-aligned host memory to read arrays into."""
+leaves one behind), the one overwrite check, Ctrl-C held over work that must not be cut, and page-aligned host memory
+to read arrays into."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import mmap
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +25,29 @@ def check_overwrite(path: str, overwrite: bool) -> None:
     """
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass --overwrite, or overwrite=True, to replace it)")
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) over a block and raises KeyboardInterrupt after it, for work that an interrupt would
+    otherwise cut where it does harm: JAX's extensions initialising (the interrupt comes out as an ImportError that an
+    optional import swallows), an orbax save (its writer threads outlive the interrupted main thread and abort the
+    interpreter's exit). Elsewhere than on the main thread, where Python delivers signals, a no-op.
+
+    Raises:
+      KeyboardInterrupt: after the block, when SIGINT came during it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 
 from retribert_jax.compilation import CompileCost, bucket_length, fit_buckets
 from retribert_jax.config import RunConfig, TrainConfig
+from retribert_jax.io import interrupts_held
 from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 from retribert_jax.modeling import RetriBertModel, flops_per_sequence, in_batch_loss
 from retribert_jax.pairs import Pair
@@ -527,14 +528,17 @@ class _Checkpoints:
     def save(self, step: int, params, opt_state, key) -> None:
         ocp = self._ocp
         meta = {"step": step, "rng": np.asarray(jax.random.key_data(key)).tolist()}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        # Ctrl-C waits for the save: cut inside it, orbax's writer threads outlived the main thread, and the exit
+        # aborted ("cannot schedule new futures after interpreter shutdown") leaving a step-N.orbax-checkpoint-tmp.
+        with interrupts_held():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
 
     def close(self) -> None:
         self.manager.wait_until_finished()

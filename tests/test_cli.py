@@ -154,12 +154,14 @@ def test_out_of_memory_while_encoding_ends_in_one_line(tmp_path, monkeypatch, ca
 def test_ctrl_c_while_jax_imports_is_held_and_raised_after():
     """Ctrl-C in a command's first second was lost: inside a JAX extension's initialisation the KeyboardInterrupt
     became an ImportError, which an optional import took for "not available", and the job ran to the end (exit 0).
-    The CLI holds SIGINT over the imports and raises it after them."""
+    The CLI holds SIGINT over the imports (and `train` over each checkpoint save) and raises it after them."""
     import signal
+
+    from retribert_jax.io import interrupts_held
 
     reached_end_of_block = False
     with pytest.raises(KeyboardInterrupt):
-        with cli._interrupts_held():
+        with interrupts_held():
             os.kill(os.getpid(), signal.SIGINT)
             try:  # what the extension did to it: had it been raised here, this would swallow it
                 import time

@@ -117,10 +117,11 @@ def test_out_of_memory_ends_in_one_line(tmp_path, monkeypatch, capsys):
         return step
 
     monkeypatch.setattr(training, "make_train_step", step_that_runs_out)
+    # Without --max-length, the tiny model's 64 positions (not the default 128, which it cannot take).
     assert cli.main(_tiny_run(tmp_path, "--micro-batch-size", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
-        "retribert-jax train: error: a training step of 8 pairs at max_length 128 ran out of device "
+        "retribert-jax train: error: a training step of 8 pairs at max_length 64 ran out of device "
         "memory; pass --micro-batch-size 2 (micro-batches of 4 pairs did not fit)"
     ), err
     assert not any("Traceback" in line for line in err)

@@ -54,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="hard negatives per question, sampled each epoch from the pair's negatives; 0 ignores them (%(default)s)",
     )
     p.add_argument(
-        "--max-length", type=common.positive_int, default=d.max_length, help="truncation length (%(default)s)"
+        "--max-length",
+        type=common.positive_int,
+        default=None,
+        help=f"truncation length (default: {d.max_length}, or the model's max_position_embeddings when fewer)",
     )
     p.add_argument(
         "--checkpoint-batch-size",
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=args.max_length or min(TrainConfig.max_length, model.config.max_position_embeddings),
         checkpoint_batch_size=args.checkpoint_batch_size,
         num_epochs=args.epochs,
         max_steps=args.max_steps,

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -176,6 +177,11 @@ def _drop_orbax_leftovers() -> None:
 
     def hook(unraisable) -> None:
         exc, obj = unraisable.exc_value, unraisable.object
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C that landed in a callback Python cannot raise from (JAX's garbage-collection callback): it was
+            # printed as "Exception ignored" and lost. Delivered again, it interrupts the main thread as it should.
+            signal.raise_signal(signal.SIGINT)
+            return
         late = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
         abandoned = inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
         if not (late or abandoned):

@@ -172,3 +172,20 @@ def test_ctrl_c_while_jax_imports_is_held_and_raised_after():
             reached_end_of_block = True
     assert reached_end_of_block
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_lost_in_a_callback_is_delivered_again(monkeypatch):
+    """Ctrl-C that landed in JAX's garbage-collection callback was printed as "Exception ignored in:
+    <function _xla_gc_callback>" and lost; the command's unraisable hook delivers it again to the main thread."""
+    import signal
+    import types
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    monkeypatch.setattr(cli._OrbaxLeftovers, "install", lambda self: None)
+    cli._drop_orbax_leftovers()
+    lost = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), object=print)
+    with pytest.raises(KeyboardInterrupt):
+        sys.unraisablehook(lost)
+        for _ in range(1000):  # the handler runs at the next bytecode boundary
+            pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

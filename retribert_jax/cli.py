@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="report where the time goes before the first batch (imports, load, compilation, ...)",
         )
         # `check(args)`: the mistakes a command can find without JAX, found before JAX is imported (seconds).
-        p.set_defaults(_run=module.run, _check=getattr(module, "check", None))
+        # `FILE_OUTPUTS`: a command's outputs that are files rather than directories (`mine`'s OUT).
+        p.set_defaults(
+            _run=module.run,
+            _check=getattr(module, "check", None),
+            _file_outputs=FILE_OUTPUTS + getattr(module, "FILE_OUTPUTS", ()),
+        )
     return parser
 
 
@@ -224,7 +229,8 @@ def _own_the_process() -> None:
 # The commands' arguments by role: what they read, and what they write (a file, or a directory they replace).
 INPUT_ARGUMENTS = ("index", "model", "queries", "qrels", "pairs", "input", "data", "src", "config", "tokenizer")
 OUTPUT_ARGUMENTS = ("out", "output", "run_file")
-FILE_OUTPUTS = ("output", "run_file")  # OUT is a directory, except `mine`'s (its own check)
+FILE_OUTPUTS = ("output", "run_file")  # every command's; OUT is a directory unless the command says otherwise
+OPTION_ARGUMENTS = ("output", "run_file", "config", "tokenizer")  # the rest are positional
 
 
 def expand_user_paths(args: argparse.Namespace) -> None:
@@ -237,11 +243,7 @@ def expand_user_paths(args: argparse.Namespace) -> None:
 
 
 def _argument_name(name: str) -> str:
-    return (
-        name.upper()
-        if name in ("index", "model", "queries", "qrels", "pairs", "input", "data", "src", "out")
-        else ("--" + name.replace("_", "-"))
-    )
+    return "--" + name.replace("_", "-") if name in OPTION_ARGUMENTS else name.upper()
 
 
 def check_outputs_spare_inputs(args: argparse.Namespace) -> None:
@@ -254,13 +256,11 @@ def check_outputs_spare_inputs(args: argparse.Namespace) -> None:
     """
     from retribert_jax.errors import UserError
 
-    def real(path: str) -> str:
-        return os.path.realpath(os.path.expanduser(path))
-
+    real = os.path.realpath  # after `expand_user_paths`
     inputs = [(n, getattr(args, n)) for n in INPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
     outputs = [(n, getattr(args, n)) for n in OUTPUT_ARGUMENTS if isinstance(getattr(args, n, None), str)]
     for name, path in outputs:
-        if name in FILE_OUTPUTS and os.path.isdir(path):
+        if name in getattr(args, "_file_outputs", FILE_OUTPUTS) and os.path.isdir(path):
             raise UserError(f"{_argument_name(name)} {path} is a directory; name the file to write")
     for (a, first), (b, second) in itertools.combinations(outputs, 2):
         if real(first) == real(second):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -522,7 +522,7 @@ def _directory_settings(directory: str) -> dict[str, Any]:
     }
 
 
-def check_vocabulary(ids: np.ndarray, vocab_size: int, backend: Tokenizer, text_of: Any) -> None:
+def check_vocabulary(ids: np.ndarray, vocab_size: int, backend: Tokenizer, text_of: Callable[[int], str]) -> None:
     """Refuses token ids outside the model's embedding table, [0, `vocab_size`): a tokenizer that is not the model's
     (or has tokens added without resizing the model). JAX's embedding lookup would give NaN for them without a word,
     where HF PyTorch raises IndexError.

@@ -90,7 +90,7 @@ def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
         ),
         # A file output naming a directory failed only after the whole evaluation (or mining) had run.
         (("evaluate", "idx", "m", "q.jsonl", "qrels.txt", "--run-file", "tests"), "--run-file tests is a directory"),
-        (("mine", "idx", "m", "p.jsonl", "tests"), "OUT tests is a directory; name the JSONL file to write"),
+        (("mine", "idx", "m", "p.jsonl", "tests"), "OUT tests is a directory; name the file to write"),
         (("embed", "m", "tests", "out", "--kind", "passages"), "tests: is a directory, not the input file"),
         # A quoted ~ was expanded in MODEL only; INPUT looked for ./~/..., and OUT created a directory named ~.
         (

@@ -10,6 +10,9 @@ from retribert_jax.commands import common
 HELP = "add hard negatives, mined from an index written with --store-text, to training pairs (resumable)"
 
 
+FILE_OUTPUTS = ("out",)  # the mined JSONL (see `cli.check_outputs_spare_inputs`)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "index", metavar="INDEX_DIR", help="passage embeddings written by `retribert-jax embed --store-text`"
@@ -83,8 +86,6 @@ def check(args: argparse.Namespace) -> None:
 
     from retribert_jax.io import check_overwrite, job_record
 
-    if os.path.isdir(args.out):
-        raise IsADirectoryError(f"OUT {args.out} is a directory; name the JSONL file to write")
     if not os.path.isfile(job_record(args.out)):  # else it may be this very run, finished: `mine_file` tells
         check_overwrite(args.out, args.overwrite)
     common.require_file(args.pairs, "pairs file")

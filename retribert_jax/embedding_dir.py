@@ -257,12 +257,13 @@ def remove_pieces(directory: str, shard: int) -> None:
         os.remove(path)
 
 
-def discard_run(directory: str) -> None:
-    """Forgets a run that produced nothing (its recorded settings), and its directory if that is left empty."""
+def discard_run(directory: str, remove_directory: bool = True) -> None:
+    """Forgets a run that produced nothing (its recorded settings), and, with `remove_directory` (the run made it),
+    its directory if that is left empty."""
     path = os.path.join(directory, RUN_SETTINGS)
     if os.path.isfile(path):
         os.remove(path)
-    if os.path.isdir(directory) and not os.listdir(directory):
+    if remove_directory and os.path.isdir(directory) and not os.listdir(directory):
         os.rmdir(directory)
 
 

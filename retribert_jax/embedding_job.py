@@ -14,6 +14,7 @@ manifest once every shard exists.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -163,6 +164,7 @@ def embed_corpus(
         store_text=store_text,
         source=source,
     )
+    existed = os.path.isdir(directory)
     done = embedding_dir.start_run(directory, settings, overwrite=overwrite)
     if done is not None:
         return EmbedResult(done, done["count"], already_complete=True)
@@ -242,14 +244,23 @@ def embed_corpus(
             in_pieces = kept - in_shards
             where = [f"{shards_done} whole shard{'s' * (shards_done != 1)}"] * bool(shards_done)
             where += [f"{in_pieces} in pieces of up to {piece_size}"] * bool(in_pieces)
+            if not kept and nproc == 1:
+                embedding_dir.discard_run(directory, remove_directory=not existed)
+                raise KeyboardInterrupt(f"{directory}: interrupted before any {kind} were embedded") from None
             raise KeyboardInterrupt(
                 f"{directory} keeps {kept} {kind} embedded"
                 + (f" ({', '.join(where)})" if where else "")
                 + "; rerunning the same job resumes from there"
             ) from None
+        except Exception:
+            # A run that fails before it keeps anything (a bad first record, a tokenizer error) leaves no trace; one
+            # that kept work leaves it, with its settings, for the fixed rerun to resume.
+            if not kept and nproc == 1:
+                embedding_dir.discard_run(directory, remove_directory=not existed)
+            raise
     result.seconds = time.perf_counter() - start
     if result.count == 0:
-        embedding_dir.discard_run(directory)
+        embedding_dir.discard_run(directory, remove_directory=not existed)
         raise NoRecords("no records to embed (an empty input, or every line skipped as bad)")
     if rank != 0:
         return result

@@ -75,7 +75,14 @@ def test_a_run_that_finished_nothing_is_no_obstacle_and_overwrite_replaces(encod
 
     with pytest.raises(ValueError, match="missing text field"):
         embed_corpus(encoder, failing(), out, source={"text_field": "body"})
-    assert os.path.isfile(os.path.join(out, embedding_dir.RUN_SETTINGS))
+    assert not os.path.exists(out), "a run that failed before keeping anything left its directory"
+    os.makedirs(out)  # a directory the user made is left in place, empty as it was
+    with pytest.raises(ValueError, match="missing text field"):
+        embed_corpus(encoder, failing(), out, source={"text_field": "body"})
+    assert os.listdir(out) == []
+    with pytest.raises(KeyboardInterrupt, match="interrupted before any passages were embedded"):
+        embed_corpus(Interrupting(encoder, 1), records, out)
+    assert os.listdir(out) == []
     embed_corpus(encoder, records, out, source={"text_field": "text"}, shard_size=20)  # not refused
     with pytest.raises(
         ValueError,

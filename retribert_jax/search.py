@@ -38,16 +38,13 @@ from retribert_jax.mesh import batch_sharding, data_mesh, replicated
 BACKENDS = embedding_dir.BACKENDS
 SCANS = embedding_dir.SCANS
 QUERY_CHUNK = 256  # queries searched at once: bounds the [queries, block] score matrix
-# The screen's shape (`topk.screened_topk`): 2048-row blocks of 256 slots of 8-row groups, 6 groups kept per slot.
-SCREEN_BLOCK, SCREEN_GROUP, SCREEN_DEPTH = 2048, 8, 6
-SCREEN_MIN_ROWS = 8 * SCREEN_BLOCK  # rows per device below which the blocked path is as quick
+SCREEN_MIN_ROWS = 4 * topk.SCREEN_BLOCK  # rows per device below which the blocked path is as quick
 MAX_SCREEN_K = 1024  # a larger k takes the blocked path
+# The longest shortlist (groups) a query is searched again with before the blocked path: 16,384 rows.
+MAX_SCREEN_CANDIDATES = 2048
 # Rows a compressed scan shortlists per device at most: the gathered codes of that many groups of 8 rows, for 256
 # queries, are 134 MB (binary, scored by table lookup) to 1 GiB (int8, and 2 GiB more as bfloat16 for the product).
 MAX_SHORTLIST_ROWS = 4096
-# A compressed scan's screen block grows with its shortlist, up to this many rows (a multiple of every smaller one): a
-# device's compressed rows are padded to a multiple of it.
-MAX_SHORTLIST_BLOCK = 16384
 
 
 def default_screen_dtype() -> str:
@@ -68,17 +65,9 @@ def screen_candidates(k: int, screen_dtype: str) -> int:
 
 def shortlist_rows(k: int, rescore_multiplier: int) -> int:
     """Rows a compressed scan shortlists per device for k hits: `k * rescore_multiplier`, as sentence-transformers'
-    rescore_multiplier, at most `MAX_SHORTLIST_ROWS`. The screen keeps as many groups as rows: the best groups by
-    their best row are the only ones sure to hold the best rows (`shortlist_block`)."""
+    rescore_multiplier, at most `MAX_SHORTLIST_ROWS`. The screen shortlists as many groups as rows: the best groups
+    by their best row are the only ones sure to hold the best rows."""
     return min(k * rescore_multiplier, MAX_SHORTLIST_ROWS)
-
-
-def shortlist_block(rows: int) -> int:
-    """The screen's block for a compressed shortlist of `rows` rows: at least 4 x rows, so that its slots
-    (block / 8) number at least half the groups wanted. The best groups fall into slots about at random, and a slot
-    keeps only its `SCREEN_DEPTH` best: at 2 groups a slot on average few overflow (measured on random codes, 4,000
-    rows: 99.8% of the best rows kept, where 2,048-row blocks 16 deep kept 92%, at the same speed)."""
-    return min(MAX_SHORTLIST_BLOCK, max(SCREEN_BLOCK, _pow2(4 * rows)))
 
 
 def _pow2(n: int) -> int:
@@ -314,7 +303,8 @@ class Index:
             if limit is None:
                 return len(self)
             width = self.codes[0].shape[1] * self.codes[0].dtype.itemsize if self.codes else self.dim * 4
-            per_device = max(1, limit // 2 // width)
+            # Each row also costs the screen one float per query per fine group (`topk.screened_topk`).
+            per_device = max(1, limit // 2 // (width + QUERY_CHUNK * 4 // topk.SCREEN_GROUP))
         return min(len(self), per_device * self.mesh.size)
 
     def _read(self, start: int, stop: int, pad_to: int) -> np.ndarray:
@@ -335,10 +325,9 @@ class Index:
         """Rows [start, stop) on the mesh: split over its "data" axis, each device's part padded alike."""
         mesh = self.mesh
         per_device = -(-(stop - start) // mesh.size)
-        screen = self.scan != "float" or (per_device >= SCREEN_MIN_ROWS and self.block_size % SCREEN_BLOCK == 0)
-        unit = SCREEN_BLOCK if screen else 1
-        # A compressed copy is padded so that any shortlist's block (`shortlist_block`) divides it.
-        block = MAX_SHORTLIST_BLOCK if self.scan != "float" else min(self.block_size, -(-per_device // unit) * unit)
+        screen = self.scan != "float" or (per_device >= SCREEN_MIN_ROWS and self.block_size % topk.SCREEN_BLOCK == 0)
+        unit = topk.SCREEN_BLOCK if screen else 1
+        block = topk.SCREEN_BLOCK if self.scan != "float" else min(self.block_size, -(-per_device // unit) * unit)
         local = -(-per_device // block) * block
         width = (self.codes or self.shards)[0].shape[1]
         # Device position -> its rows' largest norm and rounding residual (what bound its screen's error).
@@ -402,8 +391,6 @@ class Index:
                 form=self.scan,
                 rows_out=wanted,
                 candidates=wanted,
-                block=shortlist_block(wanted),
-                depth=SCREEN_DEPTH,
                 screen_dtype=self._screen_dtype(),
             )
             return fn(queries, placed.rows, n, self._query_weights)
@@ -458,12 +445,10 @@ class Index:
         bad = np.flatnonzero(~exact)
         if not bad.size:
             return
-        longest = SCREEN_DEPTH * SCREEN_BLOCK // SCREEN_GROUP
-        # A longer shortlist helps when the shortlist was what fell short; a slot that overflowed needs the
-        # blocked path.
-        longer = bad[(needed[bad] > candidates) & (needed[bad] <= longest)]
+        # A shortlist at least `needed` long proves the result; past the longest, the blocked path does.
+        longer = bad[(needed[bad] > candidates) & (needed[bad] <= MAX_SCREEN_CANDIDATES)]
         if longer.size:
-            yield longer, min(_pow2(int(needed[longer].max())), longest)
+            yield longer, min(_pow2(int(needed[longer].max())), MAX_SCREEN_CANDIDATES)
         rest = np.setdiff1d(bad, longer)
         if rest.size:
             yield rest, None

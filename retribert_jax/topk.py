@@ -4,22 +4,26 @@ The scores of Q queries against N rows are a [Q, N] matrix; choosing each query'
 `jax.lax.top_k` costs more than the product itself on a CPU (XLA's TopK is a partial sort, ~2.5 ns a score on one
 thread, where faiss' heap pays a compare). `screened_topk` chooses without sorting the matrix:
 
-1. **Screen.** The rows are scanned in blocks of `block` rows, seen as `block // group` slots of `group` consecutive
-   rows. A block's scores are reduced to each group's best score, and every slot keeps its `depth` best groups over
-   the blocks seen (an insertion network: elementwise, no sort). The screen may run in bfloat16 (twice the matmul
-   rate on GPUs and TPUs): its error is bounded (`screen_bound`), and the bound is what keeps
-   the result exact.
-2. **Shortlist.** One top-k over the kept groups ([Q, depth * slots], small) takes the `candidates` best. Any row
-   whose exact score can reach the k-th best lies in a group whose screened best is at least
-   `v_k - 2 e` (v_k: the k-th best kept group, e: the screen's error bound for this query), since k groups reach v_k
-   and each holds a row at least `v_k - e`.
+1. **Screen.** The rows are scanned in blocks of `block` rows. Each block's scores [Q, block] are reduced to the
+   best score of every fine group (`group` consecutive rows) and of every coarse group (`coarse` fine groups), and
+   both are kept: elementwise maxima of whole vectors, no sort, one float per fine group and query. The screen may
+   run in bfloat16 (twice the matmul rate on GPUs and TPUs): its error is bounded (`screen_bound`), and the bound is
+   what keeps the result exact.
+2. **Shortlist.** One top-k over the coarse bests ([Q, R / group / coarse]) takes the `candidates` best coarse
+   groups, one over their fine groups' bests the `candidates` best fine groups. Any row whose exact score can reach
+   the k-th best lies in a group whose screened best is at least `v_k - 2 e` (v_k: the k-th best shortlisted fine
+   group, e: the screen's error bound for this query), since k groups reach v_k and each holds a row at least
+   `v_k - e`.
 3. **Rescore.** The shortlisted groups' rows are gathered and scored exactly in float32 (`Precision.HIGHEST`), in
    row order, and one top-k picks the k best: ties go to the lower row, as one top-k over all rows would give.
 
-The result is exact when two checks hold, and both are returned per query: no slot dropped a group that could
-qualify (its `depth`-th kept group is below `v_k - 2 e`), and the shortlist held every qualifying group (its last
-one is below the bar). A query that fails one is searched again by `blocked_topk`, the plain blocked matmul +
-top-k, which is also the path for a k too large to screen for.
+The result is exact when both shortlists held every group that reaches the bar, which is counted, and returned per
+query. A query that fails is searched again with a shortlist as long as the count says (then exact), or by
+`blocked_topk`, the plain blocked matmul + top-k, which is also the path for a k too large to screen for.
+
+Keeping every fine group's best (R / group floats per query) rather than a few per slot costs memory, not time:
+on 2-core CPUs (1M x 128 rows, 256 queries) the scan then runs close to the product alone, where an insertion
+network keeping each slot's 6 best took longer than the product.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SCREEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The screen's shape: 4096-row blocks, 8-row fine groups, 16 fine groups to a coarse group.
+SCREEN_BLOCK, SCREEN_GROUP, SCREEN_COARSE = 4096, 8, 16
 
 
 def _gamma(dim: int) -> float:
@@ -115,69 +121,68 @@ def _masked_scores(scores: jax.Array, rows: jax.Array, n_valid: jax.Array) -> ja
     return jnp.where((rows < n_valid) & ~jnp.isnan(scores), scores, -jnp.inf)
 
 
-def _insert(kept: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]], value: jax.Array, block_id: jax.Array):
-    """Inserts one block's group bests [S, Q] into every slot's list of `depth` kept groups, best first (`depth`
-    value arrays [S, Q], `depth` block-id arrays [S, Q]). Level l is computed from its own and the level above's
-    entries only (it takes the level above's entry where the new value beats that, the new value where it beats only
-    level l's, else keeps its own), so no level waits for another: elementwise, no sort. The levels are separate
-    arrays rather than one stacked array, which XLA fuses into loops without a concatenation. Strict `>`: an equal
-    later group ranks after."""
-    values, ids = kept
-    new_v, new_i = [], []
-    for level, (v, i) in enumerate(zip(values, ids, strict=True)):
-        here = value > v
-        kept_v, kept_i = jnp.where(here, value, v), jnp.where(here, block_id, i)
-        if level:
-            above = value > values[level - 1]
-            kept_v = jnp.where(above, values[level - 1], kept_v)
-            kept_i = jnp.where(above, ids[level - 1], kept_i)
-        new_v.append(kept_v)
-        new_i.append(kept_i)
-    return tuple(new_v), tuple(new_i)
+def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, group: int, coarse: int):
+    """Scans [NB, B, ...] blocks, `score_block(blk)` giving a block's scores [Q, B]; keeps every group's best score.
 
+    A block's rows fall into B / group fine groups of `group` consecutive rows, and those into coarse groups of
+    `coarse` fine groups taken at a stride (coarse group j of a block holds its fine groups j, j + C, j + 2C, ...;
+    C = B / group / coarse), so that both maxima are elementwise maxima of whole vectors.
 
-def _screen(score_block, blocks: jax.Array, n_valid: jax.Array, num_q: int, depth: int):
-    """Scans [NB, S, G, ...] blocks: `score_block(blk)` gives a block's scores [S, G, Q] (the matmul's output laid
-    out rows by queries, so that a group's best is an elementwise max of G query vectors); every slot keeps its
-    `depth` best groups. Returns the shortlist's raw material: (best values [Q, depth * S], group numbers
-    [Q, depth * S], each slot's last kept value [Q, S])."""
-    num_blocks, slots, group = blocks.shape[:3]
-    in_block = jnp.arange(slots * group, dtype=jnp.int32).reshape(slots, group, 1)  # S G 1
+    Returns:
+      fine bests [NB, Q, B / group] and coarse bests [Q, NB * C] (coarse group b * C + j: block b's j), float32;
+      -inf for padding rows and NaN scores.
+    """
+    num_blocks, block = blocks.shape[:2]
+    fine = block // group
+    per_block = fine // coarse
+    in_block = jnp.arange(block, dtype=jnp.int32)
 
-    def step(kept, xs):
+    def step(_, xs):
         blk, b = xs
-        scores = score_block(blk)  # S G Q
-        best = scores.max(axis=1)  # S Q: group bests; NaN where a group holds a NaN score (max propagates it)
+        scores = score_block(blk)  # Q B
+        num_q = scores.shape[0]
+        best = scores.reshape(num_q, fine, group).max(axis=-1)  # NaN where a group holds a NaN score
         # Masking every score costs a pass over them; only a block with padding or a NaN score needs it.
-        masked = ((b + 1) * slots * group > n_valid) | jnp.any(jnp.isnan(best))
+        masked = ((b + 1) * block > n_valid) | jnp.any(jnp.isnan(best))
         best = jax.lax.cond(
-            masked, lambda: _masked_scores(scores, b * slots * group + in_block, n_valid).max(axis=1), lambda: best
+            masked,
+            lambda: _masked_scores(scores, b * block + in_block, n_valid).reshape(num_q, fine, group).max(axis=-1),
+            lambda: best,
         )
-        return _insert(kept, best, b), None
+        return None, (best, best.reshape(num_q, coarse, per_block).max(axis=1))
 
-    init = (
-        tuple(jnp.full((slots, num_q), -jnp.inf, jnp.float32) for _ in range(depth)),
-        tuple(jnp.zeros((slots, num_q), jnp.int32) for _ in range(depth)),
-    )
-    (values, ids), _ = jax.lax.scan(step, init, (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
-    values, ids = jnp.stack(values), jnp.stack(ids)  # depth S Q
-    group_ids = ids * slots + jnp.arange(slots, dtype=jnp.int32)[:, None]  # depth S Q: the group's number in `rows`
-    flat_v = values.transpose(2, 0, 1).reshape(num_q, depth * slots)
-    flat_g = group_ids.transpose(2, 0, 1).reshape(num_q, depth * slots)
-    return flat_v, flat_g, values[depth - 1].T
+    _, (fine_v, coarse_v) = jax.lax.scan(step, None, (blocks, jnp.arange(num_blocks, dtype=jnp.int32)))
+    num_q = fine_v.shape[1]
+    return fine_v, coarse_v.transpose(1, 0, 2).reshape(num_q, num_blocks * per_block)
 
 
-def _shortlist(flat_v: jax.Array, flat_g: jax.Array, candidates: int, group: int):
-    """The `candidates` best kept groups: their rows in row order ([Q, candidates * group], int32; a place never
-    filled gives rows past any real one), their values [Q, candidates] best first, and their group numbers in row
-    order [Q, candidates]."""
-    short_v, pos = jax.lax.top_k(flat_v, candidates)  # Q C
-    short_g = jnp.take_along_axis(flat_g, pos, axis=1)
-    # A shortlisted -inf is an empty place (a slot never filled), not a group: its rows are no candidates.
+def _shortlist(fine_v: jax.Array, coarse_v: jax.Array, candidates: int, group: int, coarse: int):
+    """The `candidates` best coarse groups, and of their fine groups the `candidates` best.
+
+    Returns:
+      rows: [Q, c2 * group] int32, the shortlisted fine groups' rows in row order (a place never filled gives rows
+        past any real one);
+      short_v: [Q, c2], their bests, best first;
+      short_g: [Q, c2], their fine group numbers in row order;
+      seen_v: [Q, c1 * coarse], the bests of every fine group of the shortlisted coarse groups;
+      (c1, c2): the shortlists' lengths (`candidates`, or fewer where there are fewer groups).
+    """
+    num_blocks, num_q, fine = fine_v.shape
+    per_block = fine // coarse
+    c1 = min(candidates, coarse_v.shape[1])
+    _, coarse_id = jax.lax.top_k(coarse_v, c1)  # Q c1
+    blk, j = coarse_id // per_block, coarse_id % per_block
+    in_block = j[:, :, None] + per_block * jnp.arange(coarse, dtype=jnp.int32)  # Q c1 coarse
+    seen_v = fine_v[blk[:, :, None], jnp.arange(num_q, dtype=jnp.int32)[:, None, None], in_block]
+    seen_v = seen_v.reshape(num_q, c1 * coarse)
+    seen_g = (blk[:, :, None] * fine + in_block).reshape(num_q, c1 * coarse)
+    c2 = min(candidates, c1 * coarse)
+    short_v, pos = jax.lax.top_k(seen_v, c2)
+    short_g = jnp.take_along_axis(seen_g, pos, axis=1)
+    # A shortlisted -inf is an empty place (padding), not a group: its rows are no candidates.
     short_g = jnp.sort(jnp.where(short_v > -jnp.inf, short_g, jnp.iinfo(jnp.int32).max // group), axis=1)
-    num_q = flat_v.shape[0]
-    rows = (short_g[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(num_q, candidates * group)
-    return rows, short_v, short_g
+    rows = (short_g[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(num_q, c2 * group)
+    return rows, short_v, short_g, seen_v, (c1, c2)
 
 
 def _gather_groups(x: jax.Array, groups: jax.Array, group: int) -> jax.Array:
@@ -187,7 +192,7 @@ def _gather_groups(x: jax.Array, groups: jax.Array, group: int) -> jax.Array:
     return jnp.take(x.reshape(-1, group * x.shape[1]), groups, axis=0).reshape(groups.shape[0], -1, x.shape[1])
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "group", "depth", "candidates", "screen_dtype"))
+@functools.partial(jax.jit, static_argnames=("k", "block", "group", "coarse", "candidates", "screen_dtype"))
 def screened_topk(
     queries: jax.Array,
     rows: jax.Array,
@@ -196,9 +201,9 @@ def screened_topk(
     residual: jax.Array,
     *,
     k: int,
-    block: int = 2048,
-    group: int = 8,
-    depth: int = 6,
+    block: int = SCREEN_BLOCK,
+    group: int = SCREEN_GROUP,
+    coarse: int = SCREEN_COARSE,
     candidates: int = 256,
     screen_dtype: str = "float32",
 ):
@@ -211,46 +216,51 @@ def screened_topk(
       norm: float32 scalar, at least the largest Euclidean norm of a real row (`row_norm`).
       residual: float32 scalar, at least the largest norm of a real row's rounding to the screen's dtype
         (`row_residual`; 0 for a float32 screen). With `norm`, it sets the screen's error bound (`screen_bound`).
-      k: hits per query, at most `candidates`.
-      block, group, depth, candidates: the screen's shape (rows per block, rows per group, groups kept per slot,
-        groups shortlisted); `candidates` at most `depth * block // group`.
+      k: hits per query, at most `candidates` and at most R.
+      block, group, coarse, candidates: the screen's shape (rows per block, rows per fine group, fine groups per
+        coarse group, groups shortlisted at each level); `block` a multiple of `group * coarse`.
       screen_dtype: "float32" or "bfloat16".
 
     Returns:
       (scores float32 [Q, k], rows int32 [Q, k], exact bool [Q], needed int32 [Q]): hits in the total order (score
       descending, row ascending; -inf and row -1 where a query has fewer than k hits); whether each query's result
-      is proven exact; how many groups qualified (a shortlist of at least that many would have held them all).
+      is proven exact; a shortlist length that would prove it (`candidates` >= needed makes the result exact).
     """
     num_q, dim = queries.shape
     screen = SCREEN_DTYPES[screen_dtype]
     q_screen = queries.astype(screen)
 
-    def score_block(blk):  # S G D -> S G Q
-        scores = jnp.dot(
-            blk.reshape(block, dim).astype(screen), q_screen.T, precision=HIGHEST, preferred_element_type=jnp.float32
-        )  # B Q
-        return scores.reshape(block // group, group, num_q)
+    def score_block(blk):  # B D -> Q B
+        return jnp.dot(q_screen, blk.astype(screen).T, precision=HIGHEST, preferred_element_type=jnp.float32)
 
-    blocks = rows.reshape(rows.shape[0] // block, block // group, group, dim)  # NB S G D
-    flat_v, flat_g, last_kept = _screen(score_block, blocks, n_valid, num_q, depth)
-    cand_rows, short_v, short_g = _shortlist(flat_v, flat_g, candidates, group)
+    blocks = rows.reshape(rows.shape[0] // block, block, dim)  # NB B D
+    fine_v, coarse_v = _screen(score_block, blocks, n_valid, group, coarse)
+    cand_rows, short_v, short_g, seen_v, (c1, c2) = _shortlist(fine_v, coarse_v, candidates, group, coarse)
 
-    # The bar a group must reach to hold a possible hit (-inf: keep every finite group while fewer than k exist).
+    # k groups reach the k-th shortlisted best, each with a row scored there: the k-th best row scores at least
+    # that less e, and a row that can reach it is screened at least `bar` (-inf: fewer than k groups exist).
     error = screen_bound(queries, screen_dtype, norm, residual)  # Q
-    bar = short_v[:, k - 1] - 2 * error  # Q
-    needed = jnp.sum((flat_v >= bar[:, None]) & (flat_v > -jnp.inf), axis=1)
-    dropped_none = (last_kept < bar[:, None]) | (last_kept == -jnp.inf)  # Q S
-    exact = (needed <= candidates) & jnp.all(dropped_none, axis=1) & ~jnp.isnan(bar)
+    kth = short_v[:, k - 1] if c2 >= k else jnp.full((num_q,), -jnp.inf)
+    bar = kth - 2 * error  # Q
 
-    gathered = _gather_groups(rows, short_g, group).astype(jnp.float32)  # Q C*G D
-    scores = jnp.einsum("qd,qnd->qn", queries, gathered, precision=HIGHEST)  # Q C*G
+    def qualify(v):
+        return jnp.sum((v >= bar[:, None]) & (v > -jnp.inf), axis=1)
+
+    # Every qualifying row's coarse group qualifies, so with need_coarse <= c1 all of them were shortlisted, and
+    # need_fine counts every qualifying fine group; else each qualifying coarse group holds at most `coarse`.
+    need_coarse, need_fine = qualify(coarse_v), qualify(seen_v)
+    exact = (need_coarse <= c1) & (need_fine <= c2) & ~jnp.isnan(bar)
+    needed = jnp.where(need_coarse <= c1, need_fine, need_coarse * coarse)
+
+    gathered = _gather_groups(rows, short_g, group).astype(jnp.float32)  # Q c2*G D
+    scores = jnp.einsum("qd,qnd->qn", queries, gathered, precision=HIGHEST)  # Q c2*G
     top, where = jax.lax.top_k(_masked_scores(scores, cand_rows, n_valid), k)
     hit_rows = jnp.where(top > -jnp.inf, jnp.take_along_axis(cand_rows, where, axis=1), -1)
     return top, hit_rows, exact, needed
 
 
 @functools.partial(
-    jax.jit, static_argnames=("form", "rows_out", "block", "group", "depth", "candidates", "screen_dtype")
+    jax.jit, static_argnames=("form", "rows_out", "block", "group", "coarse", "candidates", "screen_dtype")
 )
 def compressed_shortlist(
     queries: jax.Array,
@@ -260,9 +270,9 @@ def compressed_shortlist(
     *,
     form: str,
     rows_out: int,
-    block: int = 2048,
-    group: int = 8,
-    depth: int = 6,
+    block: int = SCREEN_BLOCK,
+    group: int = SCREEN_GROUP,
+    coarse: int = SCREEN_COARSE,
     candidates: int = 256,
     screen_dtype: str = "bfloat16",
 ):
@@ -270,10 +280,9 @@ def compressed_shortlist(
     rescoring (approximate by design, as sentence-transformers' `rescore_multiplier` shortlist is).
 
     The copy is screened as `screened_topk` screens float rows, for the `candidates` best groups of `group` rows;
-    their rows' codes are then gathered and scored one by one, and the `rows_out` best kept. Of the groups kept by
-    the screen, the `candidates` best by their best row hold the `candidates` best rows, so with
-    `candidates >= rows_out` the result is the `rows_out` best rows by the approximate score, save those of a group
-    the screen dropped (more than `depth` better groups in its slot).
+    their rows' codes are then gathered and scored one by one, and the `rows_out` best kept. The `rows_out` best
+    rows lie in at most `rows_out` groups, each at least as good as the last of them, so with
+    `candidates >= rows_out` the result is the `rows_out` best rows by the approximate score (up to ties).
 
     Args:
       queries: float32 [Q, D].
@@ -282,8 +291,8 @@ def compressed_shortlist(
       weights: float32 [D, D]: the query's transform (`quantization.query_weights`: a query q scores a code as
         `(q @ weights.T) . code`).
       form: "int8" or "binary".
-      rows_out: rows returned per query, at most `candidates * group`.
-      candidates: groups of `group` rows shortlisted by the screen.
+      rows_out: rows returned per query, at most `candidates * group` and at most R.
+      block, group, coarse, candidates: the screen's shape, as `screened_topk`'s.
       screen_dtype: the matmul's operand dtype, "bfloat16" or "float32" (codes are exact in either; the query is
         rounded to it).
 
@@ -306,15 +315,13 @@ def compressed_shortlist(
         bits = (c[..., None] >> shifts) & 1  # ... D/8 8
         return (2 * bits.astype(screen) - 1).reshape(*c.shape[:-1], dim)
 
-    def score_block(blk):  # S G width -> S G Q
-        scores = jnp.dot(decoded(blk.reshape(block, -1)), q_screen.T, preferred_element_type=jnp.float32)
-        return scores.reshape(block // group, group, num_q)
+    def score_block(blk):  # B width -> Q B
+        return jnp.dot(q_screen, decoded(blk).T, preferred_element_type=jnp.float32)
 
-    width = codes.shape[1]
-    blocks = codes.reshape(codes.shape[0] // block, block // group, group, width)
-    flat_v, flat_g, _ = _screen(score_block, blocks, n_valid, num_q, depth)
-    cand_rows, _, short_g = _shortlist(flat_v, flat_g, candidates, group)
-    gathered = _gather_groups(codes, short_g, group)  # Q C*G width
+    blocks = codes.reshape(codes.shape[0] // block, block, codes.shape[1])
+    fine_v, coarse_v = _screen(score_block, blocks, n_valid, group, coarse)
+    cand_rows, _, short_g, _, _ = _shortlist(fine_v, coarse_v, candidates, group, coarse)
+    gathered = _gather_groups(codes, short_g, group)  # Q c2*G width
     if form == "int8":
         scores = jnp.einsum("qnd,qd->qn", decoded(gathered), q_screen, preferred_element_type=jnp.float32)
     else:

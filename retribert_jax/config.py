@@ -34,9 +34,9 @@ COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 # step (backward pass included) ~30% slower there.
 TRAIN_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"gpu": COMPILER_OPTIONS["gpu"]}
 # Search programs' (`search.Index`): on CPUs YNNPACK takes the matrix products only, leaving the screen's group
-# maxima and insertion network to XLA's own loops, which run them faster than YNNPACK's reduce fusions (on by
-# default): the exact screen of 2^20 x 128 rows for 256 queries, 0.92 -> 0.81 s (a 2-core Xeon with AVX-512,
-# 2026-12-06; at the level of a whole search, within that machine's run-to-run noise).
+# maxima to XLA's own loops. With the screen's earlier per-slot insertion network that ran it faster than YNNPACK's
+# reduce fusions (on by default): 2^20 x 128 rows for 256 queries, 0.92 -> 0.81 s on a 2-core Xeon with AVX-512
+# (2026-12-06). With the current screen the two are level on a 2-core AVX2 EPYC (0.70-0.77 vs 0.69-0.84 s).
 SEARCH_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
 }

@@ -21,9 +21,10 @@ The result is exact when both shortlists held every group that reaches the bar, 
 query. A query that fails is searched again with a shortlist as long as the count says (then exact), or by
 `blocked_topk`, the plain blocked matmul + top-k, which is also the path for a k too large to screen for.
 
-Keeping every fine group's best (R / group floats per query) rather than a few per slot costs memory, not time:
-on 2-core CPUs (1M x 128 rows, 256 queries) the scan then runs close to the product alone, where an insertion
-network keeping each slot's 6 best took longer than the product.
+Keeping every fine group's best (R / group floats per query) rather than each slot's few best costs memory and saves
+time: nothing needs ranking inside the scan (2^20 x 128 rows, 256 queries, a 2-core AVX2 CPU: 0.70 s against 0.85 s
+for an insertion network keeping each slot's 6 best; the product alone, 0.46 s), and nothing is dropped, so a count
+proves the result.
 """
 
 from __future__ import annotations

@@ -539,11 +539,11 @@ def _search(sz) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from retribert_jax import search
+    from retribert_jax import search, topk
     from retribert_jax.mesh import data_mesh
 
     n, nq, k = sz["search_rows"], sz["search_queries"], sz["search_k"]
-    padded = -(-n // search.SCREEN_BLOCK) * search.SCREEN_BLOCK
+    padded = -(-n // topk.SCREEN_BLOCK) * topk.SCREEN_BLOCK
     rows = jax.random.normal(jax.random.key(0), (padded, 128), jnp.bfloat16)
     rows = jnp.where(jnp.arange(padded)[:, None] < n, rows, 0)
     # Per device: the largest row norm and rounding residual (`topk.screen_bound`); bfloat16 rows have none.

@@ -455,6 +455,21 @@ def test_streamed_passes_equal_one_resident_pass(large):
     np.testing.assert_allclose(streamed[0], resident[0], rtol=1e-6, atol=0)
 
 
+def test_an_accelerator_pass_holds_what_fits_in_half_its_memory_with_the_screen_maxima(large):
+    """On an accelerator a pass holds the rows that fit in half the device's memory, each counted with the float
+    the screen keeps per query and fine group (`topk.screened_topk`), so the maxima never push a pass past it."""
+    import types
+
+    from retribert_jax import search, topk
+
+    d, emb, _ = large
+    index = Index(d)
+    per_row = emb.shape[1] * 4 + search.QUERY_CHUNK * 4 // topk.SCREEN_GROUP
+    device = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 2 * 1_000 * per_row + 7})
+    index._mesh = types.SimpleNamespace(devices=np.array([device], dtype=object), size=1)
+    assert index._rows_per_pass() == 1_000
+
+
 def test_compressed_copies_shortlist_and_rescore_exactly(large):
     d, emb, q = large
     from retribert_jax import embedding_dir, quantization

@@ -257,7 +257,7 @@ def remove_pieces(directory: str, shard: int) -> None:
         os.remove(path)
 
 
-def discard_run(directory: str, remove_directory: bool = True) -> None:
+def discard_run(directory: str, *, remove_directory: bool) -> None:
     """Forgets a run that produced nothing (its recorded settings), and, with `remove_directory` (the run made it),
     its directory if that is left empty."""
     path = os.path.join(directory, RUN_SETTINGS)

@@ -168,7 +168,7 @@ def _shortlist(fine_v: jax.Array, coarse_v: jax.Array, candidates: int, group: i
       seen_v: [Q, c1 * coarse], the bests of every fine group of the shortlisted coarse groups;
       (c1, c2): the shortlists' lengths (`candidates`, or fewer where there are fewer groups).
     """
-    num_blocks, num_q, fine = fine_v.shape
+    _, num_q, fine = fine_v.shape
     per_block = fine // coarse
     c1 = min(candidates, coarse_v.shape[1])
     _, coarse_id = jax.lax.top_k(coarse_v, c1)  # Q c1

@@ -557,13 +557,16 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
     of it that tokenizes to the same first `max_length` tokens, so that the tokenizer never reads the rest (None for a
     text not long enough to bother); None for any other tokenizer.
 
-    The prefix is the text's first `max_length` words, cut at BERT whitespace: BERT's normalizer works character by
-    character, its pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each word alone, so the
-    words before a whitespace tokenize as they do in the whole text. A word yields at least one token, except one that
-    the normalizer removes whole (control or format characters, lone accents): a caller must check that the prefix was
-    itself truncated (`Encoding.overflowing`) and tokenize the whole text when it was not. The words are matched
-    possessively, in time linear in the text: a text with fewer words than that (a long URL, a run of CJK characters)
-    is simply not cut.
+    The prefix ends at the BERT whitespace after the text's first `max_length` pre-tokens (runs of characters that are
+    neither whitespace nor ASCII punctuation, and single ASCII punctuation characters): BERT's normalizer works
+    character by character, its pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each word
+    alone, so the words before a whitespace tokenize as they do in the whole text. A pre-token yields at least one
+    token, except one that the normalizer removes whole (control or format characters, lone accents) or one inside an
+    added token such as "[MASK]": a caller must check that the prefix was itself truncated (`Encoding.overflowing`)
+    and tokenize the whole text when it was not. Counting punctuation, which is a token of its own, cuts the
+    punctuation-dense texts of code and markup at about their truncation point rather than well past it. Pre-tokens
+    are matched possessively, in time linear in the text: a text with fewer of them (a run of CJK characters) is
+    simply not cut.
     """
     kinds = (type(backend.normalizer).__name__, type(backend.pre_tokenizer).__name__, type(backend.model).__name__)
     if (
@@ -573,14 +576,20 @@ def prefix_cutter(backend: Tokenizer, max_length: int, truncation_side: str):
     ):
         return None
     import re
+    import string
 
     space = re.compile(f"[{_BERT_SPACE}]")
     if any(space.search(t.content) for t in backend.get_added_tokens_decoder().values()):
         return None  # an added token with whitespace inside could span the cut
     # Possessive quantifiers (`*+`, `++`): a word is never split into shorter "words" to reach the count, which with
     # backtracking takes time exponential in the text's length when it has fewer words than that.
-    prefix = re.compile(f"(?:[{_BERT_SPACE}]*+[^{_BERT_SPACE}]++){{{max_length}}}")
-    long_text = 8 * max_length  # characters: shorter texts cost the tokenizer little
+    punctuation = re.escape(string.punctuation)  # what Rust's `is_ascii_punctuation` is, and BERT splits at
+    prefix = re.compile(
+        f"(?:[{_BERT_SPACE}]*+(?:[{punctuation}]|[^{_BERT_SPACE}{punctuation}]++)){{{max_length}}}[^{_BERT_SPACE}]*+"
+    )
+    # Characters: below this a text is rarely over max_length tokens (a token is about 4 characters of English), and
+    # the match would cost more than it saves.
+    long_text = 4 * max_length
 
     def cut(text: str) -> str | None:
         if len(text) <= long_text:

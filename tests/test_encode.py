@@ -486,10 +486,12 @@ def test_the_long_text_cutter_takes_linear_time_on_texts_of_few_long_words():
         pytest.fail("the prefix cutter did not return within 120 s on texts of few long words")
     lines = out.stdout.splitlines()
     assert len(lines) == 3
-    # At 16 words the first text (21 words) and the last (40) are cut after their 16th word; the others have too few.
+    # At 16 pre-tokens the first text (21 words) and the last (40) are cut after their 16th word. The URL counts a
+    # pre-token at each punctuation character and is cut at the whitespace after it; the CJK run is one pre-token.
     long_word = "supercalifragilisticexpialidocious"
-    assert lines[0] == repr(["x" * 2100 + " y" * 15, None, None, f"{long_word} " * 15 + long_word])
-    assert lines[1] == lines[2] == repr([None] * 4)
+    url = "see https://example.org/" + "ab/" * 1000
+    assert lines[0] == repr(["x" * 2100 + " y" * 15, None, url, f"{long_word} " * 15 + long_word])
+    assert lines[1] == lines[2] == repr([None, None, url, None])
 
 
 def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
@@ -518,6 +520,9 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
         "\u00a0",
         "(",
         ")",
+        "[MASK]",  # an added token: one token, where punctuation counts three pre-tokens
+        "[SEP].",
+        "a.b/c,d;e",
     ]
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(300, 3000, size=20)]
     texts += [
@@ -537,3 +542,4 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
         want = hf(texts, max_length=max_length, truncation=True)["input_ids"]
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert g == w, f"text {i} (max_length {max_length}): {g[:12]}... vs HF {w[:12]}..."
+

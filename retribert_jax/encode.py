@@ -234,7 +234,8 @@ class Encoder:
           normalize: L2-normalise each vector.
 
         Returns:
-          float32 [N, projection_dim] in input order; [projection_dim] for a single string.
+          float32 [N, projection_dim] in input order; [projection_dim] for a single string. A text that occurs more
+          than once is tokenized and embedded once, and its rows are copies.
         """
         return self.encode(texts, "questions", batch_size, max_length, show_progress_bar, normalize)
 
@@ -265,9 +266,7 @@ class Encoder:
         self._cut = prefix_cutter(self._backend, max_length, self.tokenizer.truncation_side)
 
     def _encode_ids(self, texts: Sequence[str]) -> TokenIds:
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
+        _check_texts(texts)
         # encode_batch_fast skips the character offsets we do not use.
         fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         texts, cut = list(texts), []
@@ -354,18 +353,27 @@ class Encoder:
             )
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        out = np.zeros((len(texts), self.config.projection_dim), np.float32)
-        if texts:
+        _check_texts(texts)
+        # A text that occurs several times (corpora repeat boilerplate, questions repeat) is tokenized and embedded
+        # once: its embedding does not depend on the other texts.
+        first: dict[str, int] = {}
+        inverse = np.fromiter((first.setdefault(t, len(first)) for t in texts), np.int64, count=len(texts))
+        unique = list(first) if len(first) < len(texts) else texts
+        out = np.zeros((len(unique), self.config.projection_dim), np.float32)
+        if unique:
             bar = None
             if show_progress_bar:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(texts), unit=kind[:-1], desc=f"encoding {kind}")
+                repeats = f" ({len(texts) - len(unique)} repeated texts embedded once)" if unique is not texts else ""
+                bar = tqdm(total=len(unique), unit=kind[:-1], desc=f"encoding {kind}{repeats}")
             try:
-                self._run_job(texts, kind, batch_size, max_length, out, bar)
+                self._run_job(unique, kind, batch_size, max_length, out, bar)
             finally:
                 if bar is not None:
                     bar.close()
+        if unique is not texts:
+            out = out[inverse]
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out[0] if single else out
@@ -404,6 +412,12 @@ class Encoder:
                 again = np.zeros((len(bad), out.shape[1]), np.float32)
                 self._run_job([texts[i] for i in bad], kind, batch_size, max_length, again, None, alone=True)
                 out[bad] = again
+
+
+def _check_texts(texts: Sequence[Any]) -> None:
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a str")
 
 
 class _Planner:

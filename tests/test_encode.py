@@ -543,3 +543,21 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert g == w, f"text {i} (max_length {max_length}): {g[:12]}... vs HF {w[:12]}..."
 
+
+def test_repeated_texts_are_tokenized_and_embedded_once(encoder, monkeypatch):
+    """A text that occurs several times reaches the tokenizer and the model once; every occurrence gets its
+    embedding, in input order, equal to the text's embedding alone."""
+    texts = random_texts(12, seed=5)
+    repeated = [texts[i] for i in (0, 1, 0, 2, 3, 1, 0, 4, 5, 6, 7, 8, 9, 10, 11, 2)]
+    tokenized: list[str] = []
+    encode_ids = encoder._encode_ids
+    monkeypatch.setattr(encoder, "_encode_ids", lambda chunk: tokenized.extend(chunk) or encode_ids(chunk))
+    got = encoder.encode_passages(repeated, batch_size=4, max_length=100)
+    assert sorted(tokenized) == sorted(texts), "a repeated text was tokenized more than once"
+    alone = one_by_one(encoder, texts, "passages", max_length=100)
+    want = alone[[texts.index(t) for t in repeated]]
+    diff = np.abs(got - want).max()
+    assert diff <= TOL, f"repeated texts' embeddings differ from each text's alone by {diff:.3g}"
+    first = {t: i for i, t in reversed(list(enumerate(repeated)))}
+    for i, t in enumerate(repeated):
+        np.testing.assert_array_equal(got[i], got[first[t]])

@@ -4,16 +4,16 @@ arrays, dispatch, filing the results), which should hide behind tokenization.
 
     python benchmarks/host_rate.py [--texts 20000] [--repeats 3] [--distinct]
 
-Prints texts/s of HF `tokenizers` alone (`encode_batch_fast`, truncation at 128, the ids read out as the Encoder
-reads them), of `Encoder.encode_passages` with a 1-layer, 32-wide RetriBERT, and of the same Encoder on the same
-texts already tokenized (its packing, arrays, dispatch and the model's compute: everything but the tokenizer),
-interleaved, best of `--repeats`, and the ratio of the first two (and its median over the rounds). The Encoder
-tokenizes a repeated text once and cuts very long texts before the tokenizer (both exact), so on texts with repeats
-or long tails it does less tokenizing than the tokenizer alone; `--distinct` drops the repeats first. Where the host has cores to spare the job takes
-about the longer of the tokenizer and the rest; where the tokenizer's threads already fill every core (a 2-core
-CPU, on which that small model's compute is no longer negligible), it takes about their sum, and `overlap` says
-which: the share of the shorter part that the job hid. `device_check.py` runs the same measurement on an
-accelerator beside the device's own rate.
+Prints texts/s of HF `tokenizers` alone (`encode_batch_fast`, truncation at 128, the ids read out as the Encoder reads
+them), of `Encoder.encode_passages` with a 1-layer, 32-wide RetriBERT, and of the same Encoder on the same texts already
+tokenized (its packing, arrays, dispatch and the model's compute: everything but the tokenizer), interleaved, best of
+`--repeats`, and the ratio of the first two (and its median over the rounds). The Encoder tokenizes a repeated text once
+and cuts very long texts before the tokenizer (both exact), so on texts with repeats or long tails it does less
+tokenizing than the tokenizer alone; `--distinct` drops the repeats first. Where the host has cores to spare the job
+takes about the longer of the tokenizer and the rest; where the tokenizer's threads already fill every core (a 2-core
+CPU, on which that small model's compute is no longer negligible), it takes about their sum, and `overlap` says which:
+the share of the shorter part that the job hid. `device_check.py` runs the same measurement on an accelerator beside the
+device's own rate.
 """
 
 from __future__ import annotations

@@ -189,26 +189,27 @@ def build_batch(
     row_of = np.repeat(np.arange(len(rows)), counts)
     first = np.cumsum(counts) - counts  # each row's first text, in `text`
     slot_of = np.arange(len(text)) - np.repeat(first, counts)
-    n = token_ids.offsets[text + 1] - token_ids.offsets[text]  # tokens per placed text
-    stream_start = np.cumsum(n) - n  # where each text would start if the rows were one stream
-    row_base = np.zeros(len(rows), np.int64)
-    row_base[counts > 0] = stream_start[first[counts > 0]]
-    start_in_row = stream_start - np.repeat(row_base, counts)
-    if len(text) and (start_in_row + n).max() > length:
+    start = token_ids.offsets[text]
+    n = token_ids.offsets[text + 1] - start  # tokens per placed text
+    stream_start = np.cumsum(n) - n  # where each text starts in the stream of the rows' tokens, row after row
+    row_tokens = np.bincount(row_of, weights=n, minlength=len(rows)).astype(np.int64)
+    if len(rows) and row_tokens.max() > length:
         raise ValueError(f"a row holds more than {length} tokens")
+    row_base = np.cumsum(row_tokens) - row_tokens
+    start_in_row = stream_start - row_base[row_of]
 
     input_ids = np.full((num_rows, length), pad_token_id, np.int32)
-    attention_mask = np.zeros((num_rows, length), np.int32)
     position_ids = np.zeros((num_rows, length), np.int32)
     cls_index = np.zeros((num_rows, slots), np.int32)
     text_index = np.full((num_rows, slots), -1, np.int64)
-    # Token by token: which placed text it belongs to, its position in that text, and where it lands.
-    owner = np.repeat(np.arange(len(text)), n)  # T
-    position = np.arange(len(owner)) - np.repeat(stream_start, n)  # T
-    dest_row, dest_col = row_of[owner], start_in_row[owner] + position
-    input_ids[dest_row, dest_col] = token_ids.flat[token_ids.offsets[text][owner] + position]
-    attention_mask[dest_row, dest_col] = 1
-    position_ids[dest_row, dest_col] = position
+    # Each row's tokens are the next stretch of the stream, from its first column: a boolean mask of the filled
+    # cells takes the stream in row-major order, so one gather and two masked stores write every token.
+    filled = np.arange(length) < row_tokens[:, None]  # [rows, length]
+    token = np.arange(int(row_tokens.sum()))  # T, in stream order
+    input_ids[: len(rows)][filled] = token_ids.flat[token + np.repeat(start - stream_start, n)]
+    position_ids[: len(rows)][filled] = token - np.repeat(stream_start, n)
+    attention_mask = np.zeros((num_rows, length), np.int32)
+    attention_mask[: len(rows)] = filled
     cls_index[row_of, slot_of] = start_in_row
     text_index[row_of, slot_of] = text
     attention_mask[len(rows) :, 0] = 1

@@ -63,6 +63,12 @@ from retribert_jax.tokenizer import RetriBertTokenizer, check_vocabulary, prefix
 # at 512 rows of 128 tokens a call and 28.5k at 1024 (and 20.1k at 128 rows with the host path before it was
 # pipelined; README, "The accelerator path").
 CPU_ACTIVATIONS_PER_CALL = 1024 * 384
+# A CPU call also has a fixed cost, about 1 ms on 2 cores (XLA:CPU runs each of the program's ~40 kernels as a task
+# on its thread pool and waits for it; the host builds and files the batch): a call should carry ~10 ms of work to
+# hide it, 1e9 nominal FLOPs at `CompileCost`'s 1e11 FLOP/s. Only narrow, shallow models reach that bound: the 1-layer,
+# 32-wide model of `benchmarks/host_rate.py` (whose 37 us a row that rate predicts, 29-41 us measured) ran 15% less
+# CPU time a row at 384 rows a call than at 96, and MiniLM reaches 1e9 FLOPs in 45 tokens.
+CPU_FLOPS_PER_CALL = 1e9
 TOKENS_PER_CALL = {"cpu": 1024}
 ACCELERATOR_TOKENS_PER_CALL = 512 * 128
 # Texts tokenized per chunk: a smaller first chunk so that the device starts soon, then larger ones, several ahead.
@@ -135,7 +141,12 @@ class Encoder:
         self.compile_cost = compile_cost or CompileCost.for_platform(platform, self.num_devices)
         self.tokens_per_call = TOKENS_PER_CALL.get(platform, ACCELERATOR_TOKENS_PER_CALL)
         if platform == "cpu":
-            self.tokens_per_call = max(self.tokens_per_call, CPU_ACTIVATIONS_PER_CALL // self.config.hidden_size)
+            flops_per_token = flops_per_sequence(self.config, 128) / 128
+            self.tokens_per_call = max(
+                self.tokens_per_call,
+                CPU_ACTIVATIONS_PER_CALL // self.config.hidden_size,
+                int(CPU_FLOPS_PER_CALL / flops_per_token),
+            )
         self._data_sharding = batch_sharding(mesh)
         self._state = jax.device_put(nnx.state(model), replicated(mesh))  # replicated, once
         # A private copy of the tokenizer's backend: truncation is set per call, and the user's stays untouched.

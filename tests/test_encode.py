@@ -561,3 +561,25 @@ def test_repeated_texts_are_tokenized_and_embedded_once(encoder, monkeypatch):
     first = {t: i for i, t in reversed(list(enumerate(repeated)))}
     for i, t in enumerate(repeated):
         np.testing.assert_array_equal(got[i], got[first[t]])
+
+
+def test_a_cpu_call_holds_enough_work_to_hide_its_fixed_cost(hf_and_dir):
+    """On a CPU, a call holds 1024 tokens, more for a narrow model (its activations stay in cache), and more still
+    for a model so small that a call of that many tokens would cost less than its fixed overhead."""
+    from retribert_jax import encode
+
+    tok = RetriBertTokenizer.from_pretrained(hf_and_dir[1])
+
+    def tokens(**kwargs) -> int:
+        return Encoder(init_model(RetriBertConfig(vocab_size=100, **kwargs)), tok).tokens_per_call
+
+    # One layer each: the widths decide the first two bounds, and a layer of either is over the third in 1024 tokens.
+    base = {"hidden_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12, "intermediate_size": 3072}
+    minilm = {"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 12, "intermediate_size": 1536}
+    narrow = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    assert tokens(**base) == encode.TOKENS_PER_CALL["cpu"] == 1024
+    assert tokens(**minilm) == encode.CPU_ACTIVATIONS_PER_CALL // 384 == 1024
+    cfg = RetriBertConfig(vocab_size=100, **narrow)
+    per_call = tokens(**narrow)
+    assert per_call > encode.CPU_ACTIVATIONS_PER_CALL // 32
+    assert per_call * flops_per_sequence(cfg, 128) / 128 == pytest.approx(encode.CPU_FLOPS_PER_CALL, rel=1e-3)

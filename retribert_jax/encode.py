@@ -492,7 +492,8 @@ class _Planner:
             chosen = np.flatnonzero(row_length == length)
             rows = pack_rows(lengths[chosen], length, self._per_row(length))
             pending = self.pending.setdefault(length, [])
-            pending.extend([[int(chosen[i]) + first for i in row] for row in rows])
+            index = (chosen + first).tolist()  # the job's text indices, as Python ints once
+            pending.extend([[index[i] for i in row] for row in rows])
             full = self.full(length)
             while len(pending) >= full:
                 plan.append((pending[:full], full, length))

@@ -1,20 +1,21 @@
 """Fast batch embedding: tokenize once, pack several texts into each row, run data parallel, keep the host off the
 device's critical path.
 
-Texts are tokenized in chunks on a background thread while the device runs the batches of the chunk before, and
-packed (`packing.pack_rows`, best-fit decreasing) into rows of one length per job, the bucket that holds the longest
-text of the first chunk (a later text too long for it goes to rows of `max_length`): a row holds as many texts as fit,
-each seeing only its own tokens with its own positions (the packed rows of `modeling`), so almost no compute goes to
-padding and a job needs one program, whatever its lengths. Rows left over from a chunk join the next chunk's, so only
-a job's last batch is partial. Every batch that reaches the jitted forward (`modeling.embed`) has `batch_size` rows
-(rounded up to a multiple of the device count), by default a platform's efficient number of tokens per call
-(`TOKENS_PER_CALL`); a last, partial batch pads to a program the job already has when that costs less than compiling
-one of its own (the smallest power-of-two multiple of the device count that holds it), as do later jobs on the same
-Encoder (`compilation.CompileCost`). A job too short to repay the compilation of the [CLS]-only last layer runs that
-layer on every row instead (`RunConfig.trim_last_layer`: same embeddings, a program ~40% quicker to compile on CPU).
-Programs are compiled on a background thread in the order the batches need them, each as the model's `RunConfig`
-says (its compiler options; its matmul precision, or else the one in force on the thread that called `encode`), and
-JAX's persistent compilation cache, when on, turns a second run's compilations into loads.
+A text that occurs several times in a job is tokenized and embedded once. Texts are tokenized in chunks on background
+threads while the device runs the batches of the chunk before (a very long text cut first to a prefix that gives the
+same ids, `tokenizer.prefix_cutter`), and packed (`packing.pack_rows`, best-fit decreasing) into rows of one length per
+job, the bucket that holds the longest text of the first chunk (a later text too long for it goes to rows of
+`max_length`): a row holds as many texts as fit, each seeing only its own tokens with its own positions (the packed rows
+of `modeling`), so almost no compute goes to padding and a job needs one program, whatever its lengths. Rows left over
+from a chunk join the next chunk's, so only a job's last batch is partial. Every batch that reaches the jitted forward
+(`modeling.embed`) has `batch_size` rows (rounded up to a multiple of the device count), by default a platform's
+efficient number of tokens per call (`TOKENS_PER_CALL`); a last, partial batch pads to a program the job already has
+when that costs less than compiling one of its own (the smallest power-of-two multiple of the device count that holds
+it), as do later jobs on the same Encoder (`compilation.CompileCost`). A job too short to repay the compilation of the
+[CLS]-only last layer runs that layer on every row instead (`RunConfig.trim_last_layer`: same embeddings, a program ~40%
+quicker to compile on CPU). Programs are compiled on a background thread in the order the batches need them, each as the
+model's `RunConfig` says (its compiler options; its matmul precision, or else the one in force on the thread that called
+`encode`), and JAX's persistent compilation cache, when on, turns a second run's compilations into loads.
 
 The batch is split over a 1-D "data" mesh of this process's devices (`mesh.data_mesh`), the parameters are
 replicated on it once, when the Encoder is built. Under `jax.distributed` the mesh is still the local devices: each

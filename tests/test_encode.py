@@ -531,6 +531,10 @@ def test_long_texts_are_cut_before_the_tokenizer_to_the_same_ids():
         "short text",
         "",
     ] + FEW_LONG_WORDS
+    from benchmarks.data import real_texts
+
+    # Real prose and code from docstrings, punctuation-dense: the long ones, which the cutter cuts near their end.
+    texts += [t for t in real_texts(3000, seed=4) if len(t) > 4 * 128]
     from retribert_jax.modeling import init_model
 
     d = minilm_dir()

@@ -274,7 +274,10 @@ def _sentence_transformers(cfg, texts, tokenizer_dir: str, sz) -> list[dict[str,
 
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Pooling, Transformer
+
+    from benchmarks.peers import sentence_transformers_modules
+
+    Dense, Pooling, Transformer = sentence_transformers_modules()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bert, proj = _torch_bert(cfg, "cpu", torch.float32)
@@ -575,7 +578,7 @@ def _search(sz) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
     t_rows = torch.from_dlpack(rows) if device == "cuda" else torch.from_numpy(np.asarray(rows, np.float32))
-    t_q = torch.from_numpy(queries).to(device)
+    t_q = torch.from_numpy(np.array(queries)).to(device)  # a writable copy: torch refuses to share read-only memory
     chunk = 1 << 20
 
     def theirs():

@@ -206,10 +206,20 @@ def build_hf_flax(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_b
     return fixed, e2e, {"mode": "FlaxBertModel + projection in one jax.jit"}
 
 
+def sentence_transformers_modules() -> tuple[type, type, type]:
+    """sentence-transformers' (Dense, Pooling, Transformer) modules, from where the installed version keeps them."""
+    try:  # 5.7 and later; `sentence_transformers.models` is their deprecated alias there
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Dense, Pooling, Transformer
+    return Dense, Pooling, Transformer
+
+
 def build_sentence_transformers(dirs: ModelDirs, dtype: str, gpu: bool, max_length: int, e2e_batch: int):
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Pooling, Transformer
+
+    Dense, Pooling, Transformer = sentence_transformers_modules()
 
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     encoder = Transformer(dirs.bert, max_seq_length=max_length)

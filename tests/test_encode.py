@@ -396,7 +396,8 @@ def test_small_jobs_compile_few_programs_and_large_ones_keep_fine_buckets():
 
 def test_bfloat16_close_to_float32(hf_and_dir, encoder):
     _, d = hf_and_dir
-    enc16 = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), dtype=jnp.bfloat16)
+    with pytest.warns(UserWarning, match="running the model with dtype 'bfloat16' instead of its 'float32'"):
+        enc16 = Encoder(RetriBertModel.from_pretrained(d), RetriBertTokenizer.from_pretrained(d), dtype=jnp.bfloat16)
     texts = random_texts(10, seed=6)
     a = encoder.encode_passages(texts, normalize=True)
     b = enc16.encode_passages(texts, normalize=True)

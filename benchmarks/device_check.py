@@ -771,7 +771,7 @@ def report(results: dict[str, Any]) -> str:
     for r in rt.get("encoder", []):
         lines.append(
             f"real text, Encoder {r['rows_per_call']} rows/call: {r['texts_per_s']:.0f} texts/s "
-            f"({r.get('distinct_texts_per_s', 0):.0f} of the {rt.get('distinct_texts')} distinct texts/s; "
+            f"({r['distinct_texts_per_s']:.0f} of the {rt['distinct_texts']} distinct texts/s; "
             f"first call {r['first_call_s']:.1f} s)"
         )
     for r in rt.get("sentence_transformers", []):

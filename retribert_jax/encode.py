@@ -268,6 +268,7 @@ class Encoder:
         Raises:
           TypeError: a text that is not a str, named by its index.
         """
+        _check_texts(texts)
         self._truncate_at(max_length)
         return self._encode_ids(texts)
 
@@ -278,7 +279,8 @@ class Encoder:
         self._cut = prefix_cutter(self._backend, max_length, self.tokenizer.truncation_side)
 
     def _encode_ids(self, texts: Sequence[str]) -> TokenIds:
-        _check_texts(texts)
+        """Token ids of texts already checked to be strings (by `token_ids` or `encode`, which name the bad one by
+        its index in the caller's list, not in a chunk)."""
         # encode_batch_fast skips the character offsets we do not use.
         fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         texts, cut = list(texts), []

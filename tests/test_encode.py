@@ -413,6 +413,8 @@ def test_bad_arguments(encoder):
         encoder.encode_passages(["a"], max_length=1000)
     with pytest.raises(TypeError, match="text 1"):
         encoder.encode_passages(["a", 3])
+    with pytest.raises(TypeError, match="text 2 is a NoneType"):
+        encoder.token_ids(["a", "b", None], max_length=16)
 
 
 def test_chunked_tokenization_gives_the_same_embeddings(hf_and_dir, encoder, monkeypatch):
